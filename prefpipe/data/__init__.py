@@ -1,0 +1,1 @@
+"""Preference data: input formats, tokenization, and the Parquet cache schema shared by both phases."""

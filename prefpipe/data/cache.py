@@ -1,0 +1,167 @@
+"""The Parquet cache: schema, atomic writes, reading and validation. Both phases import this module.
+
+Layout: a directory holding ``part-NNNNN.parquet`` files and a ``manifest.json``. Each part covers one block of
+input rows and is written atomically (temp file, then rename), so a killed run leaves only whole parts behind
+and a rerun continues after them. The manifest is written last, also atomically; a directory without one is an
+unfinished cache and is refused. Every part also carries the run's metadata in its Parquet key-value metadata
+under the key ``prefpipe``.
+
+Columns, paired (DPO family; ORPO caches may lack the ``ref_*`` columns):
+    row_id string, prompt_ids/chosen_ids/rejected_ids list<int32>, ref_chosen/ref_rejected float64 (summed
+    reference log-probs), chosen_len/rejected_len int32 (scored response tokens).
+Columns, unpaired (KTO): one row per example:
+    row_id string, prompt_ids/completion_ids list<int32>, label bool, ref_logp float64, completion_len int32,
+    and the pinned mismatched partner: kl_row_id string, kl_completion_ids list<int32> (the partner's
+    completion, truncated to fit this prompt), ref_kl float64 (reference log-prob of that completion under
+    this row's prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from prefpipe.errors import UserError
+
+SCHEMA_VERSION = 1
+META_KEY = b"prefpipe"
+MANIFEST = "manifest.json"
+IDS = pa.list_(pa.int32())
+
+PAIRED_SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("prompt_ids", IDS), ("chosen_ids", IDS), ("rejected_ids", IDS),
+    ("ref_chosen", pa.float64()), ("ref_rejected", pa.float64()),
+    ("chosen_len", pa.int32()), ("rejected_len", pa.int32()),
+])
+UNPAIRED_SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("prompt_ids", IDS), ("completion_ids", IDS), ("label", pa.bool_()),
+    ("ref_logp", pa.float64()), ("completion_len", pa.int32()),
+    ("kl_row_id", pa.string()), ("kl_completion_ids", IDS), ("ref_kl", pa.float64()),
+])
+REF_COLUMNS = {"paired": ("ref_chosen", "ref_rejected"), "unpaired": ("ref_logp", "ref_kl")}
+
+
+def schema_for(kind: str, with_reference: bool = True) -> pa.Schema:
+    schema = PAIRED_SCHEMA if kind == "paired" else UNPAIRED_SCHEMA
+    if not with_reference:
+        drop = set(REF_COLUMNS[kind])
+        schema = pa.schema([f for f in schema if f.name not in drop])
+    return schema
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_part(path: str | Path, columns: dict, kind: str, metadata: dict, with_reference: bool = True) -> int:
+    """Write one part atomically. `columns` maps column name to a Python list or Arrow array."""
+    path = Path(path)
+    schema = schema_for(kind, with_reference)
+    table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+    table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return table.num_rows
+
+
+def read_part_metadata(path: str | Path) -> dict | None:
+    """The part's metadata, or None when the file is not a complete, readable part."""
+    try:
+        md = pq.read_schema(path).metadata or {}
+        return json.loads(md[META_KEY]) if META_KEY in md else None
+    except (pa.ArrowInvalid, OSError, ValueError):
+        return None
+
+
+def write_manifest(cache_dir: str | Path, metadata: dict, parts: list[dict]):
+    manifest = {"schema_version": SCHEMA_VERSION, "metadata": metadata, "parts": parts}
+    atomic_write_bytes(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+@dataclass
+class Cache:
+    path: Path
+    table: pa.Table
+    metadata: dict
+
+    @property
+    def kind(self) -> str:
+        return self.metadata["kind"]
+
+    @property
+    def has_reference(self) -> bool:
+        return all(c in self.table.column_names for c in REF_COLUMNS[self.kind])
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    d = Path(cache_dir)
+    mpath = d / MANIFEST
+    if not d.exists():
+        raise UserError("no such cache", file=str(d))
+    if not mpath.exists():
+        raise UserError("not a finished cache: manifest.json is missing (an interrupted precompute? "
+                        "rerun the same command to finish it)", file=str(d))
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"manifest is corrupted ({e})", file=str(mpath))
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"cache schema version {manifest.get('schema_version')} is not supported "
+                        f"(this prefpipe reads version {SCHEMA_VERSION}); rerun precompute", file=str(mpath))
+    return manifest
+
+
+def read_cache(cache_dir: str | Path, columns: list[str] | None = None) -> Cache:
+    """Read and validate a finished cache; any damage raises `UserError` naming the part and row."""
+    d = Path(cache_dir)
+    manifest = read_manifest(d)
+    meta = manifest["metadata"]
+    tables = []
+    for part in manifest["parts"]:
+        p = d / part["file"]
+        if not p.exists():
+            raise UserError("cache part listed in the manifest is missing", file=str(p))
+        try:
+            t = pq.read_table(p, columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise UserError(f"cache part is truncated or corrupted ({e})", file=str(p))
+        if t.num_rows != part["rows"]:
+            raise UserError(f"cache part has {t.num_rows} rows, the manifest says {part['rows']}", file=str(p))
+        _check_finite(t, meta["kind"], p)
+        tables.append(t.replace_schema_metadata(None))
+    schema = schema_for(meta["kind"], meta.get("has_reference", True))
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    return Cache(d, table, meta)
+
+
+def _check_finite(table: pa.Table, kind: str, path: Path):
+    for col in REF_COLUMNS[kind]:
+        if col not in table.column_names:
+            continue
+        arr = table.column(col)
+        bad = pc.invert(pc.is_finite(arr))
+        if arr.null_count or pc.any(bad).as_py():
+            idx = next(i for i, v in enumerate(arr.to_pylist()) if v is None or not math.isfinite(v))
+            raise UserError(f"reference log-prob is {arr[idx].as_py()} (NaN, inf or null); the cache is "
+                            "unusable, rerun precompute", file=str(path), row=idx + 1, column=col)

@@ -1,0 +1,69 @@
+"""Fingerprints that tie a cache to the exact model, tokenizer and data that produced it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory as is; a hub id through the local Hugging Face cache (downloading if allowed)."""
+    p = Path(model)
+    if p.is_dir():
+        return p
+    from huggingface_hub import snapshot_download
+
+    from prefpipe.errors import UserError
+    try:
+        return Path(snapshot_download(model))
+    except Exception as e:  # noqa: BLE001 - any hub failure is the user's path being wrong or offline
+        raise UserError(f"not a local model directory, and the hub lookup failed: {e}", file=model)
+
+
+def model_fingerprint(model: str | Path) -> str:
+    """sha256 over config.json and every weights file's bytes (names sorted).
+
+    Hashing full weights costs a few seconds per GB; it is the only fingerprint that cannot be fooled by a
+    re-saved or fine-tuned checkpoint with the same shapes.
+    """
+    d = resolve_model_dir(str(model))
+    h = hashlib.sha256()
+    files = sorted(f for f in d.iterdir() if f.name == "config.json" or f.name.endswith(WEIGHT_SUFFIXES))
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """Per-component hashes plus a combined one, so a mismatch can say *what* differs."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    pipeline = None
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("model", None)  # the vocabulary is hashed on its own below
+        spec.pop("added_tokens", None)  # so are the special tokens
+        pipeline = spec
+    parts = {
+        "vocab": _sha(sorted(tokenizer.get_vocab().items())),
+        "special_tokens": _sha({"map": tokenizer.special_tokens_map, "bos": tokenizer.bos_token_id,
+                                "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
+                                "added": sorted(str(t) for t in tokenizer.all_special_tokens)}),
+        "chat_template": _sha(getattr(tokenizer, "chat_template", None)),
+        "pipeline": _sha(pipeline),
+    }
+    return {"fingerprint": _sha(parts), "parts": parts}
+
+
+def tokenizer_diff(expected: dict, actual: dict) -> list[str]:
+    """Names of tokenizer components whose hashes differ."""
+    e, a = expected.get("parts", {}), actual.get("parts", {})
+    return sorted(k for k in set(e) | set(a) if e.get(k) != a.get(k))

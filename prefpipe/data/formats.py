@@ -1,0 +1,347 @@
+"""Loading preference data from JSONL, JSON, Parquet, directories and globs.
+
+Four shapes are detected from the column names and the type of the first row's values:
+
+- ``paired``: ``prompt``, ``chosen``, ``rejected`` as strings;
+- ``conversational``: ``prompt`` a list of ``{role, content}`` messages, ``chosen``/``rejected`` lists of
+  assistant messages;
+- ``implicit``: only ``chosen`` and ``rejected`` full transcripts (Anthropic HH style, strings or message
+  lists); the prompt is their longest common prefix, cut at a turn boundary;
+- ``unpaired`` (KTO): ``prompt``, ``completion``, ``label`` (bool).
+
+Every row is validated against the detected shape; a bad row raises `UserError` naming file, row and column.
+Rows are numbered from 1 (for JSONL the row is the line number). Reading is batched, so memory does not grow
+with the number of rows (a ``.json`` array file is the exception: it is one document and is parsed whole).
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefpipe.errors import UserError
+
+FORMATS = ("paired", "conversational", "implicit", "unpaired")
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+ROLES = ("system", "user", "assistant", "tool", "developer")
+# HH transcripts: the prompt ends right after the last assistant marker that both transcripts share.
+DEFAULT_TURN_MARKER = "\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Column names in the input; each maps to a CLI override (`--prompt_col`, ...)."""
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    completion: str = "completion"
+    label: str = "label"
+
+
+@dataclass
+class Record:
+    """One validated input row, normalised to the four shapes' common fields."""
+    row_id: str
+    source: str
+    row: int
+    prompt: Any  # str or list of messages
+    chosen: Any = None
+    rejected: Any = None
+    completion: Any = None
+    label: bool | None = None
+    content_hash: str = ""
+
+
+@dataclass
+class Source:
+    path: Path
+    name: str  # stable name used in row ids: relative to the data root, never absolute
+
+
+def resolve_sources(data: str | Path) -> list[Source]:
+    """Expand a file, a directory (its data files, recursively) or a glob into sorted sources."""
+    data = str(data)
+    p = Path(data)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(DATA_SUFFIXES))
+        sources = [Source(f, f.relative_to(p).as_posix()) for f in files]
+    elif p.is_file():
+        sources = [Source(p, p.name)]
+    elif any(ch in data for ch in "*?["):
+        sources = [Source(Path(f), Path(f).name) for f in sorted(globlib.glob(data, recursive=True))
+                   if Path(f).is_file()]
+    else:
+        raise UserError("no such file or directory", file=data)
+    if not sources:
+        raise UserError("no data files found (expected .jsonl, .json or .parquet)", file=data)
+    for s in sources:
+        if not s.path.name.endswith(DATA_SUFFIXES):
+            raise UserError(f"unsupported file type; expected one of {', '.join(DATA_SUFFIXES)}", file=str(s.path))
+    return sources
+
+
+def data_fingerprint(data: str | Path, columns: Columns = Columns()) -> str:
+    """sha256 over every source's stable name and bytes, plus the column mapping."""
+    h = hashlib.sha256()
+    h.update(json.dumps(columns.__dict__, sort_keys=True).encode())
+    for s in resolve_sources(data):
+        h.update(s.name.encode() + b"\0")
+        with open(s.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- raw row reading
+
+def _iter_jsonl(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    def parse(lines: list[tuple[int, bytes]]) -> list[tuple[int, dict]]:
+        # pyarrow parses the common case fast; on any complaint (bad JSON, a column whose type changes between
+        # rows) the stdlib parser goes line by line so the error can name the line and the validator the column.
+        try:
+            table = pj.read_json(io.BytesIO(b"\n".join(b for _, b in lines)))
+            rows = table.to_pylist()
+            if len(rows) == len(lines):
+                return [(n, r) for (n, _), r in zip(lines, rows)]
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+        out = []
+        for n, b in lines:
+            try:
+                obj = json.loads(b)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"not valid JSON ({e.msg if hasattr(e, 'msg') else e})", file=str(path), row=n)
+            if not isinstance(obj, dict):
+                raise UserError(f"expected a JSON object, got {type(obj).__name__}", file=str(path), row=n)
+            out.append((n, obj))
+        return out
+
+    batch: list[tuple[int, bytes]] = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                batch.append((n, line.rstrip(b"\r\n")))
+            if len(batch) >= batch_rows:
+                yield parse(batch)
+                batch = []
+    if batch:
+        yield parse(batch)
+
+
+def _iter_json(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
+    try:
+        with open(path, "rb") as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg}, line {e.lineno} column {e.colno})", file=str(path))
+    if isinstance(doc, dict) and len(doc) == 1 and isinstance(next(iter(doc.values())), list):
+        doc = next(iter(doc.values()))  # {"data": [...]} wrappers
+    if not isinstance(doc, list):
+        raise UserError("expected a JSON array of objects (or JSONL, one object per line)", file=str(path))
+    for start in range(0, len(doc), batch_rows):
+        chunk = []
+        for i, obj in enumerate(doc[start:start + batch_rows], start=start + 1):
+            if not isinstance(obj, dict):
+                raise UserError(f"expected a JSON object, got {type(obj).__name__}", file=str(path), row=i)
+            chunk.append((i, obj))
+        yield chunk
+
+
+def _iter_parquet(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f"not a readable Parquet file ({e})", file=str(path))
+    n = 0
+    for batch in pf.iter_batches(batch_size=batch_rows):
+        rows = batch.to_pylist()
+        yield [(n + i + 1, r) for i, r in enumerate(rows)]
+        n += len(rows)
+
+
+def iter_raw(source: Source, batch_rows: int = 1024) -> Iterator[list[tuple[int, dict]]]:
+    """Yield batches of `(row_number, dict)` from one file, failing with a `UserError` on an empty file."""
+    name = source.path.name
+    reader = _iter_parquet if name.endswith(".parquet") else _iter_json if name.endswith(".json") else _iter_jsonl
+    empty = True
+    for batch in reader(source.path, batch_rows):
+        if batch:
+            empty = False
+            yield batch
+    if empty:
+        raise UserError("file is empty (no rows)", file=str(source.path))
+
+
+# ---------------------------------------------------------------- detection and validation
+
+def _is_messages(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(m, dict) for m in v) and len(v) > 0
+
+
+def detect_format(row: dict, columns: Columns, file: str) -> str:
+    """Pick one of `FORMATS` from the first row's keys and value types."""
+    keys = set(k for k, v in row.items() if v is not None) | set(row)
+    c = columns
+    if c.completion in keys and c.label in keys:
+        return "unpaired"
+    if c.chosen in keys and c.rejected in keys:
+        if c.prompt not in keys or row.get(c.prompt) is None:
+            return "implicit"
+        return "conversational" if isinstance(row.get(c.prompt), list) else "paired"
+    missing = [k for k in (c.prompt, c.chosen, c.rejected) if k not in keys]
+    raise UserError(
+        "cannot detect the format: expected prompt/chosen/rejected (paired), chosen/rejected (implicit prompt) "
+        f"or prompt/completion/label (unpaired); missing {', '.join(repr(m) for m in missing)}. "
+        "Use --prompt_col/--chosen_col/--rejected_col/--completion_col/--label_col to map other names",
+        file=file, row=1, column=missing[0])
+
+
+def _check_text(v: Any, file: str, row: int, col: str) -> str:
+    if v is None:
+        raise UserError("missing value (column absent or null)", file=file, row=row, column=col)
+    if not isinstance(v, str):
+        raise UserError(f"expected text, got {type(v).__name__} {json.dumps(v, default=str)[:40]}",
+                        file=file, row=row, column=col)
+    return v
+
+
+def _check_messages(v: Any, file: str, row: int, col: str, *, responses: bool) -> list[dict]:
+    if v is None:
+        raise UserError("missing value (column absent or null)", file=file, row=row, column=col)
+    if not isinstance(v, list):
+        raise UserError(f"expected a list of {{role, content}} messages, got {type(v).__name__}",
+                        file=file, row=row, column=col)
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"message {i} is not a {{role, content}} object", file=file, row=row, column=col)
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise UserError(f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})",
+                            file=file, row=row, column=col)
+        if responses and role != "assistant":
+            raise UserError(f"message {i} has role {role!r}; responses must be assistant messages",
+                            file=file, row=row, column=col)
+        if not isinstance(content, str):
+            raise UserError(f"message {i} content must be text, got {type(content).__name__}",
+                            file=file, row=row, column=col)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _check_response(v: Any, conversational: bool, file: str, row: int, col: str):
+    return _check_messages(v, file, row, col, responses=True) if conversational else _check_text(v, file, row, col)
+
+
+def split_implicit(chosen: Any, rejected: Any, file: str, row: int, columns: Columns,
+                   turn_marker: str = DEFAULT_TURN_MARKER):
+    """Split two full transcripts into (prompt, chosen_response, rejected_response).
+
+    Strings: the prompt is the longest common prefix cut just after the last `turn_marker` inside it.
+    Message lists: the prompt is the longest common run of whole messages; the rest must be assistant turns.
+    """
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        c = _check_messages(chosen, file, row, columns.chosen, responses=False)
+        r = _check_messages(rejected, file, row, columns.rejected, responses=False)
+        n = 0
+        while n < min(len(c), len(r)) and c[n] == r[n]:
+            n += 1
+        # The shared run must end where a response begins: step back over shared assistant turns.
+        while n > 0 and c[n - 1]["role"] == "assistant":
+            n -= 1
+        if n == 0:
+            raise UserError("the two transcripts share no prompt turns", file=file, row=row, column=columns.chosen)
+        for col, rest in ((columns.chosen, c[n:]), (columns.rejected, r[n:])):
+            if rest and rest[0]["role"] != "assistant":
+                raise UserError("the transcripts differ before an assistant turn", file=file, row=row, column=col)
+        return c[:n], c[n:], r[n:]
+    c = _check_text(chosen, file, row, columns.chosen)
+    r = _check_text(rejected, file, row, columns.rejected)
+    n = 0
+    limit = min(len(c), len(r))
+    while n < limit and c[n] == r[n]:
+        n += 1
+    cut = c.rfind(turn_marker, 0, n)
+    if cut < 0 or cut + len(turn_marker) > n:
+        raise UserError(f"no shared turn marker {turn_marker!r} to split the prompt from the responses",
+                        file=file, row=row, column=columns.chosen)
+    cut += len(turn_marker)
+    return c[:cut], c[cut:], r[cut:]
+
+
+def _make_record(fmt: str, raw: dict, source: Source, row: int, columns: Columns, turn_marker: str) -> Record:
+    file = str(source.path)
+    c = columns
+    if fmt == "unpaired":
+        prompt = raw.get(c.prompt)
+        conv = isinstance(prompt, list)
+        prompt = _check_messages(prompt, file, row, c.prompt, responses=False) if conv else \
+            _check_text(prompt, file, row, c.prompt)
+        completion = _check_response(raw.get(c.completion), conv, file, row, c.completion)
+        label = raw.get(c.label)
+        if not isinstance(label, bool):
+            raise UserError(f"label must be a boolean (true = desirable), got {json.dumps(label, default=str)}",
+                            file=file, row=row, column=c.label)
+        content = {"prompt": prompt, "completion": completion, "label": label}
+        rec = Record("", source.name, row, prompt, completion=completion, label=label)
+    else:
+        if fmt == "implicit":
+            prompt, chosen, rejected = split_implicit(raw.get(c.chosen), raw.get(c.rejected), file, row, c,
+                                                      turn_marker)
+        elif fmt == "conversational":
+            prompt = _check_messages(raw.get(c.prompt), file, row, c.prompt, responses=False)
+            chosen = _check_response(raw.get(c.chosen), True, file, row, c.chosen)
+            rejected = _check_response(raw.get(c.rejected), True, file, row, c.rejected)
+        else:
+            prompt = raw.get(c.prompt)
+            if isinstance(prompt, list):
+                raise UserError("prompt is a message list but the file was detected as plain-text paired data "
+                                "(from its first row)", file=file, row=row, column=c.prompt)
+            prompt = _check_text(prompt, file, row, c.prompt)
+            chosen = _check_text(raw.get(c.chosen), file, row, c.chosen)
+            rejected = _check_text(raw.get(c.rejected), file, row, c.rejected)
+        content = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        rec = Record("", source.name, row, prompt, chosen=chosen, rejected=rejected)
+    blob = json.dumps(content, sort_keys=True, ensure_ascii=False)
+    rec.content_hash = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    # Source name + row number + content: unique even for duplicate rows, and stable across runs and machines.
+    rec.row_id = hashlib.sha256(f"{source.name}\x1f{row}\x1f{blob}".encode()).hexdigest()[:16]
+    return rec
+
+
+@dataclass
+class Dataset:
+    """A lazily read preference dataset. Iterate `batches()` to get validated `Record` lists."""
+    data: str
+    columns: Columns = field(default_factory=Columns)
+    turn_marker: str = DEFAULT_TURN_MARKER
+    batch_rows: int = 1024
+
+    def __post_init__(self):
+        self.sources = resolve_sources(self.data)
+        first = next(iter_raw(self.sources[0], batch_rows=1))
+        self.format = detect_format(first[0][1], self.columns, str(self.sources[0].path))
+
+    @property
+    def paired(self) -> bool:
+        return self.format != "unpaired"
+
+    def batches(self) -> Iterator[list[Record]]:
+        for source in self.sources:
+            for raw in iter_raw(source, self.batch_rows):
+                yield [_make_record(self.format, r, source, n, self.columns, self.turn_marker) for n, r in raw]
+
+    def fingerprint(self) -> str:
+        return data_fingerprint(self.data, self.columns)

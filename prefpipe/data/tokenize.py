@@ -1,0 +1,192 @@
+"""Tokenizing preference records into the id columns both phases consume (REFERENCE section 2).
+
+Rules, recorded in the cache metadata so a mismatch is detectable:
+
+- **Boundary: separate.** The prompt and each response are tokenized on their own and their ids concatenated.
+  A prompt that ends in a space keeps that space in its own last token; the response's first token is what the
+  response text alone tokenizes to. Joint tokenization could merge the two across the boundary, which would
+  make "the response tokens" ill-defined; separate tokenization never does, and the chosen and rejected
+  sequences share exactly the same prompt ids.
+- **BOS once.** Texts are tokenized with ``add_special_tokens=False``; the tokenizer's own leading special ids
+  (its BOS, if it adds one) are then prepended to the prompt unless the text already produced them, as a chat
+  template that writes ``{{ bos_token }}`` does.
+- **EOS.** Plain-text responses get the EOS id appended, so the model learns to stop. Conversational responses
+  are rendered with the chat template, which writes its own end-of-turn token; nothing is appended.
+- **Chat rendering.** The prompt is ``apply_chat_template(prompt, add_generation_prompt=True)``; a response is the
+  text that ``apply_chat_template(prompt + response)`` adds after that prefix.
+- **Truncation.** With ``max_length`` (total) and ``max_prompt_length``: the prompt is cut from the left to
+  ``max_prompt_length`` (keeping its leading BOS), then each response from the right to fit ``max_length``.
+- **Skips** (counted, never silent): an empty response text, ``chosen == rejected``, an empty prompt, and a
+  response left with no tokens after truncation. Duplicate rows are counted but kept.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefpipe.data.formats import Record
+from prefpipe.errors import UserError
+
+BOUNDARY_RULE = "separate"
+SKIP_REASONS = {
+    "empty_response": "a response is empty text",
+    "chosen_equals_rejected": "chosen and rejected are identical",
+    "empty_prompt": "the prompt has no tokens (the first response token would have no context)",
+    "empty_after_truncation": "a response has no tokens left after truncation",
+}
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """Maps to `--max_length` and `--max_prompt_length`."""
+    max_length: int = 1024
+    max_prompt_length: int = 512
+
+    def __post_init__(self):
+        if self.max_length < 2 or self.max_prompt_length < 1:
+            raise UserError(f"--max_length must be >= 2 and --max_prompt_length >= 1 "
+                            f"(got {self.max_length}, {self.max_prompt_length})")
+        if self.max_prompt_length >= self.max_length:
+            raise UserError(f"--max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                            f"--max_length ({self.max_length}), or no response token would fit")
+
+    def metadata(self) -> dict:
+        return {**asdict(self), "boundary": BOUNDARY_RULE, "bos": "once", "eos": "plain-text responses",
+                "truncation": "prompt left (keep BOS), responses right"}
+
+
+@dataclass
+class TokenStats:
+    """What tokenization did to the rows, for `data check` and the precompute summary."""
+    rows_read: int = 0
+    rows_kept: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    duplicates: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    skip_records: list = field(default_factory=list)  # {row_id, source, row, reason}
+    lengths: dict = field(default_factory=dict)  # column -> list of token counts (kept rows)
+    keep_lengths: bool = False
+    _seen: set = field(default_factory=set, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"rows_read": self.rows_read, "rows_kept": self.rows_kept,
+                "rows_skipped": sum(self.skipped.values()), "skipped": dict(self.skipped),
+                "prompt_truncated": self.prompt_truncated, "response_truncated": self.response_truncated,
+                "duplicates": self.duplicates}
+
+
+class PairTokenizer:
+    """Applies the module's rules with one Hugging Face tokenizer."""
+
+    def __init__(self, tokenizer, settings: TokenizeSettings = TokenizeSettings()):
+        self.tok = tokenizer
+        self.settings = settings
+        probe_with = tokenizer("a", add_special_tokens=True)["input_ids"]
+        probe_without = tokenizer("a", add_special_tokens=False)["input_ids"]
+        cut = len(probe_with) - len(probe_without)
+        # Only a prefix counts: tokenizers that append EOS on their own do not get it on prompts.
+        self.prefix = list(probe_with[:cut]) if cut > 0 and probe_with[cut:] == probe_without else []
+        if not self.prefix:
+            for i in range(len(probe_with)):
+                if probe_with[i:i + len(probe_without)] == probe_without:
+                    self.prefix = list(probe_with[:i])
+                    break
+        self.eos = tokenizer.eos_token_id
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [list(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def _render(self, prompt: Any, responses: list[Any], rec: Record, cols: list[str]) -> tuple[str, list[str]]:
+        if isinstance(prompt, str):
+            return prompt, list(responses)
+        if not getattr(self.tok, "chat_template", None):
+            raise UserError("conversational data needs a tokenizer with a chat template; this one has none",
+                            file=rec.source, row=rec.row, column=cols[0])
+        p = self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        out = []
+        for resp, col in zip(responses, cols[1:]):
+            full = self.tok.apply_chat_template(prompt + resp, tokenize=False)
+            if not full.startswith(p):
+                raise UserError("the chat template does not render prompt + response as an extension of the "
+                                "prompt with its generation prompt", file=rec.source, row=rec.row, column=col)
+            out.append(full[len(p):])
+        return p, out
+
+    def _truncate_prompt(self, ids: list[int]) -> tuple[list[int], bool]:
+        limit = self.settings.max_prompt_length
+        if len(ids) <= limit:
+            return ids, False
+        head = self.prefix if ids[:len(self.prefix)] == self.prefix and len(self.prefix) < limit else []
+        return head + ids[len(ids) - (limit - len(head)):], True
+
+    def tokenize(self, records: list[Record], stats: TokenStats, paired: bool) -> dict[str, list]:
+        """Tokenize a batch of records into columns; skipped rows are counted in `stats`."""
+        resp_fields = ("chosen", "rejected") if paired else ("completion",)
+        out: dict[str, list] = {"row_id": [], "prompt_ids": [], **{f"{f}_ids": [] for f in resp_fields}}
+        if not paired:
+            out["label"] = []
+        texts: list[tuple[Record, str, list[str]]] = []
+        for rec in records:
+            stats.rows_read += 1
+            if rec.content_hash in stats._seen:
+                stats.duplicates += 1
+            stats._seen.add(rec.content_hash)
+            responses = [getattr(rec, f) for f in resp_fields]
+            reason = None
+            if any((r == "" or r == []) for r in responses):
+                reason = "empty_response"
+            elif paired and responses[0] == responses[1]:
+                reason = "chosen_equals_rejected"
+            if reason:
+                self._skip(stats, rec, reason)
+                continue
+            p, rs = self._render(rec.prompt, responses, rec, ["prompt", *resp_fields])
+            texts.append((rec, p, rs))
+
+        prompt_ids = self._encode([p for _, p, _ in texts])
+        resp_ids = [self._encode([rs[k] for _, _, rs in texts]) for k in range(len(resp_fields))]
+        L = self.settings.max_length
+        for i, (rec, _, _) in enumerate(texts):
+            pids = prompt_ids[i]
+            if pids[:len(self.prefix)] != self.prefix:
+                pids = self.prefix + pids
+            if not pids:
+                self._skip(stats, rec, "empty_prompt")
+                continue
+            pids, p_cut = self._truncate_prompt(pids)
+            budget = L - len(pids)
+            rids, r_cut = [], False
+            for k in range(len(resp_fields)):
+                ids = resp_ids[k][i]
+                if isinstance(getattr(rec, resp_fields[k]), str) and self.eos is not None and \
+                        (not ids or ids[-1] != self.eos):
+                    ids = ids + [self.eos]
+                if len(ids) > budget:
+                    ids, r_cut = ids[:budget], True
+                rids.append(ids)
+            if any(len(r) == 0 for r in rids):
+                self._skip(stats, rec, "empty_after_truncation")
+                continue
+            stats.prompt_truncated += p_cut
+            stats.response_truncated += r_cut
+            stats.rows_kept += 1
+            out["row_id"].append(rec.row_id)
+            out["prompt_ids"].append(pids)
+            for f, ids in zip(resp_fields, rids):
+                out[f"{f}_ids"].append(ids)
+            if not paired:
+                out["label"].append(rec.label)
+            if stats.keep_lengths:
+                for name, n in (("prompt", len(pids)), *((f, len(r)) for f, r in zip(resp_fields, rids))):
+                    stats.lengths.setdefault(name, []).append(n)
+        return out
+
+    @staticmethod
+    def _skip(stats: TokenStats, rec: Record, reason: str):
+        stats.skipped[reason] += 1
+        stats.skip_records.append({"row_id": rec.row_id, "source": rec.source, "row": rec.row, "reason": reason})

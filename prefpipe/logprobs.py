@@ -1,0 +1,102 @@
+"""The one `sequence_logprobs` that both phases use (REFERENCE section 1).
+
+Phase one calls it under `torch.inference_mode()` to fill the cache; phase two calls it with gradients on for the
+policy. Sharing it is what makes "policy == reference at step 0" hold to float32 round-off.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Rows of logits materialised at once: [chunk, vocab] float32. 4096 x 152k x 4 B is about 2.5 GB, so callers that
+# care about memory on large vocabularies pass smaller chunks; the default suits the vocabularies of tests/benches.
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into `input_ids [B, T]` and `attention_mask [B, T]` (long)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
+
+
+def _decoder_and_head(model):
+    """Split a causal LM into its decoder stack and LM head, so logits are only formed where needed."""
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    if head is None or decoder is None or decoder is model:
+        raise TypeError(f"{type(model).__name__} does not expose a decoder and an LM head")
+    return decoder, head
+
+
+def _token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, temperature: float,
+                    softcap) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap:  # Gemma-2 style final-logit soft-capping, part of the model's distribution
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor, *,
+                      temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                      return_token_logprobs: bool = False):
+    """Summed log-probabilities of each row's response tokens.
+
+    Args:
+        model: a transformers causal LM (`get_decoder()` + `get_output_embeddings()`).
+        input_ids: `[B, T]` long, prompt tokens then response tokens, right-padded.
+        attention_mask: `[B, T]`, 1 on real tokens. Right padding only, so real tokens keep positions 0..n-1 and
+            no `position_ids` are needed.
+        prompt_lens: `[B]` long, number of prompt tokens per row (>= 1: the first token has no context).
+        temperature: logits are divided by it before the log-softmax.
+        chunk_tokens: response positions pushed through the LM head at once. Only response positions are ever
+            projected, in float32, so peak memory is `chunk_tokens x vocab` rather than `B x T x vocab`.
+        return_token_logprobs: also return the per-token log-probs as a list of `[n_i]` tensors.
+
+    Returns:
+        `(sums [B] float32, counts [B] long)`: sum over response positions p (prompt_len <= p < len) of
+        `log_softmax(logits[p-1] / temperature)[ids[p]]`, and the number of such positions. With gradients
+        enabled each chunk is recomputed in backward (activation checkpointing), so training never stores
+        `[N, vocab]` logits either.
+    """
+    if bool((prompt_lens < 1).any()):
+        raise ValueError("every row needs at least one prompt token")
+    B, T = input_ids.shape
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    pos = torch.arange(T, device=input_ids.device)
+    seq_lens = attention_mask.sum(-1)
+    scored = (pos[None, :] >= prompt_lens[:, None]) & (pos[None, :] < seq_lens[:, None])  # [B, T] targets
+    tgt_mask = scored[:, 1:]
+    h = hidden[:, :-1][tgt_mask]  # [N, H]: the state at p-1 predicts token p
+    targets = input_ids[:, 1:][tgt_mask]  # [N]
+    rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T - 1)[tgt_mask]
+
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    weight, bias = head.weight, head.bias
+    pieces = []
+    for start in range(0, h.shape[0], chunk_tokens):
+        args = (h[start:start + chunk_tokens], targets[start:start + chunk_tokens], weight, bias, temperature,
+                softcap)
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_token_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(_token_logprobs(*args))
+    tok_lp = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+    sums = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, tok_lp)
+    counts = tgt_mask.sum(-1)
+    if return_token_logprobs:
+        return sums, counts, list(tok_lp.detach().split(counts.tolist()))
+    return sums, counts
