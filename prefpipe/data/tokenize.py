@@ -16,8 +16,9 @@ Rules, recorded in the cache metadata so a mismatch is detectable:
   text that ``apply_chat_template(prompt + response)`` adds after that prefix.
 - **Truncation.** With ``max_length`` (total) and ``max_prompt_length``: the prompt is cut from the left to
   ``max_prompt_length`` (keeping its leading BOS), then each response from the right to fit ``max_length``.
-- **Skips** (counted, never silent): an empty response text, ``chosen == rejected``, an empty prompt, and a
-  response left with no tokens after truncation. Duplicate rows are counted but kept.
+- **Skips** (counted, never silent): an empty response text, ``chosen == rejected``, and an empty prompt. Because
+  ``max_prompt_length < max_length``, every response keeps at least one token after truncation. Duplicate rows
+  (same content) are counted but kept: repeating a pair is a legitimate way to weight it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ SKIP_REASONS = {
     "empty_response": "a response is empty text",
     "chosen_equals_rejected": "chosen and rejected are identical",
     "empty_prompt": "the prompt has no tokens (the first response token would have no context)",
-    "empty_after_truncation": "a response has no tokens left after truncation",
 }
 
 
@@ -169,8 +169,8 @@ class PairTokenizer:
                 if len(ids) > budget:
                     ids, r_cut = ids[:budget], True
                 rids.append(ids)
-            if any(len(r) == 0 for r in rids):
-                self._skip(stats, rec, "empty_after_truncation")
+            if not all(rids):  # non-empty text that tokenizes to nothing (a tokenizer that drops it)
+                self._skip(stats, rec, "empty_response")
                 continue
             stats.prompt_truncated += p_cut
             stats.response_truncated += r_cut
