@@ -1,0 +1,194 @@
+"""Training examples: where they come from, the eval split, the data order, and padded batches.
+
+Decisions a user may want to know:
+
+- **Ids come from the cache** when `--cache` is given, exactly the ids the reference scored. With `--data` the
+  rows are tokenized here with the policy's tokenizer and the same rules as precompute (`--max_length`,
+  `--max_prompt_length`); KTO examples and their pinned mismatched partners are then built with precompute's
+  rule over the whole dataset.
+- **Eval split** (`--eval_fraction F`): rows are ordered by a hash of their row id and the first `round(F * n)`
+  (at least one) are held out. The split does not depend on `--seed`, so every run of a sweep and every seed
+  evaluates on the same rows. The two KTO examples made from one pair (`<row_id>:chosen`, `<row_id>:rejected`)
+  always land on the same side.
+- **Order.** Each epoch is a fresh permutation drawn from `--seed` and the epoch number. A step takes the next
+  global batch of `batch_size x grad_accum x processes` rows; rows that do not fill a last global batch sit out
+  that epoch (the count is logged), and the next epoch's permutation includes them again. Within a global batch
+  micro-batch k of process r holds rows `[(k * processes + r) * batch_size, ... + batch_size)`, so the rows of a
+  step are the same whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from prefpipe.errors import UserError
+from prefpipe.logprobs import pad_batch
+
+
+@dataclass
+class TrainData:
+    kind: str  # "paired" | "unpaired" (KTO examples)
+    table: pa.Table
+    has_reference: bool
+    origin: str  # the cache directory or data path, for messages
+    metadata: dict | None = None  # the cache's metadata; None for --data
+    notes: tuple = ()  # what loading did (counts, skips), printed once
+
+    def __len__(self):
+        return self.table.num_rows
+
+
+def load_train_data(src, tokenizer, kto: bool) -> TrainData:
+    """Read `src.cache`, or tokenize `src.data`. `kto` asks for KTO examples (unpaired kind)."""
+    if src.cache:
+        from prefpipe.data.cache import read_cache
+        cache = read_cache(src.cache)
+        if kto and cache.kind != "unpaired":
+            raise UserError("KTO trains on single examples with pinned mismatched partners, but this cache holds "
+                            "pairs; precompute it with --kto (or pass unpaired data)", file=src.cache)
+        if not kto and cache.kind != "paired":
+            raise UserError("this is a KTO cache of single examples; the paired losses need a paired cache",
+                            file=src.cache)
+        counts = cache.metadata.get("counts") or {}
+        notes = (f"cache: {cache.table.num_rows} {'examples' if kto else 'pairs'} from {src.cache}"
+                 + (f" ({counts.get('rows_skipped', 0)} input rows were skipped in precompute)" if counts else ""),)
+        return TrainData(cache.kind, cache.table, cache.has_reference, src.cache, cache.metadata, notes)
+    return _tokenize_data(src, tokenizer, kto)
+
+
+def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
+    from prefpipe.data.cache import schema_for
+    from prefpipe.data.formats import Dataset
+    from prefpipe.data.tokenize import PairTokenizer, TokenizeSettings, TokenStats
+    from prefpipe.precompute import kto_pairs
+
+    ds = Dataset(src.data, src.columns, turn_marker=src.turn_marker)
+    if not kto and not ds.paired:
+        raise UserError("unpaired (prompt/completion/label) data trains only with --loss_type kto", file=src.data)
+    pt = PairTokenizer(tokenizer, TokenizeSettings(src.max_length, src.max_prompt_length))
+    stats = TokenStats()
+    cols: dict[str, list] = {}
+    for records in ds.batches():
+        for k, v in pt.tokenize(records, stats, ds.paired).items():
+            cols.setdefault(k, []).extend(v)
+    if not cols.get("row_id"):
+        raise UserError(f"no usable rows: all {stats.rows_read} were skipped ({dict(stats.skipped)})", file=src.data)
+    kind = "paired"
+    if kto:
+        kind = "unpaired"
+        cols = kto_pairs.examples_from(cols, ds.paired)
+        if len(cols["row_id"]) < 2:
+            raise UserError("KTO needs at least two examples (each borrows another's completion)", file=src.data)
+        cols, _ = kto_pairs.with_partners(cols, src.max_length, None)
+    else:
+        cols["chosen_len"] = [len(x) for x in cols["chosen_ids"]]
+        cols["rejected_len"] = [len(x) for x in cols["rejected_ids"]]
+    if kind == "unpaired":
+        cols["completion_len"] = [len(x) for x in cols["completion_ids"]]
+    schema = schema_for(kind, with_reference=False)
+    table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
+    skipped = sum(stats.skipped.values())
+    note = (f"data: {stats.rows_read} rows read from {src.data}, {stats.rows_kept} kept, {skipped} skipped"
+            + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(stats.skipped.items()))})" if skipped else ""))
+    return TrainData(kind, table, False, src.data, None, (note,))
+
+
+def split_eval(data: TrainData, fraction: float) -> tuple[list[int], list[int]]:
+    """(train row indices, eval row indices), eval chosen by row-id hash (see the module docstring)."""
+    n = len(data)
+    if fraction <= 0:
+        return list(range(n)), []
+    base = [rid.split(":", 1)[0] for rid in data.table.column("row_id").to_pylist()]
+    groups = sorted(set(base), key=lambda b: hashlib.sha256(f"eval\x1f{b}".encode()).hexdigest())
+    n_eval = max(1, round(fraction * len(groups)))
+    held = set(groups[:n_eval])
+    train = [i for i in range(n) if base[i] not in held]
+    held_rows = [i for i in range(n) if base[i] in held]
+    return train, held_rows
+
+
+@dataclass(frozen=True)
+class Order:
+    """The data order of a run: global batches drawn from per-epoch permutations of the training rows."""
+    rows: tuple  # training row indices into the table
+    global_batch: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.rows) // self.global_batch
+
+    def global_rows(self, step: int) -> list[int]:
+        """Table row indices of 0-based optimizer step `step`."""
+        epoch, b = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.rows), generator=g)[b * self.global_batch:(b + 1) * self.global_batch]
+        return [self.rows[i] for i in perm.tolist()]
+
+
+def micro_batches(rows: list[int], batch_size: int, grad_accum: int, world: int, rank: int) -> list[list[int]]:
+    """This process's micro-batches of one global batch."""
+    return [rows[(k * world + rank) * batch_size:(k * world + rank + 1) * batch_size] for k in range(grad_accum)]
+
+
+def eval_batches(rows: list[int], batch_size: int, world: int, rank: int) -> list[tuple[list[int], bool]]:
+    """This process's eval micro-batches as (rows, real). Every process gets the same number of batches (FSDP
+    ranks must run forwards in lockstep); a process with nothing left gets one row back with real=False, and its
+    results are discarded."""
+    out = []
+    span = batch_size * world
+    for start in range(0, len(rows), span):
+        chunk = rows[start:start + span][rank * batch_size:(rank + 1) * batch_size]
+        out.append((chunk, True) if chunk else ([rows[start]], False))
+    return out
+
+
+@dataclass
+class Batch:
+    """Padded tensors for one micro-batch. Paired: the first half of `ids` are chosen sequences, the second half
+    rejected (one concatenated forward); sft keeps only the chosen half. KTO: the examples, plus `kl_*` for the
+    mismatched completions."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    prompt_lens: torch.Tensor
+    n: int  # rows (pairs or examples)
+    ref: dict  # column -> [n] float32 tensor, from the cache (empty without reference columns)
+    label: torch.Tensor | None = None
+    kl_ids: torch.Tensor | None = None
+    kl_mask: torch.Tensor | None = None
+    kl_prompt_lens: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def make_batch(data: TrainData, rows: list[int], loss_type: str, pad_id: int, device,
+               use_cached_reference: bool) -> Batch:
+    t = data.table.take(pa.array(rows, type=pa.int64()))
+    prompts = t.column("prompt_ids").to_pylist()
+    n = len(prompts)
+
+    def tensors(responses):
+        seqs = [p + r for p, r in zip(prompts * (len(responses) // n), responses)]
+        ids, mask = pad_batch(seqs, pad_id, device)
+        plens = torch.tensor([len(p) for p in prompts] * (len(responses) // n), dtype=torch.long, device=device)
+        return ids, mask, plens
+
+    ref_cols = ()
+    if use_cached_reference:
+        ref_cols = ("ref_chosen", "ref_rejected") if data.kind == "paired" else ("ref_logp", "ref_kl")
+    ref = {c: torch.tensor(t.column(c).to_pylist(), dtype=torch.float32, device=device) for c in ref_cols}
+    if data.kind == "paired":
+        responses = t.column("chosen_ids").to_pylist()
+        if loss_type != "sft":
+            responses = responses + t.column("rejected_ids").to_pylist()
+        return Batch(*tensors(responses), n=n, ref=ref)
+    label = torch.tensor(t.column("label").to_pylist(), dtype=torch.bool, device=device)
+    ids, mask, plens = tensors(t.column("completion_ids").to_pylist())
+    kl_ids, kl_mask, kl_plens = tensors(t.column("kl_completion_ids").to_pylist())
+    return Batch(ids, mask, plens, n, ref, label, kl_ids, kl_mask, kl_plens)

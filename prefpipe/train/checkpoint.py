@@ -1,0 +1,100 @@
+"""Checkpoints: Hugging Face model directories plus the trainer state, written atomically.
+
+Layout of a run directory (`RUNS_DIR/<loss>-beta<beta>/`):
+
+    metrics.jsonl                  one JSON object per train step and per evaluation (see loop.py)
+    train_config.json              the resolved configuration of the run
+    checkpoints/step-000040/       every --save_every steps: model (safetensors), tokenizer, train_config.json,
+                                   trainer_state.pt (optimizer, scheduler, step, RNG, data position)
+    final/                         the trained model (safetensors) with its tokenizer and train_config.json
+    result.json                    the run's final metrics, as in summary.json
+
+Every directory is written under a temporary name in the same parent and renamed into place, so a killed run
+leaves either a whole checkpoint or none; leftovers are removed on the next start. `trainer_state.pt` holds only
+tensors and plain Python values and is loaded with `torch.load(weights_only=True)`: no pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "train_config.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def remove_leftovers(parent: Path):
+    """Temporary directories of a killed run."""
+    if parent.exists():
+        for p in parent.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_model_dir(dest: Path, lm, tokenizer, config: dict, state_dict: dict | None = None,
+                   trainer_state: dict | None = None):
+    """Write `dest` atomically: model + tokenizer + config (+ trainer state). Leader only."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / STATE_FILE)
+    if dest.exists():  # a rerun's final/ or a re-saved step: move the old one aside, then drop it
+        old = dest.parent / f".tmp-old-{dest.name}-{os.getpid()}"
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    steps = sorted(p for p in ckpt_root.glob("step-*") if (p / STATE_FILE).exists()) if ckpt_root.exists() else []
+    return steps[-1] if steps else None
+
+
+def prune(ckpt_root: Path, keep: int):
+    if keep <= 0:
+        return
+    steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for p in steps[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)

@@ -1,0 +1,171 @@
+"""Processes and model wrapping: single process, DDP, or FSDP2, all behind one `Scorer` module.
+
+DDP synchronises gradients only for computations that go through the wrapped module's `forward`, and FSDP
+gathers parameters in forward hooks; `sequence_logprobs` reaches into the decoder and LM head directly. So the
+policy is wrapped in `Scorer`, whose `forward` calls `sequence_logprobs(self.lm, ...)`, and *that* module is what
+DDP or `fully_shard` wraps.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prefpipe.logprobs import sequence_logprobs
+
+
+@dataclass
+class Procs:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    started_here: bool = False  # this module called init_process_group, so it also tears it down
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def sum(self, values: list[float], device) -> list[float]:
+        """Element-wise sum over processes (float64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.distributed:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.distributed:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self):
+        if self.started_here:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def start(device: torch.device) -> Procs:
+    """Join the torchrun group if there is one: gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Procs()
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    started = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        started = True
+    return Procs(dist.get_rank(), dist.get_world_size(), local, started)
+
+
+def process_device(device: torch.device) -> torch.device:
+    """Under torchrun each process takes the GPU of its local rank."""
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.index is None:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return device
+
+
+class Scorer(nn.Module):
+    """`forward(ids, mask, prompt_lens) -> (sums, counts)`: the shared `sequence_logprobs` on `self.lm`."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, prompt_lens):
+        return sequence_logprobs(self.lm, input_ids, attention_mask, prompt_lens)
+
+
+def _shard(scorer: Scorer):
+    from torch.distributed.fsdp import fully_shard
+    # Each decoder layer is its own FSDP unit (gathered just before it runs); embeddings, final norm and LM head
+    # belong to the root unit.
+    layer_names = set(getattr(scorer.lm, "_no_split_modules", None) or ())
+    layers = [m for m in scorer.lm.modules() if type(m).__name__ in layer_names]
+    if not layers:
+        from prefpipe.errors import UserError
+        raise UserError(f"--fsdp: cannot find the decoder layers of {type(scorer.lm).__name__}")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(scorer)
+
+
+@dataclass
+class Policy:
+    """The trainable model in its three guises.
+
+    `lm` is the transformers model (for saving), `scorer` the module to call without gradients (under FSDP the
+    sharded root itself), `train_module` the module to call with gradients (DDP's wrapper, or `scorer`).
+    """
+    lm: nn.Module
+    scorer: nn.Module
+    train_module: nn.Module
+    mode: str  # "single" | "ddp" | "fsdp"
+
+    def sync(self, last_micro_batch: bool):
+        """DDP all-reduces gradients only on the last micro-batch of an accumulated step."""
+        if self.mode == "ddp" and not last_micro_batch:
+            return self.train_module.no_sync()
+        return nullcontext()
+
+    def parameters(self):
+        return self.train_module.parameters()
+
+
+def wrap_policy(lm: nn.Module, procs: Procs, device: torch.device, fsdp: bool) -> Policy:
+    scorer = Scorer(lm)
+    if fsdp:
+        _shard(scorer)
+        return Policy(lm, scorer, scorer, "fsdp")
+    if procs.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [device.index] if device.type == "cuda" else None
+        return Policy(lm, scorer, DDP(scorer, device_ids=ids), "ddp")
+    return Policy(lm, scorer, scorer, "single")
+
+
+def wrap_reference(lm: nn.Module, fsdp: bool) -> nn.Module:
+    """The frozen live reference: no gradients, no DDP (nothing to synchronise); sharded too under --fsdp."""
+    lm.eval().requires_grad_(False)
+    scorer = Scorer(lm)
+    if fsdp:
+        _shard(scorer)
+    return scorer
+
+
+def full_state_dict(policy: Policy) -> dict | None:
+    """The policy's weights, gathered in full on the leader (every process must call this under FSDP)."""
+    if policy.mode != "fsdp":
+        return None  # save_pretrained reads the unsharded model itself
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(policy.scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("lm."): v for k, v in sd.items()}
+
+
+def optimizer_state(policy: Policy, optimizer) -> dict:
+    """Optimizer state to save (full, on the leader; every process must call this under FSDP)."""
+    if policy.mode != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(policy.scorer, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(policy: Policy, optimizer, state: dict):
+    if policy.mode != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(policy.scorer, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,99 @@
+"""From a padded batch to a `LossOutput`: policy forward, reference (cached or live), and the loss."""
+
+from __future__ import annotations
+
+import torch
+
+from prefpipe.train import losses as L
+
+
+@torch.no_grad()
+def _live(ref_scorer, ids, mask, plens, autocast):
+    with autocast:
+        return ref_scorer(ids, mask, plens)[0]
+
+
+def kl_terms(batch, policy_scorer, ref_scorer, autocast) -> torch.Tensor:
+    """KTO: `pi(y'|x) - ref(y'|x)` per example for the pinned mismatched completions, without gradient."""
+    with torch.no_grad(), autocast:
+        pi_kl, _ = policy_scorer(batch.kl_ids, batch.kl_mask, batch.kl_prompt_lens)
+    ref_kl = batch.ref["ref_kl"] if ref_scorer is None else _live(ref_scorer, batch.kl_ids, batch.kl_mask,
+                                                                  batch.kl_prompt_lens, autocast)
+    return pi_kl.float() - ref_kl
+
+
+def batch_loss(batch, policy_module, ref_scorer, loss, autocast, z0=None) -> L.LossOutput:
+    """Run the policy on `batch` (chosen and rejected in one concatenated forward) and apply `loss`.
+
+    `policy_module` is called with gradients enabled if they are; `ref_scorer` is None for the cached reference
+    (or a reference-free loss)."""
+    with autocast:
+        sums, counts = policy_module(batch.ids, batch.mask, batch.prompt_lens)
+    sums, counts = sums.float(), counts.float()
+    n = batch.n
+    lt = loss.loss_type
+    if lt == "sft":
+        return L.sft_loss(sums, counts)
+    if lt == "kto":
+        ref = batch.ref["ref_logp"] if ref_scorer is None else _live(ref_scorer, batch.ids, batch.mask,
+                                                                     batch.prompt_lens, autocast)
+        return L.kto_loss(sums, ref, batch.label, z0, loss.beta, loss.desirable_weight, loss.undesirable_weight)
+    pc, pr, lc, lr = sums[:n], sums[n:], counts[:n], counts[n:]
+    if lt == "orpo":
+        return L.orpo_loss(pc, pr, lc, lr, loss.orpo_lambda)
+    if ref_scorer is None:
+        rc, rr = batch.ref["ref_chosen"], batch.ref["ref_rejected"]
+    else:
+        ref = _live(ref_scorer, batch.ids, batch.mask, batch.prompt_lens, autocast).float()
+        rc, rr = ref[:n], ref[n:]
+    if lt == "dpo":
+        return L.dpo_loss(pc, pr, rc, rr, loss.beta, loss.label_smoothing)
+    if lt == "ipo":
+        return L.ipo_loss(pc, pr, rc, rr, lc, lr, loss.beta)
+    return L.hinge_loss(pc, pr, rc, rr, loss.beta)
+
+
+class MetricSums:
+    """Per-example sums over a global batch, reduced over processes at the end: the logged means are exact
+    means over every example of the step, however it was split."""
+
+    def __init__(self):
+        self.loss_sum = 0.0
+        self.n = 0
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.tokens = 0
+
+    def add(self, out: L.LossOutput, tokens: int = 0):
+        self.loss_sum += float(out.losses.detach().double().sum())
+        self.n += int(out.losses.numel())
+        self.tokens += tokens
+        for k, v in out.metrics.items():
+            ok = ~torch.isnan(v)
+            self.sums[k] = self.sums.get(k, 0.0) + float(v[ok].double().sum())
+            self.counts[k] = self.counts.get(k, 0) + int(ok.sum())
+
+    def reduce(self, procs, device, names: list[str]) -> dict:
+        """Means over all processes. `names` must be the same list on every process."""
+        vec = [self.loss_sum, float(self.n), float(self.tokens)]
+        for k in names:
+            vec += [self.sums.get(k, 0.0), float(self.counts.get(k, 0))]
+        vec = procs.sum(vec, device)
+        out = {"loss": vec[0] / vec[1] if vec[1] else None, "examples": int(vec[1]), "tokens": int(vec[2])}
+        for i, k in enumerate(names):
+            s, c = vec[3 + 2 * i], vec[4 + 2 * i]
+            out[k] = s / c if c else None
+        if out.get("r_chosen") is not None and out.get("r_rejected") is not None:
+            out["margin"] = out["r_chosen"] - out["r_rejected"]
+        elif "r_chosen" in names:
+            out["margin"] = None
+        return out
+
+
+def metric_names(loss_type: str) -> list[str]:
+    if loss_type == "sft":
+        return ["nll"]
+    names = ["acc", "r_chosen", "r_rejected"]
+    if loss_type == "orpo":
+        names += ["nll", "log_odds"]
+    return names

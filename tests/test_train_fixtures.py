@@ -1,0 +1,79 @@
+"""Helpers shared by the tests/test_train_*.py files (no tests here).
+
+Caches are built once per test session under the session's base temp dir with the real `run_precompute`
+(float32, CPU), and reused by name across test modules.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import make_pairs, make_unpaired, write_jsonl
+
+
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    return tmp_path_factory.getbasetemp() / "train-shared" / name
+
+
+def pairs_data(tmp_path_factory, n: int = 24) -> Path:
+    p = shared_dir(tmp_path_factory, f"pairs{n}.jsonl")
+    if not p.exists():
+        write_jsonl(p, make_pairs(n, seed=7, max_words=16))
+    return p
+
+
+def unpaired_data(tmp_path_factory, n: int = 24) -> Path:
+    p = shared_dir(tmp_path_factory, f"unpaired{n}.jsonl")
+    if not p.exists():
+        write_jsonl(p, make_unpaired(n, seed=8, max_words=16))
+    return p
+
+
+def cache(tmp_path_factory, model: Path, data: Path, name: str, **kw) -> Path:
+    from prefpipe.precompute.run import PrecomputeConfig, run_precompute
+    out = shared_dir(tmp_path_factory, name)
+    if not (out / "manifest.json").exists():
+        run_precompute(PrecomputeConfig(model=str(model), data=str(data), out=str(out), dtype="float32",
+                                        device="cpu", progress=False, **kw))
+    return out
+
+
+def train(out: Path, model: Path, *, cache=None, data=None, loss_types=("dpo",), betas=(0.1,), reference="cached",
+          lr=1e-3, batch_size=4, grad_accum=1, max_steps=6, seed=0, warmup_ratio=0.0, eval_fraction=0.0,
+          save_every=0, resume=False, loss_kw=None, source_kw=None, **kw):
+    """run_training with small defaults: a constant-ish lr high enough to move a tiny model in a few steps."""
+    from prefpipe.train.config import LoopConfig, LossConfig, OptimConfig, SourceConfig, TrainConfig
+    from prefpipe.train.loop import run_training
+    cfg = TrainConfig(
+        source=SourceConfig(model=str(model), cache=str(cache) if cache else None, data=str(data) if data else None,
+                            reference=reference, **(source_kw or {})),
+        out=str(out), loss_types=tuple(loss_types), betas=tuple(betas), loss=LossConfig(**(loss_kw or {})),
+        optim=OptimConfig(lr=lr, warmup_ratio=warmup_ratio, lr_scheduler=kw.pop("lr_scheduler", "linear")),
+        loop=LoopConfig(batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, seed=seed,
+                        eval_fraction=eval_fraction, save_every=save_every, resume=resume),
+        dtype="float32", device="cpu", progress=False, **kw)
+    return run_training(cfg)
+
+
+def metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+TIMING_KEYS = ("tokens_per_s", "step_time_s")
+
+
+def trajectory(run_dir: Path, keys=("loss", "acc", "r_chosen", "r_rejected", "margin", "grad_norm", "lr", "kl")):
+    """Per train step, the values of `keys` (None where absent)."""
+    return [[r.get(k) for k in keys] for r in metrics(run_dir)]
+
+
+def assert_trajectories_close(a, b, atol):
+    assert len(a) == len(b) and len(a) > 0
+    for step, (ra, rb) in enumerate(zip(a, b), start=1):
+        for x, y in zip(ra, rb):
+            if x is None or y is None:
+                assert x is None and y is None, f"step {step}: {ra} vs {rb}"
+            else:
+                assert abs(x - y) <= atol * max(1.0, abs(x)), f"step {step}: {ra} vs {rb}"

@@ -1,0 +1,304 @@
+"""`prefpipe train` in one process: step-0 identities, float64 recomputation of logged numbers, every loss type
+from the CLI, beta sweeps, eval split, and the errors of cache validation."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from test_train_fixtures import cache, metrics, pairs_data, train, unpaired_data
+
+LN2 = math.log(2.0)
+
+
+@pytest.fixture(scope="module")
+def pair_cache(tmp_path_factory, tiny_model):
+    return cache(tmp_path_factory, tiny_model, pairs_data(tmp_path_factory, 24), "pairs24")
+
+
+@pytest.fixture(scope="module")
+def small_caches(tmp_path_factory, tiny_model):
+    """8 pairs: one global batch holds the whole training set, so the data order cannot matter."""
+    data = pairs_data(tmp_path_factory, 8)
+    return {"paired": cache(tmp_path_factory, tiny_model, data, "pairs8"),
+            "kto": cache(tmp_path_factory, tiny_model, data, "pairs8-kto", kto=True)}
+
+
+# ------------------------------------------------------------------ float64 reference computations
+
+def f64_model(path):
+    from prefpipe.modeling import load_model
+    return load_model(str(path), dtype=torch.float64)
+
+
+def f64_logp(model, prompt, response):
+    """Summed log-prob of `response` after `prompt`: a plain full-logits forward, nothing from prefpipe.logprobs."""
+    ids = torch.tensor([list(prompt) + list(response)])
+    logp = model(input_ids=ids).logits[0].log_softmax(-1)
+    p0 = len(prompt)
+    return sum(logp[p - 1, ids[0, p]] for p in range(p0, p0 + len(response)))
+
+
+def read_table(cache_dir):
+    from prefpipe.data.cache import read_cache
+    return read_cache(cache_dir).table.to_pylist()
+
+
+# ------------------------------------------------------------------ step 0
+
+def test_step0_identities_for_every_reference_loss(tmp_path, tiny_model, pair_cache, small_caches):
+    train(tmp_path / "p", tiny_model, cache=pair_cache, loss_types=("dpo", "hinge", "ipo"), betas=(0.25,),
+          max_steps=1)
+    first = {lt: metrics(tmp_path / "p" / f"{lt}-beta0.25")[0] for lt in ("dpo", "hinge", "ipo")}
+    assert first["dpo"]["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert first["hinge"]["loss"] == pytest.approx(1.0, abs=1e-6)
+    assert first["ipo"]["loss"] == pytest.approx((1 / (2 * 0.25)) ** 2, abs=1e-4)
+    for rec in first.values():
+        assert rec["acc"] == 0.0 and abs(rec["margin"]) < 1e-5
+    train(tmp_path / "k", tiny_model, cache=small_caches["kto"], loss_types=("kto",), max_steps=1)
+    k = metrics(tmp_path / "k" / "kto-beta0.1")[0]
+    assert k["loss"] == pytest.approx(0.5, abs=1e-6) and k["kl"] == 0.0 and k["acc"] == 0.0
+
+
+def test_logged_numbers_match_float64_recomputation_dpo(tmp_path, tiny_model, small_caches):
+    beta = 0.5
+    train(tmp_path, tiny_model, cache=small_caches["paired"], betas=(beta,), batch_size=8, max_steps=2,
+          save_every=1)
+    run = tmp_path / f"dpo-beta{beta:g}"
+    log = metrics(run)
+    rows = read_table(small_caches["paired"])
+    assert len(rows) == 8 and all(r["examples"] == 8 for r in log)
+
+    # step 1: at the SFT weights every delta is 0; the gradient of the mean loss is
+    # -beta/2 * mean(grad pi_c - grad pi_r). Its norm is the logged grad_norm (before clipping).
+    sft = f64_model(tiny_model)
+    loss = 0
+    for r in rows:
+        pc, pr = f64_logp(sft, r["prompt_ids"], r["chosen_ids"]), f64_logp(sft, r["prompt_ids"], r["rejected_ids"])
+        loss = loss - torch.nn.functional.logsigmoid(beta * ((pc - pc.detach()) - (pr - pr.detach())))
+    (loss / len(rows)).backward()
+    gnorm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in sft.parameters() if p.grad is not None))
+    assert log[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert log[0]["grad_norm"] == pytest.approx(gnorm, rel=1e-4)
+
+    # step 2: the step-1 checkpoint against the SFT reference, all in float64
+    ref = f64_model(tiny_model)
+    pol = f64_model(run / "checkpoints" / "step-000001")
+    with torch.no_grad():
+        c = [float(f64_logp(pol, r["prompt_ids"], r["chosen_ids"]) - f64_logp(ref, r["prompt_ids"], r["chosen_ids"]))
+             for r in rows]
+        j = [float(f64_logp(pol, r["prompt_ids"], r["rejected_ids"])
+                   - f64_logp(ref, r["prompt_ids"], r["rejected_ids"])) for r in rows]
+    want_loss = sum(math.log1p(math.exp(-beta * (a - b))) for a, b in zip(c, j)) / 8
+    assert abs(want_loss - LN2) > 1e-3  # the step moved the policy
+    assert log[1]["loss"] == pytest.approx(want_loss, abs=2e-5)
+    assert log[1]["r_chosen"] == pytest.approx(beta * sum(c) / 8, abs=2e-5)
+    assert log[1]["r_rejected"] == pytest.approx(beta * sum(j) / 8, abs=2e-5)
+    assert log[1]["acc"] == pytest.approx(sum(a > b for a, b in zip(c, j)) / 8)
+
+
+def test_logged_numbers_match_float64_recomputation_kto(tmp_path, tiny_model, small_caches):
+    beta = 0.5
+    train(tmp_path, tiny_model, cache=small_caches["kto"], loss_types=("kto",), betas=(beta,), batch_size=16,
+          max_steps=2, save_every=1)
+    run = tmp_path / f"kto-beta{beta:g}"
+    log = metrics(run)
+    rows = read_table(small_caches["kto"])
+    assert len(rows) == 16 and log[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    ref, pol = f64_model(tiny_model), f64_model(run / "checkpoints" / "step-000001")
+    with torch.no_grad():
+        h = [float(f64_logp(pol, r["prompt_ids"], r["completion_ids"]) - f64_logp(ref, r["prompt_ids"],
+                                                                               r["completion_ids"])) for r in rows]
+        kl = [float(f64_logp(pol, r["prompt_ids"], r["kl_completion_ids"])
+                    - f64_logp(ref, r["prompt_ids"], r["kl_completion_ids"])) for r in rows]
+    z0 = max(0.0, sum(kl) / len(kl))
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    losses = [1 - sig(beta * (x - z0)) if r["label"] else 1 - sig(beta * (z0 - x)) for x, r in zip(h, rows)]
+    assert log[1]["kl"] == pytest.approx(z0, abs=2e-5)
+    assert log[1]["loss"] == pytest.approx(sum(losses) / 16, abs=2e-5)
+    des = [beta * x for x, r in zip(h, rows) if r["label"]]
+    und = [beta * x for x, r in zip(h, rows) if not r["label"]]
+    assert log[1]["r_chosen"] == pytest.approx(sum(des) / len(des), abs=2e-5)
+    assert log[1]["r_rejected"] == pytest.approx(sum(und) / len(und), abs=2e-5)
+
+
+def test_orpo_step1_matches_float64_and_data_equals_no_reference_cache(tmp_path, tmp_path_factory, tiny_model):
+    data = pairs_data(tmp_path_factory, 8)
+    norefs = cache(tmp_path_factory, tiny_model, data, "pairs8-noref", no_reference=True)
+    train(tmp_path / "c", tiny_model, cache=norefs, loss_types=("orpo",), batch_size=8, max_steps=3,
+          loss_kw={"orpo_lambda": 0.5})
+    train(tmp_path / "d", tiny_model, data=data, loss_types=("orpo",), batch_size=8, max_steps=3,
+          loss_kw={"orpo_lambda": 0.5})
+    a, b = metrics(tmp_path / "c" / "orpo-beta0.1"), metrics(tmp_path / "d" / "orpo-beta0.1")
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6) and x["nll"] == pytest.approx(y["nll"], abs=1e-6)
+    sft = f64_model(tiny_model)
+    losses, nlls = [], []
+    with torch.no_grad():
+        for r in read_table(norefs):
+            ac = float(f64_logp(sft, r["prompt_ids"], r["chosen_ids"])) / len(r["chosen_ids"])
+            ar = float(f64_logp(sft, r["prompt_ids"], r["rejected_ids"])) / len(r["rejected_ids"])
+            lo = (ac - ar) - (math.log(-math.expm1(ac)) - math.log(-math.expm1(ar)))
+            losses.append(-ac + 0.5 * math.log1p(math.exp(-lo)))
+            nlls.append(-ac)
+    assert a[0]["loss"] == pytest.approx(sum(losses) / 8, abs=1e-5)
+    assert a[0]["nll"] == pytest.approx(sum(nlls) / 8, abs=1e-5)
+
+
+# ------------------------------------------------------------------ the CLI, every loss type, sweeps
+
+def test_every_loss_type_trains_from_the_cli(tmp_path, tiny_model, small_caches, run_cli):
+    args = ["--model", tiny_model, "--lr", "1e-3", "--batch_size", "8", "--max_steps", "8", "--warmup_ratio", "0",
+            "--lr_scheduler", "constant", "--no_progress", "--dtype", "float32", "--device", "cpu"]
+    res = run_cli("train", "--cache", small_caches["paired"], "--out", tmp_path / "p", *args,
+                  *sum((["--loss_type", lt] for lt in ("dpo", "ipo", "hinge", "orpo", "sft")), []))
+    assert res.exit_code == 0, res.output
+    res_k = run_cli("train", "--cache", small_caches["kto"], "--out", tmp_path / "k", *args,
+                    "--batch_size", "16", "--loss_type", "kto")
+    assert res_k.exit_code == 0, res_k.output
+    expect = {"dpo": {"acc", "r_chosen", "r_rejected", "margin"}, "ipo": {"acc", "margin"},
+              "hinge": {"acc", "margin"}, "orpo": {"nll", "log_odds", "acc", "margin"}, "sft": {"nll"},
+              "kto": {"kl", "acc", "r_chosen", "r_rejected", "margin"}}
+    sft_weights = _weights(tiny_model)
+    for lt, keys in expect.items():
+        run = tmp_path / ("k" if lt == "kto" else "p") / f"{lt}-beta0.1"
+        log = metrics(run)
+        assert len(log) == 8
+        assert keys | {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(log[0])
+        # the same batch every step (it holds the whole set): the objective must go down
+        assert log[-1]["loss"] < log[0]["loss"] - 1e-3, (lt, [r["loss"] for r in log])
+        w = _weights(run / "final")
+        assert max(float((w[k] - sft_weights[k]).abs().max()) for k in w) > 1e-4
+        assert (run / "final" / "tokenizer.json").exists() and (run / "final" / "train_config.json").exists()
+    assert "orpo-beta0.1" in res.output and "sft-beta0.1" in res.output  # the summary table
+
+
+def _weights(d):
+    from safetensors.torch import load_file
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_beta_sweep_writes_three_runs_from_one_cache_read(tmp_path, tiny_model, pair_cache, run_cli, monkeypatch):
+    import prefpipe.data.cache as cache_mod
+    calls = []
+    real = cache_mod.read_cache
+    monkeypatch.setattr(cache_mod, "read_cache", lambda *a, **k: calls.append(a) or real(*a, **k))
+    res = run_cli("train", "--model", tiny_model, "--cache", pair_cache, "--out", tmp_path, "--beta", "0.1",
+                  "--beta", "0.3", "--beta", "1", "--lr", "1e-3", "--batch_size", "4", "--max_steps", "3",
+                  "--eval_fraction", "0.25", "--no_progress", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    names = [r["name"] for r in summary["runs"]]
+    assert names == ["dpo-beta0.1", "dpo-beta0.3", "dpo-beta1"]
+    for r in summary["runs"]:
+        log = metrics(tmp_path / r["dir"])
+        assert r["final"]["loss"] == log[-1]["loss"] and r["final"]["step"] == 3
+        assert r["eval"]["step"] == 3 and r["eval"]["examples"] == 6  # round(0.25 * 24) held out
+        assert (tmp_path / r["model_dir"] / "model.safetensors").exists()
+        # float32 sums of ~50 nats differ by ~1e-5 between batchings; at beta = 1 that moves ln 2 by ~5e-6
+        assert log[0]["examples"] == 4 and log[0]["loss"] == pytest.approx(LN2, abs=1e-5)
+        assert res.output.count(r["name"]) >= 1
+    assert summary["validation"]["tokenizer"] == "match" and summary["validation"]["model"] == "match"
+    assert summary["validation"]["drift"]["mean_abs_per_token"] < 1e-5
+    # a larger beta scales the implicit rewards: the step-2 margins differ between runs
+    m2 = [metrics(tmp_path / r["dir"])[1]["margin"] for r in summary["runs"]]
+    assert len({round(m, 6) for m in m2}) == 3
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model, pair_cache):
+    from test_train_fixtures import assert_trajectories_close, trajectory
+    train(tmp_path / "a", tiny_model, cache=pair_cache, batch_size=4, grad_accum=1, max_steps=4)
+    train(tmp_path / "b", tiny_model, cache=pair_cache, batch_size=1, grad_accum=4, max_steps=4)
+    assert_trajectories_close(trajectory(tmp_path / "a" / "dpo-beta0.1"),
+                              trajectory(tmp_path / "b" / "dpo-beta0.1"), atol=1e-5)
+
+
+# ------------------------------------------------------------------ validation errors
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory, tiny_model):
+    """Same tokenizer, other weights; and another tokenizer altogether."""
+    from transformers import AutoTokenizer
+
+    from prefpipe.tiny import build_model, build_tokenizer
+    root = tmp_path_factory.mktemp("other-models")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    build_model(root / "reweighted", tok, seed=1)
+    tok2 = build_tokenizer(root / "retokenized", corpus=["entirely different words", "zebra quartz jungle"] * 5,
+                           vocab_size=300)
+    build_model(root / "retokenized", tok2)
+    return root
+
+
+def test_tokenizer_mismatch_names_what_differs(tmp_path, tmp_path_factory, tiny_model, other_models, run_cli):
+    foreign = cache(tmp_path_factory, other_models / "retokenized", pairs_data(tmp_path_factory, 8), "retok8")
+    res = run_cli("train", "--model", tiny_model, "--cache", foreign, "--out", tmp_path, "--no_progress")
+    assert res.exit_code == 2
+    assert "different tokenizer" in res.stderr and "vocab" in res.stderr and "Traceback" not in res.output
+
+
+def test_model_mismatch_is_an_error_unless_allowed_and_drift_is_logged(tmp_path, tmp_path_factory, tiny_model,
+                                                                       other_models, run_cli):
+    foreign = cache(tmp_path_factory, other_models / "reweighted", pairs_data(tmp_path_factory, 8), "rew8")
+    base = ["train", "--model", tiny_model, "--cache", foreign, "--max_steps", "1", "--batch_size", "4",
+            "--no_progress", "--device", "cpu"]
+    res = run_cli(*base, "--out", tmp_path / "a")
+    assert res.exit_code == 2 and "another model" in res.stderr and "--allow_reference_mismatch" in res.stderr
+    assert not (tmp_path / "a" / "dpo-beta0.1").exists()
+    res = run_cli(*base, "--out", tmp_path / "b", "--allow_reference_mismatch")
+    assert res.exit_code == 0, res.output
+    drift = json.loads((tmp_path / "b" / "summary.json").read_text())["validation"]["drift"]
+    assert drift["mean_abs_per_token"] > 0.1  # a different random model: whole nats per token
+    assert "step-0 drift" in res.stderr and "warning" in res.stderr
+
+
+def test_drift_above_threshold_stops_before_step_one(tmp_path, tiny_model, small_caches, run_cli):
+    """Same model fingerprint, but reference sums that are off by 0.3 nats per token (as a wrong template or
+    engine would make them): the drift check stops the run."""
+    from prefpipe.data.cache import read_cache, read_manifest, write_manifest, write_part
+    src = read_cache(small_caches["paired"])
+    cols = src.table.to_pydict()
+    cols["ref_chosen"] = [v - 0.3 * n for v, n in zip(cols["ref_chosen"], cols["chosen_len"])]
+    bad = tmp_path / "bad-cache"
+    bad.mkdir()
+    write_part(bad / "part-00000.parquet", cols, "paired", src.metadata)
+    write_manifest(bad, read_manifest(small_caches["paired"])["metadata"], [{"file": "part-00000.parquet",
+                                                                             "rows": len(cols["row_id"])}])
+    base = ["train", "--model", tiny_model, "--cache", bad, "--max_steps", "1", "--batch_size", "4",
+            "--no_progress", "--device", "cpu"]
+    res = run_cli(*base, "--out", tmp_path / "a")
+    assert res.exit_code == 2 and "nats per token" in res.stderr and "--max_drift" in res.stderr
+    assert not (tmp_path / "a" / "dpo-beta0.1" / "metrics.jsonl").exists()
+    res = run_cli(*base, "--out", tmp_path / "b", "--max_drift", "0.5")  # 0.3 * chosen tokens / all tokens < 0.5
+    assert res.exit_code == 0, res.output
+
+
+def test_wrong_cache_kinds_and_missing_references_are_clear_errors(tmp_path, tmp_path_factory, tiny_model,
+                                                                   small_caches, run_cli):
+    common = ["--model", tiny_model, "--no_progress", "--device", "cpu"]
+    res = run_cli("train", *common, "--cache", small_caches["paired"], "--loss_type", "kto", "--out", tmp_path / "a")
+    assert res.exit_code == 2 and "--kto" in res.stderr
+    res = run_cli("train", *common, "--cache", small_caches["kto"], "--loss_type", "dpo", "--out", tmp_path / "b")
+    assert res.exit_code == 2 and "paired cache" in res.stderr
+    noref = cache(tmp_path_factory, tiny_model, pairs_data(tmp_path_factory, 8), "pairs8-noref", no_reference=True)
+    res = run_cli("train", *common, "--cache", noref, "--out", tmp_path / "c")
+    assert res.exit_code == 2 and "no reference log-probs" in res.stderr
+    res = run_cli("train", *common, "--data", pairs_data(tmp_path_factory, 8), "--out", tmp_path / "d")
+    assert res.exit_code == 2 and "no reference" in res.stderr or "--reference live" in res.stderr
+    res = run_cli("train", *common, "--cache", small_caches["paired"], "--loss_type", "kto", "--loss_type", "dpo",
+                  "--out", tmp_path / "e")
+    assert res.exit_code == 2 and "its own" in res.stderr
+
+
+def test_an_existing_run_needs_resume(tmp_path, tiny_model, small_caches, run_cli):
+    args = ["train", "--model", tiny_model, "--cache", small_caches["paired"], "--out", tmp_path, "--max_steps", "1",
+            "--batch_size", "4", "--no_progress", "--device", "cpu"]
+    assert run_cli(*args).exit_code == 0
+    res = run_cli(*args)
+    assert res.exit_code == 2 and "--resume" in res.stderr
+    res = run_cli(*args, "--resume")  # finished: skipped, summary rewritten
+    assert res.exit_code == 0 and "already finished" in res.stderr
+    shutil.rmtree(tmp_path)
