@@ -1,0 +1,192 @@
+"""`prefpipe precompute --verify K`: rescore K random cached rows with a plain float32 transformers forward.
+
+Run it before trusting a cache, above all a bf16 cache from vLLM. Decisions a user may want to know:
+
+- **What is compared.** The cache stores one summed log-prob per response, so verify compares sums. For each of
+  the K rows, both responses are rescored (chosen and rejected; for KTO the completion and the pinned mismatched
+  partner), so 2K sequences. The reference is `sequence_logprobs` in float32, its per-token values summed in
+  float64, from the cached ids (nothing is re-tokenized).
+- **Per sum** is `|cached sum - rescored sum|`. **Per token** is that difference divided by the sequence's
+  response tokens, the mean drift per token. Errors of opposite sign cancel inside a sum, so a single token can
+  be off by more; verify does not rescore with the cache's engine to measure that, because what training consumes
+  is the sum.
+- **Tolerances** depend on the dtype the cache was scored in (its metadata). Every rescored sequence must meet
+  both limits:
+
+      cache dtype          per token   per sum
+      float32              1e-3        0.05
+      bfloat16, float16    0.05        2.0
+
+  Float32 engines agree to about 1e-6 per token and 1e-4 per sum on our tests; the float32 limits leave room for
+  GPU kernels and long sequences while a different checkpoint misses them by orders of magnitude. bf16 scoring is
+  expected to drift (REFERENCE section 6), so its limits only catch gross errors; the measured drift is printed.
+- **Identity.** The model's weights fingerprint and the tokenizer's fingerprint must match the ones the cache
+  recorded; a mismatch fails verify even when the numbers happen to agree.
+- **Failure** is a one-line error (exit status 2) naming the worst sequence; the cache itself is left in place.
+- Rows are drawn with `random.Random(seed)`; K larger than the cache checks every row.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+
+from prefpipe.errors import UserError
+
+VERIFY_BATCH_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    per_token: float
+    per_sum: float
+
+
+TOLERANCES = {
+    "float32": Tolerance(per_token=1e-3, per_sum=0.05),
+    "bfloat16": Tolerance(per_token=0.05, per_sum=2.0),
+    "float16": Tolerance(per_token=0.05, per_sum=2.0),
+}
+
+# (label, response ids column, cached sum column, cached length column or None)
+RESPONSES = {
+    "paired": (("chosen", "chosen_ids", "ref_chosen", "chosen_len"),
+               ("rejected", "rejected_ids", "ref_rejected", "rejected_len")),
+    "unpaired": (("completion", "completion_ids", "ref_logp", "completion_len"),
+                 ("kl", "kl_completion_ids", "ref_kl", None)),
+}
+
+
+class VerifyFailed(UserError):
+    """Verify ran and the cache missed a tolerance or an identity check; `report` holds every number."""
+
+    def __init__(self, message: str, report: dict, file: str):
+        self.report = report
+        super().__init__(message, file=file)
+
+
+def _sequences(table, kind: str, rows: list[int]) -> list[dict]:
+    sub = table.take(rows).to_pydict()
+    seqs = []
+    for i in range(len(rows)):
+        for label, ids_col, sum_col, len_col in RESPONSES[kind]:
+            seqs.append({"row_id": sub["row_id"][i], "response": label, "prompt": sub["prompt_ids"][i],
+                         "ids": sub[ids_col][i], "cached": sub[sum_col][i],
+                         "cached_len": sub[len_col][i] if len_col else None})
+    return seqs
+
+
+def _rescore(model, seqs: list[dict], device) -> list[tuple[float, int]]:
+    """Float64 sums of float32 per-token log-probs, in `seqs` order."""
+    import torch
+
+    from prefpipe.logprobs import pad_batch, sequence_logprobs
+    from prefpipe.precompute.hf_backend import LOGIT_BUDGET, length_batches
+
+    full = [s["prompt"] + s["ids"] for s in seqs]
+    chunk = max(16, LOGIT_BUDGET // model.get_output_embeddings().weight.shape[0])
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    with torch.inference_mode():
+        for batch in length_batches([len(f) for f in full], VERIFY_BATCH_TOKENS):
+            ids, mask = pad_batch([full[i] for i in batch], pad_id=0, device=device)
+            plens = torch.tensor([len(seqs[i]["prompt"]) for i in batch], dtype=torch.long, device=device)
+            _, counts, toks = sequence_logprobs(model, ids, mask, plens, chunk_tokens=chunk,
+                                                return_token_logprobs=True)
+            for i, n, t in zip(batch, counts.tolist(), toks):
+                out[i] = (math.fsum(t.double().tolist()), n)
+    return out
+
+
+def _identity(cache_meta: dict, model: str) -> dict:
+    from prefpipe.data.fingerprint import (model_fingerprint, resolve_model_dir, tokenizer_diff,
+                                           tokenizer_fingerprint)
+    from prefpipe.modeling import load_tokenizer
+
+    model_dir = str(resolve_model_dir(model))
+    tok_diff = tokenizer_diff(cache_meta.get("tokenizer", {}), tokenizer_fingerprint(load_tokenizer(model_dir)))
+    return {"model_matches": model_fingerprint(model_dir) == cache_meta.get("model", {}).get("fingerprint"),
+            "tokenizer_matches": not tok_diff, "tokenizer_differs_in": tok_diff}
+
+
+def verify_cache(cache_dir: str, model: str, k: int, *, seed: int = 0, device: str = "auto") -> dict:
+    """Rescore `k` random rows of the cache at `cache_dir` with `model` in float32; raise `VerifyFailed` (a
+    `UserError`) when a tolerance or an identity check fails, else return the report."""
+    import torch
+
+    import transformers
+
+    from prefpipe.data.cache import read_cache
+    from prefpipe.modeling import load_model, quiet_transformers, resolve_device
+
+    if k < 1:
+        raise UserError(f"--verify needs a positive number of rows (got {k})")
+    quiet_transformers()
+    cache = read_cache(cache_dir)
+    if not cache.has_reference:
+        raise UserError("the cache has no reference log-probs to verify (it was written with --no_reference)",
+                        file=str(cache_dir))
+    backend = cache.metadata.get("backend", {})
+    dtype = backend.get("dtype", "float32")
+    if dtype not in TOLERANCES:
+        raise UserError(f"the cache records dtype {dtype!r}, which verify has no tolerance for",
+                        file=str(cache_dir))
+    tol = TOLERANCES[dtype]
+    n_rows = cache.table.num_rows
+    rows = sorted(random.Random(seed).sample(range(n_rows), min(k, n_rows)))
+    seqs = _sequences(cache.table, cache.kind, rows)
+
+    identity = _identity(cache.metadata, model)
+    dev = resolve_device(device)
+    lm = load_model(model, torch.float32, dev).eval()
+    try:
+        rescored = _rescore(lm, seqs, dev)
+    finally:
+        del lm
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    per_sum, per_token, failing, worst = [], [], 0, None
+    for s, (value, count) in zip(seqs, rescored):
+        if count != len(s["ids"]) or (s["cached_len"] is not None and s["cached_len"] != count):
+            raise UserError(f"row {s['row_id']} ({s['response']}): the cache records {s['cached_len']} response "
+                            f"tokens, {len(s['ids'])} ids, and {count} were scored; the cache is inconsistent",
+                            file=str(cache_dir))
+        d = abs(s["cached"] - value)
+        per_sum.append(d)
+        per_token.append(d / count)
+        bad = d > tol.per_sum or d / count > tol.per_token
+        failing += bad
+        if worst is None or d / count > worst["per_token"]:
+            worst = {"row_id": s["row_id"], "response": s["response"], "cached": s["cached"], "rescored": value,
+                     "tokens": count, "per_token": d / count, "per_sum": d}
+
+    report = {
+        "passed": failing == 0 and identity["model_matches"] and identity["tokenizer_matches"],
+        "rows": len(rows), "sequences": len(seqs), "seed": seed,
+        "cache": {"backend": backend.get("name"), "version": backend.get("version"), "dtype": dtype},
+        "reference": {"engine": "transformers", "version": transformers.__version__, "dtype": "float32",
+                      "device": dev.type},
+        "per_token": {"max": max(per_token), "mean": sum(per_token) / len(per_token)},
+        "per_sum": {"max": max(per_sum), "mean": sum(per_sum) / len(per_sum)},
+        "tolerance": asdict(tol), "failing": failing, "worst": worst, **identity,
+    }
+    if not report["passed"]:
+        raise VerifyFailed(_failure_line(report), report, str(cache_dir))
+    return report
+
+
+def _failure_line(r: dict) -> str:
+    reasons = []
+    if r["failing"]:
+        w, t = r["worst"], r["tolerance"]
+        reasons.append(
+            f"{r['failing']} of {r['sequences']} rescored sequences drift beyond the {r['cache']['dtype']} "
+            f"tolerance (per token max {r['per_token']['max']:.3g}, limit {t['per_token']:g}; per sum max "
+            f"{r['per_sum']['max']:.3g}, limit {t['per_sum']:g}); worst: row {w['row_id']} {w['response']}, "
+            f"cached {w['cached']:.6g}, float32 forward {w['rescored']:.6g} over {w['tokens']} tokens")
+    if not r["model_matches"]:
+        reasons.append("the model's weights differ from the ones that made the cache")
+    if not r["tokenizer_matches"]:
+        reasons.append(f"the tokenizer differs from the cache's ({', '.join(r['tokenizer_differs_in'])})")
+    return "verify failed: " + "; ".join(reasons)
