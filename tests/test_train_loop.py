@@ -56,10 +56,15 @@ def test_step0_identities_for_every_reference_loss(tmp_path, tiny_model, pair_ca
     assert first["hinge"]["loss"] == pytest.approx(1.0, abs=1e-6)
     assert first["ipo"]["loss"] == pytest.approx((1 / (2 * 0.25)) ** 2, abs=1e-4)
     for rec in first.values():
-        assert rec["acc"] == 0.0 and abs(rec["margin"]) < 1e-5
+        # the cached reference was scored in other batches: margins are float32 noise, so acc is not checked here
+        assert abs(rec["margin"]) < 1e-5
     train(tmp_path / "k", tiny_model, cache=small_caches["kto"], loss_types=("kto",), max_steps=1)
     k = metrics(tmp_path / "k" / "kto-beta0.1")[0]
-    assert k["loss"] == pytest.approx(0.5, abs=1e-6) and k["kl"] == 0.0 and k["acc"] == 0.0
+    assert k["loss"] == pytest.approx(0.5, abs=1e-6) and k["kl"] == 0.0
+    # a live reference scores the very same batch with identical weights: the identities hold exactly
+    train(tmp_path / "l", tiny_model, cache=pair_cache, reference="live", max_steps=1)
+    d = metrics(tmp_path / "l" / "dpo-beta0.1")[0]
+    assert d["loss"] == pytest.approx(LN2, abs=1e-7) and d["acc"] == 0.0 and d["margin"] == 0.0
 
 
 def test_logged_numbers_match_float64_recomputation_dpo(tmp_path, tiny_model, small_caches):

@@ -276,7 +276,8 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
             z0 = None
             if loss.loss_type == "kto":
                 kl = [kl_terms(b, policy.scorer, ref_scorer, ctx.autocast()) for b in batches]
-                s, c = procs.sum([float(sum(float(k.double().sum()) for k in kl)), float(n_global)], device)
+                s, c = procs.sum([sum(float(k.double().sum()) for k in kl), float(sum(k.numel() for k in kl))],
+                                 device)
                 z0 = torch.tensor(max(0.0, s / c), dtype=torch.float32, device=device)
 
             sums = MetricSums()
@@ -303,7 +304,7 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
             last = {"split": "train", "step": step, "epoch": round(step / order.steps_per_epoch, 4), **m,
                     "grad_norm": grad_norm, "lr": lr, "tokens_per_s": m["tokens"] / dt, "step_time_s": dt}
             if z0 is not None:
-                last["kl"] = float(procs.sum([float(z0)], device)[0] / procs.world)
+                last["kl"] = float(z0)  # the same on every process: it comes from global sums
             _write(metrics_file, last)
             bar.update(1)
             bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "acc", "margin", "kl", "nll")
