@@ -1,0 +1,129 @@
+"""Demo setup: a character-level tokenizer, a 0.5M-parameter Llama, and a small SFT loop.
+
+This is the demo's starting point, not a prefpipe feature: prefpipe itself expects an SFT checkpoint from the user.
+The loop is plain on purpose (AdamW, linear warmup then cosine decay, loss on answer tokens only) and scores with
+the same `sequence_logprobs` the two phases use, so the answers it learns are tokenized exactly as precompute will
+tokenize them (prompt ids with BOS, answer ids with EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def build_char_tokenizer(out_dir: str | Path, texts: list[str]):
+    """One token per character of `texts` (plus PAD/BOS/EOS/UNK); a plain call prepends BOS, like Llama's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("".join(texts)))
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                     unk_token="<unk>")
+    hf_tok.save_pretrained(str(out_dir))
+    return hf_tok
+
+
+def build_demo_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, head_dim: int = 32,
+                     intermediate_size: int = 512, seed: int = 0):
+    """A randomly initialised Llama with the library's default init (about 0.5M parameters at the defaults)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=hidden_size // head_dim,
+        num_key_value_heads=hidden_size // head_dim, head_dim=head_dim, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, attention_dropout=0.0)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def _lr_at(step: int, s: SFTSettings) -> float:
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return s.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def encode_examples(tokenizer, prompts: list[str], answers: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) by the cache's rules: tokenized separately, BOS once on the prompt, EOS appended."""
+    from prefpipe.data.tokenize import PairTokenizer
+
+    pt = PairTokenizer(tokenizer)
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    return [(pt.prefix + list(p), list(a) + [tokenizer.eos_token_id]) for p, a in zip(p_ids, a_ids)]
+
+
+def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings: SFTSettings,
+              log=print) -> dict:
+    """Train `model` in place on (prompt, answer) texts; returns a small summary."""
+    from prefpipe.logprobs import pad_batch, sequence_logprobs
+
+    torch.set_flush_denormal(True)  # tiny models slow down 5-7x on denormals mid-run (REFERENCE section 9)
+    examples = encode_examples(tokenizer, prompts, answers)
+    rng = random.Random(settings.seed)
+    torch.manual_seed(settings.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                            betas=(0.9, 0.98))
+    model.train()
+    order: list[int] = []
+    start = time.perf_counter()
+    losses = []
+    for step in range(settings.steps):
+        if len(order) < settings.batch_size:
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch = [examples[i] for i in order[:settings.batch_size]]
+        del order[:settings.batch_size]
+        ids, mask = pad_batch([p + a for p, a in batch], tokenizer.pad_token_id)
+        prompt_lens = torch.tensor([len(p) for p, _ in batch])
+        sums, counts = sequence_logprobs(model, ids, mask, prompt_lens)
+        loss = -sums.sum() / counts.sum()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, settings)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == settings.steps:
+            recent = sum(losses[-100:]) / len(losses[-100:])
+            log(f"sft step {step + 1}/{settings.steps}  loss {recent:.4f}  {time.perf_counter() - start:.0f}s")
+    model.eval()
+    return {"steps": settings.steps, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "seconds": round(time.perf_counter() - start, 1), "settings": asdict(settings)}
+
+
+def save_sft(model, tokenizer, out_dir: str | Path, summary: dict):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,225 @@
+"""`prefpipe eval`: held-out implicit-reward accuracy on a cache, and downstream accuracy by greedy generation.
+
+Decisions a user needs to know:
+
+- **RUN** is a run directory written by `prefpipe train` (its trained model is `RUN/final` and its beta is read
+  from `RUN/result.json`) or any model directory. Results go to `eval_pref.json` and `eval_gen.json` /
+  `eval_gen.jsonl` in RUN (or in `--out`), where `prefpipe report` finds them.
+- **Implicit reward.** For each held-out pair, `Δ = (π_c − ρ_c) − (π_r − ρ_r)` from summed log-probs, with the
+  reference `ρ` read from the cache. `acc` is the fraction with `βΔ > 0` (strictly: a tie is not a win, so the
+  SFT model itself scores 0), `margin` the mean of `βΔ`. The cache must come from the same tokenizer as the
+  model, or the ids would mean other tokens; that is checked.
+- **Downstream accuracy.** Greedy decoding, `--max_new_tokens` per question, exact match of the final number
+  (prefpipe.pipeline.answers documents the extraction and its fallback). Every question, generation, extracted
+  number and verdict is written, one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from prefpipe.errors import UserError
+from prefpipe.pipeline.answers import extract_answer, gold_answer
+
+PREF_FILE = "eval_pref.json"
+GEN_FILE = "eval_gen.json"
+GEN_ROWS_FILE = "eval_gen.jsonl"
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class Run:
+    path: Path  # where results are written by default
+    model_dir: Path
+    name: str
+    beta: float | None
+    loss_type: str | None
+
+
+def resolve_run(run: str | Path) -> Run:
+    """A training run directory (with result.json and final/) or a plain model directory."""
+    p = Path(run)
+    if not p.is_dir():
+        raise UserError("no such run or model directory", file=str(p))
+    result = p / "result.json"
+    if result.exists():
+        try:
+            r = json.loads(result.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"result.json is not valid JSON ({e})", file=str(result))
+        model_dir = p / "final"
+        if not (model_dir / "config.json").exists():
+            raise UserError("this run has no final model (RUN/final); did training finish?", file=str(p))
+        return Run(p, model_dir, r.get("name", p.name), r.get("beta"), r.get("loss_type"))
+    if not (p / "config.json").exists():
+        raise UserError("neither a training run (result.json) nor a model directory (config.json)", file=str(p))
+    return Run(p, p, p.name, None, None)
+
+
+def _load(model_dir: Path, device: str, dtype: str):
+    from prefpipe.modeling import load_model, load_tokenizer, quiet_transformers, resolve_device, resolve_dtype
+
+    quiet_transformers()
+    dev = resolve_device(device)
+    model = load_model(str(model_dir), resolve_dtype(dtype, dev), dev).eval()
+    return model, load_tokenizer(str(model_dir)), dev
+
+
+# ---------------------------------------------------------------- implicit reward on a cache
+
+@torch.inference_mode()
+def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batch_size: int = 32,
+                    device: str = "auto", dtype: str = "auto") -> dict:
+    """Implicit-reward accuracy and margin of `run` on a paired cache with reference log-probs."""
+    from prefpipe.data.cache import read_cache
+    from prefpipe.data.fingerprint import tokenizer_diff, tokenizer_fingerprint
+    from prefpipe.logprobs import pad_batch, sequence_logprobs
+
+    beta = beta if beta is not None else run.beta
+    if beta is None:
+        raise UserError("no beta: RUN is a plain model directory, so pass --beta", file=str(run.path))
+    cache = read_cache(cache_dir)
+    if cache.kind != "paired":
+        raise UserError("implicit-reward accuracy needs a paired cache (this one holds KTO examples)",
+                        file=cache_dir)
+    if not cache.has_reference:
+        raise UserError("this cache has no reference log-probs (precompute --no_reference); rerun precompute "
+                        "with the reference model", file=cache_dir)
+    model, tok, dev = _load(run.model_dir, device, dtype)
+    diff = tokenizer_diff(cache.metadata.get("tokenizer", {}), tokenizer_fingerprint(tok))
+    if diff:
+        raise UserError(f"the cache was tokenized with another tokenizer ({', '.join(diff)} differ) than "
+                        f"{run.model_dir}", file=cache_dir)
+    t = cache.table
+    prompts = t.column("prompt_ids").to_pylist()
+    chosen = t.column("chosen_ids").to_pylist()
+    rejected = t.column("rejected_ids").to_pylist()
+    ref_c = torch.tensor(t.column("ref_chosen").to_pylist(), dtype=torch.float64)
+    ref_r = torch.tensor(t.column("ref_rejected").to_pylist(), dtype=torch.float64)
+    pol_c, pol_r = torch.empty_like(ref_c), torch.empty_like(ref_r)
+    pad = tok.pad_token_id
+    start = time.perf_counter()
+    for lo in range(0, len(prompts), batch_size):
+        hi = min(lo + batch_size, len(prompts))
+        seqs = [prompts[i] + chosen[i] for i in range(lo, hi)] + [prompts[i] + rejected[i] for i in range(lo, hi)]
+        ids, mask = pad_batch(seqs, pad, dev)
+        plens = torch.tensor([len(prompts[i]) for i in range(lo, hi)] * 2, device=dev)
+        sums, _ = sequence_logprobs(model, ids, mask, plens)
+        sums = sums.double().cpu()
+        pol_c[lo:hi], pol_r[lo:hi] = sums[:hi - lo], sums[hi - lo:]
+    delta = (pol_c - ref_c) - (pol_r - ref_r)
+    return {"run": run.name, "model": str(run.model_dir), "cache": str(cache_dir), "beta": beta,
+            "rows": len(prompts), "acc": float((beta * delta > 0).double().mean()),
+            "margin": float((beta * delta).mean()), "r_chosen": float((beta * (pol_c - ref_c)).mean()),
+            "r_rejected": float((beta * (pol_r - ref_r)).mean()), "wall_s": round(time.perf_counter() - start, 2)}
+
+
+# ---------------------------------------------------------------- downstream generation
+
+@dataclass(frozen=True)
+class GenSettings:
+    """Maps one-to-one to `prefpipe eval --gen` options."""
+    prompt_template: str = "Question: {question}\nAnswer: "
+    chat: bool = False
+    max_new_tokens: int = 256
+    batch_size: int = 64
+    engine: str = "auto"
+    limit: int | None = None
+    question_col: str = "question"
+    answer_col: str = "answer"
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def read_questions(path: str | Path, s: GenSettings) -> list[dict]:
+    """GSM8K-style JSONL rows as {row, question, answer, gold}; a bad row is an error naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("no such file", file=str(p))
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"not valid JSON ({e.msg})", file=str(p), row=n)
+            if not isinstance(obj, dict):
+                raise UserError("expected a JSON object", file=str(p), row=n)
+            for col in (s.question_col, s.answer_col):
+                if not isinstance(obj.get(col), str) or not obj[col].strip():
+                    raise UserError("missing or empty text", file=str(p), row=n, column=col)
+            gold = gold_answer(obj[s.answer_col])
+            if gold is None:
+                raise UserError("no final number after '#### ' (GSM8K format)", file=str(p), row=n,
+                                column=s.answer_col)
+            rows.append({"row": n, "question": obj[s.question_col], "answer": obj[s.answer_col], "gold": gold})
+            if s.limit is not None and len(rows) >= s.limit:
+                break
+    if not rows:
+        raise UserError("file has no rows", file=str(p))
+    return rows
+
+
+def render_prompts(tokenizer, questions: list[str], s: GenSettings) -> list[str]:
+    if s.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("--chat needs a tokenizer with a chat template; this one has none")
+        return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                              add_generation_prompt=True) for q in questions]
+    if "{question}" not in s.prompt_template:
+        raise UserError(f"--prompt_template must contain {{question}} (got {s.prompt_template!r})")
+    return [s.prompt_template.replace("{question}", q) for q in questions]
+
+
+def score_generations(rows: list[dict], generations: list[str]) -> tuple[dict, list[dict]]:
+    """Verdicts per row and the summary counts."""
+    records, correct, rules = [], 0, {"marker": 0, "last_number": 0, "none": 0}
+    for r, g in zip(rows, generations):
+        pred, rule = extract_answer(g)
+        ok = pred is not None and pred == r["gold"]
+        correct += ok
+        rules[rule] += 1
+        records.append({"row": r["row"], "question": r["question"], "gold": r["gold"], "generation": g,
+                        "prediction": pred, "rule": rule, "correct": ok})
+    n = len(rows)
+    return {"n": n, "correct": correct, "accuracy": correct / n, "extraction": rules}, records
+
+
+def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path | None = None,
+                    log=None) -> dict:
+    """Greedy exact-match accuracy of `run` on `gen_file`; writes eval_gen.json and eval_gen.jsonl."""
+    from prefpipe.pipeline.generate import encode_prompts, hf_generate, pick_engine, vllm_generate
+
+    rows = read_questions(gen_file, s)
+    engine = pick_engine(s.engine)
+    start = time.perf_counter()
+    from prefpipe.modeling import load_tokenizer, quiet_transformers
+    quiet_transformers()
+    tok = load_tokenizer(str(run.model_dir))
+    prompt_ids = encode_prompts(tok, render_prompts(tok, [r["question"] for r in rows], s))
+    if engine == "vllm":
+        gens = vllm_generate(str(run.model_dir), prompt_ids, max_new_tokens=s.max_new_tokens, dtype=s.dtype)
+    else:
+        model, tok, _ = _load(run.model_dir, s.device, s.dtype)
+        gens = hf_generate(model, tok, prompt_ids, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
+    summary, records = score_generations(rows, [g[0] for g in gens])
+    summary = {"run": run.name, "model": str(run.model_dir), "data": str(gen_file), "engine": engine,
+               **summary, "settings": asdict(s), "wall_s": round(time.perf_counter() - start, 2)}
+    out = Path(out_dir) if out_dir is not None else run.path
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / GEN_ROWS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(out / GEN_FILE, json.dumps(summary, indent=2))
+    return summary

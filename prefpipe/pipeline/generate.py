@@ -1,0 +1,101 @@
+"""Batched generation for evaluation (greedy) and for the demo's on-policy samples.
+
+Prompts are tokenized by the cache's rule (text without special tokens, then the tokenizer's BOS prefix once; see
+prefpipe.data.tokenize), so the model generates from exactly the ids it was trained and scored on. Batches are
+left-padded, which `generate` handles with the attention mask; rows are sorted by length first so that a batch
+carries little padding, and results come back in input order.
+
+Engines: ``hf`` is transformers' `generate`. ``vllm`` is used when vLLM is importable and a CUDA device is present
+(``--engine auto``), or when asked for; on CPU it is no faster than batched transformers (REFERENCE section 8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefpipe.errors import UserError
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    from prefpipe.data.tokenize import PairTokenizer
+
+    prefix = PairTokenizer(tokenizer).prefix
+    out = []
+    for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]:
+        ids = list(ids)
+        out.append(ids if ids[:len(prefix)] == prefix else prefix + ids)
+    return out
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, batch_size: int = 64,
+                num_samples: int = 1, temperature: float = 0.0, seed: int = 0, progress=None) -> list[list[str]]:
+    """Generations for each prompt: `num_samples` of them, greedy when `temperature` is 0.
+
+    Returns one list of `num_samples` strings per prompt, special tokens removed, in input order.
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    out: list[list[str] | None] = [None] * len(prompt_ids)
+    sampling = temperature > 0
+    if sampling:
+        torch.manual_seed(seed)
+    model.eval()
+    per_batch = max(1, batch_size // num_samples)
+    for start in range(0, len(order), per_batch):
+        idx = order[start:start + per_batch]
+        ids, mask = _left_pad([prompt_ids[i] for i in idx], pad, device)
+        kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sampling else \
+            dict(do_sample=False)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             num_return_sequences=num_samples, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id, **kwargs)
+        texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+        for k, i in enumerate(idx):
+            out[i] = texts[k * num_samples:(k + 1) * num_samples]
+        if progress is not None:
+            progress(len(idx))
+    return out  # type: ignore[return-value]
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install counts as absent
+        return False
+    return True
+
+
+def vllm_generate(model_path: str, prompt_ids: list[list[int]], *, max_new_tokens: int, dtype: str = "auto",
+                  gpu_memory_utilization: float = 0.85) -> list[list[str]]:
+    """Greedy generation with vLLM from the exact prompt ids (no re-tokenization)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+              enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
+    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+    return [[r.outputs[0].text] for r in results]
+
+
+def pick_engine(engine: str) -> str:
+    if engine == "auto":
+        return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
+    if engine == "vllm" and not vllm_available():
+        raise UserError("--engine vllm was asked for, but vLLM is not importable here "
+                        "(pip install 'prefpipe[vllm]' on CUDA machines)")
+    if engine not in ("hf", "vllm"):
+        raise UserError(f"unknown engine {engine!r}; choose auto, hf or vllm")
+    return engine
