@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from test_train_fixtures import one_thread  # noqa: F401  (autouse)
 from test_train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, train, trajectory
 
 ATOL = 1e-5

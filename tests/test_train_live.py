@@ -3,6 +3,7 @@ the two give the same loss and metric trajectories."""
 
 import pytest
 
+from test_train_fixtures import one_thread  # noqa: F401  (autouse)
 from test_train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, train, trajectory
 
 # Both paths score the same ids with the same sequence_logprobs; only the batch padding differs (precompute packs

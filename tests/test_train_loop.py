@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from test_train_fixtures import cache, metrics, pairs_data, train, unpaired_data
+from test_train_fixtures import one_thread  # noqa: F401  (autouse)
+from test_train_fixtures import cache, metrics, pairs_data, train
 
 LN2 = math.log(2.0)
 

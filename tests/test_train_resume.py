@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from test_train_fixtures import one_thread  # noqa: F401  (autouse)
 from test_train_fixtures import TIMING_KEYS, cache, metrics, pairs_data
 
 ARGS = ["--lr", "1e-3", "--batch_size", "4", "--max_steps", "12", "--save_every", "4", "--eval_fraction", "0.2",
@@ -51,7 +52,7 @@ def test_killed_run_resumes_to_the_same_trajectory_and_weights(tmp_path, tiny_mo
     out = tmp_path / "killed"
     run = out / "dpo-beta0.1"
     proc = subprocess.Popen([sys.executable, "-m", "prefpipe", *common, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     # Kill once the step-4 checkpoint is complete (it appears by rename) and the run has logged steps past it,
     # so the resumed run must also drop those lines.
     _wait_for(lambda: (run / "checkpoints" / "step-000004").exists() and (run / "metrics.jsonl").exists()

@@ -161,10 +161,7 @@ class Batch:
     kl_ids: torch.Tensor | None = None
     kl_mask: torch.Tensor | None = None
     kl_prompt_lens: torch.Tensor | None = None
-
-    @property
-    def tokens(self) -> int:
-        return int(self.mask.sum())
+    tokens: int = 0  # real tokens the policy forwards (KL sequences included), counted on the host
 
 
 def make_batch(data: TrainData, rows: list[int], loss_type: str, pad_id: int, device,
@@ -173,8 +170,11 @@ def make_batch(data: TrainData, rows: list[int], loss_type: str, pad_id: int, de
     prompts = t.column("prompt_ids").to_pylist()
     n = len(prompts)
 
+    tokens = [0]
+
     def tensors(responses):
         seqs = [p + r for p, r in zip(prompts * (len(responses) // n), responses)]
+        tokens[0] += sum(len(x) for x in seqs)
         ids, mask = pad_batch(seqs, pad_id, device)
         plens = torch.tensor([len(p) for p in prompts] * (len(responses) // n), dtype=torch.long, device=device)
         return ids, mask, plens
@@ -187,8 +187,8 @@ def make_batch(data: TrainData, rows: list[int], loss_type: str, pad_id: int, de
         responses = t.column("chosen_ids").to_pylist()
         if loss_type != "sft":
             responses = responses + t.column("rejected_ids").to_pylist()
-        return Batch(*tensors(responses), n=n, ref=ref)
+        return Batch(*tensors(responses), n=n, ref=ref, tokens=tokens[0])
     label = torch.tensor(t.column("label").to_pylist(), dtype=torch.bool, device=device)
     ids, mask, plens = tensors(t.column("completion_ids").to_pylist())
     kl_ids, kl_mask, kl_plens = tensors(t.column("kl_completion_ids").to_pylist())
-    return Batch(ids, mask, plens, n, ref, label, kl_ids, kl_mask, kl_plens)
+    return Batch(ids, mask, plens, n, ref, label, kl_ids, kl_mask, kl_plens, tokens[0])

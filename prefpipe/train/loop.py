@@ -286,7 +286,7 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
                     out = batch_loss(b, policy.train_module, ref_scorer, loss, ctx.autocast(), z0)
                     # per-example losses over the global batch; DDP/FSDP average gradients over processes
                     (out.losses.sum() * (procs.world / n_global)).backward()
-                sums.add(out, b.tokens + (b.kl_mask.sum().item() if b.kl_mask is not None else 0))
+                sums.add(out, b.tokens)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(list(policy.parameters()), max_norm)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)

@@ -55,29 +55,38 @@ def batch_loss(batch, policy_module, ref_scorer, loss, autocast, z0=None) -> L.L
 
 class MetricSums:
     """Per-example sums over a global batch, reduced over processes at the end: the logged means are exact
-    means over every example of the step, however it was split."""
+    means over every example of the step, however it was split. Sums stay on the device until `reduce`, so a GPU
+    step synchronises once."""
 
     def __init__(self):
-        self.loss_sum = 0.0
-        self.n = 0
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.parts: list[torch.Tensor] = []  # one [2 + 2 * len(names)] float64 vector per micro-batch
+        self.names: list[str] | None = None
         self.tokens = 0
 
     def add(self, out: L.LossOutput, tokens: int = 0):
-        self.loss_sum += float(out.losses.detach().double().sum())
-        self.n += int(out.losses.numel())
-        self.tokens += tokens
-        for k, v in out.metrics.items():
+        names = sorted(out.metrics)
+        if self.names is None:
+            self.names = names
+        losses = out.losses.detach().double()
+        vals = [losses.sum(), losses.new_tensor(float(losses.numel()))]
+        for k in names:
+            v = out.metrics[k].double()
             ok = ~torch.isnan(v)
-            self.sums[k] = self.sums.get(k, 0.0) + float(v[ok].double().sum())
-            self.counts[k] = self.counts.get(k, 0) + int(ok.sum())
+            vals += [torch.where(ok, v, torch.zeros_like(v)).sum(), ok.sum().double()]
+        self.parts.append(torch.stack(vals))
+        self.tokens += tokens
 
     def reduce(self, procs, device, names: list[str]) -> dict:
         """Means over all processes. `names` must be the same list on every process."""
-        vec = [self.loss_sum, float(self.n), float(self.tokens)]
+        local = {}
+        if self.parts:
+            total = torch.stack(self.parts).sum(0).tolist()
+            local = {"loss": (total[0], total[1])}
+            for i, k in enumerate(self.names):
+                local[k] = (total[2 + 2 * i], total[3 + 2 * i])
+        vec = [*local.get("loss", (0.0, 0.0)), float(self.tokens)]
         for k in names:
-            vec += [self.sums.get(k, 0.0), float(self.counts.get(k, 0))]
+            vec += list(local.get(k, (0.0, 0.0)))
         vec = procs.sum(vec, device)
         out = {"loss": vec[0] / vec[1] if vec[1] else None, "examples": int(vec[1]), "tokens": int(vec[2])}
         for i, k in enumerate(names):
