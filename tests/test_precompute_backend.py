@@ -18,7 +18,7 @@ from prefpipe.precompute.backend import BackendOptions
 from prefpipe.precompute.hf_backend import HFBackend, length_batches
 
 
-def tokenized_pairs(tokenizer, n=12, max_words=60):
+def tokenized_pairs(tokenizer, n=8, max_words=60):
     recs = [Record(f"r{i}", "mem", i + 1, r["prompt"], chosen=r["chosen"], rejected=r["rejected"],
                    content_hash=f"h{i}") for i, r in enumerate(make_pairs(n, seed=3, max_words=max_words))]
     cols = PairTokenizer(tokenizer, TokenizeSettings(512, 256)).tokenize(recs, TokenStats(), True)

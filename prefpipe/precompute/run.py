@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefpipe import __version__
-from prefpipe.data.cache import (MANIFEST, SCHEMA_VERSION, part_name, read_part_metadata, write_manifest,
-                                 write_part)
+from prefpipe.data.cache import (MANIFEST, SCHEMA_VERSION, part_name, read_manifest, read_part_metadata,
+                                 write_manifest, write_part)
 from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns, Dataset
 from prefpipe.data.tokenize import TokenizeSettings, TokenStats
 from prefpipe.errors import UserError
@@ -392,6 +392,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
         _agree(procs, failure)
         tokens_this_run = sum(procs.gather(run_counts["tokens_scored"]))
         parts_written = sum(procs.gather(len(written)))
+        reused = sum(procs.gather(reused))
     finally:
         if backend is not None:
             backend.close()
@@ -408,15 +409,18 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
         except Exception as e:  # noqa: BLE001
             failure = e
     _agree(procs, failure)  # nobody returns before the manifest exists
-    finalised = (out / MANIFEST).exists() if procs.sharded else True
+    finalised = (out / MANIFEST).exists() and (not procs.sharded or counts is not None or
+                                                 all(i in _scan_parts(out, identity) for i in range(n_parts)))
+    if finalised and counts is None:
+        counts = read_manifest(out)["metadata"]["counts"]
 
     wall = time.perf_counter() - t0
-    summary = {"cache": str(out), "leader": procs.leader, "finalised": finalised, "kind": kind, "has_reference": not cfg.no_reference,
-               "counts": counts, "parts": n_parts, "parts_written": parts_written, "parts_reused": reused,
-               "tokens_this_run": tokens_this_run, "wall_s": wall,
-               "tokens_per_s": tokens_this_run / wall if wall > 0 else 0.0,
-               "skip_examples": _first_skips(out, n_parts) if counts else {}}
-    if cfg.verify and counts and procs.leader:
+    summary = {"cache": str(out), "leader": procs.leader, "finalised": finalised, "kind": kind,
+               "has_reference": not cfg.no_reference, "counts": counts, "parts": n_parts,
+               "parts_written": parts_written, "parts_reused": reused, "tokens_this_run": tokens_this_run,
+               "wall_s": wall, "tokens_per_s": tokens_this_run / wall if wall > 0 else 0.0,
+               "skip_examples": _first_skips(out, n_parts) if finalised else {}}
+    if cfg.verify and finalised and procs.leader:
         from prefpipe.precompute.verify import verify_cache
         summary["verify"] = verify_cache(str(out), cfg.model, cfg.verify, device=cfg.device)
     return summary
