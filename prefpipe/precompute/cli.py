@@ -34,11 +34,13 @@ from prefpipe.precompute.backend import BackendOptions
 @click.option("--chunk_rows", type=int, default=BackendOptions.chunk_rows, show_default=True,
               help="vllm: requests per engine call (bounds prompt-logprob memory).")
 @click.option("--shard", default=None, metavar="I/N",
-              help="Independent process I of N: score only parts with index %% N == I. The process that finds "
+              help="Independent process I of N: score only parts with index % N == I. The process that finds "
                    "every part present writes the manifest.")
 @click.option("--verify", type=int, default=0, metavar="K",
               help="After writing, rescore K random rows with a plain transformers forward and compare.")
-@click.option("--overwrite", is_flag=True, help="Delete cache parts in --out from a different run first.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete the cache parts and manifest already in --out first (needed when they come from a "
+                   "different run).")
 @click.option("--no_progress", is_flag=True, help="No progress bar.")
 def precompute(model, data_path, out, backend, dtype, device, max_length, max_prompt_length, batch_tokens, kto,
                no_reference, part_rows, turn_marker, tensor_parallel_size, gpu_memory_utilization, max_model_len,
