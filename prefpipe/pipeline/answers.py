@@ -3,7 +3,7 @@
 GSM8K writes the gold answer after a line marker: ``...reasoning...\\n#### 72``. A model's generation is read the
 same way, with one documented fallback:
 
-1. **Marker.** The first ``#### `` in the generation that is followed by a number: that number.
+1. **Marker.** The first ``####`` in the generation that is followed by a number on the same line: that number.
 2. **Fallback: last number.** No marker followed by a number: the last number anywhere in the generation
    (models often end with "... so the answer is 72."). The verdict records which rule fired.
 3. **None.** No number at all: no answer, counted wrong.
@@ -49,7 +49,7 @@ def extract_answer(generation: str) -> tuple[str | None, str]:
     pos = generation.find(MARKER)
     while pos >= 0:
         after = generation[pos + len(MARKER):]
-        m = re.match(r"\s*(-?\$?[\d,]*\d(?:\.\d+)?)", after)
+        m = re.match(r"[ \t]*(-?\$?[\d,]*\d(?:\.\d+)?)", after)
         if m:
             value = normalize_number(m.group(1))
             if value is not None:

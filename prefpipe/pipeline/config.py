@@ -86,6 +86,8 @@ KEYS: list[Key] = [
     _k("eval_fraction", "float", LoopConfig.eval_fraction, "train", "Rows held out of training and evaluated."),
     _k("eval_every", "int", None, "train", "Steps between in-training evaluations."),
     _k("save_every", "int", LoopConfig.save_every, "train", "Checkpoint every N steps (0: final only)."),
+    _k("resume", "bool", False, "train", "Continue interrupted runs and skip finished ones, instead of "
+       "replacing every run of the sweep."),
     _k("label_smoothing", "float", 0.0, "train", "dpo: conservative DPO label smoothing."),
     _k("desirable_weight", "float", 1.0, "train", "kto: lambda_D."),
     _k("undesirable_weight", "float", 1.0, "train", "kto: lambda_U."),

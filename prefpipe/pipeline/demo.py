@@ -35,7 +35,7 @@ class DemoSettings:
     fresh: bool = False
     n_train: int = 3000
     n_heldout: int = 500
-    n_pair_questions: int = 1500  # training questions the SFT model is sampled on
+    n_pair_questions: int = 600  # training questions the SFT model is sampled on
     sft: SFTSettings = field(default_factory=SFTSettings)
     pairs: PairSettings = field(default_factory=PairSettings)
     loss_types: tuple = ("dpo", "kto", "orpo", "sft")
@@ -44,6 +44,7 @@ class DemoSettings:
     lr: float = 1e-4
     batch_size: int = 32
     epochs: int = 1
+    device: str = "auto"  # SFT and sampling; the pipeline uses its own `device` key (auto too)
 
 
 def _write_jsonl(path: Path, rows: list[dict]):
@@ -70,6 +71,7 @@ def make_task(s: DemoSettings, out: Path, log) -> tuple[list[dict], list[dict]]:
 
 def make_sft(s: DemoSettings, out: Path, train: list[dict], log) -> Path:
     """Train the SFT model unless one made with the same settings is already there."""
+    from prefpipe.modeling import resolve_device
     from prefpipe.pipeline.demo_sft import build_char_tokenizer, build_demo_model, save_sft, train_sft
     from prefpipe.pipeline.demo_task import PROMPT_TEMPLATE, all_problems, corpus
 
@@ -83,7 +85,7 @@ def make_sft(s: DemoSettings, out: Path, train: list[dict], log) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok = build_char_tokenizer(tmp, corpus(all_problems()))
-    model = build_demo_model(tok, seed=s.seed)
+    model = build_demo_model(tok, seed=s.seed).to(resolve_device(s.device))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"sft: training a {n_params / 1e6:.2f}M-parameter Llama on {len(train)} questions "
         f"({s.sft.steps} steps of {s.sft.batch_size})")
@@ -98,7 +100,7 @@ def make_sft(s: DemoSettings, out: Path, train: list[dict], log) -> Path:
 def make_pairs(s: DemoSettings, out: Path, sft_dir: Path, train: list[dict], log) -> dict:
     """Sample on-policy pairs unless pairs from this very SFT model (by fingerprint) are already there."""
     from prefpipe.data.fingerprint import model_fingerprint
-    from prefpipe.modeling import load_model, load_tokenizer
+    from prefpipe.modeling import load_model, load_tokenizer, resolve_device
     from prefpipe.pipeline.demo_pairs import kto_view, sample_pairs
     from prefpipe.pipeline.demo_task import PROMPT_TEMPLATE
 
@@ -111,7 +113,7 @@ def make_pairs(s: DemoSettings, out: Path, sft_dir: Path, train: list[dict], log
         log(f"pairs: reusing {data / 'pairs.jsonl'} ({done['pairs']} pairs sampled earlier from this SFT model)")
         return done
     questions = train[:s.n_pair_questions]
-    model = load_model(str(sft_dir)).eval()
+    model = load_model(str(sft_dir), device=resolve_device(s.device)).eval()
     tok = load_tokenizer(str(sft_dir))
     start = time.perf_counter()
     rows, stats = sample_pairs(model, tok, [PROMPT_TEMPLATE.format(question=r["question"]) for r in questions],

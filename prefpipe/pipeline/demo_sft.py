@@ -55,10 +55,10 @@ def build_demo_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, 
 
 @dataclass(frozen=True)
 class SFTSettings:
-    steps: int = 1200
+    steps: int = 160
     batch_size: int = 64
     lr: float = 3e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     weight_decay: float = 0.0
     seed: int = 0
 
@@ -87,6 +87,7 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
 
     torch.set_flush_denormal(True)  # tiny models slow down 5-7x on denormals mid-run (REFERENCE section 9)
     examples = encode_examples(tokenizer, prompts, answers)
+    device = next(model.parameters()).device
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
@@ -102,8 +103,8 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
             order += fresh
         batch = [examples[i] for i in order[:settings.batch_size]]
         del order[:settings.batch_size]
-        ids, mask = pad_batch([p + a for p, a in batch], tokenizer.pad_token_id)
-        prompt_lens = torch.tensor([len(p) for p, _ in batch])
+        ids, mask = pad_batch([p + a for p, a in batch], tokenizer.pad_token_id, device)
+        prompt_lens = torch.tensor([len(p) for p, _ in batch], device=device)
         sums, counts = sequence_logprobs(model, ids, mask, prompt_lens)
         loss = -sums.sum() / counts.sum()
         for g in opt.param_groups:

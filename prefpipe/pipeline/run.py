@@ -11,6 +11,8 @@ Decisions a user needs to know:
   losses (orpo, sft) train from it too when it exists, and from the data directly when no loss needs it (an
   ORPO-only pipeline runs no phase one). kto has its own cache of single examples with pinned partners, made
   from `kto_data` (or from `data`, two examples per pair). `eval_data` gets a third cache for held-out metrics.
+- **Reruns** retrain every run of the sweep, replacing the earlier run directories of the same names (other runs
+  in RUNS_DIR are left alone); with `resume = true` finished runs are kept and interrupted ones continue.
 - **Outputs.** RUNS_DIR holds the runs (`<loss>-beta<beta>/`), `summary.json` (every run, merged across the
   paired and the kto training calls), `reference/eval_gen.json` for the SFT model, and the report's plots and
   `summary.md`.
@@ -19,6 +21,8 @@ Decisions a user needs to know:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +158,23 @@ def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data:
                         cfg.orpo_lambda),
         optim=OptimConfig(cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.lr_scheduler, cfg.max_grad_norm),
         loop=LoopConfig(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.eval_fraction,
-                        cfg.eval_every, cfg.save_every),
+                        cfg.eval_every, cfg.save_every, resume=cfg.resume),
         dtype=cfg.dtype, device=cfg.device, progress=cfg.progress)
+
+
+def train(cfg: PipelineConfig, tc, log) -> list[dict]:
+    """One `run_training` call; earlier runs of the same names are replaced unless `resume` is set."""
+    from prefpipe.train.loop import run_training
+
+    if not cfg.resume:
+        for loss in tc.runs():
+            old = Path(tc.out) / loss.run_name
+            if old.exists():
+                log(f"replacing the earlier run {old}")
+                trash = old.with_name(f".{old.name}.old-{os.getpid()}")
+                os.replace(old, trash)
+                shutil.rmtree(trash)
+    return run_training(tc)["runs"]
 
 
 def gen_settings(cfg: PipelineConfig):
@@ -169,7 +188,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     """Caches (when needed), training runs, evaluations, summary.json and the report."""
     from prefpipe.pipeline.evaluate import Run, eval_generation, eval_preference, resolve_run
     from prefpipe.pipeline.report import REFERENCE_DIR, write_report
-    from prefpipe.train.loop import SUMMARY_FILE, run_training
+    from prefpipe.train.loop import SUMMARY_FILE
 
     t0 = time.perf_counter()
     runs_dir = Path(cfg.runs_dir)
@@ -194,10 +213,10 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     if paired:
         tc = train_config(cfg, paired, cache=cache if paired_needs_ref else None,
                           data=None if paired_needs_ref else cfg.data)
-        results += run_training(tc)["runs"]
+        results += train(cfg, tc, log)
     if kto:
-        results += run_training(train_config(cfg, ("kto",), cache=cfg.path_or("kto_cache", "cache-kto"),
-                                             data=None, betas=tuple(cfg.kto_beta or cfg.betas)))["runs"]
+        results += train(cfg, train_config(cfg, ("kto",), cache=cfg.path_or("kto_cache", "cache-kto"), data=None,
+                                           betas=tuple(cfg.kto_beta or cfg.betas)), log)
     t_train = time.perf_counter() - t0 - t_cache
 
     evals = {}

@@ -1,0 +1,116 @@
+"""Pipeline config: TOML parsing, types, tables, relative paths, and option > file > default precedence."""
+
+from pathlib import Path
+
+import pytest
+
+from prefpipe.errors import UserError
+from prefpipe.pipeline.config import KEYS, read_toml, resolve
+
+BASE = 'model = "m"\ndata = "d.jsonl"\n'
+
+
+def write(tmp_path: Path, text: str, name="run.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_file_and_options_in_order(tmp_path):
+    p = write(tmp_path, BASE + 'beta = [0.05, 0.2]\n[train]\nlr = 1e-5\nbatch_size = 4\n[eval]\nmax_new_tokens = 9\n')
+    cfg = resolve(str(p), {"lr": 3e-4, "loss_type": ["kto"]})
+    assert cfg.lr == 3e-4 and cfg.sources["lr"] == "option"  # option beats file
+    assert cfg.batch_size == 4 and cfg.sources["batch_size"] == "file"  # file beats default
+    assert cfg.betas == (0.05, 0.2)
+    assert cfg.losses == ("kto",)
+    assert cfg.eval_max_new_tokens == 9  # [eval] keys drop their eval_ prefix
+    assert cfg.epochs == 1 and cfg.sources["epochs"] == "default"
+    assert cfg.max_length == 1024 and cfg.max_prompt_length == 512
+
+
+def test_every_key_has_a_cli_option():
+    from prefpipe.pipeline.cli import pipeline
+    names = {o.name for o in pipeline.params}
+    assert {k.name for k in KEYS} <= names
+
+
+def test_single_values_for_list_keys_and_ints_as_floats(tmp_path):
+    p = write(tmp_path, BASE + 'loss_type = "orpo"\nbeta = 1\nlr = 1\n')
+    cfg = resolve(str(p), {})
+    assert cfg.losses == ("orpo",) and cfg.betas == (1.0,) and cfg.lr == 1.0
+
+
+def test_relative_paths_follow_the_file(tmp_path):
+    sub = tmp_path / "cfgdir"
+    sub.mkdir()
+    (sub / "sft").mkdir()
+    p = write(sub, 'model = "sft"\ndata = "pairs.jsonl"\nruns_dir = "out"\n')
+    cfg = resolve(str(p), {"cache": "rel/cache"})
+    assert cfg.model == str(sub.resolve() / "sft")
+    assert cfg.data == str(sub.resolve() / "pairs.jsonl")
+    assert cfg.runs_dir == str(sub.resolve() / "out")
+    assert cfg.cache == "rel/cache"  # a CLI path stays relative to the working directory
+    # A model that does not exist next to the file is left alone (a hub id).
+    p2 = write(sub, 'model = "org/name"\ndata = "x"\n', "hub.toml")
+    assert resolve(str(p2), {}).model == "org/name"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('lrr = 1e-6\n', "unknown key 'lrr' (did you mean 'lr'?)"),
+    ('lr = "fast"\n', "key 'lr' must be a number, got str 'fast'"),
+    ('batch_size = 2.5\n', "key 'batch_size' must be an integer"),
+    ('recompute = "yes"\n', "key 'recompute' must be true or false"),
+    ('loss_type = ["dpo", "xyz"]\n', "key 'loss_type' must be one of"),
+    ('beta = []\n', "key 'beta' must not be empty"),
+    ('lr = 1e-6\n[train]\nlr = 2e-6\n', "key 'lr' is given twice ('lr' and 'train.lr')"),
+    ('[precompute]\nlr = 1e-6\n', "key 'precompute.lr' belongs in [train]"),
+    ('[optim]\nx = 1\n', "unknown table [optim]"),
+    ('[eval]\ngenn = "x"\n', "unknown key 'eval.genn'"),
+    ('lr = \n', "not valid TOML"),
+])
+def test_bad_files_name_the_file_and_key(tmp_path, text, message):
+    p = write(tmp_path, BASE + text)
+    with pytest.raises(UserError) as e:
+        resolve(str(p), {})
+    assert message in str(e.value)
+    assert str(p) in str(e.value)
+
+
+def test_missing_required_keys_and_bad_values(tmp_path):
+    with pytest.raises(UserError, match="no model given"):
+        resolve(str(write(tmp_path, 'data = "d"\n')), {})
+    with pytest.raises(UserError, match="no data given"):
+        resolve(None, {"model": "m"})
+    with pytest.raises(UserError, match="beta must be positive"):
+        resolve(None, {"model": "m", "data": "d", "beta": [0.1, -1.0]})
+    with pytest.raises(UserError, match="max_prompt_length"):
+        resolve(None, {"model": "m", "data": "d", "max_length": 64, "max_prompt_length": 64})
+    with pytest.raises(UserError, match="no such config file"):
+        read_toml(tmp_path / "missing.toml")
+
+
+def test_cli_options_override_the_file(tmp_path, run_cli, monkeypatch):
+    """Through the real CLI: typed options win, untyped ones keep the file's values; bad files exit 2."""
+    import prefpipe.pipeline.run as run_mod
+
+    seen = {}
+
+    def fake_run(cfg, log):  # only the parsed config matters here
+        seen["cfg"] = cfg
+        return {"report": {"best": "x"}, "timing_s": {}}
+    monkeypatch.setattr(run_mod, "run_pipeline", fake_run)
+    p = write(tmp_path, BASE + 'beta = [0.1, 0.3]\nrecompute = true\n[train]\nlr = 1e-5\nepochs = 3\n')
+    r = run_cli("pipeline", "--config", p, "--lr", "2e-4", "--beta", "0.5", "--beta", "0.7", "--no_recompute",
+                "--loss_type", "orpo")
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert (cfg.lr, cfg.epochs, cfg.betas, cfg.recompute, cfg.losses) == (2e-4, 3, (0.5, 0.7), False, ("orpo",))
+
+    r = run_cli("pipeline", "--config", p)
+    assert r.exit_code == 0
+    assert (seen["cfg"].lr, seen["cfg"].betas, seen["cfg"].recompute) == (1e-5, (0.1, 0.3), True)
+
+    bad = write(tmp_path, BASE + "epochs = 'two'\n", "bad.toml")
+    r = run_cli("pipeline", "--config", bad)
+    assert r.exit_code == 2
+    assert "key 'epochs' must be an integer" in r.output and "Traceback" not in r.output
