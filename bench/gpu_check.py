@@ -67,8 +67,8 @@ def build(work: Path):
     words = lambda median, cap: max(1, min(cap, int(rng.lognormvariate(math.log(median), 0.6))))  # noqa: E731
     with open(work / "pairs.jsonl", "w") as f:
         for i in range(rows):
-            f.write(json.dumps({"prompt": f"Q{i}: " + text(words(25, 150)), "chosen": text(words(40, 250)),
-                                "rejected": text(words(40, 250))}) + "\n")
+            f.write(json.dumps({"prompt": f"Q{i}: " + text(words(15, 100)), "chosen": text(words(25, 200)),
+                                "rejected": text(words(25, 200))}) + "\n")
     info = {"params": n_params, "vocab": config.vocab_size, "hidden": hidden, "layers": config.num_hidden_layers,
             "heads": heads, "kv_heads": config.num_key_value_heads, "rows": rows, "built_on": device}
     (work / "build.json").write_text(json.dumps(info))
@@ -146,7 +146,7 @@ def verify_report(cache: Path, model: Path, k: int) -> dict | None:
 def run(name: str, results: Path, work: Path, cmd: list[str]):
     results.mkdir(parents=True, exist_ok=True)
     cache = work / f"cache-{name}"
-    timeout = env_int("RUN_TIMEOUT", 240)
+    timeout = env_int("RUN_TIMEOUT", 300)
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     status = "ok"
     with GpuMemory() as gpu, open(results / f"{name}.log", "w") as log:
