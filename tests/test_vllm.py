@@ -142,6 +142,7 @@ def kto(tiny_model, tmp_path_factory):
     return {"hf": hf, "vllm": out, "survivors": survivors, "output": second.stdout}
 
 
+@pytest.mark.vllm
 def test_paired_ids_and_sums_match_hf(paired):
     v, h = read_cache(paired["vllm"]), read_cache(paired["hf"])
     tv, th = v.table.to_pydict(), h.table.to_pydict()
@@ -155,6 +156,7 @@ def test_paired_ids_and_sums_match_hf(paired):
     assert v.metadata["counts"]["prompt_truncated"] > 0 and v.metadata["counts"]["response_truncated"] > 0
 
 
+@pytest.mark.vllm
 def test_paired_sums_match_float64(paired, model64):
     t = read_cache(paired["vllm"]).table.to_pydict()
     for col, ids in (("ref_chosen", "chosen_ids"), ("ref_rejected", "rejected_ids")):
@@ -164,6 +166,7 @@ def test_paired_sums_match_float64(paired, model64):
         assert max(abs(w) for w in want) > 100  # real-sized sums, so an off-by-one position would show
 
 
+@pytest.mark.vllm
 def test_provenance_names_the_engine(paired):
     b = read_cache(paired["vllm"]).metadata["backend"]
     assert b["name"] == "vllm" and b["dtype"] == "float32" and b["device"] == "cpu"
@@ -171,6 +174,7 @@ def test_provenance_names_the_engine(paired):
     assert b["tensor_parallel_size"] == 1
 
 
+@pytest.mark.vllm
 def test_shards_split_the_parts_and_one_finalised(paired):
     written = []
     for out in paired["outputs"]:
@@ -181,6 +185,7 @@ def test_shards_split_the_parts_and_one_finalised(paired):
     assert n_parts == 4 and written == [2, 2]  # parts 0, 2 and 1, 3: one process per shard, each its own parts
 
 
+@pytest.mark.vllm
 def test_verify_ran_in_the_engine_env_and_passes_here(paired, tiny_model):
     lines = [x for out in paired["outputs"] for x in out.splitlines() if x.startswith("verify:")]
     assert lines, "no process ran --verify"
@@ -192,6 +197,7 @@ def test_verify_ran_in_the_engine_env_and_passes_here(paired, tiny_model):
     assert here["passed"] and here["sequences"] == 60 and here["per_sum"]["max"] < 1e-3
 
 
+@pytest.mark.vllm
 def test_kto_resumed_after_kill(kto):
     survivors = kto["survivors"]
     assert len(survivors) >= 3
@@ -203,6 +209,7 @@ def test_kto_resumed_after_kill(kto):
         assert (kto["vllm"] / name).stat().st_mtime_ns == mtime, f"{name} was rewritten instead of reused"
 
 
+@pytest.mark.vllm
 def test_kto_examples_and_partners_match_hf_and_float64(kto, model64):
     v, h = read_cache(kto["vllm"]), read_cache(kto["hf"])
     tv, th = v.table.to_pydict(), h.table.to_pydict()
