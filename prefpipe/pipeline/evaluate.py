@@ -211,7 +211,7 @@ def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path
     tok = load_tokenizer(str(run.model_dir))
     prompt_ids = encode_prompts(tok, render_prompts(tok, [r["question"] for r in rows], s))
     if engine == "vllm":
-        gens = vllm_generate(str(run.model_dir), prompt_ids, max_new_tokens=s.max_new_tokens, dtype=s.dtype)
+        gens = vllm_generate(str(run.model_dir), tok, prompt_ids, max_new_tokens=s.max_new_tokens, dtype=s.dtype)
     else:
         model, tok, _ = _load(run.model_dir, s.device, s.dtype)
         gens = hf_generate(model, tok, prompt_ids, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)

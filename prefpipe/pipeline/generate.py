@@ -77,17 +77,24 @@ def vllm_available() -> bool:
     return True
 
 
-def vllm_generate(model_path: str, prompt_ids: list[list[int]], *, max_new_tokens: int, dtype: str = "auto",
-                  gpu_memory_utilization: float = 0.85) -> list[list[str]]:
-    """Greedy generation with vLLM from the exact prompt ids (no re-tokenization)."""
+def vllm_generate(model_path: str, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
+                  dtype: str = "auto", gpu_memory_utilization: float = 0.85) -> list[list[str]]:
+    """Greedy generation with vLLM from the exact prompt ids; decoded here with the same tokenizer as `hf`."""
+    import json
+    from pathlib import Path
+
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-              enable_prefix_caching=False)
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
+    limit = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings", 4096)
+    llm = LLM(model=model_path, skip_tokenizer_init=True, dtype=dtype, enable_prefix_caching=False, seed=0,
+              gpu_memory_utilization=gpu_memory_utilization, disable_log_stats=True,
+              max_model_len=min(limit, max(len(p) for p in prompt_ids) + max_new_tokens))
+    # Without its tokenizer the engine does not know EOS: name it, as transformers' generate() is told it.
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False,
+                            stop_token_ids=[tokenizer.eos_token_id])
     results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-    return [[r.outputs[0].text] for r in results]
+    return [[tokenizer.decode(list(r.outputs[0].token_ids), skip_special_tokens=True)] for r in results]
 
 
 def pick_engine(engine: str) -> str:
