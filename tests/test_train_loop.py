@@ -214,12 +214,24 @@ def test_beta_sweep_writes_three_runs_from_one_cache_read(tmp_path, tiny_model, 
     assert len({round(m, 6) for m in m2}) == 3
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model, pair_cache):
+def test_accumulation_and_checkpointing_leave_the_trajectory_unchanged(tmp_path, tiny_model, pair_cache):
+    """4 micro-batches of 1 with accumulation, and activation checkpointing, against one batch of 4."""
     from test_train_fixtures import assert_trajectories_close, trajectory
     train(tmp_path / "a", tiny_model, cache=pair_cache, batch_size=4, grad_accum=1, max_steps=4)
     train(tmp_path / "b", tiny_model, cache=pair_cache, batch_size=1, grad_accum=4, max_steps=4)
-    assert_trajectories_close(trajectory(tmp_path / "a" / "dpo-beta0.1"),
-                              trajectory(tmp_path / "b" / "dpo-beta0.1"), atol=1e-5)
+    train(tmp_path / "c", tiny_model, cache=pair_cache, batch_size=4, max_steps=4, gradient_checkpointing=True)
+    a = trajectory(tmp_path / "a" / "dpo-beta0.1")
+    for other in ("b", "c"):
+        assert_trajectories_close(a, trajectory(tmp_path / other / "dpo-beta0.1"), atol=1e-5)
+
+
+def test_kto_on_a_cache_of_unpaired_data(tmp_path, tmp_path_factory, tiny_model):
+    from test_train_fixtures import unpaired_data
+    kcache = cache(tmp_path_factory, tiny_model, unpaired_data(tmp_path_factory, 12), "unpaired12")
+    train(tmp_path, tiny_model, cache=kcache, loss_types=("kto",), batch_size=4, max_steps=3)
+    log = metrics(tmp_path / "kto-beta0.1")
+    assert log[0]["loss"] == pytest.approx(0.5, abs=1e-6) and log[0]["examples"] == 4
+    assert log[-1]["loss"] != pytest.approx(0.5, abs=1e-4)
 
 
 # ------------------------------------------------------------------ validation errors

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 import pyarrow as pa
 import torch
@@ -125,9 +126,13 @@ class Order:
     def global_rows(self, step: int) -> list[int]:
         """Table row indices of 0-based optimizer step `step`."""
         epoch, b = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.rows), generator=g)[b * self.global_batch:(b + 1) * self.global_batch]
-        return [self.rows[i] for i in perm.tolist()]
+        perm = _permutation(len(self.rows), self.seed * 1_000_003 + epoch)
+        return [self.rows[i] for i in perm[b * self.global_batch:(b + 1) * self.global_batch]]
+
+
+@lru_cache(maxsize=2)
+def _permutation(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def micro_batches(rows: list[int], batch_size: int, grad_accum: int, world: int, rank: int) -> list[list[int]]:

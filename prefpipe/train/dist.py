@@ -53,10 +53,16 @@ class Procs:
             dist.destroy_process_group()
 
 
-def start(device: torch.device) -> Procs:
-    """Join the torchrun group if there is one: gloo on CPU, nccl on GPU."""
+def start(device: torch.device, fsdp: bool = False) -> Procs:
+    """Join the torchrun group if there is one: gloo on CPU, nccl on GPU. FSDP needs a group even for one
+    process (its device mesh lives in it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    under_torchrun = "MASTER_ADDR" in os.environ and "RANK" in os.environ
+    if fsdp and not under_torchrun:
+        from prefpipe.errors import UserError
+        raise UserError("--fsdp shards the model over torchrun's processes: launch with "
+                        "`torchrun --nproc_per_node=N -m prefpipe train ... --fsdp`")
+    if world <= 1 and not fsdp:
         return Procs()
     import torch.distributed as dist
     local = int(os.environ.get("LOCAL_RANK", "0"))

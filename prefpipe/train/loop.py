@@ -30,6 +30,8 @@ Decisions a user may want to know:
 - Policy weights and AdamW state are float32. On GPU the forward runs under bf16 autocast (`--dtype auto`);
   `--dtype float32` turns autocast off. On CPU everything is float32.
 - The policy is loaded with dropout off and kept in train mode (only gradient checkpointing depends on it).
+- `--reference live` loads the frozen copy in the compute dtype (bf16 on GPU, float32 on CPU), as a precompute
+  in that dtype would score it.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def run_training(cfg: TrainConfig) -> dict:
     compute_dtype = resolve_dtype(cfg.dtype, device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # tiny models slowed 5-7x from denormals otherwise (REFERENCE 9)
-    procs = start(device)
+    procs = start(device, cfg.fsdp)
     log = _logger(procs)
     try:
         runs = cfg.runs()
@@ -138,7 +140,8 @@ def run_training(cfg: TrainConfig) -> dict:
         train_rows, eval_rows = split_eval(data, cfg.loop.eval_fraction)
         ref_scorer = None
         if needs_ref and cfg.source.reference == "live":
-            ref_scorer = wrap_reference(load_model(model_dir, torch.float32, device), cfg.fsdp)
+            # in the compute dtype, as precompute would score it: a bf16 copy on GPU, float32 on CPU
+            ref_scorer = wrap_reference(load_model(model_dir, compute_dtype, device), cfg.fsdp)
         ctx = Context(cfg, procs, device, compute_dtype, model_dir, tokenizer, data, train_rows, eval_rows,
                       ref_scorer, validation, log)
         results = [train_one(ctx, loss) for loss in runs]
@@ -206,7 +209,10 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
     torch.manual_seed(loop.seed)
     lm = load_model(str(start_ckpt) if start_ckpt else ctx.model_dir, torch.float32, device)
     if loop.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(lm, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.train()  # dropout is 0 already; train mode keeps gradient checkpointing active
     policy = wrap_policy(lm, procs, device, cfg.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
