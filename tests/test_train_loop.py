@@ -309,6 +309,8 @@ def test_wrong_cache_kinds_and_missing_references_are_clear_errors(tmp_path, tmp
     res = run_cli("train", *common, "--cache", small_caches["paired"], "--loss_type", "kto", "--loss_type", "dpo",
                   "--out", tmp_path / "e")
     assert res.exit_code == 2 and "its own" in res.stderr
+    res = run_cli("train", *common, "--cache", small_caches["paired"], "--fsdp", "--out", tmp_path / "f")
+    assert res.exit_code == 2 and "torchrun" in res.stderr
 
 
 def test_an_existing_run_needs_resume(tmp_path, tiny_model, small_caches, run_cli):

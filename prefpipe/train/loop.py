@@ -125,9 +125,9 @@ def run_training(cfg: TrainConfig) -> dict:
         needs_ref = any(r.needs_reference for r in runs)
         cached_ref = needs_ref and cfg.source.reference == "cached"
         if cached_ref and cfg.source.data:
-            raise UserError(f"--data gives token ids but no reference log-probs, and {', '.join(sorted(set(r.loss_type for r in runs if r.needs_reference)))} "
-                            "needs them: precompute a cache and pass --cache, or use --reference live",
-                            file=cfg.source.data)
+            needing = ", ".join(sorted({r.loss_type for r in runs if r.needs_reference}))
+            raise UserError(f"--data gives token ids but no reference log-probs, and {needing} needs them: "
+                            "precompute a cache and pass --cache, or use --reference live", file=cfg.source.data)
         if cached_ref and not data.has_reference:
             raise UserError("this cache has no reference log-probs (precompute --no_reference); train a "
                             "reference-free loss (orpo, sft), or use --reference live", file=data.origin)
