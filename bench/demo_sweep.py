@@ -63,7 +63,7 @@ def child(args):
         t3 = time.perf_counter()
         (prep / "prep_timing.json").write_text(json.dumps({"sft": t2 - t1, "pairs": t3 - t2}))
         return
-    job = Path(args.out) / f"job-s{args.seed}-n{args.steps}-lr{args.lr:g}"
+    job = Path(args.out) / f"job-s{args.seed}-n{args.steps}-lr{args.lr:g}-e{args.epochs or 1}"
     job.mkdir(parents=True, exist_ok=True)
     for name in ("sft", "data", "task"):
         if not (job / name).exists():
@@ -74,6 +74,7 @@ def child(args):
     summary = run_pipeline(resolve(str(cfg), {"progress": False}), log=log)
     acc = {n: e["gen"]["accuracy"] for n, e in summary["evals"].items() if "gen" in e}
     (job / "job.json").write_text(json.dumps({"seed": args.seed, "steps": args.steps, "lr": args.lr,
+                                              "epochs": args.epochs or 1,
                                               "accuracy": acc, "wall_s": time.perf_counter() - t0,
                                               "timing_s": summary["timing_s"]}))
 
@@ -89,7 +90,7 @@ def spawn(args, stage, seed, steps, lr=None) -> int:
         cmd.append("--smoke")
     if lr is not None:
         cmd += ["--lr", str(lr)]
-    name = f"{stage}-s{seed}-n{steps}" + (f"-lr{lr:g}" if lr is not None else "")
+    name = f"{stage}-s{seed}-n{steps}" + (f"-lr{lr:g}-e{args.epochs or 1}" if lr is not None else "")
     with open(Path(args.out) / f"{name}.log", "w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     print(f"{name}: exit {rc}", flush=True)
@@ -148,7 +149,7 @@ def main():
     print(f"all done in {time.perf_counter() - t0:.0f}s")
     for n in steps:
         for lr in lrs:
-            group = [r for r in results if r["steps"] == n and r["lr"] == lr]
+            group = [r for r in results if r["steps"] == n and r["lr"] == lr and r.get("epochs", 1) == (args.epochs or 1)]
             if not group:
                 continue
             names = list(group[0]["accuracy"])

@@ -27,7 +27,7 @@ def test_every_problem_is_right_and_in_gsm8k_format():
         assert (any(w in words for w in MINUS)) == (op == "-")
         c = a + b if op == "+" else a - b
         assert 0 <= a <= 9 and 0 <= b <= 9 and c >= 0
-        assert r["answer"] == f"{a} {op} {b} = {c}\n#### {c}"
+        assert r["answer"] == f"#### {c}"
         assert gold_answer(r["answer"]) == str(c)
 
 
@@ -77,7 +77,8 @@ def test_char_tokenizer_and_model_size(sft_model):
 
 def test_sft_learns_the_format(sft_model):
     d, model, tok, train, held, summary, logs = sft_model
-    # Default init gives near-uniform predictions: the first loss is about ln(vocab).
+    # Default init (std 0.02) gives near-uniform predictions: the first loss is about ln(vocab). The answers are
+    # short ("#### 7" + EOS) and share most tokens, so a few random logit offsets move it by up to ~0.3 nats.
     from prefpipe.logprobs import pad_batch, sequence_logprobs
     from prefpipe.pipeline.demo_sft import build_demo_model, encode_examples
     fresh = build_demo_model(tok, hidden_size=64, intermediate_size=128, seed=0).eval()
@@ -87,7 +88,7 @@ def test_sft_learns_the_format(sft_model):
     with torch.no_grad():
         s, c = sequence_logprobs(fresh, ids, mask, torch.tensor([len(p) for p, _ in ex]))
     first = float(-s.sum() / c.sum())
-    assert first == pytest.approx(math.log(len(tok)), abs=0.15)
+    assert first == pytest.approx(math.log(len(tok)), abs=0.35)
     assert summary["final_loss"] < 0.5 * first
     assert len(logs) == 1 and "sft step 100/100" in logs[0]
 
@@ -112,8 +113,20 @@ def test_pairs_are_judged_by_the_final_number(sft_model):
         per_q[row["prompt"]] = per_q.get(row["prompt"], 0) + 1
     assert max(per_q.values()) <= 2 and len(per_q) == stats["questions_with_pairs"]
     kto = kto_view(rows)
-    assert len(kto) == 2 * len(rows) and [k["label"] for k in kto[:2]] == [True, False]
+    distinct = {(r["prompt"], r["chosen"]) for r in rows} | {(r["prompt"], r["rejected"]) for r in rows}
+    assert len(kto) == len(distinct) and [k["label"] for k in kto[:2]] == [True, False]
     assert kto[0]["completion"] == rows[0]["chosen"] and kto[1]["completion"] == rows[0]["rejected"]
+
+
+def test_pairs_take_the_most_frequent_answers():
+    from prefpipe.pipeline.demo_pairs import pairs_for_question
+    samples = ["#### 3", "#### 5", "#### 7", "#### 5", "#### 9", "#### 5", "#### 7", "so 7"]
+    got = pairs_for_question("Q", "7", samples, 2)
+    # Right: "#### 7" (twice), "so 7" (once, by the last-number fallback). Wrong by frequency: 5 (3x), then 3.
+    assert got == [{"prompt": "Q", "chosen": "#### 7", "rejected": "#### 5"},
+                   {"prompt": "Q", "chosen": "so 7", "rejected": "#### 3"}]
+    assert pairs_for_question("Q", "7", ["#### 1", "#### 2"], 2) == []
+    assert pairs_for_question("Q", "7", ["#### 7"] * 3, 2) == []
 
 
 def test_generation_eval_writes_every_verdict(sft_model, tmp_path, run_cli):

@@ -16,7 +16,8 @@ def _log(msg: str):
 
 
 def _option_for(key: Key):
-    default = f" [default: {key.default}]" if key.default not in (None, [], "") else ""
+    shown = ", ".join(str(x) for x in key.default) if isinstance(key.default, list) else key.default
+    default = f" [default: {shown}]" if key.default not in (None, [], "") else ""
     if key.kind == "bool":
         return click.option(f"--{key.name}/--no_{key.name}", default=None, help=key.help + default)
     if key.kind in ("str_list", "float_list"):

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefpipe.pipeline.demo_pairs import PairSettings
+from prefpipe.pipeline.demo_pairs import PAIR_RULE, PairSettings
 from prefpipe.pipeline.demo_sft import SFTSettings
 from prefpipe.pipeline.evaluate import atomic_write_text
 
@@ -35,7 +35,7 @@ class DemoSettings:
     fresh: bool = False
     n_train: int = 3000
     n_heldout: int = 500
-    n_pair_questions: int = 600  # training questions the SFT model is sampled on
+    n_pair_questions: int = 3000  # training questions the SFT model is sampled on
     sft: SFTSettings = field(default_factory=SFTSettings)
     pairs: PairSettings = field(default_factory=PairSettings)
     loss_types: tuple = ("dpo", "kto", "orpo", "sft")
@@ -106,7 +106,7 @@ def make_pairs(s: DemoSettings, out: Path, sft_dir: Path, train: list[dict], log
 
     data = out / "data"
     key = {"model": model_fingerprint(str(sft_dir)), "n_pair_questions": s.n_pair_questions,
-           "pairs": asdict(s.pairs)}
+           "pairs": asdict(s.pairs), "rule": PAIR_RULE}
     done = _read_json(data / "pairs_stats.json")
     if done is not None and done.get("key") == key and (data / "pairs.jsonl").exists() and \
             (data / "kto.jsonl").exists() and not s.fresh:

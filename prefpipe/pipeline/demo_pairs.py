@@ -2,20 +2,27 @@
 
 For every training question the SFT model writes `samples` answers at temperature `temperature`. A sample whose
 final number (prefpipe.pipeline.answers) equals the gold one is right, any other sample is wrong (a missing number
-included). Identical texts count once. A question yields pairs only when it has both kinds: its right and wrong
-samples are zipped into up to `pairs_per_question` (chosen, rejected) pairs. Questions the model always gets right,
-or always wrong, carry no preference signal and give none.
+included). A question yields pairs only when it has both kinds; questions the model always gets right, or always
+wrong, carry no preference signal and give none.
 
-The KTO view holds the same pairs split into single examples (chosen: label true, rejected: label false), so that
-KTO sees exactly the information DPO sees.
+Which samples are paired matters more than how many (measured): the rejected answers are the question's most
+frequent wrong samples, the chosen its most frequent right ones, up to `pairs_per_question` pairs. A wrong answer
+the model gives 5 times in 8 is the one greedy decoding would print; a wrong answer sampled once at temperature 1 is
+usually improbable already, and pushing it down further changes nothing the model would say.
+
+The KTO view holds the same answers as single examples (chosen: label true, rejected: label false), so that KTO
+sees exactly the information DPO sees.
 """
 
 from __future__ import annotations
 
-import random
+from collections import Counter
 from dataclasses import dataclass
 
 from prefpipe.pipeline.answers import extract_answer, gold_answer
+
+
+PAIR_RULE = "most frequent wrong vs most frequent right"  # part of the pairs' cache key
 
 
 @dataclass(frozen=True)
@@ -23,9 +30,20 @@ class PairSettings:
     samples: int = 8
     temperature: float = 1.0
     pairs_per_question: int = 2
-    max_new_tokens: int = 24
+    max_new_tokens: int = 10
     batch_size: int = 512
     seed: int = 0
+
+
+def pairs_for_question(prompt: str, gold: str, samples: list[str], k: int) -> list[dict]:
+    """Up to k pairs: the most frequent wrong samples, each against the most frequent right ones in turn."""
+    right, wrong = [], []
+    for text, _ in Counter(samples).most_common():  # ties keep sampling order
+        (right if extract_answer(text)[0] == gold else wrong).append(text)
+    if not right:
+        return []
+    return [{"prompt": prompt, "chosen": right[i % len(right)], "rejected": wrong[i]}
+            for i in range(min(k, len(wrong)))]
 
 
 def sample_pairs(model, tokenizer, prompts: list[str], answers: list[str], s: PairSettings,
@@ -42,23 +60,16 @@ def sample_pairs(model, tokenizer, prompts: list[str], answers: list[str], s: Pa
             log(f"sampled {done[0]}/{len(prompts)} questions x {s.samples}")
     gens = hf_generate(model, tokenizer, ids, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
                        num_samples=s.samples, temperature=s.temperature, seed=s.seed, progress=progress)
-    rng = random.Random(s.seed)
     rows, n_right, n_total, mixed, all_right = [], 0, 0, 0, 0
     for prompt, answer, samples in zip(prompts, answers, gens):
         gold = gold_answer(answer)
-        right, wrong = [], []
-        for text in dict.fromkeys(samples):  # distinct, in order
-            (right if extract_answer(text)[0] == gold else wrong).append(text)
-        n_right += sum(extract_answer(t)[0] == gold for t in samples)
+        n = sum(extract_answer(t)[0] == gold for t in samples)
+        n_right += n
         n_total += len(samples)
-        if right and wrong:
-            mixed += 1
-            rng.shuffle(right)
-            rng.shuffle(wrong)
-            for c, r in list(zip(right, wrong))[:s.pairs_per_question]:
-                rows.append({"prompt": prompt, "chosen": c, "rejected": r})
-        elif right:
-            all_right += 1
+        found = pairs_for_question(prompt, gold, samples, s.pairs_per_question)
+        rows += found
+        mixed += bool(found)
+        all_right += n == len(samples)
     stats = {"questions": len(prompts), "samples": n_total, "sample_accuracy": n_right / max(1, n_total),
              "questions_with_pairs": mixed, "questions_all_right": all_right,
              "questions_all_wrong": len(prompts) - mixed - all_right, "pairs": len(rows)}
@@ -66,8 +77,11 @@ def sample_pairs(model, tokenizer, prompts: list[str], answers: list[str], s: Pa
 
 
 def kto_view(pairs: list[dict]) -> list[dict]:
-    out = []
+    """Chosen answers labelled true, rejected false; an answer in two pairs appears once."""
+    out, seen = [], set()
     for p in pairs:
-        out.append({"prompt": p["prompt"], "completion": p["chosen"], "label": True})
-        out.append({"prompt": p["prompt"], "completion": p["rejected"], "label": False})
+        for text, label in ((p["chosen"], True), (p["rejected"], False)):
+            if (p["prompt"], text) not in seen:
+                seen.add((p["prompt"], text))
+                out.append({"prompt": p["prompt"], "completion": text, "label": label})
     return out

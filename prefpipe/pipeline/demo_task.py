@@ -1,9 +1,15 @@
 """The demo's task: single-digit addition and subtraction word problems in GSM8K's format.
 
-Each row is ``{"question": ..., "answer": "7 + 5 = 12\\n#### 12"}``: a one-line working, then the final number after
-``#### `` exactly as GSM8K writes it. Single digits keep the task learnable by a 0.5M-parameter model in about a
-minute and a half of CPU time (two-digit problems stay near chance at this size), while leaving it only partly
-right, so that preference training has something to fix.
+Each row is ``{"question": ..., "answer": "#### 12"}``: the final number after ``#### ``, exactly as GSM8K writes
+it, with no working line. The working is left out on purpose. With ``7 + 5 = 12\\n#### 12`` (or ``7 + 5\\n#### 12``)
+a partly trained model wrote its working and its final number almost independently, so on-policy pairs judged by
+the final number rewarded wrong workings: measured at temperature 1, about 1 chosen answer in 7 was right
+throughout, and DPO on those pairs lowered held-out accuracy at every learning rate and beta tried. With the number
+alone, a pair says exactly one thing: this number, not that one.
+
+Single digits keep the task learnable by a 0.5M-parameter model in a minute or two of CPU time (two-digit problems
+stay near chance at this size), while leaving it only partly right, so that preference training has something to
+fix.
 
 Train and held-out questions are disjoint as texts (every question is generated once, then split), but they share
 templates, names and number facts: the held-out set measures whether the model reads and computes, not whether it
@@ -34,7 +40,7 @@ PROMPT_TEMPLATE = "Q: {question}\nA: "
 def make_problem(template: str, op: str, name: str, item: str, a: int, b: int) -> dict:
     question = template.format(n=name, a=a, b=b, i=item)
     c = a + b if op == "+" else a - b
-    return {"question": question, "answer": f"{a} {op} {b} = {c}\n#### {c}"}
+    return {"question": question, "answer": f"#### {c}"}
 
 
 def all_problems() -> list[dict]:
