@@ -157,7 +157,7 @@ def test_demo_config_is_an_ordinary_pipeline_config(tmp_path):
     (tmp_path / "sft").mkdir()
     cfg = resolve(str(write_config(s, tmp_path)), {})
     assert cfg.losses == s.loss_types and cfg.betas == s.betas and cfg.kto_beta == list(s.kto_betas)
-    assert (cfg.lr, cfg.seed, cfg.batch_size) == (s.lr, 4, s.batch_size)
+    assert (cfg.lr, cfg.kto_lr, cfg.seed, cfg.batch_size) == (s.lr, s.kto_lr, 4, s.batch_size)
     assert cfg.model == str(tmp_path.resolve() / "sft")
     assert cfg.eval_gen == str(tmp_path.resolve() / "task" / "heldout.jsonl")
     assert cfg.eval_prompt_template == PROMPT_TEMPLATE

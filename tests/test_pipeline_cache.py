@@ -133,7 +133,7 @@ def test_pipeline_kto_from_unpaired_data(tiny_model, tmp_path, run_cli):
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(6, seed=2))
     kto = write_jsonl(tmp_path / "kto.jsonl", make_unpaired(8, seed=2))
     r = run_cli("pipeline", "--model", tiny_model, "--data", data, "--kto_data", kto, "--loss_type", "kto",
-                "--loss_type", "dpo", "--beta", "0.1", "--beta", "0.2", "--kto_beta", "0.3",
+                "--loss_type", "dpo", "--beta", "0.1", "--beta", "0.2", "--kto_beta", "0.3", "--kto_lr", "2e-3",
                 "--runs_dir", tmp_path / "runs", "--max_steps", "1", "--batch_size", "2", "--lr", "1e-3",
                 "--max_length", "96", "--max_prompt_length", "48", "--device", "cpu", "--no_progress",
                 "--drift_rows", "2")
@@ -144,4 +144,7 @@ def test_pipeline_kto_from_unpaired_data(tiny_model, tmp_path, run_cli):
     assert meta["kind"] == "unpaired" and meta["counts"]["rows_written"] == 8
     for name in ("dpo-beta0.1", "kto-beta0.3"):
         assert (tmp_path / "runs" / name / "metrics.jsonl").exists()
+    lrs = {x["name"]: json.loads((tmp_path / "runs" / x["name"] / "train_config.json").read_text())["optim"]["lr"]
+           for x in summary["runs"]}
+    assert lrs == {"dpo-beta0.1": 1e-3, "dpo-beta0.2": 1e-3, "kto-beta0.3": 2e-3}
     assert (tmp_path / "runs" / "curves.png").exists() and (tmp_path / "runs" / "summary.md").exists()

@@ -74,6 +74,7 @@ KEYS: list[Key] = [
     _k("turn_marker", "str", DEFAULT_TURN_MARKER, "precompute", "Implicit-prompt transcripts' turn marker."),
     # phase two
     _k("lr", "float", OptimConfig.lr, "train", "Peak learning rate."),
+    _k("kto_lr", "float", None, "train", "Peak learning rate of kto runs [default: lr]."),
     _k("weight_decay", "float", OptimConfig.weight_decay, "train", "AdamW weight decay."),
     _k("warmup_ratio", "float", OptimConfig.warmup_ratio, "train", "Fraction of steps spent warming up."),
     _k("lr_scheduler", "str", OptimConfig.lr_scheduler, "train", "Decay after warm-up.", SCHEDULERS),

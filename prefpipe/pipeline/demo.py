@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from prefpipe.pipeline.demo_pairs import PAIR_RULE, PairSettings
@@ -35,13 +35,15 @@ class DemoSettings:
     fresh: bool = False
     n_train: int = 3000
     n_heldout: int = 500
-    n_pair_questions: int = 3000  # training questions the SFT model is sampled on
-    sft: SFTSettings = field(default_factory=SFTSettings)
-    pairs: PairSettings = field(default_factory=PairSettings)
+    n_pair_questions: int = 2000  # training questions the SFT model is sampled on
+    sft: SFTSettings = field(default_factory=lambda: SFTSettings(steps=220))
+    pairs: PairSettings = field(default_factory=lambda: PairSettings(pairs_per_question=1))
     loss_types: tuple = ("dpo", "kto", "orpo", "sft")
-    betas: tuple = (0.05, 0.1, 0.3)
-    kto_betas: tuple = (0.1,)
-    lr: float = 1e-4
+    # Measured on this task (see the README): small betas let DPO drift and lose accuracy; 1-10 keep it close.
+    betas: tuple = (1.0, 3.0, 10.0)
+    kto_betas: tuple = (1.0,)
+    lr: float = 3e-4
+    kto_lr: float = 1e-4  # kto collapsed at 3e-4 (held-out accuracy 15-30% at beta 1, 3, 10)
     batch_size: int = 32
     epochs: int = 1
     device: str = "auto"  # SFT and sampling; the pipeline uses its own `device` key (auto too)
@@ -152,6 +154,7 @@ max_prompt_length = 96
 
 [train]
 lr = {s.lr!r}
+kto_lr = {s.kto_lr!r}
 batch_size = {s.batch_size}
 epochs = {s.epochs}
 warmup_ratio = 0.1
@@ -177,6 +180,8 @@ def run_demo(s: DemoSettings, log=print) -> dict:
 
     quiet_transformers()
     torch.set_flush_denormal(True)
+    # One seed drives everything: the split, the model init, the SFT data order, the samples and training.
+    s = replace(s, sft=replace(s.sft, seed=s.seed), pairs=replace(s.pairs, seed=s.seed))
     t0 = time.perf_counter()
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,7 @@ def ensure_cache(cfg: PipelineConfig, path: str, data: str, *, kto: bool, log) -
 
 
 def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data: str | None,
-                 betas: tuple | None = None):
+                 betas: tuple | None = None, lr: float | None = None):
     from prefpipe.train.config import LoopConfig, LossConfig, OptimConfig, SourceConfig, TrainConfig
 
     source = SourceConfig(model=cfg.model, cache=cache, data=data, max_drift=cfg.max_drift,
@@ -156,7 +156,7 @@ def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data:
         source=source, out=cfg.runs_dir, loss_types=losses, betas=betas or cfg.betas,
         loss=LossConfig(losses[0], (betas or cfg.betas)[0], cfg.label_smoothing, cfg.desirable_weight, cfg.undesirable_weight,
                         cfg.orpo_lambda),
-        optim=OptimConfig(cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.lr_scheduler, cfg.max_grad_norm),
+        optim=OptimConfig(lr or cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.lr_scheduler, cfg.max_grad_norm),
         loop=LoopConfig(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.eval_fraction,
                         cfg.eval_every, cfg.save_every, resume=cfg.resume),
         dtype=cfg.dtype, device=cfg.device, progress=cfg.progress)
@@ -216,7 +216,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         results += train(cfg, tc, log)
     if kto:
         results += train(cfg, train_config(cfg, ("kto",), cache=cfg.path_or("kto_cache", "cache-kto"), data=None,
-                                           betas=tuple(cfg.kto_beta or cfg.betas)), log)
+                                           betas=tuple(cfg.kto_beta or cfg.betas), lr=cfg.kto_lr), log)
     t_train = time.perf_counter() - t0 - t_cache
 
     evals = {}
