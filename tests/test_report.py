@@ -75,6 +75,8 @@ def test_winner_falls_back_to_held_out_then_training_accuracy(tmp_path):
     make_run(d2, "ipo-beta0.5", "ipo", 0.5, steps=8)
     res = write_report(d2)
     assert (res["best"], res["basis"], res["value"]) == ("ipo-beta0.5", "final reward accuracy", 0.4)
+    res = write_report(d2, only=["ipo-beta0.1"])  # the pipeline reports only its own runs
+    assert res["best"] == "ipo-beta0.1" and "ipo-beta0.5" not in res["markdown"]
     assert is_png(d2 / "curves.png") and is_png(d2 / "beta.png")
 
 

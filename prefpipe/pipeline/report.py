@@ -67,15 +67,16 @@ def _read_metrics(path: Path) -> list[dict]:
     return out
 
 
-def load_runs(runs_dir: str | Path) -> tuple[list[RunData], dict | None]:
-    """Every run under RUNS_DIR (directories with a result.json), and the SFT model's evaluation if any."""
+def load_runs(runs_dir: str | Path, only: list[str] | None = None) -> tuple[list[RunData], dict | None]:
+    """Every run under RUNS_DIR (directories with a result.json; only the named ones when `only` is given), and
+    the SFT model's evaluation if any."""
     d = Path(runs_dir)
     if not d.is_dir():
         raise UserError("no such runs directory", file=str(d))
     runs = []
     for sub in sorted(p for p in d.iterdir() if p.is_dir()):
         result = _read_json(sub / "result.json")
-        if result is None:
+        if result is None or (only is not None and sub.name not in only):
             continue
         runs.append(RunData(result.get("name", sub.name), result.get("loss_type", "?"), float(result.get("beta", 0)),
                             _read_metrics(sub / "metrics.jsonl"), result.get("final") or {},
@@ -245,10 +246,13 @@ def summary_markdown(runs: list[RunData], reference: dict | None) -> str:
     return "\n".join(lines)
 
 
-def write_report(runs_dir: str | Path) -> dict:
-    """Write curves.png, beta.png and summary.md into RUNS_DIR; return their paths and the winner."""
+def write_report(runs_dir: str | Path, only: list[str] | None = None) -> dict:
+    """Write curves.png, beta.png and summary.md into RUNS_DIR; return their paths and the winner.
+
+    `only` names the run directories to include (the pipeline passes its own runs, so that runs left in RUNS_DIR
+    by an earlier, different config do not appear); `prefpipe report` includes every run."""
     d = Path(runs_dir)
-    runs, reference = load_runs(d)
+    runs, reference = load_runs(d, only)
     plot_curves(runs, d / "curves.png")
     plot_beta(runs, reference, d / "beta.png")
     text = summary_markdown(runs, reference)

@@ -247,7 +247,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
                "timing_s": {"caches": round(t_cache, 1), "train": round(t_train, 1), "eval": round(t_eval, 1)}}
     runs_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(runs_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
-    report = write_report(runs_dir)
+    report = write_report(runs_dir, only=[r["dir"] for r in results])
     summary["report"] = {k: v for k, v in report.items() if k != "markdown"}
     summary["timing_s"]["total"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(runs_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
