@@ -136,7 +136,8 @@ def report(runs_dir):
 def demo(out, seed, fresh):
     """The whole job offline on CPU: task, SFT model, on-policy pairs, pipeline, evaluation, report.
 
-    Takes a few minutes on 2 CPU cores the first time; a rerun reuses the SFT model, the pairs and the cache.
+    About 2 minutes on 2 CPU cores the first time; a rerun reuses the SFT model, the pairs and the cache and
+    takes about 1 minute (training and evaluation only).
     """
     from prefpipe.pipeline.demo import DemoSettings, run_demo
 

@@ -5,10 +5,11 @@ final number (prefpipe.pipeline.answers) equals the gold one is right, any other
 included). A question yields pairs only when it has both kinds; questions the model always gets right, or always
 wrong, carry no preference signal and give none.
 
-Which samples are paired matters more than how many (measured): the rejected answers are the question's most
-frequent wrong samples, the chosen its most frequent right ones, up to `pairs_per_question` pairs. A wrong answer
-the model gives 5 times in 8 is the one greedy decoding would print; a wrong answer sampled once at temperature 1 is
-usually improbable already, and pushing it down further changes nothing the model would say.
+Which samples are paired matters: the rejected answers are the question's most frequent wrong samples, the chosen
+its most frequent right ones, up to `pairs_per_question` pairs. A wrong answer the model gives 5 times in 8 is the
+one greedy decoding would print; a wrong answer sampled once at temperature 1 is usually improbable already, and
+pushing it down changes nothing the model would say. (Measured: with a randomly drawn wrong sample, DPO lowered
+held-out accuracy at every learning rate from 2e-5 to 5e-4 and beta from 0.05 to 1 that was tried.)
 
 The KTO view holds the same answers as single examples (chosen: label true, rejected: label false), so that KTO
 sees exactly the information DPO sees.
