@@ -26,6 +26,8 @@ def settings(args, seed, steps, lr=None, out="."):
 
     s = DemoSettings(out=out, seed=seed, device=args.device)
     s = replace(s, sft=replace(s.sft, steps=steps, seed=seed), pairs=replace(s.pairs, seed=seed))
+    if args.target_accuracy is not None:
+        s = replace(s, sft=replace(s.sft, target_accuracy=args.target_accuracy or None))
     if args.betas:
         s = replace(s, betas=tuple(float(b) for b in args.betas.split(",")))
     if args.epochs:
@@ -34,6 +36,13 @@ def settings(args, seed, steps, lr=None, out="."):
         s = replace(s, n_pair_questions=args.n_pair_questions)
     if args.batch_size:
         s = replace(s, batch_size=args.batch_size)
+    if args.loss_types:
+        s = replace(s, loss_types=tuple(args.loss_types.split(",")))
+    if args.kto_lr:
+        s = replace(s, kto_lr=args.kto_lr)
+    pair_opts = {k: getattr(args, k) for k in ("samples", "temperature", "pairs_per_question")
+                 if getattr(args, k) is not None}
+    s = replace(s, pairs=replace(s.pairs, **pair_opts))
     if lr is not None:
         s = replace(s, lr=lr)
     if args.smoke:  # seconds-sized, to check the script itself
@@ -79,10 +88,15 @@ def child(args):
                                               "timing_s": summary["timing_s"]}))
 
 
+# Options every child gets; the prep key includes the pair options, so one --out can hold several pair settings.
+PASS_ON = ("target_accuracy", "betas", "epochs", "n_pair_questions", "batch_size", "loss_types", "kto_lr", "samples", "temperature",
+           "pairs_per_question")
+
+
 def spawn(args, stage, seed, steps, lr=None) -> int:
     cmd = [sys.executable, __file__, "--child", stage, "--out", args.out, "--seed", str(seed), "--steps", str(steps),
            "--threads", str(args.threads), "--device", args.device]
-    for k in ("betas", "epochs", "n_pair_questions", "batch_size"):
+    for k in PASS_ON:
         v = getattr(args, k)
         if v:
             cmd += [f"--{k}", str(v)]
@@ -107,6 +121,12 @@ def main():
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--n_pair_questions", type=int, default=None)
     ap.add_argument("--batch_size", type=int, default=None)
+    ap.add_argument("--loss_types", default=None, help="e.g. dpo,sft (default: the demo's)")
+    ap.add_argument("--kto_lr", type=float, default=None)
+    ap.add_argument("--target_accuracy", type=float, default=None, help="SFT stopping rule (0: none)")
+    ap.add_argument("--samples", type=int, default=None)
+    ap.add_argument("--temperature", type=float, default=None)
+    ap.add_argument("--pairs_per_question", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")

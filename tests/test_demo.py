@@ -1,4 +1,4 @@
-"""The demo's pieces at tiny sizes: task, character tokenizer, SFT loop, on-policy pairs, generation eval, config.
+"""The demo's pieces at tiny sizes: task, word-level tokenizer, SFT loop, on-policy pairs, generation eval, config.
 
 The full demo takes minutes and is not run here; its measured numbers are in the README.
 """
@@ -43,13 +43,13 @@ def test_splits_are_disjoint_and_seeded():
 
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory):
-    """A 2-layer hidden-64 character-level Llama after a short SFT run on 200 problems."""
-    from prefpipe.pipeline.demo_sft import SFTSettings, build_char_tokenizer, build_demo_model, train_sft
+    """A 2-layer hidden-64 word-level Llama after a short SFT run on 200 problems."""
+    from prefpipe.pipeline.demo_sft import SFTSettings, build_demo_model, build_word_tokenizer, train_sft
 
     torch.set_num_threads(2)
     d = tmp_path_factory.mktemp("demo-sft")
     train, held = make_splits(200, 40, seed=0)
-    tok = build_char_tokenizer(d, corpus(all_problems()))
+    tok = build_word_tokenizer(d, corpus(all_problems()))
     model = build_demo_model(tok, hidden_size=64, intermediate_size=128, seed=0)
     logs = []
     summary = train_sft(model, tok, [PROMPT_TEMPLATE.format(question=r["question"]) for r in train],
@@ -59,13 +59,16 @@ def sft_model(tmp_path_factory):
     return d, model, tok, train, held, summary, logs
 
 
-def test_char_tokenizer_and_model_size(sft_model):
+def test_word_tokenizer_and_model_size(sft_model):
     d, model, tok, *_ = sft_model
-    texts = corpus(all_problems()[:50])
-    for t in texts:
+    text = "Q: Ann has 7 apples and gets 12 more.\nA: #### 19"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["Q", ":", " Ann", " has", " ", "7", " apples", " and", " gets", " ",
+                                              "1", "2", " more", ".", "\n", "A", ":", " ", "####", " ", "1", "9"]
+    for t in corpus(all_problems()[:50]):
         ids = tok(t, add_special_tokens=False)["input_ids"]
-        assert len(ids) == len(t)  # one token per character
-        assert tok.decode(ids) == t
+        assert tok.unk_token_id not in ids and tok.decode(ids) == t
+        assert len(ids) < 0.5 * len(t)  # the point of word tokens: well under half the characters
     assert tok("ab")["input_ids"][0] == tok.bos_token_id
     from prefpipe.pipeline.demo_sft import build_demo_model
     big = build_demo_model(tok)  # the demo's size
@@ -73,6 +76,29 @@ def test_char_tokenizer_and_model_size(sft_model):
     expected = 2 * V * H + L * (4 * H * H + 3 * H * I + 2 * H) + H
     assert sum(p.numel() for p in big.parameters()) == expected
     assert 0.4e6 < expected < 0.6e6
+
+
+def test_sft_stops_at_the_target_accuracy(sft_model):
+    d, model, tok, train, held, *_ = sft_model
+    from prefpipe.pipeline.demo_sft import SFTSettings, build_demo_model, greedy_accuracy, train_sft
+    prompts = [PROMPT_TEMPLATE.format(question=r["question"]) for r in train[:40]]
+    answers = [r["answer"] for r in train[:40]]
+    check = (prompts[:20], answers[:20])
+    logs = []
+    fresh = build_demo_model(tok, hidden_size=32, intermediate_size=64, seed=1)
+    s = train_sft(fresh, tok, prompts, answers, SFTSettings(steps=12, batch_size=4, target_accuracy=0.0,
+                                                             check_every=5), log=logs.append, check=check)
+    assert s["steps"] == 5 and "reached the target 0.0" in logs[-1]  # any accuracy reaches 0: the first check
+    assert s["check_accuracy"] == greedy_accuracy(fresh, tok, *check)
+    s = train_sft(fresh, tok, prompts, answers, SFTSettings(steps=12, batch_size=4, target_accuracy=1.01,
+                                                             check_every=5), log=logs.append, check=check)
+    assert s["steps"] == 12  # never reached: the whole schedule runs
+    # The trained fixture model against a hand count of its greedy answers.
+    from prefpipe.pipeline.generate import encode_prompts, hf_generate
+    gens = hf_generate(model, tok, encode_prompts(tok, prompts), max_new_tokens=10, batch_size=8)
+    by_hand = sum(re.fullmatch(r"#### (\d+)", g[0].strip()) is not None and
+                  g[0].strip() == a for g, a in zip(gens, answers)) / 40
+    assert greedy_accuracy(model, tok, prompts, answers) == by_hand
 
 
 def test_sft_learns_the_format(sft_model):

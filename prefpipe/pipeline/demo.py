@@ -36,6 +36,7 @@ class DemoSettings:
     n_train: int = 3000
     n_heldout: int = 500
     n_pair_questions: int = 2000  # training questions the SFT model is sampled on
+    n_check: int = 250  # training questions the SFT stopping rule is measured on (the last ones)
     sft: SFTSettings = field(default_factory=lambda: SFTSettings(steps=220))
     pairs: PairSettings = field(default_factory=lambda: PairSettings(pairs_per_question=1))
     loss_types: tuple = ("dpo", "kto", "orpo", "sft")
@@ -75,11 +76,11 @@ def make_task(s: DemoSettings, out: Path, log) -> tuple[list[dict], list[dict]]:
 def make_sft(s: DemoSettings, out: Path, train: list[dict], log) -> Path:
     """Train the SFT model unless one made with the same settings is already there."""
     from prefpipe.modeling import resolve_device
-    from prefpipe.pipeline.demo_sft import build_char_tokenizer, build_demo_model, save_sft, train_sft
+    from prefpipe.pipeline.demo_sft import build_word_tokenizer, build_demo_model, save_sft, train_sft
     from prefpipe.pipeline.demo_task import PROMPT_TEMPLATE, all_problems, corpus
 
     dest = out / "sft"
-    key = {"seed": s.seed, "n_train": s.n_train, "sft": asdict(s.sft)}
+    key = {"seed": s.seed, "n_train": s.n_train, "n_check": s.n_check, "sft": asdict(s.sft)}
     done = _read_json(dest / "sft_summary.json")
     if done is not None and done.get("key") == key and not s.fresh:
         log(f"sft: reusing {dest} (trained earlier with the same settings)")
@@ -87,13 +88,15 @@ def make_sft(s: DemoSettings, out: Path, train: list[dict], log) -> Path:
     tmp = out / f".sft.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = build_char_tokenizer(tmp, corpus(all_problems()))
+    tok = build_word_tokenizer(tmp, corpus(all_problems()))
     model = build_demo_model(tok, seed=s.seed).to(resolve_device(s.device))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"sft: training a {n_params / 1e6:.2f}M-parameter Llama on {len(train)} questions "
         f"({s.sft.steps} steps of {s.sft.batch_size})")
-    summary = train_sft(model, tok, [PROMPT_TEMPLATE.format(question=r["question"]) for r in train],
-                        [r["answer"] for r in train], s.sft, log=lambda m: log(m))
+    prompts = [PROMPT_TEMPLATE.format(question=r["question"]) for r in train]
+    answers = [r["answer"] for r in train]
+    check = (prompts[-s.n_check:], answers[-s.n_check:])
+    summary = train_sft(model, tok, prompts, answers, s.sft, log=lambda m: log(m), check=check)
     save_sft(model, tok, tmp, {**summary, "key": key, "parameters": n_params})
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
