@@ -1,7 +1,7 @@
 """Measure the demo's gain over seeds (and tune it): SFT + pairs once per (seed, SFT steps), then the pipeline
 once per learning rate, many jobs in parallel. Writes sweep.json and prints mean ± std per run over seeds.
 
-    python bench/demo_sweep.py --out /tmp/sweep --seeds 0,1,2 --sft_steps 200 --lrs 1e-4 --jobs 3 --threads 2
+    python bench/demo_sweep.py --out /tmp/sweep --seeds 0,1,2 --lrs 1e-4 --jobs 2 --threads 1
 
 Each job is the same code `prefpipe demo` runs (prefpipe.pipeline.demo); only sizes and the learning rate vary.
 """
@@ -115,7 +115,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--sft_steps", default="200")
+    ap.add_argument("--sft_steps", default="400")
     ap.add_argument("--lrs", default="1e-4")
     ap.add_argument("--betas", default=None)
     ap.add_argument("--epochs", type=int, default=None)

@@ -229,6 +229,28 @@ def test_accumulation_and_checkpointing_leave_the_trajectory_unchanged(tmp_path,
         assert_trajectories_close(a, b, atol=1e-5)
 
 
+def test_kto_balance_warning_by_hand():
+    from prefpipe.train.objective import kto_balance_warning
+    # 1 desirable, 3 undesirable, unit weights: 1*1/(1*3) = 0.33 < 1; lambda_D = 3 makes it exactly 1.
+    w = kto_balance_warning([True, False, False, False], 1.0, 1.0)
+    assert "= 0.33" in w and "--desirable_weight 3.0" in w
+    assert kto_balance_warning([True, False, False, False], 3.0, 1.0) is None
+    assert kto_balance_warning([True] * 4 + [False] * 3, 1.0, 1.0) is None  # 4/3, the upper end
+    w = kto_balance_warning([True] * 3 + [False] * 2, 1.0, 1.0)  # 1.5 > 4/3
+    assert "= 1.50" in w and "--desirable_weight 0.67" in w
+    assert "0 undesirable" in kto_balance_warning([True, True], 1.0, 1.0)
+
+
+def test_kto_cli_warns_about_imbalanced_weights(tmp_path, tiny_model, small_caches, run_cli):
+    args = ["--model", tiny_model, "--cache", small_caches["kto"], "--loss_type", "kto", "--max_steps", "1",
+            "--no_progress", "--dtype", "float32", "--device", "cpu"]
+    balanced = run_cli("train", *args, "--out", tmp_path / "a")  # the pairs' KTO view: one of each per pair
+    assert balanced.exit_code == 0 and "recommended [1, 4/3]" not in balanced.output
+    heavy = run_cli("train", *args, "--out", tmp_path / "b", "--undesirable_weight", "2")
+    assert heavy.exit_code == 0 and "= 0.50, outside the KTO paper's recommended [1, 4/3]" in heavy.output
+    assert "--desirable_weight 2.0" in heavy.output
+
+
 def test_kto_on_a_cache_of_unpaired_data(tmp_path, tmp_path_factory, tiny_model):
     from test_train_fixtures import unpaired_data
     kcache = cache(tmp_path_factory, tiny_model, unpaired_data(tmp_path_factory, 12), "unpaired12")

@@ -122,6 +122,12 @@ def run_training(cfg: TrainConfig) -> dict:
         data = load_train_data(cfg.source, tokenizer, kto=kto.pop())
         for note in data.notes:
             log(note)
+        if data.kind == "unpaired":
+            from prefpipe.train.objective import kto_balance_warning
+            warning = kto_balance_warning(data.table.column("label").to_pylist(), cfg.loss.desirable_weight,
+                                          cfg.loss.undesirable_weight)
+            if warning:
+                log(warning)
         needs_ref = any(r.needs_reference for r in runs)
         cached_ref = needs_ref and cfg.source.reference == "cached"
         if cached_ref and cfg.source.data:

@@ -106,3 +106,23 @@ def metric_names(loss_type: str) -> list[str]:
     if loss_type == "orpo":
         names += ["nll", "log_odds"]
     return names
+
+
+def kto_balance_warning(labels: list[bool], desirable_weight: float, undesirable_weight: float) -> str | None:
+    """A warning when `lambda_D * n_D / (lambda_U * n_U)` is outside [1, 4/3], else None.
+
+    That is the range the KTO paper (Ethayarajh et al. 2024, section 4) recommends. Outside it the larger side
+    dominates the loss: with three undesirable examples per desirable one and unit weights, KTO on prefpipe's demo
+    lowered every completion's log-probability until the model wrote nothing but '#'.
+    """
+    n_d = sum(bool(x) for x in labels)
+    n_u = len(labels) - n_d
+    if n_d == 0 or n_u == 0:
+        return (f"warning: kto data has {n_d} desirable and {n_u} undesirable examples; KTO needs both to have "
+                "a reference point worth the name")
+    ratio = desirable_weight * n_d / (undesirable_weight * n_u)
+    if 1.0 <= ratio <= 4.0 / 3.0:
+        return None
+    fix = round(undesirable_weight * n_u / n_d, 2)
+    return (f"warning: kto data has {n_d} desirable and {n_u} undesirable examples, so lambda_D*n_D/(lambda_U*n_U) "
+            f"= {ratio:.2f}, outside the KTO paper's recommended [1, 4/3]; consider --desirable_weight {fix}")
