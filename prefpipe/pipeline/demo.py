@@ -1,7 +1,8 @@
 """`prefpipe demo`: the whole job, offline, on a laptop-sized CPU, with a real gain to show.
 
 1. Task: single-digit add/sub word problems in GSM8K's format (`task/train.jsonl`, `task/heldout.jsonl`).
-2. SFT: a 0.5M-parameter character-level Llama trained on the train split until it is partly right (`sft/`).
+2. SFT: a 0.5M-parameter word-level Llama trained on the train split until its greedy accuracy on some training
+   questions reaches 60%: partly right, with room to improve (`sft/`).
 3. Pairs: several samples per training question from the SFT model; the right final number is chosen, a wrong one
    rejected (`data/pairs.jsonl`, and the KTO view `data/kto.jsonl`).
 4. `prefpipe pipeline --config run.toml`: precompute once, then dpo at several betas, kto, orpo and continued SFT
