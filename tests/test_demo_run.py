@@ -20,7 +20,7 @@ def test_demo_runs_end_to_end_and_reuses_its_stages(tmp_path):
     first = []
     result = run_demo(s, log=first.append)
     out = tmp_path / "demo"
-    assert set(result["accuracy"]) == {"reference", "dpo-beta1", "kto-beta1", "orpo-beta1"}
+    assert set(result["accuracy"]) == {"reference", "dpo-beta1", "kto-beta1", "orpo"}
     assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
     assert json.loads((out / "demo_result.json").read_text())["accuracy"] == result["accuracy"]
     for f in ("summary.md", "beta.png", "curves.png"):

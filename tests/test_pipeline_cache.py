@@ -126,7 +126,7 @@ def test_pipeline_reuses_then_recomputes(tiny_model, tmp_path, run_cli):
     assert r.exit_code == 0, r.output
     assert "phase one skipped: orpo need no reference log-probs" in r.output
     assert not (tmp_path / "orpo-runs" / "cache").exists()
-    assert (tmp_path / "orpo-runs" / "orpo-beta0.1" / "final" / "config.json").exists()
+    assert (tmp_path / "orpo-runs" / "orpo" / "final" / "config.json").exists()
 
 
 def test_pipeline_kto_from_unpaired_data(tiny_model, tmp_path, run_cli):

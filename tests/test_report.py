@@ -43,8 +43,8 @@ def test_report_writes_plots_and_names_the_winner(tmp_path, run_cli):
     make_run(d, "dpo-beta0.3", "dpo", 0.3, gen_acc=0.70)
     make_run(d, "dpo-beta0.05", "dpo", 0.05, gen_acc=0.55)
     make_run(d, "kto-beta0.1", "kto", 0.1, gen_acc=0.62)
-    make_run(d, "orpo-beta0.1", "orpo", 0.1, gen_acc=0.65)
-    make_run(d, "sft-beta0.1", "sft", 0.1, gen_acc=0.64)
+    make_run(d, "orpo", "orpo", 0.1, gen_acc=0.65)
+    make_run(d, "sft", "sft", 0.1, gen_acc=0.64)
     (d / "reference").mkdir()
     (d / "reference" / "eval_gen.json").write_text(json.dumps({"accuracy": 0.5, "correct": 100, "n": 200}))
     (d / "cache").mkdir()  # not a run: ignored
@@ -58,9 +58,9 @@ def test_report_writes_plots_and_names_the_winner(tmp_path, run_cli):
     rows = [line for line in md.splitlines() if line.startswith("| ")][1:]
     assert rows[0].startswith("| SFT model (reference) |")
     order = [row.split("|")[1].strip() for row in rows[1:]]
-    assert order == ["**dpo-beta0.3** ★", "orpo-beta0.1", "sft-beta0.1", "kto-beta0.1", "dpo-beta0.1",
+    assert order == ["**dpo-beta0.3** ★", "orpo", "sft", "kto-beta0.1", "dpo-beta0.1",
                      "dpo-beta0.05"]
-    assert "| orpo-beta0.1 | orpo | – | 12 |" in md  # beta does not apply to orpo
+    assert "| orpo | orpo | – | 12 |" in md  # beta does not apply to orpo
     assert "140 / 200" in md
 
 

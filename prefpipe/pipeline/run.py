@@ -13,8 +13,8 @@ Decisions a user needs to know:
   from `kto_data` (or from `data`, two examples per pair). `eval_data` gets a third cache for held-out metrics.
 - **Reruns** retrain every run of the sweep, replacing the earlier run directories of the same names (other runs
   in RUNS_DIR are left alone); with `resume = true` finished runs are kept and interrupted ones continue.
-- **Outputs.** RUNS_DIR holds the runs (`<loss>-beta<beta>/`), `summary.json` (every run, merged across the
-  paired and the kto training calls), `reference/eval_gen.json` for the SFT model, and the report's plots and
+- **Outputs.** RUNS_DIR holds the runs (`<loss>-beta<beta>/`, or `orpo/`, `sft/`), `summary.json` (every run,
+  merged across the paired and the kto training calls), `reference/eval_gen.json` for the SFT model, and the report's plots and
   `summary.md`.
 """
 

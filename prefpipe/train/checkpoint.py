@@ -1,6 +1,6 @@
 """Checkpoints: Hugging Face model directories plus the trainer state, written atomically.
 
-Layout of a run directory (`RUNS_DIR/<loss>-beta<beta>/`):
+Layout of a run directory (`RUNS_DIR/<loss>-beta<beta>/`, or `RUNS_DIR/orpo/`, `RUNS_DIR/sft/`):
 
     metrics.jsonl                  one JSON object per train step and per evaluation (see loop.py)
     train_config.json              the resolved configuration of the run

@@ -18,7 +18,8 @@ from prefpipe.train.losses import LOSS_TYPES
               type=click.Choice(LOSS_TYPES), help="Repeat to run several losses one after another.")
 @click.option("--beta", "betas", multiple=True, type=float, default=(0.1,), show_default=True,
               help="Repeat for a beta sweep: one run per value, from the one loaded cache.")
-@click.option("--out", required=True, help="RUNS_DIR: each run goes to RUNS_DIR/<loss>-beta<beta>/.")
+@click.option("--out", required=True,
+              help="RUNS_DIR: each run goes to RUNS_DIR/<loss>-beta<beta>/ (orpo, sft: RUNS_DIR/<loss>/).")
 @click.option("--reference", type=click.Choice(["cached", "live"]), default="cached", show_default=True,
               help="cached: reference log-probs from the cache. live: a frozen copy of --model scores every batch.")
 @click.option("--lr", type=float, default=OptimConfig.lr, show_default=True)

@@ -41,8 +41,8 @@ class LossConfig:
 
     @property
     def run_name(self) -> str:
-        """`<loss>-beta<beta>`, the run's directory under `--out`."""
-        return f"{self.loss_type}-beta{self.beta:g}"
+        """The run's directory under `--out`: `<loss>-beta<beta>`, or just `<loss>` for a loss without beta."""
+        return self.loss_type if self.loss_type in REFERENCE_FREE else f"{self.loss_type}-beta{self.beta:g}"
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class TrainConfig:
 
     def runs(self) -> list[LossConfig]:
         """One LossConfig per run, in order: each loss type, then each beta. Reference-free losses (orpo, sft)
-        ignore beta, so they run once, named after the first beta."""
+        ignore beta, so they run once (named `orpo`, `sft`)."""
         out = []
         for lt in dict.fromkeys(self.loss_types):
             for beta in (self.betas[:1] if lt in REFERENCE_FREE else dict.fromkeys(self.betas)):

@@ -3,7 +3,8 @@
 Output files, all under `cfg.out` (RUNS_DIR):
 
     summary.json              {"model", "cache", "data", "reference", "validation", "runs": [RUN, ...]}
-    <loss>-beta<beta>/        one directory per run (layout in prefpipe/train/checkpoint.py)
+    <loss>-beta<beta>/        one directory per run, `orpo/` and `sft/` for the losses without beta
+                              (layout in prefpipe/train/checkpoint.py)
 
 RUN (also written alone to `<run>/result.json`):
 
