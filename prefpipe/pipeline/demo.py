@@ -227,7 +227,8 @@ def run_demo(s: DemoSettings, log=print) -> dict:
     log("held-out exact-match accuracy:")
     for name, acc in result["accuracy"].items():
         delta = "" if base is None or name == "reference" else f"  ({100 * (acc - base):+.1f} points)"
-        log(f"  {'SFT model' if name == 'reference' else name:16} {100 * acc:5.1f}%{delta}")
+        note = "  continued SFT on the chosen answers: the baseline" if name == "sft" else ""
+        log(f"  {'SFT model' if name == 'reference' else name:16} {100 * acc:5.1f}%{delta}{note}")
     log(f"report: {out / 'runs' / 'summary.md'}, {out / 'runs' / 'beta.png'}, {out / 'runs' / 'curves.png'}; "
         f"total {result['timing_s']['total']:.0f}s")
     return result
