@@ -8,7 +8,7 @@ import torch
 from conftest import make_pairs, write_jsonl
 from prefpipe.errors import UserError
 from prefpipe.pipeline.evaluate import eval_preference, resolve_run
-from prefpipe.precompute.run import PrecomputeConfig, run_precompute
+from test_train_fixtures import cache as precomputed
 
 BETA = 0.2
 
@@ -17,9 +17,7 @@ BETA = 0.2
 def setup(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("evalpref")
     data = write_jsonl(d / "pairs.jsonl", make_pairs(12, seed=11))
-    cache = d / "cache"
-    run_precompute(PrecomputeConfig(model=str(tiny_model), data=str(data), out=str(cache), max_length=96,
-                                    max_prompt_length=48, device="cpu", dtype="float32", progress=False))
+    cache = precomputed(tmp_path_factory, tiny_model, data, "evalpref-cache", max_length=96, max_prompt_length=48)
     # A policy: the reference with every weight matrix nudged, saved as a run directory like train's.
     from prefpipe.modeling import load_model
     run = d / "run"

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_pairs, make_unpaired, write_jsonl
 from prefpipe.pipeline.config import resolve
 from prefpipe.pipeline.run import check_cache, expected_identity
-from prefpipe.precompute.run import PrecomputeConfig, run_precompute
+from test_train_fixtures import cache as precomputed
 
 
 def cfg_for(model, data, **kw):
@@ -19,9 +19,7 @@ def cfg_for(model, data, **kw):
 def cached(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("cachecheck")
     data = write_jsonl(d / "pairs.jsonl", make_pairs(10, seed=3))
-    out = d / "cache"
-    run_precompute(PrecomputeConfig(model=str(tiny_model), data=str(data), out=str(out), max_length=96,
-                                    max_prompt_length=48, device="cpu", progress=False))
+    out = precomputed(tmp_path_factory, tiny_model, data, "cachecheck-cache", max_length=96, max_prompt_length=48)
     return d, data, out
 
 
@@ -71,15 +69,14 @@ def test_changed_model_weights_recompute(cached, tiny_model, tmp_path):
     assert "tokenizer" not in c.reason  # the tokenizer files were copied unchanged
 
 
-def test_wrong_kind_missing_reference_recompute_flag_and_empty(cached, tiny_model, tmp_path):
+def test_wrong_kind_missing_reference_recompute_flag_and_empty(cached, tiny_model, tmp_path, tmp_path_factory):
     d, data, out = cached
     cfg = cfg_for(tiny_model, data)
     assert check(cfg, out, kto=True).reason.endswith("it holds pairs, this run needs KTO examples")
     assert check(cfg, out, recompute=True).action == "recompute"
     assert check(cfg, tmp_path / "nothing").action == "compute"
-    orpo = tmp_path / "orpo"
-    run_precompute(PrecomputeConfig(model=str(tiny_model), data=str(data), out=str(orpo), max_length=96,
-                                    max_prompt_length=48, no_reference=True, progress=False))
+    orpo = precomputed(tmp_path_factory, tiny_model, data, "cachecheck-orpo", max_length=96, max_prompt_length=48,
+                       no_reference=True)
     assert "no reference log-probs" in check(cfg, orpo).reason
 
 

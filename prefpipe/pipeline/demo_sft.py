@@ -93,12 +93,14 @@ def encode_examples(tokenizer, prompts: list[str], answers: list[str]) -> list[t
 
 
 def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str]) -> float:
-    """Exact-match accuracy of greedy answers, judged as `prefpipe eval --gen` judges them."""
-    from prefpipe.pipeline.answers import extract_answer, gold_answer
+    """Exact-match accuracy of greedy answers, judged by `prefpipe eval --gen`'s own scoring."""
+    from prefpipe.pipeline.answers import gold_answer
+    from prefpipe.pipeline.evaluate import score_generations
     from prefpipe.pipeline.generate import encode_prompts, hf_generate
 
     gens = hf_generate(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens=10, batch_size=512)
-    return sum(extract_answer(g[0])[0] == gold_answer(a) for g, a in zip(gens, answers)) / max(1, len(answers))
+    rows = [{"row": i, "question": p, "gold": gold_answer(a)} for i, (p, a) in enumerate(zip(prompts, answers))]
+    return score_generations(rows, [g[0] for g in gens])[0]["accuracy"]
 
 
 def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings: SFTSettings,

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from prefpipe.errors import UserError
 from prefpipe.pipeline.evaluate import GEN_FILE, PREF_FILE, atomic_write_text
+from prefpipe.train.losses import REFERENCE_FREE  # these losses do not use beta either
 
 REFERENCE_DIR = "reference"
-BETA_FREE = ("orpo", "sft")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class RunData:
 
     @property
     def beta_free(self) -> bool:
-        return self.loss_type in BETA_FREE
+        return self.loss_type in REFERENCE_FREE
 
 
 def _read_json(path: Path) -> dict | None:

@@ -14,8 +14,8 @@ Decisions a user needs to know:
 - **Reruns** retrain every run of the sweep, replacing the earlier run directories of the same names (other runs
   in RUNS_DIR are left alone); with `resume = true` finished runs are kept and interrupted ones continue.
 - **Outputs.** RUNS_DIR holds the runs (`<loss>-beta<beta>/`, or `orpo/`, `sft/`), `summary.json` (every run,
-  merged across the paired and the kto training calls), `reference/eval_gen.json` for the SFT model, and the report's plots and
-  `summary.md`.
+  merged across the paired and the kto training calls), `reference/eval_gen.json` for the SFT model, and the
+  report's plots and `summary.md`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from prefpipe.data.cache import MANIFEST, read_manifest, read_part_metadata
 from prefpipe.errors import UserError
 from prefpipe.pipeline.config import PipelineConfig
 from prefpipe.pipeline.evaluate import atomic_write_text
-
-REFERENCE_FREE = ("orpo", "sft")
+from prefpipe.train.losses import REFERENCE_FREE
 
 
 @dataclass

@@ -108,6 +108,11 @@ def metric_names(loss_type: str) -> list[str]:
     return names
 
 
+def kto_balancing_weight(n_desirable: int, n_undesirable: int, undesirable_weight: float = 1.0) -> float:
+    """The lambda_D that makes `lambda_D * n_D / (lambda_U * n_U)` exactly 1, rounded to 2 decimals."""
+    return round(undesirable_weight * n_undesirable / n_desirable, 2)
+
+
 def kto_balance_warning(labels: list[bool], desirable_weight: float, undesirable_weight: float) -> str | None:
     """A warning when `lambda_D * n_D / (lambda_U * n_U)` is outside [1, 4/3], else None.
 
@@ -123,6 +128,6 @@ def kto_balance_warning(labels: list[bool], desirable_weight: float, undesirable
     ratio = desirable_weight * n_d / (undesirable_weight * n_u)
     if 1.0 <= ratio <= 4.0 / 3.0:
         return None
-    fix = round(undesirable_weight * n_u / n_d, 2)
+    fix = kto_balancing_weight(n_d, n_u, undesirable_weight)
     return (f"warning: kto data has {n_d} desirable and {n_u} undesirable examples, so lambda_D*n_D/(lambda_U*n_U) "
             f"= {ratio:.2f}, outside the KTO paper's recommended [1, 4/3]; consider --desirable_weight {fix}")
