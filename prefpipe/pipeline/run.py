@@ -88,6 +88,17 @@ def _differences(expected: dict, found: dict) -> list[str]:
     return out
 
 
+def _mismatches(expected: dict, meta: dict, *, kto: bool, needs_reference: bool) -> list[str]:
+    """Why a cache with metadata `meta` cannot serve this run (empty when it can)."""
+    diff = _differences(expected, _identity_of(meta))
+    if (meta.get("kind") == "unpaired") != kto:
+        diff.append(f"it holds {'KTO examples' if meta.get('kind') == 'unpaired' else 'pairs'}, "
+                    f"this run needs {'KTO examples' if kto else 'pairs'}")
+    if needs_reference and not meta.get("has_reference", True):
+        diff.append("it has no reference log-probs")
+    return diff
+
+
 def check_cache(path: str, expected: dict, *, kto: bool, needs_reference: bool, recompute: bool) -> CacheCheck:
     """Decide whether the cache at `path` can serve this run, and say why."""
     d = Path(path)
@@ -98,20 +109,14 @@ def check_cache(path: str, expected: dict, *, kto: bool, needs_reference: bool, 
     if not (d / MANIFEST).exists():
         parts = sorted(d.glob("part-*.parquet"))
         meta = read_part_metadata(parts[0]) if parts else None
-        if meta is not None and not _differences(expected, _identity_of(meta)) and \
-                (meta.get("kind") == "unpaired") == kto and meta.get("has_reference", True) == needs_reference:
+        if meta is not None and not _mismatches(expected, meta, kto=kto, needs_reference=needs_reference):
             return CacheCheck(path, "resume", f"an unfinished cache of this run: {len(parts)} parts done")
         return CacheCheck(path, "recompute", "an unfinished cache from a different run")
     try:
         meta = read_manifest(d)["metadata"]
     except UserError as e:
         return CacheCheck(path, "recompute", f"the old cache is unreadable: {e.message}")
-    diff = _differences(expected, _identity_of(meta))
-    if (meta.get("kind") == "unpaired") != kto:
-        diff.append(f"it holds {'KTO examples' if meta.get('kind') == 'unpaired' else 'pairs'}, "
-                    f"this run needs {'KTO examples' if kto else 'pairs'}")
-    if needs_reference and not meta.get("has_reference", True):
-        diff.append("it has no reference log-probs")
+    diff = _mismatches(expected, meta, kto=kto, needs_reference=needs_reference)
     if diff:
         return CacheCheck(path, "recompute", "; ".join(diff))
     return CacheCheck(path, "reuse", "model, tokenizer, tokenization and data fingerprints match")
