@@ -3,7 +3,7 @@ once per learning rate, many jobs in parallel. Writes sweep.json and prints mean
 
     python bench/demo_sweep.py --out /tmp/sweep --seeds 0,1,2 --lrs 1e-4 --jobs 2 --threads 1
 
-Each job is the same code `prefpipe demo` runs (prefpipe.pipeline.demo); only sizes and the learning rate vary.
+Each job is the same code `prefpipe demo` runs (prefpipe.demo.run); only sizes and the learning rate vary.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 
 def settings(args, seed, steps, lr=None, out="."):
-    from prefpipe.pipeline.demo import DemoSettings
-    from prefpipe.pipeline.demo_sft import SFTSettings
+    from prefpipe.demo.run import DemoSettings
+    from prefpipe.demo.sft import SFTSettings
 
     s = DemoSettings(out=out, seed=seed, device=args.device)
     s = replace(s, sft=replace(s.sft, steps=steps, seed=seed), pairs=replace(s.pairs, seed=seed))

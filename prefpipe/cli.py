@@ -41,8 +41,10 @@ def _register():
     cli.add_command(inspect_cmd)
     from prefpipe.train.cli import train
     cli.add_command(train)
-    from prefpipe.pipeline.cli import commands
-    for cmd in commands:
+    from prefpipe.demo.cli import commands as demo_commands
+    from prefpipe.evaluation.cli import commands as eval_commands
+    from prefpipe.pipeline.cli import commands as pipeline_commands
+    for cmd in pipeline_commands + eval_commands + demo_commands:
         cli.add_command(cmd)
 
 

@@ -15,14 +15,18 @@ from torch.utils.checkpoint import checkpoint
 DEFAULT_CHUNK_TOKENS = 1024
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into `input_ids [B, T]` and `attention_mask [B, T]` (long)."""
+def pad_batch(seqs: list[list[int]], pad_id: int, device=None, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists into `input_ids [B, T]` and `attention_mask [B, T]` (long).
+
+    Scoring pads on the right (real tokens keep positions 0..n-1); generation pads on the left, so that every
+    row's next token is at the last position."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
+        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, span] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, span] = 1
     if device is not None:
         ids, mask = ids.to(device), mask.to(device)
     return ids, mask

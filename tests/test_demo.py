@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from prefpipe.pipeline.answers import gold_answer
-from prefpipe.pipeline.demo_task import PROMPT_TEMPLATE, all_problems, corpus, make_splits
+from prefpipe.evaluation.answers import gold_answer
+from prefpipe.demo.task import PROMPT_TEMPLATE, all_problems, corpus, make_splits
 
 PLUS = ("gets", "found", "adds")
 MINUS = ("gives", "lost", "takes")
@@ -44,7 +44,7 @@ def test_splits_are_disjoint_and_seeded():
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory):
     """A 2-layer hidden-64 word-level Llama after a short SFT run on 200 problems."""
-    from prefpipe.pipeline.demo_sft import SFTSettings, build_demo_model, build_word_tokenizer, train_sft
+    from prefpipe.demo.sft import SFTSettings, build_demo_model, build_word_tokenizer, train_sft
 
     torch.set_num_threads(2)
     d = tmp_path_factory.mktemp("demo-sft")
@@ -70,7 +70,7 @@ def test_word_tokenizer_and_model_size(sft_model):
         assert tok.unk_token_id not in ids and tok.decode(ids) == t
         assert len(ids) < 0.5 * len(t)  # the point of word tokens: well under half the characters
     assert tok("ab")["input_ids"][0] == tok.bos_token_id
-    from prefpipe.pipeline.demo_sft import build_demo_model
+    from prefpipe.demo.sft import build_demo_model
     big = build_demo_model(tok)  # the demo's size
     V, H, L, I = len(tok), 128, 2, 512
     expected = 2 * V * H + L * (4 * H * H + 3 * H * I + 2 * H) + H
@@ -80,7 +80,7 @@ def test_word_tokenizer_and_model_size(sft_model):
 
 def test_sft_stops_at_the_target_accuracy(sft_model):
     d, model, tok, train, held, *_ = sft_model
-    from prefpipe.pipeline.demo_sft import SFTSettings, build_demo_model, greedy_accuracy, train_sft
+    from prefpipe.demo.sft import SFTSettings, build_demo_model, greedy_accuracy, train_sft
     prompts = [PROMPT_TEMPLATE.format(question=r["question"]) for r in train[:40]]
     answers = [r["answer"] for r in train[:40]]
     check = (prompts[:20], answers[:20])
@@ -94,7 +94,7 @@ def test_sft_stops_at_the_target_accuracy(sft_model):
                                                              check_every=5), log=logs.append, check=check)
     assert s["steps"] == 12  # never reached: the whole schedule runs
     # The trained fixture model against a hand count of its greedy answers.
-    from prefpipe.pipeline.generate import encode_prompts, hf_generate
+    from prefpipe.evaluation.generate import encode_prompts, hf_generate
     gens = hf_generate(model, tok, encode_prompts(tok, prompts), max_new_tokens=10, batch_size=8)
     by_hand = sum(re.fullmatch(r"#### (\d+)", g[0].strip()) is not None and
                   g[0].strip() == a for g, a in zip(gens, answers)) / 40
@@ -106,7 +106,7 @@ def test_sft_learns_the_format(sft_model):
     # Default init (std 0.02) gives near-uniform predictions: the first loss is about ln(vocab). The answers are
     # short ("#### 7" + EOS) and share most tokens, so a few random logit offsets move it by up to ~0.3 nats.
     from prefpipe.logprobs import pad_batch, sequence_logprobs
-    from prefpipe.pipeline.demo_sft import build_demo_model, encode_examples
+    from prefpipe.demo.sft import build_demo_model, encode_examples
     fresh = build_demo_model(tok, hidden_size=64, intermediate_size=128, seed=0).eval()
     ex = encode_examples(tok, [PROMPT_TEMPLATE.format(question=r["question"]) for r in train[:32]],
                          [r["answer"] for r in train[:32]])
@@ -121,7 +121,7 @@ def test_sft_learns_the_format(sft_model):
 
 def test_pairs_are_judged_by_the_final_number(sft_model):
     d, model, tok, train, held, *_ = sft_model
-    from prefpipe.pipeline.demo_pairs import PairSettings, kto_view, sample_pairs
+    from prefpipe.demo.pairs import PairSettings, kto_view, sample_pairs
     qs = train[:40]
     prompts = [PROMPT_TEMPLATE.format(question=r["question"]) for r in qs]
     rows, stats = sample_pairs(model, tok, prompts, [r["answer"] for r in qs],
@@ -145,7 +145,7 @@ def test_pairs_are_judged_by_the_final_number(sft_model):
 
 
 def test_pairs_take_the_most_frequent_answers():
-    from prefpipe.pipeline.demo_pairs import pairs_for_question
+    from prefpipe.demo.pairs import pairs_for_question
     samples = ["#### 3", "#### 5", "#### 7", "#### 5", "#### 9", "#### 5", "#### 7", "so 7"]
     got = pairs_for_question("Q", "7", samples, 2)
     # Right: "#### 7" (twice), "so 7" (once, by the last-number fallback). Wrong by frequency: 5 (3x), then 3.
@@ -178,7 +178,7 @@ def test_generation_eval_writes_every_verdict(sft_model, tmp_path, run_cli):
 
 def test_demo_config_is_an_ordinary_pipeline_config(tmp_path):
     from prefpipe.pipeline.config import resolve
-    from prefpipe.pipeline.demo import DemoSettings, write_config
+    from prefpipe.demo.run import DemoSettings, write_config
     s = DemoSettings(out=str(tmp_path), seed=4)
     (tmp_path / "sft").mkdir()
     cfg = resolve(str(write_config(s, tmp_path)), {})

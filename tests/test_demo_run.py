@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import torch
 
-from prefpipe.pipeline.demo import DemoSettings, kto_desirable_weight, run_demo
-from prefpipe.pipeline.demo_pairs import PairSettings
-from prefpipe.pipeline.demo_sft import SFTSettings
+from prefpipe.demo.run import DemoSettings, kto_desirable_weight, run_demo
+from prefpipe.demo.pairs import PairSettings
+from prefpipe.demo.sft import SFTSettings
 
 
 def test_demo_runs_end_to_end_and_reuses_its_stages(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from prefpipe.pipeline.answers import extract_answer, gold_answer, normalize_number
+from prefpipe.evaluation.answers import extract_answer, gold_answer, normalize_number
 
 
 @pytest.mark.parametrize("text, value, rule", [

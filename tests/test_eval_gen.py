@@ -7,8 +7,8 @@ import torch
 
 from conftest import write_jsonl
 from prefpipe.errors import UserError
-from prefpipe.pipeline.evaluate import GenSettings, read_questions, render_prompts, score_generations
-from prefpipe.pipeline.generate import encode_prompts, hf_generate
+from prefpipe.evaluation.evaluate import GenSettings, read_questions, render_prompts, score_generations
+from prefpipe.evaluation.generate import encode_prompts, hf_generate
 
 PROMPTS = ["Q", "Question: what is 3 plus 4? Answer:", "The quick brown fox", "Human: how are you?\n\nAssistant:",
            "0 1 2 3 4 5 6 7 8 9 10 11 12 plus minus"]

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_pairs, write_jsonl
 from prefpipe.errors import UserError
-from prefpipe.pipeline.evaluate import eval_preference, resolve_run
+from prefpipe.evaluation.evaluate import eval_preference, resolve_run
 from test_train_fixtures import cache as precomputed
 
 BETA = 0.2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from prefpipe.pipeline.generate import encode_prompts, hf_generate
+from prefpipe.evaluation.generate import encode_prompts, hf_generate
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parent.parent

@@ -8,6 +8,7 @@ import pytest
 from conftest import make_pairs, make_unpaired, write_jsonl
 from prefpipe.pipeline.config import resolve
 from prefpipe.pipeline.run import check_cache, expected_identity
+from prefpipe.rundir import RunsDir
 from test_train_fixtures import cache as precomputed
 
 
@@ -115,7 +116,7 @@ def test_pipeline_reuses_then_recomputes(tiny_model, tmp_path, run_cli):
     meta = json.loads(manifest.read_text())["metadata"]
     assert meta["tokenization"]["max_length"] == 80
 
-    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    summary = json.loads(RunsDir(tmp_path / "runs").pipeline.read_text())
     assert summary["caches"]["paired"]["action"] == "recompute"
     assert [r["name"] for r in summary["runs"]] == ["dpo-beta0.1"]
 
@@ -135,8 +136,11 @@ def test_pipeline_kto_from_unpaired_data(tiny_model, tmp_path, run_cli):
                 "--max_length", "96", "--max_prompt_length", "48", "--device", "cpu", "--no_progress",
                 "--drift_rows", "2")
     assert r.exit_code == 0, r.output
-    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    summary = json.loads(RunsDir(tmp_path / "runs").pipeline.read_text())
     assert [x["name"] for x in summary["runs"]] == ["dpo-beta0.1", "dpo-beta0.2", "kto-beta0.3"]
+    # the two train calls (pairs, then kto) both land in summary.json: the second adds to the first
+    trained = json.loads(RunsDir(tmp_path / "runs").summary.read_text())
+    assert [x["name"] for x in trained["runs"]] == ["dpo-beta0.1", "dpo-beta0.2", "kto-beta0.3"]
     meta = json.loads((tmp_path / "runs" / "cache-kto" / "manifest.json").read_text())["metadata"]
     assert meta["kind"] == "unpaired" and meta["counts"]["rows_written"] == 8
     for name in ("dpo-beta0.1", "kto-beta0.3"):

@@ -10,7 +10,7 @@ import torch
 from conftest import make_pairs, make_unpaired, write_jsonl
 from prefpipe.data.cache import read_cache
 from prefpipe.modeling import load_model
-from prefpipe.precompute.kto_pairs import assign_partners
+from prefpipe.data.kto_pairs import assign_partners
 from test_precompute_backend import naive_float64
 
 

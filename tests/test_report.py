@@ -3,7 +3,7 @@
 import json
 import math
 
-from prefpipe.pipeline.report import write_report
+from prefpipe.evaluation.report import write_report
 
 
 def make_run(d, name, loss_type, beta, gen_acc=None, pref_acc=None, steps=12):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prefpipe.errors import UserError
+from prefpipe.fileio import atomic_write_bytes, fsync_and_replace, temp_path
 
 SCHEMA_VERSION = 1
 META_KEY = b"prefpipe"
@@ -60,26 +60,15 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def atomic_write_bytes(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_part(path: str | Path, columns: dict, kind: str, metadata: dict, with_reference: bool = True) -> int:
     """Write one part atomically. `columns` maps column name to a Python list or Arrow array."""
     path = Path(path)
     schema = schema_for(kind, with_reference)
     table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
     table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fsync_and_replace(tmp, path)
     return table.num_rows
 
 

@@ -101,6 +101,10 @@ class PairTokenizer:
             return []
         return [list(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
 
+    def encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        """Prompt ids by the BOS-once rule, untruncated: what generation and the demo's SFT feed the model."""
+        return [ids if ids[:len(self.prefix)] == self.prefix else self.prefix + ids for ids in self._encode(texts)]
+
     def _render(self, prompt: Any, responses: list[Any], rec: Record, cols: list[str]) -> tuple[str, list[str]]:
         if isinstance(prompt, str):
             return prompt, list(responses)

@@ -13,9 +13,10 @@ Decisions a user needs to know:
   from `kto_data` (or from `data`, two examples per pair). `eval_data` gets a third cache for held-out metrics.
 - **Reruns** retrain every run of the sweep, replacing the earlier run directories of the same names (other runs
   in RUNS_DIR are left alone); with `resume = true` finished runs are kept and interrupted ones continue.
-- **Outputs.** RUNS_DIR holds the runs (`<loss>-beta<beta>/`, or `orpo/`, `sft/`), `summary.json` (every run,
-  merged across the paired and the kto training calls), `reference/eval_gen.json` for the SFT model, and the
-  report's plots and `summary.md`.
+- **Outputs** (layout in prefpipe.rundir). RUNS_DIR holds the runs (`<loss>-beta<beta>/`, or `orpo/`, `sft/`),
+  `summary.json` (every trained run, as `prefpipe train` writes it), `pipeline.json` (this pipeline's caches,
+  settings, runs, evaluations and timings), `reference/eval_gen.json` for the SFT model, and the report's plots
+  and `summary.md`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from pathlib import Path
 from prefpipe.data.cache import MANIFEST, read_manifest, read_part_metadata
 from prefpipe.errors import UserError
 from prefpipe.pipeline.config import PipelineConfig
-from prefpipe.pipeline.evaluate import atomic_write_text
+from prefpipe.rundir import RunsDir
+from prefpipe.fileio import atomic_write_text
 from prefpipe.train.losses import REFERENCE_FREE
 
 
@@ -182,20 +184,19 @@ def train(cfg: PipelineConfig, tc, log) -> list[dict]:
 
 
 def gen_settings(cfg: PipelineConfig):
-    from prefpipe.pipeline.evaluate import GenSettings
+    from prefpipe.evaluation.evaluate import GenSettings
     return GenSettings(prompt_template=cfg.eval_prompt_template, chat=cfg.eval_chat,
                        max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
                        engine=cfg.eval_engine, limit=cfg.eval_limit, device=cfg.device, dtype=cfg.dtype)
 
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
-    """Caches (when needed), training runs, evaluations, summary.json and the report."""
-    from prefpipe.pipeline.evaluate import Run, eval_generation, eval_preference, resolve_run
-    from prefpipe.pipeline.report import REFERENCE_DIR, write_report
-    from prefpipe.train.loop import SUMMARY_FILE
+    """Caches (when needed), training runs, evaluations, pipeline.json and the report."""
+    from prefpipe.evaluation.evaluate import Run, eval_generation, eval_preference, resolve_run
+    from prefpipe.evaluation.report import write_report
 
     t0 = time.perf_counter()
-    runs_dir = Path(cfg.runs_dir)
+    runs_dir = RunsDir(cfg.runs_dir)
     paired = tuple(lt for lt in dict.fromkeys(cfg.losses) if lt != "kto")
     kto = "kto" in cfg.losses
     paired_needs_ref = any(lt not in REFERENCE_FREE for lt in paired)
@@ -226,16 +227,16 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     evals = {}
     if cfg.eval_gen and cfg.eval_baseline:
         from prefpipe.data.fingerprint import resolve_model_dir
-        ref = Run(runs_dir / REFERENCE_DIR, resolve_model_dir(cfg.model), "reference", None, None)
+        ref = Run(runs_dir.reference.path, resolve_model_dir(cfg.model), "reference", None, None)
         evals["reference"] = {"gen": eval_generation(ref, cfg.eval_gen, gen_settings(cfg))}
         log(f"eval reference (the SFT model): downstream accuracy {evals['reference']['gen']['accuracy']:.3f}")
     for r in results:
-        run = resolve_run(runs_dir / r["dir"])
+        run = resolve_run(runs_dir.run(r["dir"]).path)
         e = {}
         if cfg.eval_data:
             e["pref"] = eval_preference(run, cfg.path_or("eval_cache", "cache-eval"), device=cfg.device,
                                         dtype=cfg.dtype)
-            atomic_write_text(run.path / "eval_pref.json", json.dumps(e["pref"], indent=2))
+            atomic_write_text(runs_dir.run(r["dir"]).eval_pref, json.dumps(e["pref"], indent=2))
         if cfg.eval_gen:
             e["gen"] = eval_generation(run, cfg.eval_gen, gen_settings(cfg))
         evals[run.name] = e
@@ -249,11 +250,11 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
                "caches": {k: {"path": c.path, "action": c.action, "reason": c.reason} for k, c in checks.items()},
                "runs": results, "evals": evals,
                "timing_s": {"caches": round(t_cache, 1), "train": round(t_train, 1), "eval": round(t_eval, 1)}}
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(runs_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
-    report = write_report(runs_dir, only=[r["dir"] for r in results])
+    runs_dir.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(runs_dir.pipeline, json.dumps(summary, indent=2, default=str))
+    report = write_report(runs_dir.path, only=[r["dir"] for r in results])
     summary["report"] = {k: v for k, v in report.items() if k != "markdown"}
     summary["timing_s"]["total"] = round(time.perf_counter() - t0, 1)
-    atomic_write_text(runs_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
+    atomic_write_text(runs_dir.pipeline, json.dumps(summary, indent=2, default=str))
     log(f"report: {report['summary']} (best: {report['best']}, {report['basis']} {report['value']:.3f})")
     return summary

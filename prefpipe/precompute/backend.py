@@ -37,12 +37,20 @@ class Backend(Protocol):
         """Release the engine."""
 
 
+# `--backend NAME` -> the class that implements it, as "module:Class" so that this module imports no backend (each
+# backend imports this one) and an engine's heavy imports happen only when it is chosen. A new backend is one
+# module plus one entry here.
+BACKENDS = {
+    "hf": "prefpipe.precompute.hf_backend:HFBackend",
+    "vllm": "prefpipe.precompute.vllm_backend:VLLMBackend",
+}
+
+
 def make_backend(name: str, options: BackendOptions) -> Backend:
-    if name == "hf":
-        from prefpipe.precompute.hf_backend import HFBackend
-        return HFBackend(options)
-    if name == "vllm":
-        from prefpipe.precompute.vllm_backend import VLLMBackend
-        return VLLMBackend(options)
-    from prefpipe.errors import UserError
-    raise UserError(f"unknown backend {name!r}; choose hf or vllm")
+    import importlib
+
+    if name not in BACKENDS:
+        from prefpipe.errors import UserError
+        raise UserError(f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(options)

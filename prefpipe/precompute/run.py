@@ -36,8 +36,9 @@ from prefpipe.data.cache import (MANIFEST, SCHEMA_VERSION, part_name, read_manif
                                  write_manifest, write_part)
 from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns, Dataset
 from prefpipe.data.tokenize import TokenizeSettings, TokenStats
+from prefpipe.dist import Procs, join
 from prefpipe.errors import UserError
-from prefpipe.precompute import kto_pairs
+from prefpipe.data import kto_pairs
 from prefpipe.precompute.backend import BackendOptions, make_backend
 
 # Keys that may differ between runs that produce the same cache.
@@ -85,42 +86,15 @@ class PrecomputeConfig:
 
 # ---------------------------------------------------------------- processes
 
-@dataclass
-class Procs:
-    """Which parts this process owns, and how it talks to its peers (torchrun only)."""
-    index: int = 0
-    count: int = 1
-    dist: object = None  # torch.distributed under torchrun
-    local_rank: int = 0
-    sharded: bool = False  # --shard
-
-    @property
-    def leader(self) -> bool:
-        return self.index == 0 if self.dist is not None else True
-
-    def owns(self, part: int) -> bool:
-        return part % self.count == self.index
-
-    def gather(self, obj) -> list:
-        if self.dist is None:
-            return [obj]
-        out = [None] * self.count
-        self.dist.all_gather_object(out, obj)
-        return out
-
-
 def _procs(shard: str | None) -> Procs:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         if shard:
             raise UserError("--shard is for independent processes; under torchrun the ranks shard the parts "
                             "already")
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            # Collectives carry only a few small Python objects, so gloo serves CPU and GPU runs alike. The
-            # long timeout covers ranks that finish their parts at different times.
-            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-        return Procs(dist.get_rank(), dist.get_world_size(), dist, int(os.environ.get("LOCAL_RANK", "0")))
+        # Collectives carry only a few small Python objects, so gloo serves CPU and GPU runs alike. The long
+        # timeout covers ranks that finish their parts at different times.
+        return join("gloo", datetime.timedelta(days=7))
     if shard:
         try:
             i, n = (int(x) for x in shard.split("/"))
@@ -133,7 +107,7 @@ def _procs(shard: str | None) -> Procs:
 
 
 def _device_for(cfg: PrecomputeConfig, procs: Procs) -> str:
-    if procs.dist is None or cfg.device not in ("auto", "cuda"):
+    if not procs.joined or cfg.device not in ("auto", "cuda"):
         return cfg.device
     import torch
     if torch.cuda.is_available():
@@ -349,7 +323,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
         identity = _identity(meta)
         if procs.leader:
             out.mkdir(parents=True, exist_ok=True)
-            if procs.dist is None and not procs.sharded:
+            if not procs.joined and not procs.sharded:
                 _clean(out, parts=cfg.overwrite)
             elif cfg.overwrite:
                 _clean(out, parts=True)

@@ -65,7 +65,7 @@ def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
     from prefpipe.data.cache import schema_for
     from prefpipe.data.formats import Dataset
     from prefpipe.data.tokenize import PairTokenizer, TokenizeSettings, TokenStats
-    from prefpipe.precompute import kto_pairs
+    from prefpipe.data import kto_pairs
 
     ds = Dataset(src.data, src.columns, turn_marker=src.turn_marker)
     if not kto and not ds.paired:

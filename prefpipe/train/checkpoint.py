@@ -1,17 +1,9 @@
 """Checkpoints: Hugging Face model directories plus the trainer state, written atomically.
 
-Layout of a run directory (`RUNS_DIR/<loss>-beta<beta>/`, or `RUNS_DIR/orpo/`, `RUNS_DIR/sft/`):
-
-    metrics.jsonl                  one JSON object per train step and per evaluation (see loop.py)
-    train_config.json              the resolved configuration of the run
-    checkpoints/step-000040/       every --save_every steps: model (safetensors), tokenizer, train_config.json,
-                                   trainer_state.pt (optimizer, scheduler, step, RNG, data position)
-    final/                         the trained model (safetensors) with its tokenizer and train_config.json
-    result.json                    the run's final metrics, as in summary.json
-
-Every directory is written under a temporary name in the same parent and renamed into place, so a killed run
-leaves either a whole checkpoint or none; leftovers are removed on the next start. `trainer_state.pt` holds only
-tensors and plain Python values and is loaded with `torch.load(weights_only=True)`: no pickled objects.
+Where they go is `prefpipe.rundir`'s business. Every directory is written under a temporary name in the same
+parent and renamed into place, so a killed run leaves either a whole checkpoint or none; leftovers are removed on
+the next start. `trainer_state.pt` holds only tensors and plain Python values and is loaded with
+`torch.load(weights_only=True)`: no pickled objects.
 """
 
 from __future__ import annotations
@@ -24,18 +16,7 @@ from pathlib import Path
 
 import torch
 
-STATE_FILE = "trainer_state.pt"
-CONFIG_FILE = "train_config.json"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from prefpipe.rundir import CONFIG as CONFIG_FILE, TRAINER_STATE as STATE_FILE
 
 
 def remove_leftovers(parent: Path):

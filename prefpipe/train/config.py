@@ -8,8 +8,8 @@ from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns
 from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.errors import UserError
 from prefpipe.train.losses import LOSS_TYPES, REFERENCE_FREE
+from prefpipe.train.schedule import SCHEDULERS
 
-SCHEDULERS = ("linear", "cosine", "constant")
 REFERENCES = ("cached", "live")
 
 

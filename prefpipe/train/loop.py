@@ -48,26 +48,18 @@ from pathlib import Path
 import torch
 
 from prefpipe.errors import UserError
+from prefpipe.fileio import atomic_write_text
+from prefpipe import rundir
+from prefpipe.rundir import RunsDir, merge_summary
 from prefpipe.train import checkpoint as ck
 from prefpipe.train.batches import Order, eval_batches, load_train_data, make_batch, micro_batches, split_eval
 from prefpipe.train.config import LossConfig, TrainConfig
-from prefpipe.train.dist import (Procs, load_optimizer_state, optimizer_state, process_device, start, wrap_policy,
+from prefpipe.dist import Procs
+from prefpipe.train.parallel import (load_optimizer_state, optimizer_state, process_device, start, wrap_policy,
                                  wrap_reference, full_state_dict)
+from prefpipe.train.schedule import lr_factor
 from prefpipe.train.objective import MetricSums, batch_loss, kl_terms, metric_names
 
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of --lr for 0-based step `step`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -156,9 +148,7 @@ def run_training(cfg: TrainConfig) -> dict:
                    "reference": cfg.source.reference if needs_ref else "none", "validation": validation,
                    "runs": results}
         if procs.leader:
-            out = Path(cfg.out)
-            out.mkdir(parents=True, exist_ok=True)
-            ck.atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
+            merge_summary(RunsDir(cfg.out), summary)
         return summary
     finally:
         procs.close()
@@ -172,8 +162,8 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
 
     cfg, procs, device, log = ctx.cfg, ctx.procs, ctx.device, ctx.log
     loop = cfg.loop
-    run_dir = Path(cfg.out) / loss.run_name
-    ckpt_root = run_dir / "checkpoints"
+    rd = RunsDir(cfg.out).run(loss.run_name)
+    run_dir, ckpt_root = rd.path, rd.checkpoints
     resolved = cfg.resolved(loss)
     t_start = time.perf_counter()
 
@@ -196,14 +186,14 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
         ck.remove_leftovers(ckpt_root)
         ck.remove_leftovers(run_dir)
     procs.barrier()
-    if (run_dir / RESULT_FILE).exists() and (run_dir / "final").exists() and loop.resume:
+    if rd.result.exists() and rd.final.exists() and loop.resume:
         log(f"{loss.run_name}: already finished; skipped (--resume)")
-        return json.loads((run_dir / RESULT_FILE).read_text())
+        return json.loads(rd.result.read_text())
     if loop.resume:
         start_ckpt = ck.latest_checkpoint(ckpt_root)
         if start_ckpt is None:
             log(f"{loss.run_name}: --resume found no checkpoint; starting from the beginning")
-    elif (run_dir / METRICS_FILE).exists():
+    elif rd.metrics.exists():
         raise UserError("this run directory already holds a run; pass --resume to continue it, or choose another "
                         "--out", file=str(run_dir))
     state = ck.load_trainer_state(start_ckpt) if start_ckpt else None
@@ -245,10 +235,10 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
         ctx.validation["drift"] = drift
         judge_drift(drift, cfg.source.max_drift, cfg.source.allow_reference_mismatch, ctx.data.origin, log)
 
-    metrics_path = run_dir / METRICS_FILE
+    metrics_path = rd.metrics
     if procs.leader:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ck.atomic_write_text(run_dir / ck.CONFIG_FILE, json.dumps(resolved, indent=2, sort_keys=True))
+        atomic_write_text(rd.config, json.dumps(resolved, indent=2, sort_keys=True))
         _truncate_metrics(metrics_path, step)
     names = metric_names(loss.loss_type)
 
@@ -262,7 +252,7 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
             trainer_state = {"step": at_step, "epoch": at_step // order.steps_per_epoch,
                              "batch_in_epoch": at_step % order.steps_per_epoch, "identity": identity,
                              "optimizer": opt, "scheduler": scheduler.state_dict(), "rng": ck.rng_state()}
-            ck.save_model_dir(ckpt_root / ck.step_dir_name(at_step), lm, ctx.tokenizer, resolved, sd,
+            ck.save_model_dir(rd.checkpoint(at_step), lm, ctx.tokenizer, resolved, sd,
                               trainer_state)
             ck.prune(ckpt_root, loop.keep_checkpoints)
         procs.barrier()
@@ -338,18 +328,18 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
         _write_path(metrics_path, last_eval, procs)
     sd = full_state_dict(policy)
     if procs.leader:
-        ck.save_model_dir(run_dir / "final", lm, ctx.tokenizer, resolved, sd)
+        ck.save_model_dir(rd.final, lm, ctx.tokenizer, resolved, sd)
     if last is None:
         last = _last_train(metrics_path)
     result = {"name": loss.run_name, "dir": loss.run_name, "loss_type": loss.loss_type, "beta": loss.beta,
-              "steps": total, "final": last, "eval": last_eval, "model_dir": f"{loss.run_name}/final",
-              "metrics": f"{loss.run_name}/{METRICS_FILE}", "wall_s": time.perf_counter() - t_start,
+              "steps": total, "final": last, "eval": last_eval, "model_dir": f"{loss.run_name}/{rundir.FINAL}",
+              "metrics": f"{loss.run_name}/{rundir.METRICS}", "wall_s": time.perf_counter() - t_start,
               "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda"
               else None}
     if procs.leader:
-        ck.atomic_write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2))
+        atomic_write_text(rd.result, json.dumps(result, indent=2))
     procs.barrier()
-    log(f"{loss.run_name}: done, final model in {run_dir / 'final'}")
+    log(f"{loss.run_name}: done, final model in {rd.final}")
     return result
 
 
@@ -401,7 +391,7 @@ def _truncate_metrics(path: Path, step: int):
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    ck.atomic_write_text(path, "".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _last_train(path: Path) -> dict | None:

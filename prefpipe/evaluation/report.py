@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefpipe.errors import UserError
-from prefpipe.pipeline.evaluate import GEN_FILE, PREF_FILE, atomic_write_text
+from prefpipe.fileio import atomic_write_text
+from prefpipe.rundir import RunsDir
 from prefpipe.train.losses import REFERENCE_FREE  # these losses do not use beta either
-
-REFERENCE_DIR = "reference"
-
 
 @dataclass
 class RunData:
@@ -70,20 +68,20 @@ def _read_metrics(path: Path) -> list[dict]:
 def load_runs(runs_dir: str | Path, only: list[str] | None = None) -> tuple[list[RunData], dict | None]:
     """Every run under RUNS_DIR (directories with a result.json; only the named ones when `only` is given), and
     the SFT model's evaluation if any."""
-    d = Path(runs_dir)
-    if not d.is_dir():
-        raise UserError("no such runs directory", file=str(d))
+    d = RunsDir(runs_dir)
+    if not d.path.is_dir():
+        raise UserError("no such runs directory", file=str(d.path))
     runs = []
-    for sub in sorted(p for p in d.iterdir() if p.is_dir()):
-        result = _read_json(sub / "result.json")
-        if result is None or (only is not None and sub.name not in only):
+    for sub in d.runs():
+        if only is not None and sub.name not in only:
             continue
+        result = _read_json(sub.result)
         runs.append(RunData(result.get("name", sub.name), result.get("loss_type", "?"), float(result.get("beta", 0)),
-                            _read_metrics(sub / "metrics.jsonl"), result.get("final") or {},
-                            _read_json(sub / GEN_FILE), _read_json(sub / PREF_FILE)))
+                            _read_metrics(sub.metrics), result.get("final") or {},
+                            _read_json(sub.eval_gen), _read_json(sub.eval_pref)))
     if not runs:
-        raise UserError("no training runs here (expected <run>/result.json from prefpipe train)", file=str(d))
-    return runs, _read_json(d / REFERENCE_DIR / GEN_FILE)
+        raise UserError("no training runs here (expected <run>/result.json from prefpipe train)", file=str(d.path))
+    return runs, _read_json(d.reference.eval_gen)
 
 
 def _num(x) -> float:
@@ -251,12 +249,12 @@ def write_report(runs_dir: str | Path, only: list[str] | None = None) -> dict:
 
     `only` names the run directories to include (the pipeline passes its own runs, so that runs left in RUNS_DIR
     by an earlier, different config do not appear); `prefpipe report` includes every run."""
-    d = Path(runs_dir)
-    runs, reference = load_runs(d, only)
-    plot_curves(runs, d / "curves.png")
-    plot_beta(runs, reference, d / "beta.png")
+    d = RunsDir(runs_dir)
+    runs, reference = load_runs(d.path, only)
+    plot_curves(runs, d.report_file("curves"))
+    plot_beta(runs, reference, d.report_file("beta"))
     text = summary_markdown(runs, reference)
-    atomic_write_text(d / "summary.md", text)
+    atomic_write_text(d.report_file("summary"), text)
     best = winner(runs)
-    return {"curves": str(d / "curves.png"), "beta": str(d / "beta.png"), "summary": str(d / "summary.md"),
+    return {**{k: str(d.report_file(k)) for k in ("curves", "beta", "summary")},
             "best": best.name, "basis": score(best)[0], "value": score(best)[1], "markdown": text}

@@ -16,62 +16,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prefpipe.dist import Procs, join, under_torchrun
 from prefpipe.logprobs import sequence_logprobs
-
-
-@dataclass
-class Procs:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    started_here: bool = False  # this module called init_process_group, so it also tears it down
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    def sum(self, values: list[float], device) -> list[float]:
-        """Element-wise sum over processes (float64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if self.distributed:
-            import torch.distributed as dist
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self):
-        if self.distributed:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def close(self):
-        if self.started_here:
-            import torch.distributed as dist
-            dist.destroy_process_group()
 
 
 def start(device: torch.device, fsdp: bool = False) -> Procs:
     """Join the torchrun group if there is one: gloo on CPU, nccl on GPU. FSDP needs a group even for one
     process (its device mesh lives in it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    under_torchrun = "MASTER_ADDR" in os.environ and "RANK" in os.environ
-    if fsdp and not under_torchrun:
+    if fsdp and not under_torchrun():
         from prefpipe.errors import UserError
         raise UserError("--fsdp shards the model over torchrun's processes: launch with "
                         "`torchrun --nproc_per_node=N -m prefpipe train ... --fsdp`")
     if world <= 1 and not fsdp:
         return Procs()
-    import torch.distributed as dist
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    started = False
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        started = True
-    return Procs(dist.get_rank(), dist.get_world_size(), local, started)
+    return join("nccl" if device.type == "cuda" else "gloo", datetime.timedelta(minutes=30))
 
 
 def process_device(device: torch.device) -> torch.device:

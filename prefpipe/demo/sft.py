@@ -9,13 +9,14 @@ tokenize them (prompt ids with BOS, answer ids with EOS).
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from prefpipe.train.schedule import lr_factor
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -75,28 +76,20 @@ class SFTSettings:
     check_every: int = 10
 
 
-def _lr_at(step: int, s: SFTSettings) -> float:
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
-    return s.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def encode_examples(tokenizer, prompts: list[str], answers: list[str]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) by the cache's rules: tokenized separately, BOS once on the prompt, EOS appended."""
     from prefpipe.data.tokenize import PairTokenizer
 
-    pt = PairTokenizer(tokenizer)
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    p_ids = PairTokenizer(tokenizer).encode_prompts(prompts)
     a_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
-    return [(pt.prefix + list(p), list(a) + [tokenizer.eos_token_id]) for p, a in zip(p_ids, a_ids)]
+    return [(p, list(a) + [tokenizer.eos_token_id]) for p, a in zip(p_ids, a_ids)]
 
 
 def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str]) -> float:
     """Exact-match accuracy of greedy answers, judged by `prefpipe eval --gen`'s own scoring."""
-    from prefpipe.pipeline.answers import gold_answer
-    from prefpipe.pipeline.evaluate import score_generations
-    from prefpipe.pipeline.generate import encode_prompts, hf_generate
+    from prefpipe.evaluation.answers import gold_answer
+    from prefpipe.evaluation.evaluate import score_generations
+    from prefpipe.evaluation.generate import encode_prompts, hf_generate
 
     gens = hf_generate(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens=10, batch_size=512)
     rows = [{"row": i, "question": p, "gold": gold_answer(a)} for i, (p, a) in enumerate(zip(prompts, answers))]
@@ -135,7 +128,7 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
         sums, counts = sequence_logprobs(model, ids, mask, prompt_lens)
         loss = -sums.sum() / counts.sum()
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, settings)
+            g["lr"] = settings.lr * lr_factor(step, settings.steps, settings.warmup_steps, "cosine")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

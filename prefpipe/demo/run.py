@@ -23,9 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from prefpipe.pipeline.demo_pairs import PAIR_RULE, PairSettings
-from prefpipe.pipeline.demo_sft import SFTSettings
-from prefpipe.pipeline.evaluate import atomic_write_text
+from prefpipe.demo.pairs import PAIR_RULE, PairSettings
+from prefpipe.demo.sft import SFTSettings
+from prefpipe.fileio import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def make_task(s: DemoSettings, out: Path, log) -> tuple[list[dict], list[dict]]:
-    from prefpipe.pipeline.demo_task import make_splits
+    from prefpipe.demo.task import make_splits
 
     train, heldout = make_splits(s.n_train, s.n_heldout, seed=s.seed)
     _write_jsonl(out / "task" / "train.jsonl", train)
@@ -81,8 +81,8 @@ def make_task(s: DemoSettings, out: Path, log) -> tuple[list[dict], list[dict]]:
 def make_sft(s: DemoSettings, out: Path, train: list[dict], log) -> Path:
     """Train the SFT model unless one made with the same settings is already there."""
     from prefpipe.modeling import resolve_device
-    from prefpipe.pipeline.demo_sft import build_word_tokenizer, build_demo_model, save_sft, train_sft
-    from prefpipe.pipeline.demo_task import PROMPT_TEMPLATE, all_problems, corpus
+    from prefpipe.demo.sft import build_word_tokenizer, build_demo_model, save_sft, train_sft
+    from prefpipe.demo.task import PROMPT_TEMPLATE, all_problems, corpus
 
     dest = out / "sft"
     key = {"seed": s.seed, "n_train": s.n_train, "n_check": s.n_check, "sft": asdict(s.sft)}
@@ -112,8 +112,8 @@ def make_pairs(s: DemoSettings, out: Path, sft_dir: Path, train: list[dict], log
     """Sample on-policy pairs unless pairs from this very SFT model (by fingerprint) are already there."""
     from prefpipe.data.fingerprint import model_fingerprint
     from prefpipe.modeling import load_model, load_tokenizer, resolve_device
-    from prefpipe.pipeline.demo_pairs import kto_view, sample_pairs
-    from prefpipe.pipeline.demo_task import PROMPT_TEMPLATE
+    from prefpipe.demo.pairs import kto_view, sample_pairs
+    from prefpipe.demo.task import PROMPT_TEMPLATE
 
     data = out / "data"
     key = {"model": model_fingerprint(str(sft_dir)), "n_pair_questions": s.n_pair_questions,
@@ -155,7 +155,7 @@ def kto_desirable_weight(kto_path: Path) -> float:
 
 def write_config(s: DemoSettings, out: Path) -> Path:
     """The pipeline config the demo runs; paths are relative to it."""
-    from prefpipe.pipeline.demo_task import PROMPT_TEMPLATE
+    from prefpipe.demo.task import PROMPT_TEMPLATE
 
     kto_path = out / "data" / "kto.jsonl"
     desirable_weight = kto_desirable_weight(kto_path) if kto_path.exists() else 1.0

@@ -1,7 +1,7 @@
 """On-policy preference pairs for the demo: sample the SFT model, judge each sample by its final number.
 
 For every training question the SFT model writes `samples` answers at temperature `temperature`. A sample whose
-final number (prefpipe.pipeline.answers) equals the gold one is right, any other sample is wrong (a missing number
+final number (prefpipe.evaluation.answers) equals the gold one is right, any other sample is wrong (a missing number
 included). A question yields pairs only when it has both kinds; questions the model always gets right, or always
 wrong, carry no preference signal and give none.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from prefpipe.pipeline.answers import extract_answer, gold_answer
+from prefpipe.evaluation.answers import extract_answer, gold_answer
 
 
 PAIR_RULE = "most frequent wrong vs most frequent right"  # part of the pairs' cache key
@@ -50,7 +50,7 @@ def pairs_for_question(prompt: str, gold: str, samples: list[str], k: int) -> li
 def sample_pairs(model, tokenizer, prompts: list[str], answers: list[str], s: PairSettings,
                  log=print) -> tuple[list[dict], dict]:
     """Paired rows {prompt, chosen, rejected} and counts of what the sampling found."""
-    from prefpipe.pipeline.generate import encode_prompts, hf_generate
+    from prefpipe.evaluation.generate import encode_prompts, hf_generate
 
     ids = encode_prompts(tokenizer, prompts)
     done = [0]

@@ -14,27 +14,12 @@ from __future__ import annotations
 import torch
 
 from prefpipe.errors import UserError
+from prefpipe.logprobs import pad_batch
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     from prefpipe.data.tokenize import PairTokenizer
-
-    prefix = PairTokenizer(tokenizer).prefix
-    out = []
-    for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]:
-        ids = list(ids)
-        out.append(ids if ids[:len(prefix)] == prefix else prefix + ids)
-    return out
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
+    return PairTokenizer(tokenizer).encode_prompts(prompts)
 
 
 @torch.inference_mode()
@@ -55,7 +40,7 @@ def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens
     per_batch = max(1, batch_size // num_samples)
     for start in range(0, len(order), per_batch):
         idx = order[start:start + per_batch]
-        ids, mask = _left_pad([prompt_ids[i] for i in idx], pad, device)
+        ids, mask = pad_batch([prompt_ids[i] for i in idx], pad, device, side="left")
         kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sampling else \
             dict(do_sample=False)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,

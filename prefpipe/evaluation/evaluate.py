@@ -10,14 +10,13 @@ Decisions a user needs to know:
   SFT model itself scores 0), `margin` the mean of `βΔ`. The cache must come from the same tokenizer as the
   model, or the ids would mean other tokens; that is checked.
 - **Downstream accuracy.** Greedy decoding, `--max_new_tokens` per question, exact match of the final number
-  (prefpipe.pipeline.answers documents the extraction and its fallback). Every question, generation, extracted
+  (prefpipe.evaluation.answers documents the extraction and its fallback). Every question, generation, extracted
   number and verdict is written, one JSON object per line.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,18 +24,9 @@ from pathlib import Path
 import torch
 
 from prefpipe.errors import UserError
-from prefpipe.pipeline.answers import extract_answer, gold_answer
-
-PREF_FILE = "eval_pref.json"
-GEN_FILE = "eval_gen.json"
-GEN_ROWS_FILE = "eval_gen.jsonl"
-
-
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
+from prefpipe.fileio import atomic_write_text
+from prefpipe.rundir import RunDir
+from prefpipe.evaluation.answers import extract_answer, gold_answer
 
 @dataclass
 class Run:
@@ -52,13 +42,14 @@ def resolve_run(run: str | Path) -> Run:
     p = Path(run)
     if not p.is_dir():
         raise UserError("no such run or model directory", file=str(p))
-    result = p / "result.json"
+    rd = RunDir(p)
+    result = rd.result
     if result.exists():
         try:
             r = json.loads(result.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"result.json is not valid JSON ({e})", file=str(result))
-        model_dir = p / "final"
+        model_dir = rd.final
         if not (model_dir / "config.json").exists():
             raise UserError("this run has no final model (RUN/final); did training finish?", file=str(p))
         return Run(p, model_dir, r.get("name", p.name), r.get("beta"), r.get("loss_type"))
@@ -201,7 +192,7 @@ def score_generations(rows: list[dict], generations: list[str]) -> tuple[dict, l
 def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path | None = None,
                     log=None) -> dict:
     """Greedy exact-match accuracy of `run` on `gen_file`; writes eval_gen.json and eval_gen.jsonl."""
-    from prefpipe.pipeline.generate import encode_prompts, hf_generate, pick_engine, vllm_generate
+    from prefpipe.evaluation.generate import encode_prompts, hf_generate, pick_engine, vllm_generate
 
     rows = read_questions(gen_file, s)
     engine = pick_engine(s.engine)
@@ -218,8 +209,8 @@ def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path
     summary, records = score_generations(rows, [g[0] for g in gens])
     summary = {"run": run.name, "model": str(run.model_dir), "data": str(gen_file), "engine": engine,
                **summary, "settings": asdict(s), "wall_s": round(time.perf_counter() - start, 2)}
-    out = Path(out_dir) if out_dir is not None else run.path
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / GEN_ROWS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    atomic_write_text(out / GEN_FILE, json.dumps(summary, indent=2))
+    out = RunDir(out_dir if out_dir is not None else run.path)
+    out.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.eval_gen_rows, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(out.eval_gen, json.dumps(summary, indent=2))
     return summary

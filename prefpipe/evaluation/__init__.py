@@ -1,0 +1,1 @@
+"""Evaluation of trained policies (held-out implicit rewards, downstream accuracy) and the sweep report."""

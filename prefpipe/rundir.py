@@ -1,0 +1,141 @@
+"""The layout of a RUNS_DIR: the one place that names its files. Training, evaluation, the pipeline, the report
+and the tests all go through it.
+
+    RUNS_DIR/
+      summary.json              every run that `prefpipe train` finished here (merged across train calls, so a
+                                second sweep into the same RUNS_DIR adds its runs instead of replacing the file)
+      pipeline.json             `prefpipe pipeline` only: caches used, settings, evaluations, timings
+      reference/eval_gen.json   the SFT model's own downstream accuracy (pipeline with eval_gen)
+      curves.png beta.png summary.md      `prefpipe report`
+      <run>/                    one run: `<loss>-beta<beta>`, or `<loss>` for a loss without beta
+        metrics.jsonl           one JSON object per train step and per evaluation
+        train_config.json       the resolved configuration of the run
+        checkpoints/step-000040/    model, tokenizer, train_config.json, trainer_state.pt
+        final/                  the trained model with its tokenizer and train_config.json
+        result.json             the run's final metrics (its entry in summary.json)
+        eval_pref.json eval_gen.json eval_gen.jsonl     `prefpipe eval` / the pipeline's evaluations
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SUMMARY = "summary.json"
+PIPELINE = "pipeline.json"
+REFERENCE = "reference"
+REPORT_FILES = {"curves": "curves.png", "beta": "beta.png", "summary": "summary.md"}
+
+METRICS = "metrics.jsonl"
+CONFIG = "train_config.json"
+RESULT = "result.json"
+FINAL = "final"
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.pt"
+EVAL_PREF = "eval_pref.json"
+EVAL_GEN = "eval_gen.json"
+EVAL_GEN_ROWS = "eval_gen.jsonl"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run's directory (or any directory that evaluation results are written to)."""
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def result(self) -> Path:
+        return self.path / RESULT
+
+    @property
+    def final(self) -> Path:
+        return self.path / FINAL
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / step_dir_name(step)
+
+    @property
+    def eval_pref(self) -> Path:
+        return self.path / EVAL_PREF
+
+    @property
+    def eval_gen(self) -> Path:
+        return self.path / EVAL_GEN
+
+    @property
+    def eval_gen_rows(self) -> Path:
+        return self.path / EVAL_GEN_ROWS
+
+
+@dataclass(frozen=True)
+class RunsDir:
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.path / name)
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def pipeline(self) -> Path:
+        return self.path / PIPELINE
+
+    @property
+    def reference(self) -> RunDir:
+        return RunDir(self.path / REFERENCE)
+
+    def report_file(self, kind: str) -> Path:
+        return self.path / REPORT_FILES[kind]
+
+    def runs(self) -> list[RunDir]:
+        """Run directories (those with a result.json), sorted by name."""
+        if not self.path.is_dir():
+            return []
+        return [RunDir(p) for p in sorted(self.path.iterdir()) if (p / RESULT).exists()]
+
+
+def merge_summary(runs_dir: RunsDir, summary: dict):
+    """Write `summary` to RUNS_DIR/summary.json, keeping the runs an earlier train call recorded there.
+
+    A run of the same name is replaced (it was retrained); the others stay first, in their old order, and this
+    call's runs follow. The other keys describe the latest call."""
+    import json
+
+    from prefpipe.fileio import atomic_write_text
+
+    runs_dir.path.mkdir(parents=True, exist_ok=True)
+    kept = []
+    try:
+        old = json.loads(runs_dir.summary.read_text())
+        names = {r["name"] for r in summary["runs"]}
+        kept = [r for r in old.get("runs", []) if isinstance(r, dict) and r.get("name") not in names]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass  # no summary yet, or not one of ours: start afresh
+    atomic_write_text(runs_dir.summary, json.dumps({**summary, "runs": kept + summary["runs"]}, indent=2))
