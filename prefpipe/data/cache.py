@@ -45,11 +45,43 @@ UNPAIRED_SCHEMA = pa.schema([
     ("ref_logp", pa.float64()), ("completion_len", pa.int32()),
     ("kl_row_id", pa.string()), ("kl_completion_ids", IDS), ("ref_kl", pa.float64()),
 ])
-REF_COLUMNS = {"paired": ("ref_chosen", "ref_rejected"), "unpaired": ("ref_logp", "ref_kl")}
+
+
+@dataclass(frozen=True)
+class Response:
+    """One scored response of a cache row: its id column, its summed reference log-prob column, and its scored
+    token count column (None for the KTO partner, whose length is len(ids))."""
+    name: str
+    ids: str
+    ref: str
+    length: str | None
+
+
+@dataclass(frozen=True)
+class CacheKind:
+    """What a cache of one kind holds. Every consumer iterates over `responses` instead of naming columns."""
+    name: str  # "paired" | "unpaired" (the manifest's `kind`)
+    responses: tuple  # of Response, each scored after the row's prompt_ids
+    schema: pa.Schema
+
+    @property
+    def ref_columns(self) -> tuple:
+        return tuple(r.ref for r in self.responses)
+
+    def response(self, name: str) -> Response:
+        return next(r for r in self.responses if r.name == name)
+
+
+PAIRED = CacheKind("paired", (Response("chosen", "chosen_ids", "ref_chosen", "chosen_len"),
+                              Response("rejected", "rejected_ids", "ref_rejected", "rejected_len")), PAIRED_SCHEMA)
+UNPAIRED = CacheKind("unpaired", (Response("completion", "completion_ids", "ref_logp", "completion_len"),
+                                  Response("kl", "kl_completion_ids", "ref_kl", None)), UNPAIRED_SCHEMA)
+KINDS = {k.name: k for k in (PAIRED, UNPAIRED)}
+REF_COLUMNS = {k.name: k.ref_columns for k in KINDS.values()}
 
 
 def schema_for(kind: str, with_reference: bool = True) -> pa.Schema:
-    schema = PAIRED_SCHEMA if kind == "paired" else UNPAIRED_SCHEMA
+    schema = KINDS[kind].schema
     if not with_reference:
         drop = set(REF_COLUMNS[kind])
         schema = pa.schema([f for f in schema if f.name not in drop])
@@ -95,6 +127,10 @@ class Cache:
     @property
     def kind(self) -> str:
         return self.metadata["kind"]
+
+    @property
+    def spec(self) -> CacheKind:
+        return KINDS[self.kind]
 
     @property
     def has_reference(self) -> bool:
