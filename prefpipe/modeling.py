@@ -1,4 +1,8 @@
-"""Loading models and tokenizers the way both phases need them."""
+"""Loading models and tokenizers the way both phases need them.
+
+Both loaders pass ``--model`` through `prefpipe.data.fingerprint.model_ref` first, so a mistyped local path, or a
+hub id that is not cached while offline, fails at once with one line instead of after the hub client's retries.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +44,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
+
+    from prefpipe.data.fingerprint import model_ref
+    model = model_ref(str(model))  # a mistyped path fails here, not after the hub client's retries
     try:
         tok = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as e:
@@ -57,6 +64,9 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.dev
     cached reference's (REFERENCE section 1).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prefpipe.data.fingerprint import model_ref
+    model = model_ref(str(model))
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as e:

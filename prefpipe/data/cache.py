@@ -4,7 +4,11 @@ Layout: a directory holding ``part-NNNNN.parquet`` files and a ``manifest.json``
 input rows and is written atomically (temp file, then rename), so a killed run leaves only whole parts behind
 and a rerun continues after them. The manifest is written last, also atomically; a directory without one is an
 unfinished cache and is refused. Every part also carries the run's metadata in its Parquet key-value metadata
-under the key ``prefpipe``.
+under the key ``prefpipe``; resume reads it there, but `read_cache` takes the metadata from the manifest alone, so
+a part rewritten by another tool (polars drops key-value metadata) still loads. Such a part is still checked
+against the manifest (its row count) and its columns are cast back to the cache schema: polars writes
+``large_string`` and ``large_list``, and a rewrite may widen the lengths to int64. A column that is missing, or
+that cannot be cast without loss, is a `UserError` naming the part and the column.
 
 Columns, paired (DPO family; ORPO caches may lack the ``ref_*`` columns):
     row_id string, prompt_ids/chosen_ids/rejected_ids list<int32>, ref_chosen/ref_rejected float64 (summed
@@ -160,24 +164,44 @@ def read_cache(cache_dir: str | Path, columns: list[str] | None = None) -> Cache
     d = Path(cache_dir)
     manifest = read_manifest(d)
     meta = manifest["metadata"]
+    schema = schema_for(meta["kind"], meta.get("has_reference", True))
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
     tables = []
     for part in manifest["parts"]:
         p = d / part["file"]
         if not p.exists():
             raise UserError("cache part listed in the manifest is missing", file=str(p))
         try:
-            t = pq.read_table(p, columns=columns)
+            with pq.ParquetFile(p) as pf:
+                # Only the columns this reader knows; a missing one is named by _conform, not reported as damage.
+                t = pf.read(columns=[c for c in schema.names if c in pf.schema_arrow.names])
         except (pa.ArrowInvalid, OSError) as e:
             raise UserError(f"cache part is truncated or corrupted ({e})", file=str(p))
         if t.num_rows != part["rows"]:
             raise UserError(f"cache part has {t.num_rows} rows, the manifest says {part['rows']}", file=str(p))
+        t = _conform(t, schema, p)
         _check_finite(t, meta["kind"], p)
-        tables.append(t.replace_schema_metadata(None))
-    schema = schema_for(meta["kind"], meta.get("has_reference", True))
-    if columns is not None:
-        schema = pa.schema([schema.field(c) for c in columns])
+        tables.append(t)
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     return Cache(d, table, meta)
+
+
+def _conform(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
+    """`table` with exactly `schema`'s columns and types, so parts written by different tools concatenate."""
+    arrays = []
+    for f in schema:
+        if f.name not in table.column_names:
+            raise UserError("cache part lacks this column; rerun precompute", file=str(path), column=f.name)
+        col = table.column(f.name)
+        if col.type != f.type:
+            try:
+                col = col.cast(f.type)  # safe cast: an int64 length that does not fit int32 is refused
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+                raise UserError(f"cache part column has type {col.type}, expected {f.type}, and cannot be "
+                                f"converted ({' '.join(str(e).split())})", file=str(path), column=f.name)
+        arrays.append(col)
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _check_finite(table: pa.Table, kind: str, path: Path):

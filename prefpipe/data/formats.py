@@ -12,14 +12,30 @@ Four shapes are detected from the column names and the type of the first row's v
 Every row is validated against the detected shape; a bad row raises `UserError` naming file, row and column.
 Rows are numbered from 1 (for JSONL the row is the line number). Reading is batched, so memory does not grow
 with the number of rows (a ``.json`` array file is the exception: it is one document and is parsed whole).
+
+Files and what is made of them:
+
+- ``.jsonl``/``.ndjson`` are read line by line with the standard ``json`` parser, never with pyarrow's JSON
+  reader: that one infers column types per batch, so a response such as ``"2021-03-04"`` became a datetime when
+  its batch happened to hold no other text, and ``data check`` and ``precompute`` (different batch sizes) could
+  disagree about the same row. Every line must be UTF-8 (a leading byte-order mark is allowed).
+- ``.json`` is one JSON array of objects (or ``{"any key": [...]}``). A ``.json`` file that is really JSON Lines
+  (its first line is a whole object and more lines follow) is read as JSON Lines, streaming.
+- Any of these with ``.gz`` appended (``.jsonl.gz``...) is decompressed on the fly, streaming.
+- ``.parquet`` is read in record batches.
+- A directory or a glob is expanded to its data files, sorted. Other files (``README.md``, ``.gitattributes``)
+  and anything under a hidden directory (``.git/``, ``.ipynb_checkpoints/``, which may hold stale copies of the
+  data) are not data: they are skipped and listed in `Dataset.skipped_files` for the caller to report. A single
+  file named explicitly must be a data file.
 """
 
 from __future__ import annotations
 
 import glob as globlib
+import gzip
 import hashlib
-import io
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +43,8 @@ from typing import Any, Iterator
 from prefpipe.errors import UserError
 
 FORMATS = ("paired", "conversational", "implicit", "unpaired")
-DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json")
+DATA_SUFFIXES = (*TEXT_SUFFIXES, *(x + ".gz" for x in TEXT_SUFFIXES), ".parquet")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 # HH transcripts: the prompt ends right after the last assistant marker that both transcripts share.
 DEFAULT_TURN_MARKER = "\n\nAssistant:"
@@ -63,26 +80,36 @@ class Source:
     name: str  # stable name used in row ids: relative to the data root, never absolute
 
 
-def resolve_sources(data: str | Path) -> list[Source]:
-    """Expand a file, a directory (its data files, recursively) or a glob into sorted sources."""
+def _is_data_file(rel: Path) -> bool:
+    return rel.name.endswith(DATA_SUFFIXES) and not any(part.startswith(".") for part in rel.parts)
+
+
+def scan_sources(data: str | Path) -> tuple[list[Source], list[str]]:
+    """Expand a file, a directory (recursively) or a glob into sorted sources, plus the files skipped as non-data."""
     data = str(data)
     p = Path(data)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(DATA_SUFFIXES))
-        sources = [Source(f, f.relative_to(p).as_posix()) for f in files]
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        named = [(f, f.relative_to(p)) for f in files]
     elif p.is_file():
-        sources = [Source(p, p.name)]
+        if not p.name.endswith(DATA_SUFFIXES):
+            raise UserError(f"unsupported file type; expected one of {', '.join(DATA_SUFFIXES)}", file=data)
+        return [Source(p, p.name)], []
     elif any(ch in data for ch in "*?["):
-        sources = [Source(Path(f), Path(f).name) for f in sorted(globlib.glob(data, recursive=True))
-                   if Path(f).is_file()]
+        named = [(Path(f), Path(Path(f).name)) for f in sorted(globlib.glob(data, recursive=True))
+                 if Path(f).is_file()]
     else:
         raise UserError("no such file or directory", file=data)
+    sources = [Source(f, rel.as_posix()) for f, rel in named if _is_data_file(rel)]
+    skipped = [str(f) for f, rel in named if not _is_data_file(rel)]
     if not sources:
-        raise UserError("no data files found (expected .jsonl, .json or .parquet)", file=data)
-    for s in sources:
-        if not s.path.name.endswith(DATA_SUFFIXES):
-            raise UserError(f"unsupported file type; expected one of {', '.join(DATA_SUFFIXES)}", file=str(s.path))
-    return sources
+        seen = f"; found only {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else ""
+        raise UserError(f"no data files found (expected {', '.join(DATA_SUFFIXES)}){seen}", file=data)
+    return sources, skipped
+
+
+def resolve_sources(data: str | Path) -> list[Source]:
+    return scan_sources(data)[0]
 
 
 def data_fingerprint(data: str | Path, columns: Columns = Columns()) -> str:
@@ -100,49 +127,81 @@ def data_fingerprint(data: str | Path, columns: Columns = Columns()) -> str:
 
 # ---------------------------------------------------------------- raw row reading
 
-def _iter_jsonl(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
-    import pyarrow as pa
-    import pyarrow.json as pj
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
-    def parse(lines: list[tuple[int, bytes]]) -> list[tuple[int, dict]]:
-        # pyarrow parses the common case fast; on any complaint (bad JSON, a column whose type changes between
-        # rows) the stdlib parser goes line by line so the error can name the line and the validator the column.
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Non-blank lines with their 1-based line numbers; a damaged gzip stream is a `UserError` at its line."""
+    n = 0
+    with _open(path) as f:
         try:
-            table = pj.read_json(io.BytesIO(b"\n".join(b for _, b in lines)))
-            rows = table.to_pylist()
-            if len(rows) == len(lines):
-                return [(n, r) for (n, _), r in zip(lines, rows)]
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
-        out = []
-        for n, b in lines:
-            try:
-                obj = json.loads(b)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"not valid JSON ({e.msg if hasattr(e, 'msg') else e})", file=str(path), row=n)
-            if not isinstance(obj, dict):
-                raise UserError(f"expected a JSON object, got {type(obj).__name__}", file=str(path), row=n)
-            out.append((n, obj))
-        return out
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    yield n, line.rstrip(b"\r\n")
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"the file cannot be read or decompressed from this line on ({e})", file=str(path),
+                            row=n + 1)
 
-    batch: list[tuple[int, bytes]] = []
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                batch.append((n, line.rstrip(b"\r\n")))
-            if len(batch) >= batch_rows:
-                yield parse(batch)
-                batch = []
+
+def _parse_line(path: Path, n: int, b: bytes) -> dict:
+    try:
+        text = b.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"not valid UTF-8 (byte 0x{b[e.start]:02x} at byte {e.start + 1} of the line); "
+                        "re-save the file as UTF-8", file=str(path), row=n)
+    try:
+        obj = json.loads(text.lstrip("\ufeff"))  # editors on Windows start files with a byte-order mark
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg}, column {e.colno})", file=str(path), row=n)
+    if not isinstance(obj, dict):
+        raise UserError(f"expected a JSON object, got {type(obj).__name__}", file=str(path), row=n)
+    return obj
+
+
+def _iter_jsonl(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
+    batch: list[tuple[int, dict]] = []
+    for n, line in _lines(path):
+        batch.append((n, _parse_line(path, n, line)))
+        if len(batch) >= batch_rows:
+            yield batch
+            batch = []
     if batch:
-        yield parse(batch)
+        yield batch
+
+
+def _is_json_lines(path: Path) -> bool:
+    """A `.json` file whose first non-blank line is a whole JSON object and which has more lines after it."""
+    lines = _lines(path)
+    try:
+        for i, (_, line) in enumerate(lines):
+            if i == 1:
+                return True
+            try:
+                # Bad bytes are the line reader's to report, with the row; they do not change the shape.
+                first = json.loads(line.decode("utf-8", "replace").lstrip("\ufeff"))
+            except json.JSONDecodeError:
+                return False
+            if not isinstance(first, dict):
+                return False
+    except UserError:
+        return False  # the whole-document reader reports the damage
+    finally:
+        lines.close()
+    return False
 
 
 def _iter_json(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
     try:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             doc = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"not valid JSON ({e.msg}, line {e.lineno} column {e.colno})", file=str(path))
+    except UnicodeDecodeError as e:
+        raise UserError(f"not valid UTF-8 ({e.reason} at byte {e.start + 1}); re-save the file as UTF-8",
+                        file=str(path))
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"cannot read or decompress the file ({e})", file=str(path))
     if isinstance(doc, dict) and len(doc) == 1 and isinstance(next(iter(doc.values())), list):
         doc = next(iter(doc.values()))  # {"data": [...]} wrappers
     if not isinstance(doc, list):
@@ -174,7 +233,12 @@ def _iter_parquet(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]
 def iter_raw(source: Source, batch_rows: int = 1024) -> Iterator[list[tuple[int, dict]]]:
     """Yield batches of `(row_number, dict)` from one file, failing with a `UserError` on an empty file."""
     name = source.path.name
-    reader = _iter_parquet if name.endswith(".parquet") else _iter_json if name.endswith(".json") else _iter_jsonl
+    if name.endswith(".parquet"):
+        reader = _iter_parquet
+    elif name.endswith((".json", ".json.gz")) and not _is_json_lines(source.path):
+        reader = _iter_json
+    else:
+        reader = _iter_jsonl
     empty = True
     for batch in reader(source.path, batch_rows):
         if batch:
@@ -201,9 +265,10 @@ def detect_format(row: dict, columns: Columns, file: str) -> str:
             return "implicit"
         return "conversational" if isinstance(row.get(c.prompt), list) else "paired"
     missing = [k for k in (c.prompt, c.chosen, c.rejected) if k not in keys]
+    found = ", ".join(repr(k) for k in list(row)[:20]) + (" ..." if len(row) > 20 else "") if row else "none"
     raise UserError(
         "cannot detect the format: expected prompt/chosen/rejected (paired), chosen/rejected (implicit prompt) "
-        f"or prompt/completion/label (unpaired); missing {', '.join(repr(m) for m in missing)}. "
+        f"or prompt/completion/label (unpaired); missing {', '.join(repr(m) for m in missing)}; found {found}. "
         "Use --prompt_col/--chosen_col/--rejected_col/--completion_col/--label_col to map other names",
         file=file, row=1, column=missing[0])
 
@@ -330,7 +395,7 @@ class Dataset:
     batch_rows: int = 1024
 
     def __post_init__(self):
-        self.sources = resolve_sources(self.data)
+        self.sources, self.skipped_files = scan_sources(self.data)
         first = next(iter_raw(self.sources[0], batch_rows=1))
         self.format = detect_format(first[0][1], self.columns, str(self.sources[0].path))
 

@@ -13,12 +13,17 @@ Rules, recorded in the cache metadata so a mismatch is detectable:
 - **EOS.** Plain-text responses get the EOS id appended, so the model learns to stop. Conversational responses
   are rendered with the chat template, which writes its own end-of-turn token; nothing is appended.
 - **Chat rendering.** The prompt is ``apply_chat_template(prompt, add_generation_prompt=True)``; a response is the
-  text that ``apply_chat_template(prompt + response)`` adds after that prefix.
+  text that ``apply_chat_template(prompt + response)`` adds after that prefix. A template that refuses a row (for
+  example ``raise_exception('System role not supported')`` on a system message) stops the run with a
+  `UserError` naming the file, row and the template's own message: the row is the user's to fix or drop.
 - **Truncation.** With ``max_length`` (total) and ``max_prompt_length``: the prompt is cut from the left to
   ``max_prompt_length`` (keeping its leading BOS), then each response from the right to fit ``max_length``.
-- **Skips** (counted, never silent): an empty response text, ``chosen == rejected``, and an empty prompt. Because
-  ``max_prompt_length < max_length``, every response keeps at least one token after truncation. Duplicate rows
-  (same content) are counted but kept: repeating a pair is a legitimate way to weight it.
+- **Skips** (counted, never silent): an empty response text, ``chosen == rejected``, and a prompt with no tokens
+  at all. An empty prompt text is kept when the tokenizer has a BOS: its prompt is that BOS alone, which gives
+  the first response token a context to be scored in. Only with a tokenizer that adds no BOS is an empty prompt
+  skipped (reason ``empty_prompt``). Because ``max_prompt_length < max_length``, every response keeps at least
+  one token after truncation. Duplicate rows (same content) are counted but kept: repeating a pair is a
+  legitimate way to weight it.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ BOUNDARY_RULE = "separate"
 SKIP_REASONS = {
     "empty_response": "a response is empty text",
     "chosen_equals_rejected": "chosen and rejected are identical",
-    "empty_prompt": "the prompt has no tokens (the first response token would have no context)",
+    "empty_prompt": "the prompt is empty and the tokenizer adds no BOS (the first response token would have "
+                    "no context)",
 }
 
 
@@ -111,15 +117,25 @@ class PairTokenizer:
         if not getattr(self.tok, "chat_template", None):
             raise UserError("conversational data needs a tokenizer with a chat template; this one has none",
                             file=rec.source, row=rec.row, column=cols[0])
-        p = self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        p = self._apply_template(prompt, rec, cols[0], add_generation_prompt=True)
         out = []
         for resp, col in zip(responses, cols[1:]):
-            full = self.tok.apply_chat_template(prompt + resp, tokenize=False)
+            full = self._apply_template(prompt + resp, rec, col)
             if not full.startswith(p):
                 raise UserError("the chat template does not render prompt + response as an extension of the "
                                 "prompt with its generation prompt", file=rec.source, row=rec.row, column=col)
             out.append(full[len(p):])
         return p, out
+
+    def _apply_template(self, messages: list[dict], rec: Record, col: str, **kwargs) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the model's own Jinja code run on the user's messages
+            # Templates refuse rows on purpose (raise_exception) or fail on shapes they do not expect; either way
+            # the fix is in the data or the template, so the user gets the template's message, not a traceback.
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise UserError(f"the chat template failed on this row: {msg}", file=rec.source, row=rec.row,
+                            column=col) from e
 
     def _truncate_prompt(self, ids: list[int]) -> tuple[list[int], bool]:
         limit = self.settings.max_prompt_length
