@@ -168,13 +168,11 @@ class PairTokenizer:
             p, rs = self._render(rec.prompt, responses, rec, ["prompt", *resp_fields])
             texts.append((rec, p, rs))
 
-        prompt_ids = self._encode([p for _, p, _ in texts])
+        prompt_ids = self.encode_prompts([p for _, p, _ in texts])
         resp_ids = [self._encode([rs[k] for _, _, rs in texts]) for k in range(len(resp_fields))]
         L = self.settings.max_length
         for i, (rec, _, _) in enumerate(texts):
             pids = prompt_ids[i]
-            if pids[:len(self.prefix)] != self.prefix:
-                pids = self.prefix + pids
             if not pids:
                 self._skip(stats, rec, "empty_prompt")
                 continue
