@@ -63,7 +63,7 @@ MARGIN_LABEL = {"dpo": "margin / β (log-ratio, nats)", "hinge": "margin / β (l
 DOWNSTREAM, HELD_OUT = "downstream accuracy", "held-out reward accuracy"
 
 
-@dataclass
+@dataclass(eq=False)  # a run is itself: `in` and `is` mean the same run
 class RunData:
     name: str
     loss_type: str
@@ -412,7 +412,7 @@ def plot_curves(runs: list[RunData], path: Path):
 def plot_beta(runs: list[RunData], reference: dict | None, path: Path, ranking: Ranking | None = None):
     """Write beta.png; return the figure."""
     ranking = ranking or rank(runs)
-    return draw(beta_panels(runs, reference, ranking.best), _headline(ranking, pct=False), path)
+    return draw(beta_panels(runs, reference, ranking.best), _headline(ranking), path)
 
 
 # ---------------------------------------------------------------- summary.md
@@ -423,7 +423,7 @@ def _fmt(x, pct=False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
-def _headline(ranking: Ranking, pct: bool = True) -> str:
+def _headline(ranking: Ranking) -> str:
     value = f"{ranking.basis} {_fmt(ranking.value, pct=True)}"
     if ranking.best is not None:
         return f"Best run: {ranking.best.name} ({value})"
