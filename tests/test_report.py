@@ -3,10 +3,17 @@
 import json
 import math
 
-from prefpipe.evaluation.report import write_report
+import pytest
+
+from prefpipe import rundir
+from prefpipe.evaluation.report import load_runs, plot_beta, plot_curves, write_report
+
+LAST_EVAL = ({"loss": 0.1, "acc": 0.9, "margin": 9.0},)
 
 
-def make_run(d, name, loss_type, beta, gen_acc=None, pref_acc=None, steps=12):
+def make_run(d, name, loss_type, beta, gen_acc=None, pref_acc=None, steps=12, evals=LAST_EVAL, eval_every=None):
+    """A fake run: train acc 0.05 * step (so the last step's acc is 0.05 * steps), margin 0.02 * step * beta, and
+    one in-training evaluation per entry of `evals` (every `eval_every` steps, else the last one at the end)."""
     r = d / name
     r.mkdir(parents=True)
     lines = []
@@ -16,16 +23,18 @@ def make_run(d, name, loss_type, beta, gen_acc=None, pref_acc=None, steps=12):
         if loss_type == "sft":
             rec = {"split": "train", "step": s, "loss": 1.0 - 0.01 * s, "nll": 1.0 - 0.01 * s}
         lines.append(json.dumps(rec))
-    lines.append(json.dumps({"split": "eval", "step": steps, "loss": 0.1, "acc": 0.9, "margin": 9.0}))
-    (r / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    for i, ev in enumerate(evals, start=1):
+        at = i * eval_every if eval_every else steps
+        lines.append(json.dumps({"split": "eval", "step": at, **ev}))
+    (r / rundir.METRICS).write_text("\n".join(lines) + "\n")
     final = json.loads(lines[steps - 1])
-    (r / "result.json").write_text(json.dumps({"name": name, "dir": name, "loss_type": loss_type, "beta": beta,
+    (r / rundir.RESULT).write_text(json.dumps({"name": name, "dir": name, "loss_type": loss_type, "beta": beta,
                                                "steps": steps, "final": final}))
     if gen_acc is not None:
         n = 200
-        (r / "eval_gen.json").write_text(json.dumps({"accuracy": gen_acc, "correct": round(gen_acc * n), "n": n}))
+        (r / rundir.EVAL_GEN).write_text(json.dumps({"accuracy": gen_acc, "correct": round(gen_acc * n), "n": n}))
     if pref_acc is not None:
-        (r / "eval_pref.json").write_text(json.dumps({"acc": pref_acc, "margin": 0.5}))
+        (r / rundir.EVAL_PREF).write_text(json.dumps({"acc": pref_acc, "margin": 0.5}))
 
 
 def is_png(path) -> bool:
@@ -71,10 +80,11 @@ def test_winner_falls_back_to_held_out_then_training_accuracy(tmp_path):
     res = write_report(d)
     assert (res["best"], res["basis"]) == ("dpo-beta0.1", "held-out reward accuracy")
     d2 = tmp_path / "runs2"
-    make_run(d2, "ipo-beta0.1", "ipo", 0.1, steps=5)
-    make_run(d2, "ipo-beta0.5", "ipo", 0.5, steps=8)
+    make_run(d2, "ipo-beta0.1", "ipo", 0.1, steps=5, evals=())
+    make_run(d2, "ipo-beta0.5", "ipo", 0.5, steps=8, evals=())
     res = write_report(d2)
-    assert (res["best"], res["basis"], res["value"]) == ("ipo-beta0.5", "final reward accuracy", 0.4)
+    assert (res["best"], res["basis"], res["value"]) == ("ipo-beta0.5", "final train-step per-token reward accuracy",
+                                                         0.4)
     res = write_report(d2, only=["ipo-beta0.1"])  # the pipeline reports only its own runs
     assert res["best"] == "ipo-beta0.1" and "ipo-beta0.5" not in res["markdown"]
     assert is_png(d2 / "curves.png") and is_png(d2 / "beta.png")
@@ -89,3 +99,167 @@ def test_report_errors_are_one_line(tmp_path, run_cli):
     (tmp_path / "dpo-beta0.1" / "metrics.jsonl").write_text('{"step": 1}\n{oops\n')
     r = run_cli("report", tmp_path)
     assert r.exit_code == 2 and "row 2: not valid JSON" in r.output and "Traceback" not in r.output
+
+
+def two_runs(d, x: dict, y: dict):
+    """dpo-beta0.1 (X, 5 steps: last-step acc 0.25) and dpo-beta0.3 (Y, 12 steps: last-step acc 0.6)."""
+    make_run(d, "dpo-beta0.1", "dpo", 0.1, steps=5, **x)
+    make_run(d, "dpo-beta0.3", "dpo", 0.3, steps=12, **y)
+
+
+@pytest.mark.parametrize("x, y, best, basis, value", [
+    # every level points at a different run than the level below it, so the level used decides the winner
+    (dict(gen_acc=0.6, pref_acc=0.5, evals=({"acc": 0.5},)), dict(gen_acc=0.5, pref_acc=0.9, evals=({"acc": 0.95},)),
+     "dpo-beta0.1", "downstream accuracy", 0.6),
+    (dict(pref_acc=0.7, evals=({"acc": 0.5},)), dict(pref_acc=0.6, evals=({"acc": 0.95},)),
+     "dpo-beta0.1", "held-out reward accuracy", 0.7),
+    (dict(evals=({"acc": 0.3}, {"acc": 0.8})), dict(evals=({"acc": 0.9}, {"acc": 0.7})),  # the last eval counts
+     "dpo-beta0.1", "in-training eval reward accuracy", 0.8),
+    (dict(evals=()), dict(evals=()), "dpo-beta0.3", "final train-step reward accuracy", 0.6),
+])
+def test_ranking_prefers_downstream_then_held_out_then_eval_then_last_step(tmp_path, x, y, best, basis, value):
+    d = tmp_path / "runs"
+    two_runs(d, x, y)
+    res = write_report(d)
+    assert (res["best"], res["basis"]) == (best, basis)
+    assert res["value"] == pytest.approx(value)
+    md = (d / "summary.md").read_text()
+    assert f"**Best run: {best}** ({basis} {100 * value:.1f}%)." in md
+
+
+def test_ranking_reads_result_json_eval_and_leaves_out_runs_without_the_basis(tmp_path):
+    d = tmp_path / "runs"
+    two_runs(d, dict(evals=()), dict(evals=()))
+    res = json.loads((d / "dpo-beta0.1" / rundir.RESULT).read_text())
+    (d / "dpo-beta0.1" / rundir.RESULT).write_text(json.dumps({**res, "eval": {"step": 5, "acc": 0.75}}))
+    make_run(d, "dpo-beta1", "dpo", 1.0, steps=20, evals=())  # last-step acc 1.0 but never evaluated
+    res = write_report(d)
+    assert (res["best"], res["basis"], res["value"]) == ("dpo-beta0.1", "in-training eval reward accuracy", 0.75)
+    md = (d / "summary.md").read_text()
+    assert "Not ranked (no in-training eval reward accuracy): dpo-beta1, dpo-beta0.3." in md
+
+
+def test_orpo_accuracy_is_not_ranked_against_reward_accuracy(tmp_path):
+    d = tmp_path / "runs"
+    make_run(d, "dpo-beta0.1", "dpo", 0.1, evals=({"acc": 0.7},))
+    make_run(d, "orpo", "orpo", 0.1, steps=20, evals=({"acc": 0.99},))  # a_c > a_r: another quantity
+    res = write_report(d)
+    assert (res["best"], res["basis"], res["value"]) == ("dpo-beta0.1", "in-training eval reward accuracy", 0.7)
+    assert "Not ranked (no in-training eval reward accuracy): orpo." in res["markdown"]
+    d2 = tmp_path / "orpo-only"
+    make_run(d2, "orpo", "orpo", 0.1, evals=({"acc": 0.99},))
+    assert write_report(d2)["basis"] == "in-training eval ORPO accuracy"
+
+
+def test_a_tie_at_the_top_has_no_winner(tmp_path, run_cli):
+    d = tmp_path / "runs"
+    make_run(d, "dpo-beta0.1", "dpo", 0.1, gen_acc=0.7)
+    make_run(d, "dpo-beta0.3", "dpo", 0.3, gen_acc=0.6)
+    make_run(d, "kto-beta0.1", "kto", 0.1, gen_acc=0.7)
+    res = write_report(d)
+    assert (res["best"], res["basis"], res["value"]) == (None, "downstream accuracy", 0.7)
+    assert res["tied"] == ["dpo-beta0.1", "kto-beta0.1"]
+    md = (d / "summary.md").read_text()
+    assert "**No single best run (tie between dpo-beta0.1, kto-beta0.1 at downstream accuracy 70.0%)**." in md
+    assert "Best run" not in md and "★" not in md
+    # the pipeline's log line still formats
+    assert f"(best: {res['best']}, {res['basis']} {res['value']:.3f})" == "(best: None, downstream accuracy 0.700)"
+    r = run_cli("report", d)
+    assert r.exit_code == 0 and "No single best run" in r.output
+
+
+def lines_by_label(fig) -> dict:
+    """label -> [(axes, Line2D)] over every panel of a figure."""
+    out = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            out.setdefault(line.get_label(), []).append((ax, line))
+    return out
+
+
+def legend_labels(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def sweep(d):
+    """dpo at β 1, 10, 3 (names sort as text in that order), ipo at β 2, and orpo; evals at steps 4, 8, 12."""
+    evals = ({"loss": 0.5, "acc": 0.6, "margin": 3.0}, {"loss": 0.4, "acc": 0.7, "margin": 6.0},
+             {"loss": 0.3, "acc": 0.8, "margin": 9.0})
+    for name, lt, beta in (("dpo-beta1", "dpo", 1.0), ("dpo-beta10", "dpo", 10.0), ("dpo-beta3", "dpo", 3.0),
+                           ("ipo-beta2", "ipo", 2.0), ("orpo", "orpo", 0.1)):
+        make_run(d, name, lt, beta, pref_acc=0.5 + beta / 100, evals=evals, eval_every=4)
+    return load_runs(d)[0]
+
+
+def test_legends_are_in_numeric_beta_order_on_every_panel(tmp_path):
+    runs = sweep(tmp_path)
+    fig = plot_curves(runs, tmp_path / "curves.png")
+    for ax in fig.axes:
+        assert ax.get_lines() and ax.get_legend() is not None, ax.get_ylabel()
+    dpo_panels = [ax for ax, _ in lines_by_label(fig)["dpo-beta1"]]
+    assert len(dpo_panels) == 3  # loss, accuracy, margin
+    for ax in dpo_panels:
+        assert [t for t in legend_labels(ax) if "eval" not in t] == ["dpo-beta1", "dpo-beta3", "dpo-beta10"]
+    fig = plot_beta(runs, None, tmp_path / "beta.png")
+    assert len(fig.axes) >= 3
+    for ax in fig.axes:
+        assert ax.get_legend() is not None, ax.get_title()
+    held_out = next(ax for ax in fig.axes if ax.get_title() == "held-out reward accuracy")
+    assert legend_labels(held_out) == ["dpo", "ipo", "orpo (no β)"]
+    dpo_line = next(line for line in held_out.get_lines() if line.get_label() == "dpo")
+    assert list(dpo_line.get_xdata()) == [1.0, 3.0, 10.0]
+    assert list(dpo_line.get_ydata()) == pytest.approx([0.51, 0.53, 0.60])
+
+
+def test_eval_curves_are_dashed_in_their_runs_colour(tmp_path):
+    runs = sweep(tmp_path)
+    lines = lines_by_label(plot_curves(runs, tmp_path / "curves.png"))
+    for name in ("dpo-beta3", "ipo-beta2", "orpo"):
+        train, ev = lines[name], lines[f"{name} (eval)"]
+        assert len(ev) == 3  # loss, accuracy, margin
+        for (ax_t, t), (ax_e, e) in zip(train, ev):
+            assert ax_t is ax_e and e.get_linestyle() == "--" and t.get_linestyle() == "-"
+            assert e.get_color() == t.get_color()
+            assert list(e.get_xdata()) == [4, 8, 12]
+    acc_eval = [line for ax, line in lines["dpo-beta3 (eval)"] if "accuracy" in ax.get_ylabel()]
+    assert list(acc_eval[0].get_ydata()) == pytest.approx([0.6, 0.7, 0.8])
+
+
+def test_margins_are_divided_by_beta_and_losses_by_their_step_one_value(tmp_path):
+    runs = sweep(tmp_path)
+    lines = lines_by_label(plot_curves(runs, tmp_path / "curves.png"))
+
+    def panel(label, ylabel_part):
+        return next(line for ax, line in lines[label] if ylabel_part in ax.get_ylabel())
+
+    steps = range(1, 13)
+    # make_run logs margin 0.02 * step * beta: divided by beta, every dpo run shows 0.02 * step
+    for name, beta in (("dpo-beta1", 1.0), ("dpo-beta3", 3.0), ("dpo-beta10", 10.0)):
+        assert list(panel(name, "margin").get_ydata()) == pytest.approx([0.02 * s for s in steps])
+        assert list(panel(f"{name} (eval)", "margin").get_ydata()) == pytest.approx([3 / beta, 6 / beta, 9 / beta])
+    # orpo's margin (a_c - a_r) has no beta in it: plotted as logged
+    assert list(panel("orpo", "a_c − a_r").get_ydata()) == pytest.approx([0.002 * s for s in steps])
+    # loss ln2 - 0.01 * step * beta, over its step-1 value
+    first = math.log(2) - 0.02
+    assert list(panel("ipo-beta2", "loss").get_ydata()) == pytest.approx(
+        [(math.log(2) - 0.02 * s) / first for s in steps])
+
+
+def test_orpo_accuracy_is_not_on_a_reward_accuracy_axis(tmp_path):
+    runs = sweep(tmp_path)
+    make_run(tmp_path, "sft", "sft", 0.1)
+    runs = load_runs(tmp_path)[0]
+    lines = lines_by_label(plot_curves(runs, tmp_path / "curves.png"))
+    orpo_axes = {id(ax) for ax, _ in lines["orpo"]}
+    for name in ("dpo-beta1", "ipo-beta2"):
+        assert not orpo_axes & {id(ax) for ax, _ in lines[name]}
+    orpo_acc = [ax for ax, _ in lines["orpo"] if "accuracy" in ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in orpo_acc] == ["ORPO accuracy (a_c > a_r, per-token log-probs)"]
+    dpo_acc = [ax for ax, _ in lines["dpo-beta1"] if "accuracy" in ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in dpo_acc] == ["reward accuracy"]
+    assert len(lines["sft"]) == 1  # sft logs a loss only
+    fig = plot_beta(runs, None, tmp_path / "beta.png")
+    for ax in fig.axes:
+        labels = {line.get_label() for line in ax.get_lines()}
+        if ax.get_title() != "held-out reward accuracy":
+            assert not {"orpo (no β)", "sft (no β)"} & labels, ax.get_title()
