@@ -256,5 +256,5 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     summary["report"] = {k: v for k, v in report.items() if k != "markdown"}
     summary["timing_s"]["total"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(runs_dir.pipeline, json.dumps(summary, indent=2, default=str))
-    log(f"report: {report['summary']} (best: {report['best']}, {report['basis']} {report['value']:.3f})")
+    log(f"report: {report['summary']} ({report['headline']})")
     return summary
