@@ -83,7 +83,7 @@ REF_COLUMNS = {k.name: k.ref_columns for k in KINDS.values()}
 def schema_for(kind: str, with_reference: bool = True) -> pa.Schema:
     schema = KINDS[kind].schema
     if not with_reference:
-        drop = set(REF_COLUMNS[kind])
+        drop = set(KINDS[kind].ref_columns)
         schema = pa.schema([f for f in schema if f.name not in drop])
     return schema
 
@@ -181,7 +181,7 @@ def read_cache(cache_dir: str | Path, columns: list[str] | None = None) -> Cache
 
 
 def _check_finite(table: pa.Table, kind: str, path: Path):
-    for col in REF_COLUMNS[kind]:
+    for col in KINDS[kind].ref_columns:
         if col not in table.column_names:
             continue
         arr = table.column(col)
