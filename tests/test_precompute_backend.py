@@ -15,7 +15,8 @@ from prefpipe.data.formats import Record
 from prefpipe.data.tokenize import PairTokenizer, TokenizeSettings, TokenStats
 from prefpipe.modeling import load_model
 from prefpipe.precompute.backend import BackendOptions
-from prefpipe.precompute.hf_backend import HFBackend, length_batches
+from prefpipe.precompute.hf_backend import HFBackend
+from prefpipe.scoring import length_batches
 
 
 def tokenized_pairs(tokenizer, n=8, max_words=60):

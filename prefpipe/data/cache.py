@@ -87,7 +87,7 @@ REF_COLUMNS = {k.name: k.ref_columns for k in KINDS.values()}
 def schema_for(kind: str, with_reference: bool = True) -> pa.Schema:
     schema = KINDS[kind].schema
     if not with_reference:
-        drop = set(REF_COLUMNS[kind])
+        drop = set(KINDS[kind].ref_columns)
         schema = pa.schema([f for f in schema if f.name not in drop])
     return schema
 
@@ -205,7 +205,7 @@ def _conform(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
 
 
 def _check_finite(table: pa.Table, kind: str, path: Path):
-    for col in REF_COLUMNS[kind]:
+    for col in KINDS[kind].ref_columns:
         if col not in table.column_names:
             continue
         arr = table.column(col)

@@ -72,10 +72,13 @@ def _load(model_dir: Path, device: str, dtype: str):
 @torch.inference_mode()
 def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batch_size: int = 32,
                     device: str = "auto", dtype: str = "auto") -> dict:
-    """Implicit-reward accuracy and margin of `run` on a paired cache with reference log-probs."""
+    """Implicit-reward accuracy and margin of `run` on a paired cache with reference log-probs.
+
+    A forward holds at most the padded tokens of `batch_size` pairs at the cache's longest sequence; sequences are
+    packed by length (`prefpipe.scoring`), so shorter pairs share a forward with more others."""
     from prefpipe.data.cache import read_cache
     from prefpipe.data.fingerprint import tokenizer_diff, tokenizer_fingerprint
-    from prefpipe.logprobs import pad_batch, sequence_logprobs
+    from prefpipe.scoring import rows_budget, score_sequences
 
     beta = beta if beta is not None else run.beta
     if beta is None:
@@ -93,22 +96,21 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
         raise UserError(f"the cache was tokenized with another tokenizer ({', '.join(diff)} differ) than "
                         f"{run.model_dir}", file=cache_dir)
     t = cache.table
+    spec = cache.spec
     prompts = t.column("prompt_ids").to_pylist()
-    chosen = t.column("chosen_ids").to_pylist()
-    rejected = t.column("rejected_ids").to_pylist()
-    ref_c = torch.tensor(t.column("ref_chosen").to_pylist(), dtype=torch.float64)
-    ref_r = torch.tensor(t.column("ref_rejected").to_pylist(), dtype=torch.float64)
-    pol_c, pol_r = torch.empty_like(ref_c), torch.empty_like(ref_r)
-    pad = tok.pad_token_id
+    n = len(prompts)
+    responses = [x for r in spec.responses for x in t.column(r.ids).to_pylist()]
+    lengths = [len(p) + len(r) for p, r in zip(prompts * len(spec.responses), responses)]
     start = time.perf_counter()
-    for lo in range(0, len(prompts), batch_size):
-        hi = min(lo + batch_size, len(prompts))
-        seqs = [prompts[i] + chosen[i] for i in range(lo, hi)] + [prompts[i] + rejected[i] for i in range(lo, hi)]
-        ids, mask = pad_batch(seqs, pad, dev)
-        plens = torch.tensor([len(prompts[i]) for i in range(lo, hi)] * 2, device=dev)
-        sums, _ = sequence_logprobs(model, ids, mask, plens)
-        sums = sums.double().cpu()
-        pol_c[lo:hi], pol_r[lo:hi] = sums[:hi - lo], sums[hi - lo:]
+    # `batch_size` pairs at the longest length bound each forward, as the fixed-size batches before did.
+    scores = score_sequences(model, prompts * len(spec.responses), responses,
+                             batch_tokens=rows_budget(batch_size, len(spec.responses), lengths),
+                             pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, device=dev)
+    pol, ref = {}, {}
+    for j, r in enumerate(spec.responses):
+        pol[r.name] = torch.tensor(scores.sums[j * n:(j + 1) * n], dtype=torch.float64)
+        ref[r.name] = torch.tensor(t.column(r.ref).to_pylist(), dtype=torch.float64)
+    pol_c, pol_r, ref_c, ref_r = pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"]
     delta = (pol_c - ref_c) - (pol_r - ref_r)
     return {"run": run.name, "model": str(run.model_dir), "cache": str(cache_dir), "beta": beta,
             "rows": len(prompts), "acc": float((beta * delta > 0).double().mean()),

@@ -210,27 +210,23 @@ def _check_scores(sums, counts, responses, row_ids):
 
 def _score_block(cols: dict, kind: str, backend, counts: Counter):
     """Add reference columns (or lengths only, with no backend) to `cols` in place."""
-    if kind == "paired":
-        resp = ("chosen_ids", "rejected_ids")
-        out = ("ref_chosen", "ref_rejected")
-        lens = ("chosen_len", "rejected_len")
-        prompts = cols["prompt_ids"]
-    else:
-        resp = ("completion_ids", "kl_completion_ids")
-        out = ("ref_logp", "ref_kl")
-        lens = ("completion_len", None)
-        prompts = cols["prompt_ids"]
-    for name, col in zip(lens, resp):
-        if name:
-            cols[name] = [len(r) for r in cols[col]]
+    from prefpipe.data.cache import KINDS
+
+    spec = KINDS[kind]
+    for r in spec.responses:
+        if r.length:
+            cols[r.length] = [len(x) for x in cols[r.ids]]
     if backend is None:
         return
-    n = len(prompts)
-    responses = cols[resp[0]] + cols[resp[1]]
-    sums, got = backend.score(prompts + prompts, responses)
-    _check_scores(sums, got, responses, cols["row_id"] * 2)
-    cols[out[0]], cols[out[1]] = sums[:n], sums[n:]
-    counts["tokens_scored"] += sum(len(p) for p in prompts) * 2 + sum(len(r) for r in responses)
+    prompts = cols["prompt_ids"]
+    n, k = len(prompts), len(spec.responses)
+    # One call for every response of the block, responses in descriptor order: one length-sorted set of batches.
+    responses = [x for r in spec.responses for x in cols[r.ids]]
+    sums, got = backend.score(prompts * k, responses)
+    _check_scores(sums, got, responses, cols["row_id"] * k)
+    for j, r in enumerate(spec.responses):
+        cols[r.ref] = sums[j * n:(j + 1) * n]
+    counts["tokens_scored"] += sum(len(p) for p in prompts) * k + sum(len(r) for r in responses)
     counts["response_tokens"] += sum(got)
 
 

@@ -61,13 +61,11 @@ def inspect_lines(cache) -> list[str]:
         lines.append(f"  {k:32} {shown}")
     df = pl.from_arrow(cache.table)
     lines.append(f"rows: {df.height}")
-    if cache.kind == "paired":
-        resp = [("chosen", "ref_chosen"), ("rejected", "ref_rejected")]
-    else:
-        resp = [("completion", "ref_logp"), ("kl_completion", "ref_kl")]
+    # Labels are the id columns' stems ("kl_completion", not the descriptor's "kl"): the report reads as before.
+    resp = [(r.ids.removesuffix("_ids"), r) for r in cache.spec.responses]
     lengths = {"prompt": pl.col("prompt_ids").list.len()}
-    for name, _ in resp:
-        lengths[name] = pl.col(f"{name}_ids").list.len()
+    for name, r in resp:
+        lengths[name] = pl.col(r.ids).list.len()
     qs = (0.0, 0.5, 0.95, 1.0)
 
     def row(label: str, expr) -> str:
@@ -81,13 +79,14 @@ def inspect_lines(cache) -> list[str]:
         lines.append(row(name, expr))
     if cache.has_reference and df.height:
         lines += ["reference log-prob per response token:", header]
-        for name, col in resp:
-            lines.append(row(name, pl.col(col) / pl.col(f"{name}_ids").list.len()))
+        for name, r in resp:
+            lines.append(row(name, pl.col(r.ref) / pl.col(r.ids).list.len()))
         lines += ["reference summed log-prob:", header]
-        for name, col in resp:
-            lines.append(row(name, pl.col(col)))
+        for name, r in resp:
+            lines.append(row(name, pl.col(r.ref)))
         if cache.kind == "paired":
-            lines.append(row("chosen - rejected", pl.col("ref_chosen") - pl.col("ref_rejected")))
+            (a, ra), (b, rb) = resp
+            lines.append(row(f"{a} - {b}", pl.col(ra.ref) - pl.col(rb.ref)))
     if cache.kind == "unpaired" and df.height:
         n_des = df.select(pl.col("label").sum()).item()
         lines.append(f"labels: {n_des} desirable, {df.height - n_des} undesirable")

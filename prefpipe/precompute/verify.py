@@ -49,15 +49,6 @@ TOLERANCES = {
     "float16": Tolerance(per_token=0.05, per_sum=2.0),
 }
 
-# (label, response ids column, cached sum column, cached length column or None)
-RESPONSES = {
-    "paired": (("chosen", "chosen_ids", "ref_chosen", "chosen_len"),
-               ("rejected", "rejected_ids", "ref_rejected", "rejected_len")),
-    "unpaired": (("completion", "completion_ids", "ref_logp", "completion_len"),
-                 ("kl", "kl_completion_ids", "ref_kl", None)),
-}
-
-
 class VerifyFailed(UserError):
     """Verify ran and the cache missed a tolerance or an identity check; `report` holds every number."""
 
@@ -67,35 +58,25 @@ class VerifyFailed(UserError):
 
 
 def _sequences(table, kind: str, rows: list[int]) -> list[dict]:
+    from prefpipe.data.cache import KINDS
+
     sub = table.take(rows).to_pydict()
     seqs = []
     for i in range(len(rows)):
-        for label, ids_col, sum_col, len_col in RESPONSES[kind]:
-            seqs.append({"row_id": sub["row_id"][i], "response": label, "prompt": sub["prompt_ids"][i],
-                         "ids": sub[ids_col][i], "cached": sub[sum_col][i],
-                         "cached_len": sub[len_col][i] if len_col else None})
+        for r in KINDS[kind].responses:
+            seqs.append({"row_id": sub["row_id"][i], "response": r.name, "prompt": sub["prompt_ids"][i],
+                         "ids": sub[r.ids][i], "cached": sub[r.ref][i],
+                         "cached_len": sub[r.length][i] if r.length else None})
     return seqs
 
 
 def _rescore(model, seqs: list[dict], device) -> list[tuple[float, int]]:
-    """Float64 sums of float32 per-token log-probs, in `seqs` order."""
-    import torch
+    """Float64 sums (math.fsum) of float32 per-token log-probs, in `seqs` order."""
+    from prefpipe.scoring import score_sequences
 
-    from prefpipe.logprobs import pad_batch, sequence_logprobs
-    from prefpipe.precompute.hf_backend import LOGIT_BUDGET, length_batches
-
-    full = [s["prompt"] + s["ids"] for s in seqs]
-    chunk = max(16, LOGIT_BUDGET // model.get_output_embeddings().weight.shape[0])
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
-    with torch.inference_mode():
-        for batch in length_batches([len(f) for f in full], VERIFY_BATCH_TOKENS):
-            ids, mask = pad_batch([full[i] for i in batch], pad_id=0, device=device)
-            plens = torch.tensor([len(seqs[i]["prompt"]) for i in batch], dtype=torch.long, device=device)
-            _, counts, toks = sequence_logprobs(model, ids, mask, plens, chunk_tokens=chunk,
-                                                return_token_logprobs=True)
-            for i, n, t in zip(batch, counts.tolist(), toks):
-                out[i] = (math.fsum(t.double().tolist()), n)
-    return out
+    scores = score_sequences(model, [s["prompt"] for s in seqs], [s["ids"] for s in seqs],
+                             batch_tokens=VERIFY_BATCH_TOKENS, per_token=True, device=device)
+    return [(math.fsum(t.double().tolist()), n) for t, n in zip(scores.tokens, scores.counts)]
 
 
 def _identity(cache_meta: dict, model: str) -> dict:

@@ -55,29 +55,29 @@ def sample_rows(n: int, k: int) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
 
-@torch.no_grad()
 def measure_drift(scorer, data, rows: list[int], batch_size: int, pad_id: int, device, autocast) -> dict:
-    """Mean |policy - cached reference| per response token over `rows`, and the worst row's per-token value.
+    """Mean |policy - cached reference| per response token over `rows`, and the worst sequence's per-token value.
 
-    Every process scores the same rows (FSDP ranks must run forwards together), so no reduction is needed."""
-    from prefpipe.train.batches import make_batch
-    total_abs, total_tokens, worst = 0.0, 0, 0.0
-    pairs = (("ref_chosen", "ref_rejected") if data.kind == "paired" else ("ref_logp", "ref_kl"))
-    for start in range(0, len(rows), batch_size):
-        b = make_batch(data, rows[start:start + batch_size], "kto" if data.kind == "unpaired" else "dpo", pad_id,
-                       device, use_cached_reference=True)
-        parts = [(b.ids, b.mask, b.prompt_lens, torch.cat([b.ref[pairs[0]], b.ref[pairs[1]]])
-                  if data.kind == "paired" else b.ref[pairs[0]])]
-        if data.kind == "unpaired":
-            parts.append((b.kl_ids, b.kl_mask, b.kl_prompt_lens, b.ref[pairs[1]]))
-        for ids, mask, plens, ref in parts:
-            with autocast:
-                sums, counts = scorer(ids, mask, plens)
-            diff = (sums.double() - ref.double()).abs()
-            total_abs += float(diff.sum())
-            total_tokens += int(counts.sum())
-            worst = max(worst, float((diff / counts.clamp(min=1)).max()))
-    return {"mean_abs_per_token": total_abs / max(total_tokens, 1), "worst_row_per_token": worst,
+    Every response of the sampled rows (chosen and rejected; a KTO completion and its partner) is scored after the
+    row's prompt by `scorer`, called through its own forward so DDP/FSDP wrappers see it. A forward holds at most
+    the padded tokens of `batch_size` rows, all their responses at the sample's longest, without gradients: less
+    memory than one training micro-batch. Every process
+    scores the same rows in the same batches (FSDP ranks must run forwards together), so no reduction is needed."""
+    from prefpipe.data.cache import KINDS
+    from prefpipe.scoring import rows_budget, score_sequences
+
+    spec = KINDS[data.kind]
+    t = data.table.take(rows)
+    prompts = t.column("prompt_ids").to_pylist() * len(spec.responses)
+    responses = [x for r in spec.responses for x in t.column(r.ids).to_pylist()]
+    refs = [x for r in spec.responses for x in t.column(r.ref).to_pylist()]
+    budget = rows_budget(batch_size, len(spec.responses), [len(p) + len(r) for p, r in zip(prompts, responses)])
+    with autocast:
+        scores = score_sequences(scorer, prompts, responses, batch_tokens=budget, pad_id=pad_id, device=device)
+    diffs = [abs(s - ref) for s, ref in zip(scores.sums, refs)]
+    worst = max((d / max(c, 1) for d, c in zip(diffs, scores.counts)), default=0.0)
+    total_tokens = sum(scores.counts)
+    return {"mean_abs_per_token": sum(diffs) / max(total_tokens, 1), "worst_row_per_token": worst,
             "rows": len(rows), "tokens": total_tokens}
 
 
