@@ -81,7 +81,6 @@ PAIRED = CacheKind("paired", (Response("chosen", "chosen_ids", "ref_chosen", "ch
 UNPAIRED = CacheKind("unpaired", (Response("completion", "completion_ids", "ref_logp", "completion_len"),
                                   Response("kl", "kl_completion_ids", "ref_kl", None)), UNPAIRED_SCHEMA)
 KINDS = {k.name: k for k in (PAIRED, UNPAIRED)}
-REF_COLUMNS = {k.name: k.ref_columns for k in KINDS.values()}
 
 
 def schema_for(kind: str, with_reference: bool = True) -> pa.Schema:
@@ -138,7 +137,7 @@ class Cache:
 
     @property
     def has_reference(self) -> bool:
-        return all(c in self.table.column_names for c in REF_COLUMNS[self.kind])
+        return all(c in self.table.column_names for c in self.spec.ref_columns)
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
