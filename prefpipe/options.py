@@ -228,7 +228,7 @@ def override_option(o: Option, name: str | None = None):
     name = name or o.name
     help = _help(o, True)
     if o.kind == "bool":
-        return click.option(f"--{name}/--no_{name}", name, default=None, help=help)
+        return click.option(f"--{name}/--no_{name}", name, default=None, help=f"{help} [default: {o.default}]")
     return click.option(f"--{name}", name, type=_click_type(o), multiple=o.multiple, default=None,
                         metavar=o.metavar, help=help)
 
