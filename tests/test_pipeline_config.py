@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from prefpipe.errors import UserError
-from prefpipe.pipeline.config import KEYS, read_toml, resolve
+from prefpipe.pipeline.config import read_toml, resolve
 
 BASE = 'model = "m"\ndata = "d.jsonl"\n'
 
@@ -26,12 +26,6 @@ def test_defaults_file_and_options_in_order(tmp_path):
     assert cfg.eval_max_new_tokens == 9  # [eval] keys drop their eval_ prefix
     assert cfg.epochs == 1 and cfg.sources["epochs"] == "default"
     assert cfg.max_length == 1024 and cfg.max_prompt_length == 512
-
-
-def test_every_key_has_a_cli_option():
-    from prefpipe.pipeline.cli import pipeline
-    names = {o.name for o in pipeline.params}
-    assert {k.name for k in KEYS} <= names
 
 
 def test_single_values_for_list_keys_and_ints_as_floats(tmp_path):

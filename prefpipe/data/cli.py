@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
-from prefpipe.data.options import columns_from, data_options, tokenize_options
+from prefpipe.data.settings import CheckSettings
+from prefpipe.options import build, cli_options, from_cli, options
+
+OPTIONS = options(CheckSettings)
 
 
 @click.group()
@@ -24,18 +27,19 @@ def _quantiles(xs: list[int]) -> str:
 
 @data.command("check")
 @click.argument("data_path", metavar="DATA")
-@click.option("--model", required=True, help="Model or tokenizer directory (or hub id) whose tokenizer to use.")
-@data_options
-@tokenize_options
-def check(data_path, model, turn_marker, max_length, max_prompt_length, **cols):
+@cli_options(OPTIONS)
+def check(data_path, **kwargs):
     """Detect DATA's format, tokenize it, and report lengths, truncation, skips and duplicates."""
     from prefpipe.data.formats import Dataset
-    from prefpipe.data.tokenize import SKIP_REASONS, PairTokenizer, TokenizeSettings, TokenStats
+    from prefpipe.data.tokenize import SKIP_REASONS, PairTokenizer, TokenStats
     from prefpipe.modeling import load_tokenizer, quiet_transformers
 
+    s = build(CheckSettings, from_cli(OPTIONS, kwargs))
+    settings = s.tokenize_settings()
+    max_length, max_prompt_length = settings.max_length, settings.max_prompt_length
     quiet_transformers()
-    ds = Dataset(data_path, columns_from(cols), turn_marker=turn_marker)
-    pt = PairTokenizer(load_tokenizer(model), TokenizeSettings(max_length, max_prompt_length))
+    ds = Dataset(data_path, s.columns, turn_marker=s.turn_marker)
+    pt = PairTokenizer(load_tokenizer(s.model), settings)
     stats = TokenStats(keep_lengths=True)
     for batch in ds.batches():
         pt.tokenize(batch, stats, ds.paired)

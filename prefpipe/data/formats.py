@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prefpipe.errors import UserError
+from prefpipe.options import opt
 
 FORMATS = ("paired", "conversational", "implicit", "unpaired")
 TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -53,11 +54,11 @@ DEFAULT_TURN_MARKER = "\n\nAssistant:"
 @dataclass(frozen=True)
 class Columns:
     """Column names in the input; each maps to a CLI override (`--prompt_col`, ...)."""
-    prompt: str = "prompt"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    completion: str = "completion"
-    label: str = "label"
+    prompt: str = opt("prompt", name="prompt_col", help="Column holding the prompt.")
+    chosen: str = opt("chosen", name="chosen_col", help="Column holding the chosen response.")
+    rejected: str = opt("rejected", name="rejected_col", help="Column holding the rejected response.")
+    completion: str = opt("completion", name="completion_col", help="Unpaired (KTO) data: column holding the completion.")
+    label: str = opt("label", name="label_col", help="Unpaired (KTO) data: boolean column, true = desirable.")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from typing import Any
 
 from prefpipe.data.formats import Record
 from prefpipe.errors import UserError
+from prefpipe.options import OptionError, opt
 
 BOUNDARY_RULE = "separate"
 SKIP_REASONS = {
@@ -46,17 +47,23 @@ SKIP_REASONS = {
 
 @dataclass(frozen=True)
 class TokenizeSettings:
-    """Maps to `--max_length` and `--max_prompt_length`."""
-    max_length: int = 1024
-    max_prompt_length: int = 512
+    """`--max_length` and `--max_prompt_length`. The prompt budget defaults to half the total (512 of 1024) and
+    is resolved here, so the cache metadata always records the integer that was used."""
+    max_length: int = opt(1024, help="Total token budget per sequence; longer responses lose their end.")
+    max_prompt_length: int | None = opt(None, help="Prompt token budget; longer prompts lose their beginning.",
+                                        default_text="max_length // 2")
 
     def __post_init__(self):
-        if self.max_length < 2 or self.max_prompt_length < 1:
-            raise UserError(f"--max_length must be >= 2 and --max_prompt_length >= 1 "
-                            f"(got {self.max_length}, {self.max_prompt_length})")
+        if self.max_length < 2:
+            raise OptionError(self, ("max_length",), f"{{}} must be >= 2 (got {self.max_length})")
+        if self.max_prompt_length is None:
+            object.__setattr__(self, "max_prompt_length", self.max_length // 2)
+        if self.max_prompt_length < 1:
+            raise OptionError(self, ("max_prompt_length",), f"{{}} must be >= 1 (got {self.max_prompt_length})")
         if self.max_prompt_length >= self.max_length:
-            raise UserError(f"--max_prompt_length ({self.max_prompt_length}) must be smaller than "
-                            f"--max_length ({self.max_length}), or no response token would fit")
+            raise OptionError(self, ("max_prompt_length", "max_length"),
+                              f"{{}} ({self.max_prompt_length}) must be smaller than {{}} ({self.max_length}), "
+                              "or no response token would fit")
 
     def metadata(self) -> dict:
         return {**asdict(self), "boundary": BOUNDARY_RULE, "bos": "once", "eos": "plain-text responses",

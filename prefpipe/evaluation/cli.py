@@ -6,54 +6,38 @@ import json
 
 import click
 
+from prefpipe.evaluation.settings import EvalTargets, GenSettings
+from prefpipe.options import build, cli_options, from_cli, options
+
+
+TARGETS = options(EvalTargets)
+GEN = options(GenSettings)
+
 
 @click.command("eval")
-@click.option("--model", "run", required=True, metavar="RUN",
-              help="A run directory from `prefpipe train` (uses RUN/final and its beta) or a model directory.")
-@click.option("--cache", default=None, help="Held-out paired cache: implicit-reward accuracy and margin.")
-@click.option("--gen", "gen_file", default=None, metavar="GSM8K_STYLE.jsonl",
-              help="Questions with GSM8K answers ('#### N'): greedy exact-match accuracy.")
-@click.option("--beta", type=float, default=None, help="--cache with a plain model directory: the beta to use.")
-@click.option("--out", default=None, help="Directory for eval_pref.json / eval_gen.json(l) [default: RUN].")
-@click.option("--prompt_template", default="Question: {question}\nAnswer: ", show_default=True,
-              help="How a question becomes a prompt.")
-@click.option("--chat", is_flag=True, help="Render each question as a user turn with the chat template instead.")
-@click.option("--max_new_tokens", type=int, default=256, show_default=True)
-@click.option("--batch_size", type=int, default=64, show_default=True,
-              help="Questions per generate() call; pairs per forward with --cache.")
-@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
-              help="auto: vLLM when it is installed and CUDA is present, else transformers.")
-@click.option("--limit", type=int, default=None, help="Only the first N questions.")
-@click.option("--question_col", default="question", show_default=True)
-@click.option("--answer_col", default="answer", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True)
-def eval_cmd(run, cache, gen_file, beta, out, prompt_template, chat, max_new_tokens, batch_size, engine, limit,
-             question_col, answer_col, device, dtype):
+@cli_options(TARGETS + GEN)
+def eval_cmd(**kwargs):
     """Evaluate a trained policy: held-out implicit rewards (--cache) and/or downstream accuracy (--gen)."""
 
     from prefpipe.errors import UserError
     from prefpipe.fileio import atomic_write_text
     from prefpipe.rundir import RunDir
-    from prefpipe.evaluation.evaluate import (GenSettings, eval_generation,
-                                            eval_preference, resolve_run)
+    from prefpipe.evaluation.evaluate import eval_generation, eval_preference, resolve_run
 
-    if not cache and not gen_file:
+    t = build(EvalTargets, from_cli(TARGETS, kwargs))
+    s = build(GenSettings, from_cli(GEN, kwargs))
+    if not t.cache and not t.gen:
         raise UserError("give --cache (held-out pairs) and/or --gen (GSM8K-style questions)")
-    r = resolve_run(run)
-    if cache:
-        res = eval_preference(r, cache, beta=beta, batch_size=batch_size, device=device, dtype=dtype)
-        dest = RunDir(out if out else r.path)
+    r = resolve_run(t.model)
+    if t.cache:
+        res = eval_preference(r, t.cache, beta=t.beta, batch_size=s.batch_size, device=s.device, dtype=s.dtype)
+        dest = RunDir(t.out if t.out else r.path)
         dest.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(dest.eval_pref, json.dumps(res, indent=2))
         click.echo(f"{r.name}: held-out reward accuracy {res['acc']:.4f}, margin {res['margin']:.4f} "
                    f"(beta {res['beta']:g}, {res['rows']} pairs) -> {dest.eval_pref}")
-    if gen_file:
-        s = GenSettings(prompt_template=prompt_template, chat=chat, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, engine=engine, limit=limit, question_col=question_col,
-                        answer_col=answer_col, device=device, dtype=dtype)
-        res = eval_generation(r, gen_file, s, out)
+    if t.gen:
+        res = eval_generation(r, t.gen, s, t.out)
         click.echo(f"{r.name}: downstream exact-match accuracy {res['accuracy']:.4f} ({res['correct']}/{res['n']}; "
                    f"answers by marker {res['extraction']['marker']}, by last number "
                    f"{res['extraction']['last_number']}, none {res['extraction']['none']})")

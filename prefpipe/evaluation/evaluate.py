@@ -120,19 +120,7 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
 
 # ---------------------------------------------------------------- downstream generation
 
-@dataclass(frozen=True)
-class GenSettings:
-    """Maps one-to-one to `prefpipe eval --gen` options."""
-    prompt_template: str = "Question: {question}\nAnswer: "
-    chat: bool = False
-    max_new_tokens: int = 256
-    batch_size: int = 64
-    engine: str = "auto"
-    limit: int | None = None
-    question_col: str = "question"
-    answer_col: str = "answer"
-    device: str = "auto"
-    dtype: str = "auto"
+from prefpipe.evaluation.settings import GenSettings  # noqa: E402 (declared torch-free for the CLI)
 
 
 def read_questions(path: str | Path, s: GenSettings) -> list[dict]:

@@ -7,30 +7,17 @@ import json
 import click
 from click.core import ParameterSource
 
-from prefpipe.pipeline.config import KEYS, Key
+from prefpipe.options import override_option
+from prefpipe.pipeline.config import KEYS
 
 
 def _log(msg: str):
     click.echo(f"prefpipe pipeline: {msg}", err=True)
 
 
-def _option_for(key: Key):
-    shown = ", ".join(str(x) for x in key.default) if isinstance(key.default, list) else key.default
-    default = f" [default: {shown}]" if key.default not in (None, [], "") else ""
-    if key.kind == "bool":
-        return click.option(f"--{key.name}/--no_{key.name}", default=None, help=key.help + default)
-    if key.kind in ("str_list", "float_list"):
-        t = click.Choice(key.choices) if key.choices else (float if key.kind == "float_list" else str)
-        return click.option(f"--{key.name}", multiple=True, type=t, help=key.help + default)
-    t = {"int": int, "float": float}.get(key.kind, str)
-    if key.choices:
-        t = click.Choice(key.choices)
-    return click.option(f"--{key.name}", type=t, default=None, help=key.help + default)
-
-
 def key_options(f):
     for key in reversed(KEYS):
-        f = _option_for(key)(f)
+        f = override_option(key.option, key.name)(f)
     return f
 
 

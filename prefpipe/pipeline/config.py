@@ -4,113 +4,101 @@ Rules a user needs to know:
 
 - Every key is also a CLI option of the same name (``lr = 1e-6`` is ``--lr 1e-6``). An option given on the command
   line wins over the file, and the file wins over the default.
+- Every option of ``prefpipe precompute`` and ``prefpipe train`` is a key, in ``[precompute]`` and ``[train]``
+  (the keys are generated from PrecomputeConfig and TrainConfig), except those the pipeline sets itself per phase:
+  ``out``, ``kto``, ``no_reference`` and ``overwrite``. ``model``, ``data``, ``cache``, ``loss_type``, ``beta``,
+  ``dtype``, ``device`` and ``progress`` are top-level keys and apply to every phase; the tokenization and column
+  keys (``max_length``, ``prompt_col``, ...) live in ``[precompute]`` and apply to training too. ``[eval]`` holds
+  the options of ``prefpipe eval --gen`` plus ``data``, ``cache``, ``gen`` and ``baseline``.
 - Tables ``[precompute]``, ``[train]`` and ``[eval]`` only group keys for readability: ``[train] lr = 1e-6`` is the
   same as a top-level ``lr = 1e-6`` (a key under the wrong table is an error). In ``[eval]`` the keys drop their
   ``eval_`` prefix: ``[eval] gen = "test.jsonl"`` is ``--eval_gen test.jsonl``.
 - ``loss_type`` and ``beta`` take a list or a single value; on the command line, repeat the option.
 - Relative paths in the file are relative to the file's directory (``model`` only when that path exists, so that
   hub ids keep working); on the command line they are relative to the working directory.
-- An unknown key, a key in two places, or a value of the wrong type is an error naming the file and the key.
+- An unknown key, a key in two places, a key under the wrong table, or a value of the wrong type is an error naming
+  the file and the key (with the closest known key as a suggestion). A value the settings reject (``lr = 0``) is an
+  error naming the key and the file, or the option when it was given on the command line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefpipe.data.formats import DEFAULT_TURN_MARKER
-from prefpipe.data.tokenize import TokenizeSettings
+from prefpipe.data.formats import Columns
 from prefpipe.errors import UserError
-from prefpipe.precompute.backend import BackendOptions
-from prefpipe.train.config import SCHEDULERS, LoopConfig, OptimConfig, SourceConfig
-from prefpipe.train.losses import LOSS_TYPES
+from prefpipe.evaluation.settings import GenSettings
+from prefpipe.options import Option, OptionError, build, cli_style, opt, options, same_as, toml_style
+from prefpipe.precompute.config import PrecomputeConfig
+from prefpipe.train.config import TrainConfig
 
-GEN_PROMPT_TEMPLATE = "Question: {question}\nAnswer: "
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The top-level keys: what to run, where, and the settings every phase shares."""
+    model: str | None = opt(None, path=True, help="The SFT model directory (or hub id): reference and starting "
+                            "policy.")
+    data: str | None = opt(None, path=True, help="Preference data (a file, directory or glob).")
+    kto_data: str | None = opt(None, path=True, help="Data for kto runs [default: --data, two examples per pair].")
+    cache: str | None = opt(None, path=True, help="Paired cache directory [default: RUNS_DIR/cache].")
+    kto_cache: str | None = opt(None, path=True, help="KTO cache directory [default: RUNS_DIR/cache-kto].")
+    runs_dir: str = opt("runs", path=True, help="Where runs, evaluations, the summary and the plots go.")
+    loss_type: tuple[str, ...] = same_as(TrainConfig, "loss_types", help="Loss types to train (a list; repeat the "
+                                         "option).")
+    beta: tuple[float, ...] = same_as(TrainConfig, "betas", help="Betas to sweep (a list; repeat the option).")
+    kto_beta: tuple[float, ...] | None = opt(None, help="Betas for kto runs [default: --beta].")
+    recompute: bool = opt(False, help="Recompute the caches even when they are valid.")
+    dtype: str = same_as(TrainConfig, "dtype", help="Compute dtype for every phase.")
+    device: str = same_as(TrainConfig, "device")
+    progress: bool = same_as(TrainConfig, "progress", help="Progress bars.")
+
+
+@dataclass(frozen=True)
+class PipelineTrain:
+    """`[train]` keys of the pipeline only."""
+    kto_lr: float | None = opt(None, help="Peak learning rate of kto runs [default: lr].")
+
+
+@dataclass(frozen=True)
+class PipelineEval:
+    """`[eval]` keys of the pipeline only (besides GenSettings'); their full names start with `eval_`."""
+    data: str | None = opt(None, path=True, help="Held-out preference pairs: implicit-reward accuracy and margin.")
+    cache: str | None = opt(None, path=True, help="Cache for eval_data [default: RUNS_DIR/cache-eval].")
+    gen: str | None = opt(None, path=True, help="Held-out GSM8K-style questions: greedy exact-match accuracy.")
+    baseline: bool = opt(True, help="Also evaluate the SFT model itself (RUNS_DIR/reference).")
 
 
 @dataclass(frozen=True)
 class Key:
+    """One pipeline key: its full name (the CLI option; `[eval]` keys start with `eval_`), its table, its option."""
     name: str
-    kind: str  # str | int | float | bool | path | str_list | float_list
-    default: Any
     section: str  # "" (top level), "precompute", "train", "eval"
-    help: str
-    choices: tuple = ()
+    option: Option
+
+    @property
+    def default(self):
+        d = self.option.default
+        return None if d is MISSING else (list(d) if isinstance(d, tuple) else d)
 
 
-def _k(name, kind, default, section, help, choices=()):
-    return Key(name, kind, default, section, help, tuple(choices))
-
-
-KEYS: list[Key] = [
-    # what to run
-    _k("model", "path", None, "", "The SFT model directory (or hub id): reference and starting policy."),
-    _k("data", "path", None, "", "Preference data (a file, directory or glob)."),
-    _k("kto_data", "path", None, "", "Data for kto runs [default: --data, two examples per pair]."),
-    _k("cache", "path", None, "", "Paired cache directory [default: RUNS_DIR/cache]."),
-    _k("kto_cache", "path", None, "", "KTO cache directory [default: RUNS_DIR/cache-kto]."),
-    _k("runs_dir", "path", "runs", "", "Where runs, evaluations, the summary and the plots go."),
-    _k("loss_type", "str_list", ["dpo"], "", "Loss types to train (a list; repeat the option).", LOSS_TYPES),
-    _k("beta", "float_list", [0.1], "", "Betas to sweep (a list; repeat the option)."),
-    _k("kto_beta", "float_list", None, "", "Betas for kto runs [default: --beta]."),
-    _k("recompute", "bool", False, "", "Recompute the caches even when they are valid."),
-    _k("dtype", "str", "auto", "", "Compute dtype for every phase.", ("auto", "float32", "bfloat16", "float16")),
-    _k("device", "str", "auto", "", "auto, cpu, cuda or cuda:N."),
-    _k("progress", "bool", True, "", "Progress bars."),
-    # phase one
-    _k("backend", "str", "hf", "precompute", "Scoring engine.", ("hf", "vllm")),
-    _k("max_length", "int", TokenizeSettings.max_length, "precompute", "Total token budget per sequence."),
-    _k("max_prompt_length", "int", TokenizeSettings.max_prompt_length, "precompute", "Prompt token budget."),
-    _k("batch_tokens", "int", BackendOptions.batch_tokens, "precompute", "hf: padded tokens per forward."),
-    _k("part_rows", "int", 4096, "precompute", "Input rows per cache part."),
-    _k("prompt_col", "str", "prompt", "precompute", "Column holding the prompt."),
-    _k("chosen_col", "str", "chosen", "precompute", "Column holding the chosen response."),
-    _k("rejected_col", "str", "rejected", "precompute", "Column holding the rejected response."),
-    _k("completion_col", "str", "completion", "precompute", "Unpaired data: the completion column."),
-    _k("label_col", "str", "label", "precompute", "Unpaired data: the boolean label column."),
-    _k("turn_marker", "str", DEFAULT_TURN_MARKER, "precompute", "Implicit-prompt transcripts' turn marker."),
-    # phase two
-    _k("lr", "float", OptimConfig.lr, "train", "Peak learning rate."),
-    _k("kto_lr", "float", None, "train", "Peak learning rate of kto runs [default: lr]."),
-    _k("weight_decay", "float", OptimConfig.weight_decay, "train", "AdamW weight decay."),
-    _k("warmup_ratio", "float", OptimConfig.warmup_ratio, "train", "Fraction of steps spent warming up."),
-    _k("lr_scheduler", "str", OptimConfig.lr_scheduler, "train", "Decay after warm-up.", SCHEDULERS),
-    _k("max_grad_norm", "float", OptimConfig.max_grad_norm, "train", "Gradient clipping (0: none)."),
-    _k("batch_size", "int", LoopConfig.batch_size, "train", "Rows per micro-batch per process."),
-    _k("grad_accum", "int", LoopConfig.grad_accum, "train", "Micro-batches per optimizer step."),
-    _k("epochs", "int", LoopConfig.epochs, "train", "Passes over the cache."),
-    _k("max_steps", "int", None, "train", "Optimizer steps; overrides epochs."),
-    _k("seed", "int", LoopConfig.seed, "train", "Data order seed."),
-    _k("eval_fraction", "float", LoopConfig.eval_fraction, "train", "Rows held out of training and evaluated."),
-    _k("eval_every", "int", None, "train", "Steps between in-training evaluations."),
-    _k("save_every", "int", LoopConfig.save_every, "train", "Checkpoint every N steps (0: final only)."),
-    _k("resume", "bool", False, "train", "Continue interrupted runs and skip finished ones, instead of "
-       "replacing every run of the sweep."),
-    _k("label_smoothing", "float", 0.0, "train", "dpo: conservative DPO label smoothing."),
-    _k("desirable_weight", "float", 1.0, "train", "kto: lambda_D."),
-    _k("undesirable_weight", "float", 1.0, "train", "kto: lambda_U."),
-    _k("orpo_lambda", "float", 1.0, "train", "orpo: weight of the odds-ratio term."),
-    _k("max_drift", "float", SourceConfig.max_drift, "train", "Step-0 drift limit, nats per token."),
-    _k("drift_rows", "int", SourceConfig.drift_rows, "train", "Rows scored for the step-0 drift check."),
-    # evaluation
-    _k("eval_data", "path", None, "eval", "Held-out preference pairs: implicit-reward accuracy and margin."),
-    _k("eval_cache", "path", None, "eval", "Cache for eval_data [default: RUNS_DIR/cache-eval]."),
-    _k("eval_gen", "path", None, "eval", "Held-out GSM8K-style questions: greedy exact-match accuracy."),
-    _k("eval_prompt_template", "str", GEN_PROMPT_TEMPLATE, "eval", "Prompt for a question ({question})."),
-    _k("eval_chat", "bool", False, "eval", "Render the question with the tokenizer's chat template instead."),
-    _k("eval_max_new_tokens", "int", 256, "eval", "Generation budget per question."),
-    _k("eval_batch_size", "int", 64, "eval", "Questions per generate() call."),
-    _k("eval_engine", "str", "auto", "eval", "Generation engine (auto: vLLM when installed with CUDA).",
-       ("auto", "hf", "vllm")),
-    _k("eval_limit", "int", None, "eval", "Evaluate only the first N questions."),
-    _k("eval_baseline", "bool", True, "eval", "Also evaluate the SFT model itself (RUNS_DIR/reference)."),
-]
+# Set by the pipeline for each phase and cache, so not keys.
+FIXED = {"out", "kto", "no_reference", "overwrite"}
+_TOP = options(PipelineSettings)
+_PRECOMPUTE = options(PrecomputeConfig, skip={o.name for o in _TOP} | FIXED)
+_TRAIN = options(TrainConfig, skip={o.name for o in _TOP + _PRECOMPUTE} | FIXED) + options(PipelineTrain)
+GEN_OPTIONS = options(GenSettings, skip={"device", "dtype"})  # device and dtype: the top-level keys
+KEYS: list[Key] = ([Key(o.name, "", o) for o in _TOP] + [Key(o.name, "precompute", o) for o in _PRECOMPUTE]
+                   + [Key(o.name, "train", o) for o in _TRAIN]
+                   + [Key("eval_" + o.name, "eval", o) for o in options(PipelineEval) + GEN_OPTIONS])
 KEY_BY_NAME = {k.name: k for k in KEYS}
-PATH_KEYS = {k.name for k in KEYS if k.kind == "path"}
+PATH_KEYS = {k.name for k in KEYS if k.option.path}
 SECTIONS = ("precompute", "train", "eval")
+assert len(KEY_BY_NAME) == len(KEYS), "two pipeline keys with one name"
 
 
 @dataclass
@@ -139,6 +127,32 @@ class PipelineConfig:
         return v if v is not None else str(Path(self.values["runs_dir"]) / default_name)
 
 
+# ---------------------------------------------------------------- the phases' settings
+
+def precompute_config(cfg: PipelineConfig, out: str, data: str, *, kto: bool, overwrite: bool) -> PrecomputeConfig:
+    """Phase one's settings for one cache: the keys, plus what the pipeline decides per cache."""
+    return build(PrecomputeConfig, {**cfg.values, "out": out, "data": data, "kto": kto, "overwrite": overwrite})
+
+
+def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data: str | None,
+                 betas: tuple | None = None, lr: float | None = None) -> TrainConfig:
+    """One `run_training` call's settings: the keys, with the losses, betas and source the pipeline chose."""
+    values = {**cfg.values, "cache": cache, "data": data, "out": cfg.runs_dir, "loss_type": list(losses),
+              "beta": list(betas or cfg.betas)}
+    if lr:
+        values["lr"] = lr
+    return build(TrainConfig, values)
+
+
+def gen_settings(cfg: PipelineConfig) -> GenSettings:
+    values = {o.name: cfg.values["eval_" + o.name] for o in GEN_OPTIONS}
+    return build(GenSettings, {**values, "device": cfg.device, "dtype": cfg.dtype})
+
+
+def columns_of(cfg: PipelineConfig) -> Columns:
+    return build(Columns, cfg.values)
+
+
 # ---------------------------------------------------------------- values
 
 def _type_error(key: str, want: str, value, file: str | None):
@@ -146,44 +160,44 @@ def _type_error(key: str, want: str, value, file: str | None):
     return UserError(f"key '{key}' must be {want}, got {type(value).__name__} {shown}", file=file)
 
 
+def _coerce_one(name: str, o: Option, value, file: str | None):
+    if o.kind == "str":
+        if not isinstance(value, str):
+            raise _type_error(name, "a string", value, file)
+        if o.choices and value not in o.choices:
+            raise UserError(f"key '{name}' must be one of {', '.join(o.choices)} (got {value!r})", file=file)
+        return value
+    if o.kind == "bool":
+        if not isinstance(value, bool):
+            raise _type_error(name, "true or false", value, file)
+        return value
+    if o.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(name, "an integer", value, file)
+        return value
+    if o.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(name, "a number", value, file)
+        return float(value)
+    raise AssertionError(o.kind)
+
+
 def coerce(key: Key, value, file: str | None = None):
     """Check a TOML value (or a parsed CLI value) against the key's type; lists accept a single value."""
-    k = key.kind
     if value is None:
         return None
-    if k in ("str", "path"):
-        if not isinstance(value, str):
-            raise _type_error(key.name, "a string", value, file)
-        if key.choices and value not in key.choices:
-            raise UserError(f"key '{key.name}' must be one of {', '.join(key.choices)} (got {value!r})", file=file)
-        return value
-    if k == "bool":
-        if not isinstance(value, bool):
-            raise _type_error(key.name, "true or false", value, file)
-        return value
-    if k == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _type_error(key.name, "an integer", value, file)
-        return value
-    if k == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _type_error(key.name, "a number", value, file)
-        return float(value)
-    if k in ("str_list", "float_list"):
+    if key.option.multiple:
         items = value if isinstance(value, (list, tuple)) else [value]
         if not items:
             raise UserError(f"key '{key.name}' must not be empty", file=file)
-        scalar = Key(key.name, "str" if k == "str_list" else "float", None, key.section, "", key.choices)
-        return [coerce(scalar, v, file) for v in items]
-    raise AssertionError(k)
+        return [_coerce_one(key.name, key.option, v, file) for v in items]
+    return _coerce_one(key.name, key.option, value, file)
 
 
 def _suggest(name: str) -> str:
     close = difflib.get_close_matches(name, list(KEY_BY_NAME) + [n[5:] for n in KEY_BY_NAME if n.startswith("eval_")],
                                       n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def read_toml(path: str | Path) -> dict:
     """Flatten a pipeline TOML file into {key: value}, checking names and types."""
     p = Path(path)
@@ -234,7 +248,7 @@ def read_toml(path: str | Path) -> dict:
 
 def resolve(config_path: str | None, options: dict) -> PipelineConfig:
     """Defaults, then the file, then `options` (only the ones given on the command line)."""
-    values = {k.name: (list(k.default) if isinstance(k.default, list) else k.default) for k in KEYS}
+    values = {k.name: k.default for k in KEYS}
     sources = {k.name: "default" for k in KEYS}
     if config_path:
         for name, v in read_toml(config_path).items():
@@ -248,13 +262,37 @@ def resolve(config_path: str | None, options: dict) -> PipelineConfig:
     return cfg
 
 
+@contextlib.contextmanager
+def _as_written(cfg: PipelineConfig, prefix: str = ""):
+    """Re-raise a settings dataclass's `OptionError` naming each key as the user gave it: `key 'lr'` and the file
+    for a value from the file, `--lr` for one from the command line or a default."""
+    try:
+        yield
+    except OptionError as e:
+        from_file = [n for n in e.names if cfg.sources.get(prefix + n) == "file"]
+
+        def style(n):
+            return toml_style(prefix + n) if prefix + n in from_file else cli_style(prefix + n)
+        raise UserError(e.render(style), file=cfg.config_path if from_file else None) from None
+
+
 def _check(cfg: PipelineConfig):
+    """Build every phase's settings once now, so that a bad value stops the pipeline before any work."""
     where = f" (set it in {cfg.config_path} or with --%s)" if cfg.config_path else " (--%s)"
     if not cfg.values["model"]:
         raise UserError("no model given" + where % "model")
     if not cfg.values["data"]:
         raise UserError("no data given" + where % "data")
-    TokenizeSettings(cfg.values["max_length"], cfg.values["max_prompt_length"])
     for b in cfg.values["beta"] + (cfg.values["kto_beta"] or []):
         if b <= 0:
             raise UserError(f"every beta must be positive (got {b:g})", file=cfg.config_path)
+    with _as_written(cfg):
+        pc = precompute_config(cfg, cfg.path_or("cache", "cache"), cfg.data, kto=False, overwrite=False)
+        # The cache metadata and pipeline.json record the prompt budget actually used (None: max_length // 2).
+        cfg.values["max_prompt_length"] = pc.max_prompt_length
+        train_config(cfg, cfg.losses, cache=cfg.path_or("cache", "cache"), data=None).runs()
+        if "kto" in cfg.losses:
+            train_config(cfg, ("kto",), cache=cfg.path_or("kto_cache", "cache-kto"), data=None,
+                         betas=tuple(cfg.kto_beta or cfg.betas), lr=cfg.kto_lr).runs()
+    with _as_written(cfg, "eval_"):
+        gen_settings(cfg)

@@ -125,25 +125,21 @@ def check_cache(path: str, expected: dict, *, kto: bool, needs_reference: bool, 
 
 
 def columns_of(cfg: PipelineConfig):
-    from prefpipe.data.formats import Columns
-    return Columns(prompt=cfg.prompt_col, chosen=cfg.chosen_col, rejected=cfg.rejected_col,
-                   completion=cfg.completion_col, label=cfg.label_col)
+    from prefpipe.pipeline.config import columns_of as build_columns
+    return build_columns(cfg)
 
 
 def ensure_cache(cfg: PipelineConfig, path: str, data: str, *, kto: bool, log) -> CacheCheck:
     """Phase one for one cache, only when `check_cache` says so."""
-    from prefpipe.precompute.run import PrecomputeConfig, run_precompute
+    from prefpipe.pipeline.config import precompute_config
+    from prefpipe.precompute.run import run_precompute
 
     check = check_cache(path, expected_identity(cfg.model, data, cfg), kto=kto, needs_reference=True,
                         recompute=cfg.recompute)
     log(check.line())
     if check.action == "reuse":
         return check
-    pc = PrecomputeConfig(model=cfg.model, data=data, out=path, backend=cfg.backend, dtype=cfg.dtype,
-                          device=cfg.device, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                          batch_tokens=cfg.batch_tokens, kto=kto, part_rows=cfg.part_rows, columns=columns_of(cfg),
-                          turn_marker=cfg.turn_marker, overwrite=check.action == "recompute",
-                          progress=cfg.progress)
+    pc = precompute_config(cfg, path, data, kto=kto, overwrite=check.action == "recompute")
     summary = run_precompute(pc)
     counts = summary.get("counts") or {}
     log(f"cache {path}: wrote {counts.get('rows_written', '?')} rows "
@@ -153,19 +149,8 @@ def ensure_cache(cfg: PipelineConfig, path: str, data: str, *, kto: bool, log) -
 
 def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data: str | None,
                  betas: tuple | None = None, lr: float | None = None):
-    from prefpipe.train.config import LoopConfig, LossConfig, OptimConfig, SourceConfig, TrainConfig
-
-    source = SourceConfig(model=cfg.model, cache=cache, data=data, max_drift=cfg.max_drift,
-                          drift_rows=cfg.drift_rows, columns=columns_of(cfg), turn_marker=cfg.turn_marker,
-                          max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    return TrainConfig(
-        source=source, out=cfg.runs_dir, loss_types=losses, betas=betas or cfg.betas,
-        loss=LossConfig(losses[0], (betas or cfg.betas)[0], cfg.label_smoothing, cfg.desirable_weight, cfg.undesirable_weight,
-                        cfg.orpo_lambda),
-        optim=OptimConfig(lr or cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.lr_scheduler, cfg.max_grad_norm),
-        loop=LoopConfig(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.eval_fraction,
-                        cfg.eval_every, cfg.save_every, resume=cfg.resume),
-        dtype=cfg.dtype, device=cfg.device, progress=cfg.progress)
+    from prefpipe.pipeline.config import train_config as build_train_config
+    return build_train_config(cfg, losses, cache=cache, data=data, betas=betas, lr=lr)
 
 
 def train(cfg: PipelineConfig, tc, log) -> list[dict]:
@@ -184,10 +169,8 @@ def train(cfg: PipelineConfig, tc, log) -> list[dict]:
 
 
 def gen_settings(cfg: PipelineConfig):
-    from prefpipe.evaluation.evaluate import GenSettings
-    return GenSettings(prompt_template=cfg.eval_prompt_template, chat=cfg.eval_chat,
-                       max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
-                       engine=cfg.eval_engine, limit=cfg.eval_limit, device=cfg.device, dtype=cfg.dtype)
+    from prefpipe.pipeline.config import gen_settings as build_gen_settings
+    return build_gen_settings(cfg)
 
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict:

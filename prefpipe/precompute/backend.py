@@ -10,18 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from prefpipe.options import DTYPES, opt
+
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """Maps one-to-one to `prefpipe precompute` options."""
-    model: str
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # hf only: auto | cpu | cuda | cuda:N
-    batch_tokens: int = 16384  # hf only: padded tokens per forward
-    tensor_parallel_size: int = 1  # vllm only
-    gpu_memory_utilization: float = 0.85  # vllm only
-    max_model_len: int | None = None  # vllm only; defaults to the run's --max_length
-    chunk_rows: int = 256  # vllm only: requests submitted per engine call (bounds prompt-logprob memory)
+    """The engine's share of `prefpipe precompute`'s options."""
+    model: str = opt(help="Frozen SFT model directory (or hub id): the reference.", path=True)
+    dtype: str = opt("auto", choices=DTYPES, help="auto: bf16 on GPUs that support it, float32 on CPU.")
+    device: str = opt("auto", help="hf: auto, cpu, cuda or cuda:N.")
+    batch_tokens: int = opt(16384, help="hf: padded tokens per forward (length-sorted batches).")
+    tensor_parallel_size: int = opt(1, help="vllm: GPUs per engine.")
+    gpu_memory_utilization: float = opt(0.85, help="vllm: fraction of GPU memory the engine may take.")
+    max_model_len: int | None = opt(None, help="vllm: engine context length.", default_text="--max_length")
+    chunk_rows: int = opt(256, help="vllm: requests per engine call (bounds prompt-logprob memory).")
 
 
 class Backend(Protocol):

@@ -40,48 +40,13 @@ from prefpipe.dist import Procs, join
 from prefpipe.errors import UserError
 from prefpipe.data import kto_pairs
 from prefpipe.precompute.backend import BackendOptions, make_backend
+from prefpipe.precompute.config import PrecomputeConfig  # noqa: F401 (callers import it from here)
 
 # Keys that may differ between runs that produce the same cache.
 VOLATILE = ("created_at", "counts", "part")
 VOLATILE_NESTED = (("model", "path"), ("data", "path"))
 COUNT_KEYS = ("rows_read", "rows_kept", "rows_written", "rows_skipped", "prompt_truncated", "response_truncated",
               "duplicates", "tokens_scored", "response_tokens", "kl_truncated", "kl_borrowed")
-
-
-@dataclass(frozen=True)
-class PrecomputeConfig:
-    """Maps one-to-one to `prefpipe precompute` options."""
-    model: str
-    data: str
-    out: str
-    backend: str = "hf"
-    dtype: str = "auto"
-    device: str = "auto"
-    max_length: int = TokenizeSettings.max_length
-    max_prompt_length: int = TokenizeSettings.max_prompt_length
-    batch_tokens: int = BackendOptions.batch_tokens
-    kto: bool = False
-    no_reference: bool = False
-    part_rows: int = 4096
-    columns: Columns = field(default_factory=Columns)
-    turn_marker: str = DEFAULT_TURN_MARKER
-    tensor_parallel_size: int = BackendOptions.tensor_parallel_size
-    gpu_memory_utilization: float = BackendOptions.gpu_memory_utilization
-    max_model_len: int | None = None
-    chunk_rows: int = BackendOptions.chunk_rows
-    shard: str | None = None  # "i/n"
-    verify: int = 0
-    overwrite: bool = False
-    progress: bool = True
-
-    def settings(self) -> TokenizeSettings:
-        return TokenizeSettings(self.max_length, self.max_prompt_length)
-
-    def backend_options(self, device: str | None = None) -> BackendOptions:
-        return BackendOptions(model=self.model, dtype=self.dtype, device=device or self.device,
-                              batch_tokens=self.batch_tokens, tensor_parallel_size=self.tensor_parallel_size,
-                              gpu_memory_utilization=self.gpu_memory_utilization,
-                              max_model_len=self.max_model_len or self.max_length, chunk_rows=self.chunk_rows)
 
 
 # ---------------------------------------------------------------- processes

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns
+from prefpipe.data.formats import Columns
+from prefpipe.data.settings import CheckSettings
 from prefpipe.data.tokenize import TokenizeSettings
-from prefpipe.errors import UserError
-from prefpipe.train.losses import LOSS_TYPES, REFERENCE_FREE
+from prefpipe.options import DTYPES, OptionError, check_choices, group, opt, same_as
+from prefpipe.train.loss_types import LOSS_TYPES, REFERENCE_FREE
 from prefpipe.train.schedule import SCHEDULERS
 
 REFERENCES = ("cached", "live")
@@ -16,24 +17,24 @@ REFERENCES = ("cached", "live")
 @dataclass(frozen=True)
 class LossConfig:
     """One run's objective: `--loss_type`, one `--beta`, `--label_smoothing`, KTO weights, `--orpo_lambda`."""
-    loss_type: str = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-    orpo_lambda: float = 1.0
+    loss_type: str = opt("dpo", choices=LOSS_TYPES, option=False)  # set per run from TrainConfig.loss_types
+    beta: float = opt(0.1, option=False)  # set per run from TrainConfig.betas
+    label_smoothing: float = opt(0.0, help="dpo: conservative DPO, the label is assumed flipped with this "
+                                 "probability.")
+    desirable_weight: float = opt(1.0, help="kto: lambda_D.")
+    undesirable_weight: float = opt(1.0, help="kto: lambda_U.")
+    orpo_lambda: float = opt(1.0, help="orpo: weight of the odds-ratio term.")
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise UserError(f"unknown --loss_type {self.loss_type!r}; choose {', '.join(LOSS_TYPES)}")
+        check_choices(self)
         if self.beta <= 0:
-            raise UserError(f"--beta must be positive (got {self.beta})")
+            raise OptionError(self, ("beta",), f"{{}} must be positive (got {self.beta})")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise UserError(f"--label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+            raise OptionError(self, ("label_smoothing",), f"{{}} must be in [0, 0.5) (got {self.label_smoothing})")
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
-            raise UserError("--desirable_weight and --undesirable_weight must be positive")
+            raise OptionError(self, ("desirable_weight", "undesirable_weight"), "{} and {} must be positive")
         if self.orpo_lambda < 0:
-            raise UserError(f"--orpo_lambda must be >= 0 (got {self.orpo_lambda})")
+            raise OptionError(self, ("orpo_lambda",), f"{{}} must be >= 0 (got {self.orpo_lambda})")
 
     @property
     def needs_reference(self) -> bool:
@@ -48,45 +49,47 @@ class LossConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """`--lr`, `--weight_decay`, `--warmup_ratio`, `--lr_scheduler`, `--max_grad_norm`."""
-    lr: float = 5e-7
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    lr_scheduler: str = "linear"
-    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    lr: float = opt(5e-7, help="Peak learning rate.")
+    weight_decay: float = opt(0.0, help="AdamW weight decay.")
+    warmup_ratio: float = opt(0.1, help="Fraction of the steps spent warming up.")
+    lr_scheduler: str = opt("linear", choices=SCHEDULERS, help="Decay after warm-up.")
+    max_grad_norm: float = opt(1.0, help="Clip the global gradient norm (0: no clipping; the norm is still "
+                               "logged).")
 
     def __post_init__(self):
-        if self.lr_scheduler not in SCHEDULERS:
-            raise UserError(f"unknown --lr_scheduler {self.lr_scheduler!r}; choose {', '.join(SCHEDULERS)}")
+        check_choices(self)
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise UserError(f"--warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+            raise OptionError(self, ("warmup_ratio",), f"{{}} must be in [0, 1) (got {self.warmup_ratio})")
         if self.lr <= 0:
-            raise UserError(f"--lr must be positive (got {self.lr})")
+            raise OptionError(self, ("lr",), f"{{}} must be positive (got {self.lr})")
 
 
 @dataclass(frozen=True)
 class LoopConfig:
     """`--batch_size` (per process), `--grad_accum`, `--epochs`/`--max_steps`, `--seed`, evaluation, saving."""
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None  # overrides --epochs when given
-    seed: int = 0
-    eval_fraction: float = 0.0
-    eval_every: int | None = None  # default: about four times per run, and always at the end
-    save_every: int = 0  # 0: only the final model
-    keep_checkpoints: int = 0  # 0: keep every checkpoint
-    resume: bool = False
-    gradient_checkpointing: bool = False
+    batch_size: int = opt(8, help="Rows (pairs, or KTO examples) per micro-batch per process.")
+    grad_accum: int = opt(1, help="Micro-batches per optimizer step.")
+    epochs: int = opt(1, help="Passes over the data.")
+    max_steps: int | None = opt(None, help="Optimizer steps; overrides --epochs.")
+    seed: int = opt(0, help="Seed of the data order and the held-out split.")
+    eval_fraction: float = opt(0.0, help="Hold out this fraction of rows (by row-id hash) and evaluate on them.")
+    eval_every: int | None = opt(None, help="Steps between evaluations; there is always one at the end.",
+                                 default_text="a quarter of the run")
+    save_every: int = opt(0, help="Checkpoint every N steps (0: only the final model).")
+    keep_checkpoints: int = opt(0, help="Keep only the newest N checkpoints (0: keep all).")
+    resume: bool = opt(False, help="Continue each run from its last checkpoint; finished runs are skipped.")
+    gradient_checkpointing: bool = opt(False, help="Recompute activations in backward to save memory.")
 
     def __post_init__(self):
         if self.batch_size < 1 or self.grad_accum < 1:
-            raise UserError("--batch_size and --grad_accum must be >= 1")
+            raise OptionError(self, ("batch_size", "grad_accum"), "{} and {} must be >= 1")
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise UserError("--epochs and --max_steps must be >= 1")
+            raise OptionError(self, ("epochs", "max_steps"), "{} and {} must be >= 1")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise UserError(f"--eval_fraction must be in [0, 1) (got {self.eval_fraction})")
+            raise OptionError(self, ("eval_fraction",), f"{{}} must be in [0, 1) (got {self.eval_fraction})")
         if self.save_every < 0 or self.keep_checkpoints < 0 or (self.eval_every is not None and self.eval_every < 1):
-            raise UserError("--save_every and --keep_checkpoints must be >= 0, --eval_every >= 1")
+            raise OptionError(self, ("save_every", "keep_checkpoints", "eval_every"),
+                              "{} and {} must be >= 0, {} >= 1")
 
 
 @dataclass(frozen=True)
@@ -95,43 +98,62 @@ class SourceConfig:
 
     `cache` or `data` (one of them). `--reference cached` reads the reference from the cache; `live` scores each
     batch with a frozen copy of `--model` and reads only ids from the cache (or tokenizes `--data`).
+    `max_prompt_length` is resolved to an integer on construction (None: half of `max_length`).
     """
-    model: str = ""
-    cache: str | None = None
-    data: str | None = None
-    reference: str = "cached"
-    allow_reference_mismatch: bool = False
-    max_drift: float = 0.1  # mean |policy - reference| log-prob per response token at step 0, in nats
-    drift_rows: int = 32
-    columns: Columns = field(default_factory=Columns)
-    turn_marker: str = DEFAULT_TURN_MARKER
-    max_length: int = TokenizeSettings.max_length
-    max_prompt_length: int = TokenizeSettings.max_prompt_length
+    model: str = opt("", required=True, path=True, help="The SFT model directory (or hub id): the policy starts "
+                     "here.")
+    cache: str | None = opt(None, path=True, help="Cache directory written by `prefpipe precompute`.")
+    data: str | None = opt(None, path=True, help="Preference data to tokenize directly (reference-free losses, "
+                           "or --reference live).")
+    reference: str = opt("cached", choices=REFERENCES, help="cached: reference log-probs from the cache. live: a "
+                         "frozen copy of --model scores every batch.")
+    allow_reference_mismatch: bool = opt(False, help="Train against a cache made from another model; the step-0 "
+                                         "drift is then only logged.")
+    max_drift: float = opt(0.1, help="Stop when the step-0 policy differs from the cached reference by more than "
+                           "this many nats per response token (mean absolute).")
+    drift_rows: int = opt(32, help="Rows scored for the step-0 drift check (0: skip it).")
+    columns: Columns = group(Columns)
+    turn_marker: str = same_as(CheckSettings, "turn_marker")
+    max_length: int = same_as(TokenizeSettings, "max_length")
+    max_prompt_length: int | None = same_as(TokenizeSettings, "max_prompt_length")
 
     def __post_init__(self):
-        if self.reference not in REFERENCES:
-            raise UserError(f"unknown --reference {self.reference!r}; choose cached or live")
+        check_choices(self)
         if bool(self.cache) == bool(self.data):
-            raise UserError("give exactly one of --cache (ids and reference log-probs from precompute) and --data "
-                            "(tokenized here: reference-free losses or --reference live)")
+            raise OptionError(self, ("cache", "data"), "give exactly one of {} (ids and reference log-probs from "
+                              "precompute) and {} (tokenized here: reference-free losses or --reference live)")
         if self.max_drift < 0 or self.drift_rows < 0:
-            raise UserError("--max_drift and --drift_rows must be >= 0")
+            raise OptionError(self, ("max_drift", "drift_rows"), "{} and {} must be >= 0")
+        object.__setattr__(self, "max_prompt_length",
+                           TokenizeSettings(self.max_length, self.max_prompt_length).max_prompt_length)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything `prefpipe train` takes. `loss_types` x `betas` are the sweep; see `runs()`."""
-    source: SourceConfig
-    out: str
-    loss_types: tuple = ("dpo",)
-    betas: tuple = (0.1,)
-    loss: LossConfig = field(default_factory=LossConfig)  # the shared knobs; loss_type/beta come from the sweep
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    dtype: str = "auto"
-    device: str = "auto"
-    fsdp: bool = False
-    progress: bool = True
+    source: SourceConfig = group(SourceConfig, required=True)
+    out: str = opt(required=True, path=True, help="RUNS_DIR: each run goes to RUNS_DIR/<loss>-beta<beta>/ (orpo, "
+                   "sft: RUNS_DIR/<loss>/).")
+    loss_types: tuple[str, ...] = opt(("dpo",), name="loss_type", choices=LOSS_TYPES,
+                                      help="Repeat to run several losses one after another.")
+    betas: tuple[float, ...] = opt((0.1,), name="beta",
+                                   help="Repeat for a beta sweep: one run per value, from the one loaded cache.")
+    loss: LossConfig = group(LossConfig)  # the shared knobs; loss_type/beta come from the sweep
+    optim: OptimConfig = group(OptimConfig)
+    loop: LoopConfig = group(LoopConfig)
+    dtype: str = opt("auto", choices=DTYPES, help="Compute dtype (autocast); weights and optimizer stay float32. "
+                     "auto: bf16 on GPU, float32 on CPU.")
+    device: str = opt("auto", help="auto, cpu, cuda or cuda:N.")
+    fsdp: bool = opt(False, help="Shard the policy (and a live reference) with FSDP2 under torchrun.")
+    progress: bool = opt(True, help="Progress bar.", off_help="No progress bar.")
+
+    def __post_init__(self):
+        check_choices(self)
+        if not self.loss_types or not self.betas:
+            raise OptionError(self, ("loss_types", "betas"), "{} and {} need at least one value")
+        for b in self.betas:
+            if b <= 0:
+                raise OptionError(self, ("betas",), f"every {{}} must be positive (got {b:g})")
 
     def runs(self) -> list[LossConfig]:
         """One LossConfig per run, in order: each loss type, then each beta. Reference-free losses (orpo, sft)

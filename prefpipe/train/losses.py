@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("dpo", "ipo", "hinge", "kto", "orpo", "sft")
-PAIRED_LOSSES = ("dpo", "ipo", "hinge", "orpo", "sft")
-REFERENCE_FREE = ("orpo", "sft")  # need no reference log-probs and do not use beta
+from prefpipe.train.loss_types import LOSS_TYPES, PAIRED_LOSSES, REFERENCE_FREE  # noqa: F401
 
 
 @dataclass

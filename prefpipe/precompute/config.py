@@ -1,0 +1,60 @@
+"""`PrecomputeConfig`: every option of `prefpipe precompute`, declared once (see prefpipe.options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefpipe.data.formats import Columns
+from prefpipe.data.settings import CheckSettings
+from prefpipe.data.tokenize import TokenizeSettings
+from prefpipe.options import OptionError, check_choices, group, opt, same_as
+from prefpipe.precompute.backend import BACKENDS, BackendOptions
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Maps one-to-one to `prefpipe precompute` options. `max_prompt_length` is resolved to an integer on
+    construction (None: half of `max_length`)."""
+    model: str = same_as(BackendOptions, "model")
+    data: str = opt(help="Preference data: a file, a directory or a glob.", path=True)
+    out: str = opt(help="Cache directory to write (parts + manifest.json).", path=True)
+    backend: str = opt("hf", choices=tuple(BACKENDS), help="Scoring engine.")
+    dtype: str = same_as(BackendOptions, "dtype")
+    device: str = same_as(BackendOptions, "device")
+    max_length: int = same_as(TokenizeSettings, "max_length")
+    max_prompt_length: int | None = same_as(TokenizeSettings, "max_prompt_length")
+    batch_tokens: int = same_as(BackendOptions, "batch_tokens")
+    kto: bool = opt(False, help="Write a KTO cache from paired data (two examples per pair). Unpaired data (a "
+                    "label column) always gives a KTO cache.")
+    no_reference: bool = opt(False, help="Tokenize only, no scoring (an ORPO cache).")
+    part_rows: int = opt(4096, help="Input rows per cache part (the unit of resume and sharding).")
+    columns: Columns = group(Columns)
+    turn_marker: str = same_as(CheckSettings, "turn_marker")
+    tensor_parallel_size: int = same_as(BackendOptions, "tensor_parallel_size")
+    gpu_memory_utilization: float = same_as(BackendOptions, "gpu_memory_utilization")
+    max_model_len: int | None = same_as(BackendOptions, "max_model_len")
+    chunk_rows: int = same_as(BackendOptions, "chunk_rows")
+    shard: str | None = opt(None, metavar="I/N", help="Independent process I of N: score only parts with index "
+                            "% N == I. The process that finds every part present writes the manifest.")
+    verify: int = opt(0, metavar="K",
+                      help="After writing, rescore K random rows with a plain transformers forward and compare.")
+    overwrite: bool = opt(False, help="Delete the cache parts and manifest already in --out first (needed when "
+                          "they come from a different run).")
+    progress: bool = opt(True, help="Progress bar.", off_help="No progress bar.")
+
+    def __post_init__(self):
+        check_choices(self)
+        object.__setattr__(self, "max_prompt_length", self.settings().max_prompt_length)
+        if self.part_rows < 1:
+            raise OptionError(self, ("part_rows",), f"{{}} must be positive (got {self.part_rows})")
+        if self.verify < 0:
+            raise OptionError(self, ("verify",), f"{{}} must be >= 0 (got {self.verify})")
+
+    def settings(self) -> TokenizeSettings:
+        return TokenizeSettings(self.max_length, self.max_prompt_length)
+
+    def backend_options(self, device: str | None = None) -> BackendOptions:
+        return BackendOptions(model=self.model, dtype=self.dtype, device=device or self.device,
+                              batch_tokens=self.batch_tokens, tensor_parallel_size=self.tensor_parallel_size,
+                              gpu_memory_utilization=self.gpu_memory_utilization,
+                              max_model_len=self.max_model_len or self.max_length, chunk_rows=self.chunk_rows)
