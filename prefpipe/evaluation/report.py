@@ -23,7 +23,7 @@ from pathlib import Path
 from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_text
 from prefpipe.rundir import RunsDir
-from prefpipe.train.losses import REFERENCE_FREE  # these losses do not use beta either
+from prefpipe.train.loss_names import REFERENCE_FREE  # these losses do not use beta either
 
 @dataclass
 class RunData:
