@@ -1,5 +1,9 @@
 """Phase two: `run_training(cfg) -> summary`, the loop behind `prefpipe train` (and the pipeline, in-process).
 
+The pieces of a run: `setup.py` (the plan, where to start, the policy and optimizer, the drift check),
+`step.py` (`train_step`: one optimizer step, no I/O), `evaluate.py`, `checkpoint.py` (checkpoints and the final
+model), `metrics_log.py`; the loss comes from the registry in `loss_names.py` / `losses.py`.
+
 Output files, all under `cfg.out` (RUNS_DIR):
 
     summary.json              {"model", "cache", "data", "reference", "validation", "runs": [RUN, ...]}
