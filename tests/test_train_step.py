@@ -161,9 +161,9 @@ def test_train_step_kto_reference_point_spans_both_micro_batches(tiny_model):
                      LossConfig("kto", beta, desirable_weight=lam_d, undesirable_weight=lam_u), Procs())
     assert out["kl"] == pytest.approx(z0, abs=1e-5)
     assert out["loss"] == pytest.approx(float(loss64.detach()), abs=1e-6)
-    des = [beta * float(x) for x, d in zip(h, labels) if d]
+    des = [beta * float(x.detach()) for x, d in zip(h, labels) if d]
     assert out["r_chosen"] == pytest.approx(sum(des) / 2, abs=1e-5)
-    assert out["acc"] == sum((float(x) > z0) == d for x, d in zip(h, labels)) / 4
+    assert out["acc"] == sum((float(x.detach()) > z0) == d for x, d in zip(h, labels)) / 4
     assert_first_adamw_step(before, lm, grads64, LR * LR_FACTOR)
 
 
