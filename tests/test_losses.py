@@ -179,3 +179,51 @@ def test_orpo_with_zero_lambda_is_sft_and_sft_is_token_mean_nll():
     assert sft.losses.tolist() == pytest.approx([3.0, 3.0])
     assert orpo_loss(pc, pr, lc, lr, orpo_lambda=0.0).losses.tolist() == pytest.approx(sft.losses.tolist())
     assert sft.mean_metrics() == {"nll": pytest.approx(3.0)}
+
+
+# ------------------------------------------------------------------ the registry
+
+def test_every_registry_entry_matches_its_function_and_the_loss_config():
+    """Each entry's inputs and parameters are exactly its function's arguments (in order), every parameter is a
+    LossConfig field, and the metric names it declares are the ones its LossOutput carries."""
+    import dataclasses
+    import inspect
+
+    from prefpipe.train.config import LossConfig
+    from prefpipe.train.loss_names import BATCH_SHAPES, EXAMPLES, PAIRS
+    from prefpipe.train.losses import LOSSES, get_loss
+
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    offered = {PAIRS: {"pi_c", "pi_r", "ref_c", "ref_r", "len_c", "len_r"}, EXAMPLES: {"pi", "ref", "len", "desirable"}}
+    for name, spec in LOSSES.items():
+        loss = get_loss(name)
+        args = list(inspect.signature(loss.fn).parameters)
+        assert args == list(spec.inputs) + list(spec.params), name
+        assert set(spec.params) <= fields - {"loss_type"}, name
+        assert spec.batch in BATCH_SHAPES
+        assert set(spec.inputs) - {"z0"} <= offered.get(spec.batch, {"pi_c", "len_c"}), name
+        assert ("z0" in spec.inputs) == (spec.prestep == "kto_z0"), name
+        n = 3
+        inputs = {"pi_c": t(-5.0, -9.0, -2.0), "pi_r": t(-6.0, -3.0, -4.0), "ref_c": t(-5.5, -8.0, -2.5),
+                  "ref_r": t(-6.5, -2.0, -4.0), "len_c": t(3.0, 5.0, 2.0), "len_r": t(4.0, 2.0, 3.0),
+                  "pi": t(-5.0, -9.0, -2.0), "ref": t(-5.5, -8.0, -2.5), "len": t(3.0, 5.0, 2.0),
+                  "desirable": torch.tensor([True, False, True]), "z0": torch.tensor(0.2)}
+        out = loss(inputs, LossConfig(name))
+        assert sorted(out.metrics) == sorted(spec.metrics), name
+        assert out.losses.shape == (n,)
+
+
+def test_registry_flags_by_hand_and_loss_names_imports_no_torch():
+    import subprocess
+    import sys
+
+    from prefpipe.train import losses
+    from prefpipe.train.loss_names import CHOSEN, EXAMPLES, PAIRS, spec
+    assert losses.LOSS_TYPES == ("dpo", "ipo", "hinge", "kto", "orpo", "sft")
+    assert losses.REFERENCE_FREE == ("orpo", "sft") == losses.WITHOUT_BETA
+    assert losses.PAIRED_LOSSES == ("dpo", "ipo", "hinge", "orpo", "sft")
+    assert [spec(n).batch for n in losses.LOSS_TYPES] == [PAIRS, PAIRS, PAIRS, EXAMPLES, PAIRS, CHOSEN]
+    assert [n for n in losses.LOSS_TYPES if spec(n).prestep] == ["kto"]
+    code = "import sys, prefpipe.train.loss_names; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

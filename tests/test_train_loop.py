@@ -181,6 +181,24 @@ def test_every_loss_type_trains_from_the_cli(tmp_path, tiny_model, small_caches,
     assert "orpo" in res.output and "sft" in res.output  # the summary table
 
 
+def test_every_registered_loss_trains_one_step(tmp_path, tiny_model, small_caches):
+    """The registry is complete: every LOSS_TYPES entry trains a step through run_training on the cache kind its
+    batch shape needs, logs its declared metrics, and starts at its step-0 value where one is known."""
+    from prefpipe.train.losses import LOSS_TYPES, LOSSES
+    step0 = {"dpo": LN2, "hinge": 1.0, "ipo": (1 / (2 * 0.1)) ** 2, "kto": 0.5}
+    for lt in LOSS_TYPES:
+        spec = LOSSES[lt]
+        train(tmp_path / lt, tiny_model, cache=small_caches["paired" if spec.paired else "kto"], loss_types=(lt,),
+              batch_size=8, max_steps=1)
+        run = tmp_path / lt / (f"{lt}-beta0.1" if spec.uses_beta else lt)
+        (rec,) = metrics(run)
+        assert set(spec.metrics) <= set(rec) and math.isfinite(rec["loss"]), lt
+        assert ("margin" in rec) == ("r_chosen" in spec.metrics) and ("kl" in rec) == (spec.prestep is not None)
+        if lt in step0:
+            assert rec["loss"] == pytest.approx(step0[lt], abs=1e-4), lt
+    assert set(LOSS_TYPES) >= set(step0)
+
+
 def _weights(d):
     from safetensors.torch import load_file
     return load_file(str(d / "model.safetensors"))

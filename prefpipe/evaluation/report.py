@@ -47,7 +47,7 @@ from pathlib import Path
 from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_text
 from prefpipe.rundir import RunsDir
-from prefpipe.train.losses import LOSS_TYPES, REFERENCE_FREE  # REFERENCE_FREE losses do not use beta either
+from prefpipe.train.loss_names import LOSS_TYPES, WITHOUT_BETA
 
 # Losses whose logged acc and margin mean the same thing share a column of curves.png.
 FAMILIES = (("dpo", "hinge"), ("ipo",), ("kto",), ("orpo", "sft"))
@@ -77,7 +77,7 @@ class RunData:
 
     @property
     def beta_free(self) -> bool:
-        return self.loss_type in REFERENCE_FREE
+        return self.loss_type in WITHOUT_BETA
 
     @property
     def last_eval(self) -> dict | None:

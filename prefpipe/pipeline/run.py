@@ -33,7 +33,7 @@ from prefpipe.errors import UserError
 from prefpipe.pipeline.config import PipelineConfig
 from prefpipe.rundir import RunsDir
 from prefpipe.fileio import atomic_write_text
-from prefpipe.train.losses import REFERENCE_FREE
+from prefpipe.train.loss_names import REFERENCE_FREE
 
 
 @dataclass

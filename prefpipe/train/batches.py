@@ -15,6 +15,9 @@ Decisions a user may want to know:
   that epoch (the count is logged), and the next epoch's permutation includes them again. Within a global batch
   micro-batch k of process r holds rows `[(k * processes + r) * batch_size, ... + batch_size)`, so the rows of a
   step are the same whatever the number of processes.
+- **Loading.** Training micro-batches come from a `DataLoader` (`RowsDataset`, `StepSampler`) in exactly that
+  order. On GPU one worker process pads the next micro-batches while the current step runs; on CPU they are built
+  on the main thread, since a worker would compete with the step for the same cores.
 """
 
 from __future__ import annotations
@@ -155,26 +158,49 @@ def eval_batches(rows: list[int], batch_size: int, world: int, rank: int) -> lis
 @dataclass
 class Batch:
     """Padded tensors for one micro-batch. Paired: the first half of `ids` are chosen sequences, the second half
-    rejected (one concatenated forward); sft keeps only the chosen half. KTO: the examples, plus `kl_*` for the
-    mismatched completions."""
+    rejected (one concatenated forward); the chosen-only shape (sft) keeps only the chosen half. KTO: the examples,
+    plus `kl_*` for the mismatched completions."""
     ids: torch.Tensor
     mask: torch.Tensor
     prompt_lens: torch.Tensor
     n: int  # rows (pairs or examples)
-    ref: dict  # column -> [n] float32 tensor, from the cache (empty without reference columns)
+    ref: dict  # cache column -> [n] float32 tensor (empty without reference columns)
     label: torch.Tensor | None = None
     kl_ids: torch.Tensor | None = None
     kl_mask: torch.Tensor | None = None
     kl_prompt_lens: torch.Tensor | None = None
     tokens: int = 0  # real tokens the policy forwards (KL sequences included), counted on the host
+    responses: tuple = ()  # the cache Responses whose sequences fill `ids`, in order
+
+    def cached_reference(self) -> torch.Tensor:
+        """The cached reference sums aligned with the rows of `ids`."""
+        return torch.cat([self.ref[r.ref] for r in self.responses])
+
+    def to(self, device) -> "Batch":
+        def move(x):
+            return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+        fields = {f: move(getattr(self, f)) for f in self.__dataclass_fields__ if f != "ref"}
+        return Batch(**fields, ref={k: move(v) for k, v in self.ref.items()})
 
 
-def make_batch(data: TrainData, rows: list[int], loss_type: str, pad_id: int, device,
+def batch_shape(shape_or_loss: str) -> str:
+    """A batch shape of `loss_names`; a loss name stands for its entry's shape."""
+    from prefpipe.train.loss_names import BATCH_SHAPES, LOSSES
+    return shape_or_loss if shape_or_loss in BATCH_SHAPES else LOSSES[shape_or_loss].batch
+
+
+def make_batch(data: TrainData, rows: list[int], shape: str, pad_id: int, device,
                use_cached_reference: bool) -> Batch:
-    t = data.table.take(pa.array(rows, type=pa.int64()))
+    """The micro-batch of table rows `rows` in `shape` (a `loss_names` batch shape, or a loss name)."""
+    return collate_rows(data.table.take(pa.array(rows, type=pa.int64())), batch_shape(shape), pad_id,
+                        use_cached_reference, device)
+
+
+def collate_rows(t: pa.Table, shape: str, pad_id: int, use_cached_reference: bool, device=None) -> Batch:
+    from prefpipe.data.cache import PAIRED, UNPAIRED
+    from prefpipe.train.loss_names import CHOSEN, EXAMPLES
     prompts = t.column("prompt_ids").to_pylist()
     n = len(prompts)
-
     tokens = [0]
 
     def tensors(responses):
@@ -184,16 +210,60 @@ def make_batch(data: TrainData, rows: list[int], loss_type: str, pad_id: int, de
         plens = torch.tensor([len(p) for p in prompts] * (len(responses) // n), dtype=torch.long, device=device)
         return ids, mask, plens
 
-    ref_cols = ()
-    if use_cached_reference:
-        ref_cols = ("ref_chosen", "ref_rejected") if data.kind == "paired" else ("ref_logp", "ref_kl")
+    kind = UNPAIRED if shape == EXAMPLES else PAIRED
+    ref_cols = kind.ref_columns if use_cached_reference else ()
     ref = {c: torch.tensor(t.column(c).to_pylist(), dtype=torch.float32, device=device) for c in ref_cols}
-    if data.kind == "paired":
-        responses = t.column("chosen_ids").to_pylist()
-        if loss_type != "sft":
-            responses = responses + t.column("rejected_ids").to_pylist()
-        return Batch(*tensors(responses), n=n, ref=ref, tokens=tokens[0])
+    if kind is PAIRED:
+        forwarded = PAIRED.responses[:1] if shape == CHOSEN else PAIRED.responses
+        responses = sum((t.column(r.ids).to_pylist() for r in forwarded), [])
+        return Batch(*tensors(responses), n=n, ref=ref, tokens=tokens[0], responses=forwarded)
+    own, kl = UNPAIRED.response("completion"), UNPAIRED.response("kl")
     label = torch.tensor(t.column("label").to_pylist(), dtype=torch.bool, device=device)
-    ids, mask, plens = tensors(t.column("completion_ids").to_pylist())
-    kl_ids, kl_mask, kl_plens = tensors(t.column("kl_completion_ids").to_pylist())
-    return Batch(ids, mask, plens, n, ref, label, kl_ids, kl_mask, kl_plens, tokens[0])
+    ids, mask, plens = tensors(t.column(own.ids).to_pylist())
+    kl_ids, kl_mask, kl_plens = tensors(t.column(kl.ids).to_pylist())
+    return Batch(ids, mask, plens, n, ref, label, kl_ids, kl_mask, kl_plens, tokens[0], (own,))
+
+
+class RowsDataset(torch.utils.data.Dataset):
+    """The training table for a `DataLoader` whose sampler yields whole micro-batches of row indices: fetching a
+    micro-batch is one Arrow `take`, and `collate` pads it (on the host; the loop moves it to the device)."""
+
+    def __init__(self, data: TrainData, shape: str, pad_id: int, use_cached_reference: bool):
+        self.table, self.shape, self.pad_id, self.cached = data.table, shape, pad_id, use_cached_reference
+
+    def __len__(self):
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> pa.Table:
+        return self.__getitems__([i])
+
+    def __getitems__(self, rows: list[int]) -> pa.Table:
+        return self.table.take(pa.array(rows, type=pa.int64()))
+
+    def collate(self, t: pa.Table) -> Batch:
+        return collate_rows(t, self.shape, self.pad_id, self.cached)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """This process's micro-batches (lists of row indices) for optimizer steps `start .. total - 1`, in the
+    order of `Order.global_rows` and `micro_batches`: `grad_accum` of them per step."""
+
+    def __init__(self, order: Order, start: int, total: int, batch_size: int, grad_accum: int, world: int,
+                 rank: int):
+        self.order, self.start, self.total = order, start, total
+        self.split = (batch_size, grad_accum, world, rank)
+
+    def __len__(self):
+        return (self.total - self.start) * self.split[1]
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            yield from micro_batches(self.order.global_rows(step), *self.split)
+
+
+def train_loader(dataset: RowsDataset, sampler: StepSampler, workers: int) -> torch.utils.data.DataLoader:
+    """Micro-batches built in `workers` background processes (0: on the calling thread), two ahead per worker.
+    A private generator keeps the loader from drawing on the global torch RNG, which checkpoints save."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
+                                       num_workers=workers, generator=torch.Generator(),
+                                       persistent_workers=False)

@@ -79,3 +79,27 @@ def _as_tuple(x):
 
 def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(rd, step: int, tr, plan, tokenizer, resolved: dict, procs, keep: int):
+    """`<run>/checkpoints/step-NNNNNN`: the model and everything --resume needs to continue exactly after
+    `step`. Every process must call this (FSDP gathers the shards); the leader writes."""
+    from prefpipe.train.parallel import full_state_dict, optimizer_state
+    sd = full_state_dict(tr.policy)
+    opt = optimizer_state(tr.policy, tr.optimizer)
+    if procs.leader:
+        spe = plan.order.steps_per_epoch
+        trainer_state = {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
+                         "identity": plan.identity, "optimizer": opt, "scheduler": tr.scheduler.state_dict(),
+                         "rng": rng_state()}
+        save_model_dir(rd.checkpoint(step), tr.lm, tokenizer, resolved, sd, trainer_state)
+        prune(rd.checkpoints, keep)
+    procs.barrier()
+
+
+def save_final(rd, tr, tokenizer, resolved: dict, procs):
+    """`<run>/final`: the trained model with its tokenizer and config. Every process must call this."""
+    from prefpipe.train.parallel import full_state_dict
+    sd = full_state_dict(tr.policy)
+    if procs.leader:
+        save_model_dir(rd.final, tr.lm, tokenizer, resolved, sd)

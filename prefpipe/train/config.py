@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from prefpipe.data.formats import Columns
 from prefpipe.data.settings import CheckSettings
 from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.options import DTYPES, OptionError, check_choices, group, opt, same_as
-from prefpipe.train.loss_types import LOSS_TYPES, REFERENCE_FREE
+from prefpipe.train.loss_names import LOSS_TYPES, LOSSES
 from prefpipe.train.schedule import SCHEDULERS
 
 REFERENCES = ("cached", "live")
@@ -38,12 +38,12 @@ class LossConfig:
 
     @property
     def needs_reference(self) -> bool:
-        return self.loss_type not in REFERENCE_FREE
+        return LOSSES[self.loss_type].needs_reference
 
     @property
     def run_name(self) -> str:
         """The run's directory under `--out`: `<loss>-beta<beta>`, or just `<loss>` for a loss without beta."""
-        return self.loss_type if self.loss_type in REFERENCE_FREE else f"{self.loss_type}-beta{self.beta:g}"
+        return f"{self.loss_type}-beta{self.beta:g}" if LOSSES[self.loss_type].uses_beta else self.loss_type
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,12 @@ class TrainConfig:
                 raise OptionError(self, ("betas",), f"every {{}} must be positive (got {b:g})")
 
     def runs(self) -> list[LossConfig]:
-        """One LossConfig per run, in order: each loss type, then each beta. Reference-free losses (orpo, sft)
-        ignore beta, so they run once (named `orpo`, `sft`)."""
+        """One LossConfig per run, in order: each loss type, then each beta. Losses that do not use beta (orpo,
+        sft) run once (named `orpo`, `sft`)."""
         out = []
         for lt in dict.fromkeys(self.loss_types):
-            for beta in (self.betas[:1] if lt in REFERENCE_FREE else dict.fromkeys(self.betas)):
-                out.append(LossConfig(lt, float(beta), self.loss.label_smoothing, self.loss.desirable_weight,
-                                      self.loss.undesirable_weight, self.loss.orpo_lambda))
+            for beta in (dict.fromkeys(self.betas) if LOSSES[lt].uses_beta else self.betas[:1]):
+                out.append(replace(self.loss, loss_type=lt, beta=float(beta)))
         return out
 
     def resolved(self, loss: LossConfig) -> dict:

@@ -9,6 +9,16 @@ for the paired losses that equals the mean of the per-pair margins.
 
 Notation: `pi_c, pi_r` policy log-probs of chosen and rejected, `ref_c, ref_r` the reference's, `c = pi_c - ref_c`,
 `r = pi_r - ref_r`, `delta = c - r`.
+
+Which losses exist, and what each is called with, is the registry in `prefpipe.train.loss_names` (torch-free, so
+`prefpipe --help` can list the choices); `get_loss(name)` pairs an entry with its function here.
+
+Adding a loss: (1) write its pure function here, from per-example tensors to a `LossOutput`, with a docstring
+giving the shapes, the formula and the paper; (2) add one `LossSpec` to `SPECS` in `loss_names.py` naming the
+function, its tensor inputs, the `LossConfig` fields it reads (a new knob also needs a `LossConfig` field and its
+CLI option), the batch shape, its metric names and, if it needs one, a pre-step; (3) add a test in
+tests/test_losses.py against a hand-derived or float64 value. The CLI choice, the reference check, the run name
+(with or without beta), batch building, the loop and the report all follow from the entry.
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prefpipe.train.loss_types import LOSS_TYPES, PAIRED_LOSSES, REFERENCE_FREE  # noqa: F401
+from prefpipe.train.loss_names import (LOSS_TYPES, LOSSES, PAIRED_LOSSES, REFERENCE_FREE,  # noqa: F401
+                                       WITHOUT_BETA, LossSpec)
 
 
 @dataclass
@@ -188,3 +199,19 @@ def sft_loss(pi_c, len_c) -> LossOutput:
     """
     nll = -pi_c / len_c
     return LossOutput(nll, {"nll": nll.detach()})
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A registry entry with its function resolved: `loss(inputs, cfg)` calls the function with the entry's
+    tensor inputs (by name, from `inputs`) and its parameters (read from `cfg`, a `LossConfig`)."""
+    spec: LossSpec
+    fn: object
+
+    def __call__(self, inputs: dict, cfg) -> LossOutput:
+        return self.fn(*(inputs[k] for k in self.spec.inputs), **{p: getattr(cfg, p) for p in self.spec.params})
+
+
+def get_loss(name: str) -> Loss:
+    spec = LOSSES[name]
+    return Loss(spec, globals()[spec.fn])

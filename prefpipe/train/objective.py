@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from prefpipe.data.cache import UNPAIRED
 from prefpipe.train import losses as L
+from prefpipe.train.loss_names import EXAMPLES, PAIRS
 
 
 @torch.no_grad()
@@ -17,40 +19,67 @@ def kl_terms(batch, policy_scorer, ref_scorer, autocast) -> torch.Tensor:
     """KTO: `pi(y'|x) - ref(y'|x)` per example for the pinned mismatched completions, without gradient."""
     with torch.no_grad(), autocast:
         pi_kl, _ = policy_scorer(batch.kl_ids, batch.kl_mask, batch.kl_prompt_lens)
-    ref_kl = batch.ref["ref_kl"] if ref_scorer is None else _live(ref_scorer, batch.kl_ids, batch.kl_mask,
-                                                                  batch.kl_prompt_lens, autocast)
+    ref_kl = batch.ref[UNPAIRED.response("kl").ref] if ref_scorer is None else _live(
+        ref_scorer, batch.kl_ids, batch.kl_mask, batch.kl_prompt_lens, autocast)
     return pi_kl.float() - ref_kl
 
 
-def batch_loss(batch, policy_module, ref_scorer, loss, autocast, z0=None) -> L.LossOutput:
-    """Run the policy on `batch` (chosen and rejected in one concatenated forward) and apply `loss`.
+def kto_z0(parts, policy_scorer, ref_scorer, autocast, procs, device) -> tuple[dict, dict]:
+    """KTO's reference point over every real example of `parts` ((batch, real) pairs) on all processes:
+    `max(0, global mean of pi(y'|x) - ref(y'|x))`, the formula of `losses.kto_reference_point` on global sums.
+    Batches marked not real still run their forwards (FSDP ranks run in lockstep) and are left out."""
+    s, n = 0.0, 0
+    for b, real in parts:
+        kl = kl_terms(b, policy_scorer, ref_scorer, autocast)
+        if real:
+            s, n = s + float(kl.double().sum()), n + kl.numel()
+    s, n = procs.sum([s, float(n)], device)
+    z0 = torch.tensor(max(0.0, s / n), dtype=torch.float32, device=device)
+    return {"z0": z0}, {"kl": float(z0)}  # the same on every process: it comes from global sums
+
+
+# Pre-steps by the name a LossSpec gives: (parts, policy_scorer, ref_scorer, autocast, procs, device) ->
+# (extra loss inputs, values to log with the step).
+PRESTEPS = {"kto_z0": kto_z0}
+
+
+def run_prestep(loss: L.Loss, parts, policy_scorer, ref_scorer, autocast, procs, device) -> tuple[dict, dict]:
+    """The entry's pre-step over a whole global batch (or eval split), or nothing when it has none."""
+    if loss.spec.prestep is None:
+        return {}, {}
+    return PRESTEPS[loss.spec.prestep](parts, policy_scorer, ref_scorer, autocast, procs, device)
+
+
+def _inputs(shape: str, batch, sums, counts, ref) -> dict:
+    """The named per-example tensors a loss function can ask for (see loss_names)."""
+    if shape == EXAMPLES:
+        return {"pi": sums, "len": counts, "ref": ref, "desirable": batch.label}
+    n = batch.n
+    out = {"pi_c": sums[:n], "len_c": counts[:n]}
+    if shape == PAIRS:
+        out.update(pi_r=sums[n:], len_r=counts[n:])
+        if ref is not None:
+            out.update(ref_c=ref[:n], ref_r=ref[n:])
+    return out
+
+
+def batch_loss(batch, policy_module, ref_scorer, loss_cfg, autocast, extra: dict | None = None) -> L.LossOutput:
+    """Run the policy on `batch` (every response in one concatenated forward) and apply the registry entry of
+    `loss_cfg.loss_type`, with `extra` inputs from its pre-step.
 
     `policy_module` is called with gradients enabled if they are; `ref_scorer` is None for the cached reference
     (or a reference-free loss)."""
+    loss = L.get_loss(loss_cfg.loss_type)
     with autocast:
         sums, counts = policy_module(batch.ids, batch.mask, batch.prompt_lens)
     sums, counts = sums.float(), counts.float()
-    n = batch.n
-    lt = loss.loss_type
-    if lt == "sft":
-        return L.sft_loss(sums, counts)
-    if lt == "kto":
-        ref = batch.ref["ref_logp"] if ref_scorer is None else _live(ref_scorer, batch.ids, batch.mask,
-                                                                     batch.prompt_lens, autocast)
-        return L.kto_loss(sums, ref, batch.label, z0, loss.beta, loss.desirable_weight, loss.undesirable_weight)
-    pc, pr, lc, lr = sums[:n], sums[n:], counts[:n], counts[n:]
-    if lt == "orpo":
-        return L.orpo_loss(pc, pr, lc, lr, loss.orpo_lambda)
-    if ref_scorer is None:
-        rc, rr = batch.ref["ref_chosen"], batch.ref["ref_rejected"]
-    else:
-        ref = _live(ref_scorer, batch.ids, batch.mask, batch.prompt_lens, autocast).float()
-        rc, rr = ref[:n], ref[n:]
-    if lt == "dpo":
-        return L.dpo_loss(pc, pr, rc, rr, loss.beta, loss.label_smoothing)
-    if lt == "ipo":
-        return L.ipo_loss(pc, pr, rc, rr, lc, lr, loss.beta)
-    return L.hinge_loss(pc, pr, rc, rr, loss.beta)
+    ref = None
+    if loss.spec.needs_reference:
+        ref = batch.cached_reference() if ref_scorer is None else _live(
+            ref_scorer, batch.ids, batch.mask, batch.prompt_lens, autocast).float()
+    inputs = _inputs(loss.spec.batch, batch, sums, counts, ref)
+    inputs.update(extra or {})
+    return loss(inputs, loss_cfg)
 
 
 class MetricSums:
@@ -100,12 +129,7 @@ class MetricSums:
 
 
 def metric_names(loss_type: str) -> list[str]:
-    if loss_type == "sft":
-        return ["nll"]
-    names = ["acc", "r_chosen", "r_rejected"]
-    if loss_type == "orpo":
-        names += ["nll", "log_odds"]
-    return names
+    return list(L.LOSSES[loss_type].metrics)
 
 
 def kto_balancing_weight(n_desirable: int, n_undesirable: int, undesirable_weight: float = 1.0) -> float:

@@ -1,0 +1,50 @@
+"""A run's metrics.jsonl (format in prefpipe/train/loop.py): written by the leader only, one line per record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefpipe.fileio import atomic_write_text
+
+
+class MetricsLog:
+    def __init__(self, path: Path, leader: bool):
+        self.path, self.leader, self.file = Path(path), leader, None
+
+    def open(self, step: int):
+        """Drop lines past `step` (written by a killed run after its last checkpoint), then append."""
+        if self.leader:
+            truncate_metrics(self.path, step)
+            self.file = open(self.path, "a")
+
+    def write(self, record: dict):
+        if not self.leader:
+            return
+        if self.file is None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def last_train(self) -> dict | None:
+        last = None
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("split") == "train":
+                    last = rec
+        return last
+
+
+def truncate_metrics(path: Path, step: int):
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))

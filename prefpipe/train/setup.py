@@ -1,0 +1,152 @@
+"""Everything a run needs before its first step: the shared context of a sweep, the run's plan (data order,
+length, schedule), where it starts (fresh or the last checkpoint), and the policy with its optimizer."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prefpipe.dist import Procs
+from prefpipe.errors import UserError
+from prefpipe.train import checkpoint as ck
+from prefpipe.train.batches import Order
+from prefpipe.train.config import LossConfig, TrainConfig
+from prefpipe.train.parallel import Policy, load_optimizer_state, wrap_policy
+from prefpipe.train.schedule import lr_factor
+
+
+@dataclass
+class Context:
+    """What every run of a sweep shares: loaded once."""
+    cfg: TrainConfig
+    procs: Procs
+    device: torch.device
+    compute_dtype: torch.dtype
+    model_dir: str
+    tokenizer: object
+    data: object
+    train_rows: list
+    eval_rows: list
+    ref_scorer: object = None
+    validation: dict = field(default_factory=dict)
+    log: object = print
+
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The data order and length of one run, and the settings a checkpoint must match to be resumed."""
+    order: Order
+    global_batch: int
+    total: int
+    warmup: int
+    eval_every: int
+    identity: dict
+
+
+def plan_run(ctx: Context, loss: LossConfig) -> Plan:
+    cfg, loop, world = ctx.cfg, ctx.cfg.loop, ctx.procs.world
+    global_batch = loop.batch_size * loop.grad_accum * world
+    order = Order(tuple(ctx.train_rows), global_batch, loop.seed)
+    if order.steps_per_epoch == 0:
+        raise UserError(f"the training split has {len(ctx.train_rows)} rows, fewer than one global batch "
+                        f"({loop.batch_size} x {loop.grad_accum} accumulation x {world} processes = "
+                        f"{global_batch}); lower --batch_size or --grad_accum")
+    total = loop.max_steps or loop.epochs * order.steps_per_epoch
+    resolved = cfg.resolved(loss)
+    identity = {"loss": resolved["loss"], "optim": resolved["optim"], "seed": loop.seed, "steps": total,
+                "global_batch": global_batch, "eval_fraction": loop.eval_fraction, "rows": len(ctx.data)}
+    return Plan(order, global_batch, total, math.ceil(cfg.optim.warmup_ratio * total),
+                loop.eval_every or max(1, total // 4), identity)
+
+
+@dataclass
+class Start:
+    finished: bool = False  # --resume of a run that already wrote its final model
+    checkpoint: Path | None = None
+    state: dict | None = None  # the checkpoint's trainer state
+
+
+def find_start(ctx: Context, loss: LossConfig, rd, identity: dict) -> Start:
+    """Fresh, or the last checkpoint with --resume (whose settings must match `identity`)."""
+    procs, loop, log = ctx.procs, ctx.cfg.loop, ctx.log
+    if procs.leader:
+        ck.remove_leftovers(rd.checkpoints)
+        ck.remove_leftovers(rd.path)
+    procs.barrier()
+    if rd.result.exists() and rd.final.exists() and loop.resume:
+        return Start(finished=True)
+    if not loop.resume:
+        if rd.metrics.exists():
+            raise UserError("this run directory already holds a run; pass --resume to continue it, or choose "
+                            "another --out", file=str(rd.path))
+        return Start()
+    ckpt = ck.latest_checkpoint(rd.checkpoints)
+    if ckpt is None:
+        log(f"{loss.run_name}: --resume found no checkpoint; starting from the beginning")
+        return Start()
+    state = ck.load_trainer_state(ckpt)
+    if state["identity"] != identity:
+        diff = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+        raise UserError(f"--resume: the checkpoint was made with different settings ({', '.join(diff)}); use "
+                        "the original options or another --out", file=str(ckpt))
+    return Start(checkpoint=ckpt, state=state)
+
+
+@dataclass
+class Trainer:
+    """The trained state of a run: the model, its wrapping, the optimizer and schedule, and the steps done."""
+    lm: torch.nn.Module
+    policy: Policy
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    step: int = 0
+
+
+def build_trainer(ctx: Context, plan: Plan, start: Start) -> Trainer:
+    """The float32 policy (from the SFT model or the checkpoint), AdamW and the lr schedule, with the
+    checkpoint's optimizer, schedule and RNG state restored."""
+    from prefpipe.modeling import load_model
+    cfg, loop = ctx.cfg, ctx.cfg.loop
+    torch.manual_seed(loop.seed)
+    lm = load_model(str(start.checkpoint) if start.checkpoint else ctx.model_dir, torch.float32, ctx.device)
+    if loop.gradient_checkpointing:
+        if hasattr(lm, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.train()  # dropout is 0 already; train mode keeps gradient checkpointing active
+    policy = wrap_policy(lm, ctx.procs, ctx.device, cfg.fsdp)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, plan.total, plan.warmup, cfg.optim.lr_scheduler))
+    tr = Trainer(lm, policy, optimizer, scheduler)
+    if start.state is not None:
+        load_optimizer_state(policy, optimizer, start.state["optimizer"])
+        scheduler.load_state_dict(start.state["scheduler"])
+        ck.set_rng_state(start.state["rng"])
+        tr.step = start.state["step"]
+    return tr
+
+
+def check_drift(ctx: Context, policy: Policy):
+    """Step-0 drift of the policy against the cached reference, once per sweep (every run starts from the same
+    model); stops the run above --max_drift (see validate.py)."""
+    src = ctx.cfg.source
+    if ctx.validation.get("drift") is not None or src.drift_rows <= 0:
+        return
+    from prefpipe.train.validate import judge_drift, measure_drift, sample_rows
+    rows = sample_rows(len(ctx.data), src.drift_rows)
+    drift = measure_drift(policy.scorer, ctx.data, rows, ctx.cfg.loop.batch_size, ctx.tokenizer.pad_token_id,
+                          ctx.device, ctx.autocast())
+    drift["max_drift"] = src.max_drift
+    ctx.validation["drift"] = drift
+    judge_drift(drift, src.max_drift, src.allow_reference_mismatch, ctx.data.origin, log=ctx.log)
