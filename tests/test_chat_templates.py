@@ -220,7 +220,8 @@ def ids(tok, *pieces):
     """Hand-built ids: special tokens by name, every other piece encoded on its own."""
     out = []
     for p in pieces:
-        out += [tok.convert_tokens_to_ids(p)] if p in tok.all_special_tokens else tok.encode(p, add_special_tokens=False)
+        special = p in tok.all_special_tokens
+        out += [tok.convert_tokens_to_ids(p)] if special else tok.encode(p, add_special_tokens=False)
     return out
 
 
@@ -354,21 +355,20 @@ def test_mistral_non_alternating_roles_is_one_line(toks, run_cli, tmp_path):
                    "conversation roles must alternate user/assistant")
 
 
-@pytest.mark.parametrize("name,prompt", [
+@pytest.mark.parametrize("name,rows,bad_row", [
     # Mistral v0.3 puts the system message into the *last* user turn: once the answer follows, it is dropped.
-    ("mistral", [SYSTEM, *TURNS]),
+    ("mistral", [pair(TURNS[:1]), pair([SYSTEM, *TURNS])], 2),
     # R1-style: the generation prompt opens <think>, the rendered answer does not have one.
-    ("r1", TURNS),
+    ("r1", [pair(TURNS)], 1),
 ])
-def test_template_that_cannot_separate_prompt_and_response_is_refused(toks, run_cli, tmp_path, name, prompt):
+def test_template_that_cannot_separate_prompt_and_response_is_refused(toks, run_cli, tmp_path, name, rows, bad_row):
     path, tok = toks[name]
-    f = write_jsonl(tmp_path / "chat.jsonl", [pair(TURNS[:1]), pair(prompt)] if name == "mistral" else [pair(prompt)])
-    row = 2 if name == "mistral" else 1
-    err = one_line_error(run_cli("data", "check", f, "--model", path), "chat.jsonl", f"row {row}",
-                         "column 'chosen'", "renders every prefix", "pre-render")
-    assert "chat template" in err
-    with pytest.raises(UserError, match=f"row {row}"):
-        tokenize(tok, tmp_path, [pair(TURNS[:1]), pair(prompt)] if name == "mistral" else [pair(prompt)])
+    f = write_jsonl(tmp_path / "chat.jsonl", rows)
+    err = one_line_error(run_cli("data", "check", f, "--model", path), "chat.jsonl", f"row {bad_row}",
+                         "column 'chosen'", "chat template", "renders every prefix", "pre-render")
+    assert "<think>" in err if name == "r1" else "You are terse." in err  # where the two renderings part
+    with pytest.raises(UserError, match=f"row {bad_row}"):
+        tokenize(tok, tmp_path, rows)
 
 
 def test_pre_rendered_plain_text_is_the_way_out(toks, tmp_path):
