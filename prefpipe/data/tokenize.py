@@ -9,13 +9,28 @@ Rules, recorded in the cache metadata so a mismatch is detectable:
   sequences share exactly the same prompt ids.
 - **BOS once.** Texts are tokenized with ``add_special_tokens=False``; the tokenizer's own leading special ids
   (its BOS, if it adds one) are then prepended to the prompt unless the text already produced them, as a chat
-  template that writes ``{{ bos_token }}`` does.
-- **EOS.** Plain-text responses get the EOS id appended, so the model learns to stop. Conversational responses
-  are rendered with the chat template, which writes its own end-of-turn token; nothing is appended.
-- **Chat rendering.** The prompt is ``apply_chat_template(prompt, add_generation_prompt=True)``; a response is the
-  text that ``apply_chat_template(prompt + response)`` adds after that prefix. A template that refuses a row (for
-  example ``raise_exception('System role not supported')`` on a system message) stops the run with a
-  `UserError` naming the file, row and the template's own message: the row is the user's to fix or drop.
+  template that writes ``{{ bos_token }}`` does (Llama 3's ``<|begin_of_text|>``, Gemma's ``<bos>``, Mistral's
+  ``<s>``, while their post-processors add the same BOS to a plain call) or a plain-text prompt that starts with
+  the BOS text. A tokenizer with no BOS (Qwen) gets nothing prepended.
+- **EOS.** Plain-text responses get the EOS id appended, so the model learns to stop, unless the text already ends
+  with it. Conversational responses are rendered with the chat template, which writes its own end-of-turn token;
+  nothing is appended, also when the EOS differs from that token (Gemma's ``<eos>`` vs ``<end_of_turn>``).
+- **Chat rendering.** The prompt is ``apply_chat_template(prompt, add_generation_prompt=True)``, so it ends with
+  the assistant header; a response is the text that ``apply_chat_template(prompt + response)`` adds after that
+  prefix, so it starts with the assistant's text. A template that refuses a row (for example
+  ``raise_exception('System role not supported')`` on a system message) stops the run with a `UserError` naming
+  the file, row and the template's own message: the row is the user's to fix or drop.
+- **End of turn.** The response keeps everything the template writes after the assistant's text, including what
+  follows its end-of-turn token: the ``"\n"`` after Gemma's ``<end_of_turn>`` and ChatML's ``<|im_end|>`` is the
+  last response token. Prompt + response text is then exactly the template's rendering of the whole
+  conversation, the form the SFT model was trained on, as TRL and OpenRLHF also split it; that token is
+  near-certain after the end-of-turn token, so it adds next to nothing to a log-ratio.
+- **Prefix consistency.** A template that renders the prompt differently once a response follows cannot be
+  split, and a row where that happens stops the run with a `UserError` (file, row, response column, where the
+  two renderings part). Real cases: Mistral v0.3 puts the system message into the *last* user turn, so it
+  vanishes once the answer follows; DeepSeek-R1-style templates open ``<think>`` in the generation prompt but
+  not in a rendered answer. The fix is a template that renders every prefix the same way, or plain-text data
+  pre-rendered by the user.
 - **Truncation.** With ``max_length`` (total) and ``max_prompt_length``: the prompt is cut from the left to
   ``max_prompt_length`` (keeping its leading BOS), then each response from the right to fit ``max_length``.
 - **Skips** (counted, never silent): an empty response text, ``chosen == rejected``, and a prompt with no tokens
@@ -91,6 +106,17 @@ class TokenStats:
                 "duplicates": self.duplicates}
 
 
+def _not_an_extension(prompt: str, full: str) -> str:
+    """One line saying where the two renderings part and what the user can do about it."""
+    i = next((k for k, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+    return (f"the chat template does not render prompt + response as an extension of the prompt with its generation "
+            f"prompt (from character {i} the prompt renders as {prompt[i:i + 40]!r} but prompt + response as "
+            f"{full[i:i + 40]!r}), so the response cannot be separated from the prompt; use a chat template that "
+            f"renders every prefix of a conversation the same way, or pre-render the data as plain text (prompt: the "
+            f"conversation as the model should see it, ending with the assistant header; chosen/rejected: each "
+            f"answer followed by the end-of-turn token)")
+
+
 class PairTokenizer:
     """Applies the module's rules with one Hugging Face tokenizer."""
 
@@ -129,8 +155,7 @@ class PairTokenizer:
         for resp, col in zip(responses, cols[1:]):
             full = self._apply_template(prompt + resp, rec, col)
             if not full.startswith(p):
-                raise UserError("the chat template does not render prompt + response as an extension of the "
-                                "prompt with its generation prompt", file=rec.source, row=rec.row, column=col)
+                raise UserError(_not_an_extension(p, full), file=rec.source, row=rec.row, column=col)
             out.append(full[len(p):])
         return p, out
 
