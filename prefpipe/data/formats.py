@@ -278,8 +278,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", cache_dir=cache, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise UserError(f"no such file or directory, and no Hugging Face dataset {repo_id!r} in the local cache "
-                        f"({cache}); fetch it with `hf download --repo-type dataset {repo_id}`", file=repo_id)
+        raise UserError(f"no such file or directory, and the Hugging Face dataset {repo_id!r} is not in the local "
+                        f"cache ({cache}); fetch it with `hf download --repo-type dataset {repo_id}`", file=repo_id)
     except Exception as e:  # noqa: BLE001 - an incomplete snapshot and the like: the hub library says what
         raise UserError(f"cannot use the cached Hugging Face dataset: {' '.join(str(e).split())}", file=repo_id)
 
