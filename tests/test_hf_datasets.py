@@ -264,3 +264,18 @@ def test_system_column_rules(tmp_path):
     # Unset (the default), a system column is ignored as before.
     plain = Dataset(str(write_jsonl(tmp_path / "p.jsonl", ORCA_TRAIN)), Columns(prompt="question"))
     assert triples(plain) == [("Name a colour.", "Blue.", "Seven."), ("Say hi.", "Hi!", "No.")]
+
+
+def test_bad_rows_and_bad_files_are_one_line_errors(tmp_path):
+    train = [HH_TRAIN[0], {"chosen": HH_TRAIN[1]["chosen"], "rejected": None}]
+    data = make_repo(tmp_path, train, train[:1])
+    with pytest.raises(UserError, match="missing value") as e:
+        triples(Dataset(data))
+    assert (e.value.file, e.value.row, e.value.column) == (f"{data}:train", 2, "rejected")
+    broken = tmp_path / "broken"
+    (broken / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        (broken / "data" / f"{split}-00000-of-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UserError, match="cannot build the dataset from its files") as e:
+        Dataset(str(broken))
+    assert "\n" not in str(e.value)

@@ -312,6 +312,7 @@ def _hf_key(data: str, kind: str, split: str, config: str | None) -> str:
 
 def _load_folder(folder: Path, data: str, split: str, config: str | None):
     import datasets
+    import pyarrow as pa
 
     configs = datasets.get_dataset_config_names(str(folder))
     if config is not None and config not in configs:
@@ -324,7 +325,11 @@ def _load_folder(folder: Path, data: str, split: str, config: str | None):
     splits = list(builder.config.data_files or {})
     if split not in splits:
         raise _unknown("split", split, splits, data)
-    builder.download_and_prepare()
+    try:
+        builder.download_and_prepare()
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException) as e:  # the user's files are unreadable
+        cause = e.__cause__ or e
+        raise UserError(f"cannot build the dataset from its files ({' '.join(str(cause).split())[:300]})", file=data)
     return builder.as_dataset(split=split)
 
 
