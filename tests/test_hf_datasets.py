@@ -279,3 +279,12 @@ def test_bad_rows_and_bad_files_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="cannot build the dataset from its files") as e:
         Dataset(str(broken))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("shape", ["ultrafeedback", "kto"])
+def test_data_check_reads_a_saved_dataset(run_cli, tiny_model, tmp_path, shape):
+    """End to end through `prefpipe data check`: message lists from Arrow render with the chat template."""
+    train, test = split_rows(shape)
+    res = run_cli("data", "check", make_disk(tmp_path, train, test), "--model", tiny_model)
+    assert res.exit_code == 0, res.output
+    assert f"format:     {SHAPES[shape][2]}" in res.output and "rows:       2 read, 2 kept, 0 skipped" in res.output
