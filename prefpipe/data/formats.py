@@ -27,6 +27,41 @@ Files and what is made of them:
   and anything under a hidden directory (``.git/``, ``.ipynb_checkpoints/``, which may hold stale copies of the
   data) are not data: they are skipped and listed in `Dataset.skipped_files` for the caller to report. A single
   file named explicitly must be a data file.
+
+Hugging Face datasets (read with the ``datasets`` library, imported only for these; ``split`` chooses the part,
+default ``train``, and ``config`` the configuration, default none):
+
+- A directory holding ``dataset_dict.json`` or ``state.json`` is a ``save_to_disk`` directory (a ``DatasetDict``
+  or one ``Dataset``). One saved ``Dataset`` is one part: it is read when ``split`` is ``train`` or the split it
+  recorded; it has no configs.
+- A directory is a dataset repository folder, loaded with ``datasets.load_dataset(folder, config)``, when its
+  ``README.md`` has a YAML header with a ``configs:`` block, when its file names name more than one split
+  (``train``/``test``/``validation`` and their variants, as in ``data/train-00000-of-00001.parquet`` and
+  ``data/test-....parquet``: reading them all would mix the splits), or when a split other than ``train`` or a
+  config is asked for. Any other directory keeps the plain rule above: every data file in it, recursively.
+- ``ORG/NAME`` that is no local path is a hub dataset id, read from the local Hugging Face hub cache
+  (``HF_HUB_CACHE``, else ``HF_HOME/hub``; what ``hf download --repo-type dataset ORG/NAME`` or an online
+  ``load_dataset`` leaves there) as a repository folder. Nothing is downloaded: an id that is not cached is a
+  `UserError` saying how to fetch it.
+- Rows are read in Arrow batches (memory does not grow with the number of rows); ``Record.source`` is
+  ``DATA:SPLIT`` (``DATA:CONFIG:SPLIT`` with a config). Row ids and `data_fingerprint` hash no absolute path:
+  they use the saved ``_fingerprint`` of a ``save_to_disk`` split, the bytes of a repository folder's files (its
+  ``load_dataset`` fingerprint depends on where the folder lies), or a hub dataset's cached commit, plus the
+  config and split.
+
+Shapes from the hub that need at most a column mapping:
+
+- UltraFeedback-binarized: ``chosen``/``rejected`` full message lists (user turn, assistant turn) are
+  ``implicit``; a ``prompt`` text column next to them (HuggingFaceH4's copy) is ignored, the prompt being the
+  shared turns. Extra columns (``score_chosen``, ``messages``...) are ignored.
+- HH-RLHF: ``chosen``/``rejected`` transcripts, ``implicit``.
+- KTO message lists: ``prompt`` messages, ``completion`` ``[assistant message]``, ``label``: ``unpaired``.
+- A system prompt column (Orca-DPO's ``system`` + ``question``): map ``Columns(prompt="question",
+  system="system")``. With ``Columns.system`` set (it is unset by default, so a ``system`` column is otherwise
+  ignored), plain-text rows become messages: prompt ``[system, user]`` (no system message where the value is
+  null or empty), each response ``[assistant]``. They are then rendered with the tokenizer's chat template, as
+  every conversational row is, since a system prompt has no meaning outside one. Message-list prompts carry
+  their own system turn, so the column is an error there.
 """
 
 from __future__ import annotations
@@ -35,6 +70,8 @@ import glob as globlib
 import gzip
 import hashlib
 import json
+import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +86,13 @@ DATA_SUFFIXES = (*TEXT_SUFFIXES, *(x + ".gz" for x in TEXT_SUFFIXES), ".parquet"
 ROLES = ("system", "user", "assistant", "tool", "developer")
 # HH transcripts: the prompt ends right after the last assistant marker that both transcripts share.
 DEFAULT_TURN_MARKER = "\n\nAssistant:"
+DEFAULT_SPLIT = "train"
+SAVE_TO_DISK_MARKERS = ("dataset_dict.json", "state.json")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# The split names the hub's file-name convention recognises (a path part that is the word or starts with it
+# followed by a separator or a digit), grouped by the split they mean.
+SPLIT_WORDS = {"train": ("train", "training"), "test": ("test", "testing", "eval", "evaluation"),
+               "validation": ("validation", "valid", "val", "dev")}
 
 
 @dataclass(frozen=True)
@@ -59,6 +103,9 @@ class Columns:
     rejected: str = opt("rejected", name="rejected_col", help="Column holding the rejected response.")
     completion: str = opt("completion", name="completion_col", help="Unpaired (KTO) data: column holding the completion.")
     label: str = opt("label", name="label_col", help="Unpaired (KTO) data: boolean column, true = desirable.")
+    system: str | None = opt(None, name="system_col", default_text="unset",
+                             help="Plain-text data: a column holding a system message; the prompt becomes "
+                                  "[system, user] messages rendered with the chat template.")
 
 
 @dataclass
@@ -78,7 +125,17 @@ class Record:
 @dataclass
 class Source:
     path: Path
-    name: str  # stable name used in row ids: relative to the data root, never absolute
+    name: str  # stable name shown in records: relative to the data root, never absolute
+    key: str = ""  # what row ids hash: the name for files; fingerprint, config and split for HF datasets
+    table: Any = None  # a `datasets.Dataset` for HF sources, read in Arrow batches
+
+    def __post_init__(self):
+        self.key = self.key or self.name
+
+    @property
+    def where(self) -> str:
+        """How errors name the source: the file, or `DATA:SPLIT` for an HF dataset."""
+        return self.name if self.table is not None else str(self.path)
 
 
 def _is_data_file(rel: Path) -> bool:
@@ -113,10 +170,21 @@ def resolve_sources(data: str | Path) -> list[Source]:
     return scan_sources(data)[0]
 
 
-def data_fingerprint(data: str | Path, columns: Columns = Columns()) -> str:
-    """sha256 over every source's stable name and bytes, plus the column mapping."""
+def _columns_key(columns: Columns) -> dict:
+    # An unset system column is left out so fingerprints made before it existed still match.
+    return {k: v for k, v in columns.__dict__.items() if not (k == "system" and v is None)}
+
+
+def data_fingerprint(data: str | Path, columns: Columns = Columns(), split: str = DEFAULT_SPLIT,
+                     config: str | None = None) -> str:
+    """sha256 over the column mapping and, for files, every source's stable name and bytes; for a Hugging Face
+    dataset, over its stable key (see the module docstring), config and split."""
     h = hashlib.sha256()
-    h.update(json.dumps(columns.__dict__, sort_keys=True).encode())
+    h.update(json.dumps(_columns_key(columns), sort_keys=True).encode())
+    kind = hf_kind(data, split, config)
+    if kind:
+        h.update(b"hf\0" + _hf_key(str(data), kind, split, config).encode())
+        return h.hexdigest()
     for s in resolve_sources(data):
         h.update(s.name.encode() + b"\0")
         with open(s.path, "rb") as f:
@@ -124,6 +192,168 @@ def data_fingerprint(data: str | Path, columns: Columns = Columns()) -> str:
                 h.update(block)
         h.update(b"\0")
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+def _split_of(part: str) -> str | None:
+    low = part.lower()
+    for split, words in SPLIT_WORDS.items():
+        for w in words:
+            if low == w or (low.startswith(w) and low[len(w)] in "-._ 0123456789"):
+                return split
+    return None
+
+
+def _names_several_splits(root: Path) -> bool:
+    found = set()
+    for f in root.rglob("*"):
+        rel = f.relative_to(root)
+        if f.is_file() and _is_data_file(rel):
+            found |= {x for x in map(_split_of, rel.parts) if x}
+    return len(found) > 1
+
+
+def _readme_has_configs(root: Path) -> bool:
+    readme = root / "README.md"
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return False
+    header = text[3:].split("\n---", 1)[0]
+    return any(line.startswith("configs:") for line in header.splitlines())
+
+
+def hf_kind(data: str | Path, split: str = DEFAULT_SPLIT, config: str | None = None) -> str | None:
+    """`"disk"` (save_to_disk), `"repo"` (repository folder), `"hub"` (hub id) or None (plain files)."""
+    text = str(data)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        if any((p / m).is_file() for m in SAVE_TO_DISK_MARKERS):
+            return "disk"
+        if _readme_has_configs(p) or split != DEFAULT_SPLIT or config is not None or _names_several_splits(p):
+            return "repo"
+        return None
+    if not p.exists() and HUB_ID.match(text) and not text.endswith(DATA_SUFFIXES):
+        return "hub"
+    if (split != DEFAULT_SPLIT or config is not None) and (p.exists() or any(ch in text for ch in "*?[")):
+        raise UserError(f"a split ({split!r}) or config ({config!r}) applies to Hugging Face datasets (a "
+                        "save_to_disk directory, a dataset repository folder or a hub id), not to data files",
+                        file=text)
+    return None
+
+
+def _unknown(what: str, name: Any, available, data: str) -> UserError:
+    return UserError(f"unknown {what} {name!r}; available: {', '.join(map(str, available)) or 'none'}", file=data)
+
+
+def _disk_split_dir(data: str, split: str, config: str | None) -> Path:
+    root = Path(data).expanduser()
+    if config is not None:
+        raise UserError(f"a save_to_disk directory has no configs (got {config!r})", file=data)
+    if (root / "dataset_dict.json").is_file():
+        splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+        if split not in splits:
+            raise _unknown("split", split, splits, data)
+        return root / split
+    recorded = json.loads((root / "state.json").read_text()).get("_split") or DEFAULT_SPLIT
+    if split not in (DEFAULT_SPLIT, recorded):
+        raise _unknown("split", split, [recorded], data)
+    return root
+
+
+def _hub_cache_dir() -> str:
+    # Read at call time, not at import (huggingface_hub fixes its constant when first imported).
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+    return constants.HF_HUB_CACHE
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = _hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise UserError(f"no such file or directory, and the Hugging Face dataset {repo_id!r} is not in the local "
+                        f"cache ({cache}); fetch it with `hf download --repo-type dataset {repo_id}`", file=repo_id)
+    except Exception as e:  # noqa: BLE001 - an incomplete snapshot and the like: the hub library says what
+        raise UserError(f"cannot use the cached Hugging Face dataset: {' '.join(str(e).split())}", file=repo_id)
+
+
+def _folder_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(x for x in root.rglob("*") if x.is_file()):
+        rel = f.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(rel.as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _hf_key(data: str, kind: str, split: str, config: str | None) -> str:
+    """The location-independent identity of one part of an HF dataset (row ids and `data_fingerprint`)."""
+    if kind == "disk":
+        state = json.loads((_disk_split_dir(data, split, config) / "state.json").read_text())
+        base = f"disk:{state['_fingerprint']}"
+    elif kind == "hub":
+        base = f"hub:{data}@{_hub_snapshot(data).name}"
+    else:
+        base = f"repo:{_folder_hash(Path(data).expanduser())}"
+    return f"{base}\x1f{config or ''}\x1f{split}"
+
+
+def _load_folder(folder: Path, data: str, split: str, config: str | None):
+    import datasets
+    import pyarrow as pa
+
+    configs = datasets.get_dataset_config_names(str(folder))
+    if config is not None and config not in configs:
+        raise _unknown("config", config, configs, data)
+    try:
+        builder = datasets.load_dataset_builder(str(folder), name=config,
+                                                cache_dir=os.environ.get("HF_DATASETS_CACHE") or None)
+    except ValueError as e:  # several configs and none chosen
+        raise UserError(f"{' '.join(str(e).split())} (configs: {', '.join(configs)})", file=data)
+    splits = list(builder.config.data_files or {})
+    if split not in splits:
+        raise _unknown("split", split, splits, data)
+    try:
+        builder.download_and_prepare()
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException) as e:  # the user's files are unreadable
+        cause = e.__cause__ or e
+        raise UserError(f"cannot build the dataset from its files ({' '.join(str(cause).split())[:300]})", file=data)
+    return builder.as_dataset(split=split)
+
+
+def hf_source(data: str, kind: str, split: str = DEFAULT_SPLIT, config: str | None = None) -> Source:
+    """Open one part of a Hugging Face dataset as a `Source` read in Arrow batches."""
+    if kind == "disk":
+        import datasets
+        table = datasets.load_from_disk(str(_disk_split_dir(data, split, config)))
+    else:
+        folder = _hub_snapshot(data) if kind == "hub" else Path(data).expanduser()
+        table = _load_folder(folder, data, split, config)
+    name = f"{data}:{config}:{split}" if config is not None else f"{data}:{split}"
+    return Source(Path(data), name, key=_hf_key(data, kind, split, config), table=table)
+
+
+def _iter_hf(source: Source, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
+    n = 0
+    for tbl in source.table.with_format("arrow").iter(batch_size=batch_rows):
+        rows = tbl.to_pylist()
+        yield [(n + i + 1, r) for i, r in enumerate(rows)]
+        n += len(rows)
 
 
 # ---------------------------------------------------------------- raw row reading
@@ -234,25 +464,32 @@ def _iter_parquet(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]
 def iter_raw(source: Source, batch_rows: int = 1024) -> Iterator[list[tuple[int, dict]]]:
     """Yield batches of `(row_number, dict)` from one file, failing with a `UserError` on an empty file."""
     name = source.path.name
-    if name.endswith(".parquet"):
+    if source.table is not None:
+        reader = _iter_hf
+    elif name.endswith(".parquet"):
         reader = _iter_parquet
     elif name.endswith((".json", ".json.gz")) and not _is_json_lines(source.path):
         reader = _iter_json
     else:
         reader = _iter_jsonl
     empty = True
-    for batch in reader(source.path, batch_rows):
+    for batch in reader(source if source.table is not None else source.path, batch_rows):
         if batch:
             empty = False
             yield batch
     if empty:
-        raise UserError("file is empty (no rows)", file=str(source.path))
+        raise UserError("file is empty (no rows)", file=source.where)
 
 
 # ---------------------------------------------------------------- detection and validation
 
 def _is_messages(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(m, dict) for m in v) and len(v) > 0
+
+
+def _is_transcript(v: Any) -> bool:
+    """A message list that starts before the assistant's turn: the prompt is inside it."""
+    return _is_messages(v) and v[0].get("role") != "assistant"
 
 
 def detect_format(row: dict, columns: Columns, file: str) -> str:
@@ -262,7 +499,7 @@ def detect_format(row: dict, columns: Columns, file: str) -> str:
     if c.completion in keys and c.label in keys:
         return "unpaired"
     if c.chosen in keys and c.rejected in keys:
-        if c.prompt not in keys or row.get(c.prompt) is None:
+        if c.prompt not in keys or row.get(c.prompt) is None or _is_transcript(row.get(c.chosen)):
             return "implicit"
         return "conversational" if isinstance(row.get(c.prompt), list) else "paired"
     missing = [k for k in (c.prompt, c.chosen, c.rejected) if k not in keys]
@@ -347,8 +584,20 @@ def split_implicit(chosen: Any, rejected: Any, file: str, row: int, columns: Col
     return c[:cut], c[cut:], r[cut:]
 
 
+def _with_system(fmt: str, raw: dict, prompt: Any, responses: list, file: str, row: int, col: str):
+    """Plain text plus a system column -> messages (module docstring); transcripts and message lists are refused."""
+    if isinstance(prompt, list) or fmt not in ("paired", "unpaired"):
+        raise UserError(f"a system column applies to plain-text prompt/response data, not to {fmt} data (message "
+                        "lists carry their own system message)", file=file, row=row, column=col)
+    system = raw.get(col)
+    if system is not None and not isinstance(system, str):
+        raise UserError(f"expected text, got {type(system).__name__}", file=file, row=row, column=col)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return msgs, [[{"role": "assistant", "content": r}] for r in responses]
+
+
 def _make_record(fmt: str, raw: dict, source: Source, row: int, columns: Columns, turn_marker: str) -> Record:
-    file = str(source.path)
+    file = source.where
     c = columns
     if fmt == "unpaired":
         prompt = raw.get(c.prompt)
@@ -356,6 +605,8 @@ def _make_record(fmt: str, raw: dict, source: Source, row: int, columns: Columns
         prompt = _check_messages(prompt, file, row, c.prompt, responses=False) if conv else \
             _check_text(prompt, file, row, c.prompt)
         completion = _check_response(raw.get(c.completion), conv, file, row, c.completion)
+        if c.system:
+            prompt, (completion,) = _with_system(fmt, raw, prompt, [completion], file, row, c.system)
         label = raw.get(c.label)
         if not isinstance(label, bool):
             raise UserError(f"label must be a boolean (true = desirable), got {json.dumps(label, default=str)}",
@@ -378,27 +629,40 @@ def _make_record(fmt: str, raw: dict, source: Source, row: int, columns: Columns
             prompt = _check_text(prompt, file, row, c.prompt)
             chosen = _check_text(raw.get(c.chosen), file, row, c.chosen)
             rejected = _check_text(raw.get(c.rejected), file, row, c.rejected)
+        if c.system:
+            prompt, (chosen, rejected) = _with_system(fmt, raw, prompt, [chosen, rejected], file, row, c.system)
         content = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
         rec = Record("", source.name, row, prompt, chosen=chosen, rejected=rejected)
     blob = json.dumps(content, sort_keys=True, ensure_ascii=False)
     rec.content_hash = hashlib.sha256(blob.encode()).hexdigest()[:16]
     # Source name + row number + content: unique even for duplicate rows, and stable across runs and machines.
-    rec.row_id = hashlib.sha256(f"{source.name}\x1f{row}\x1f{blob}".encode()).hexdigest()[:16]
+    rec.row_id = hashlib.sha256(f"{source.key}\x1f{row}\x1f{blob}".encode()).hexdigest()[:16]
     return rec
 
 
 @dataclass
 class Dataset:
-    """A lazily read preference dataset. Iterate `batches()` to get validated `Record` lists."""
+    """A lazily read preference dataset. Iterate `batches()` to get validated `Record` lists.
+
+    `split` and `config` choose the part of a Hugging Face dataset (module docstring); files have neither."""
     data: str
     columns: Columns = field(default_factory=Columns)
     turn_marker: str = DEFAULT_TURN_MARKER
     batch_rows: int = 1024
+    split: str = DEFAULT_SPLIT
+    config: str | None = None
 
     def __post_init__(self):
-        self.sources, self.skipped_files = scan_sources(self.data)
-        first = next(iter_raw(self.sources[0], batch_rows=1))
-        self.format = detect_format(first[0][1], self.columns, str(self.sources[0].path))
+        self.hf_kind = hf_kind(self.data, self.split, self.config)
+        if self.hf_kind:
+            self.sources, self.skipped_files = [hf_source(str(self.data), self.hf_kind, self.split, self.config)], []
+        else:
+            self.sources, self.skipped_files = scan_sources(self.data)
+        first = next(iter_raw(self.sources[0], batch_rows=1))[0][1]
+        self.format = detect_format(first, self.columns, self.sources[0].where)
+        if self.columns.system and self.columns.system not in first:
+            raise UserError(f"no system column {self.columns.system!r} (found {', '.join(map(repr, first))})",
+                            file=self.sources[0].where, row=1, column=self.columns.system)
 
     @property
     def paired(self) -> bool:
@@ -410,4 +674,4 @@ class Dataset:
                 yield [_make_record(self.format, r, source, n, self.columns, self.turn_marker) for n, r in raw]
 
     def fingerprint(self) -> str:
-        return data_fingerprint(self.data, self.columns)
+        return data_fingerprint(self.data, self.columns, self.split, self.config)
