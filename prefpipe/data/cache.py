@@ -113,7 +113,15 @@ def read_part_metadata(path: str | Path) -> dict | None:
         return None
 
 
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def write_manifest(cache_dir: str | Path, metadata: dict, parts: list[dict]):
+    """`parts`: one {"file", "rows", "sha256", "identity"} per part; read_cache checks each part's bytes against
+    its sha256, so a part changed or copied in after the cache was finished is refused."""
     manifest = {"schema_version": SCHEMA_VERSION, "metadata": metadata, "parts": parts}
     atomic_write_bytes(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
@@ -172,12 +180,21 @@ def read_cache(cache_dir: str | Path, columns: list[str] | None = None) -> Cache
         if t.num_rows != part["rows"]:
             raise UserError(f"cache part has {t.num_rows} rows, the manifest says {part['rows']}", file=str(p))
         _check_finite(t, meta["kind"], p)
+        _check_part_bytes(p, part)  # after the checks above, which name a damaged part's row more precisely
         tables.append(t.replace_schema_metadata(None))
     schema = schema_for(meta["kind"], meta.get("has_reference", True))
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns])
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     return Cache(d, table, meta)
+
+
+def _check_part_bytes(path: Path, part: dict):
+    # Caches written before the manifest recorded checksums carry none; their parts are read as they are.
+    if "sha256" in part and file_sha256(path) != part["sha256"]:
+        raise UserError("cache part changed after the cache was finished: its bytes differ from the sha256 the "
+                        "manifest recorded (rewritten, or copied in from another cache?); rerun precompute",
+                        file=str(path))
 
 
 def _check_finite(table: pa.Table, kind: str, path: Path):

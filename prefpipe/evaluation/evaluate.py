@@ -74,7 +74,7 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
                     device: str = "auto", dtype: str = "auto") -> dict:
     """Implicit-reward accuracy and margin of `run` on a paired cache with reference log-probs."""
     from prefpipe.data.cache import read_cache
-    from prefpipe.data.fingerprint import tokenizer_diff, tokenizer_fingerprint
+    from prefpipe.data.identity import tokenizer_mismatch
     from prefpipe.logprobs import pad_batch, sequence_logprobs
 
     beta = beta if beta is not None else run.beta
@@ -88,7 +88,7 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
         raise UserError("this cache has no reference log-probs (precompute --no_reference); rerun precompute "
                         "with the reference model", file=cache_dir)
     model, tok, dev = _load(run.model_dir, device, dtype)
-    diff = tokenizer_diff(cache.metadata.get("tokenizer", {}), tokenizer_fingerprint(tok))
+    diff = tokenizer_mismatch(cache.metadata, tok)
     if diff:
         raise UserError(f"the cache was tokenized with another tokenizer ({', '.join(diff)} differ) than "
                         f"{run.model_dir}", file=cache_dir)
