@@ -6,6 +6,9 @@ and the tests all go through it.
                                 second sweep into the same RUNS_DIR adds its runs instead of replacing the file)
       pipeline.json             `prefpipe pipeline` only: caches used, settings, evaluations, timings
       reference/eval_gen.json   the SFT model's own downstream accuracy (pipeline with eval_gen)
+      cache-<id>/ cache-kto-<id>/ cache-eval-<id>/   `prefpipe pipeline`'s own caches (paired, KTO, eval_data),
+                                <id> the first 12 hex digits of the cache's identity (prefpipe.data.identity),
+                                so a changed setting builds a new cache beside the old one
       curves.png beta.png summary.md      `prefpipe report`
       <run>/                    one run: `<loss>-beta<beta>`, or `<loss>` for a loss without beta
         metrics.jsonl           one JSON object per train step and per evaluation
@@ -35,6 +38,7 @@ TRAINER_STATE = "trainer_state.pt"
 EVAL_PREF = "eval_pref.json"
 EVAL_GEN = "eval_gen.json"
 EVAL_GEN_ROWS = "eval_gen.jsonl"
+CACHE_PREFIXES = {"paired": "cache", "kto": "cache-kto", "eval": "cache-eval"}
 
 
 def step_dir_name(step: int) -> str:
@@ -110,6 +114,10 @@ class RunsDir:
     @property
     def reference(self) -> RunDir:
         return RunDir(self.path / REFERENCE)
+
+    def cache(self, role: str, identity_key: str) -> Path:
+        """The pipeline's own cache for `role` ("paired", "kto" or "eval") with the identity digest `identity_key`."""
+        return self.path / f"{CACHE_PREFIXES[role]}-{identity_key[:12]}"
 
     def report_file(self, kind: str) -> Path:
         return self.path / REPORT_FILES[kind]

@@ -148,7 +148,7 @@ def test_a_different_run_is_never_mixed_in(paired_cache, tmp_path, run_cli, tiny
             "--max_prompt_length", "24", "--batch_tokens", "300", "--no_progress"]
     res = run_cli(*base, "--max_length", "80")
     assert res.exit_code == 2
-    assert "tokenization.max_length" in res.output and "--overwrite" in res.output
+    assert "tokenization settings differ (max_length: cache 96, now 80)" in res.output and "--overwrite" in res.output
     res = run_cli(*base, "--max_length", "80", "--overwrite")
     assert res.exit_code == 0, res.output
     assert read_cache(d).metadata["tokenization"]["max_length"] == 80
@@ -184,3 +184,78 @@ def test_bad_input_is_one_line(tmp_path, run_cli, tiny_model):
     res = run_cli("precompute", "--model", tiny_model, "--data", all_skipped, "--out", tmp_path / "z",
                   "--no_progress")
     assert res.exit_code == 2 and "chosen_equals_rejected: 2" in res.output
+
+
+def _values_digest(part: Path) -> str:
+    """The manifest's content digest, derived here from its definition: each scalar column in schema order, its
+    name and a NUL, then its values (text + NUL, numbers as little-endian bytes)."""
+    import hashlib
+    import struct
+    t = pq.read_table(part)
+    h = hashlib.sha256()
+    for name, fmt in (("row_id", None), ("ref_chosen", "<d"), ("ref_rejected", "<d"), ("chosen_len", "<i"),
+                      ("rejected_len", "<i")):
+        h.update(name.encode() + b"\0")
+        for v in t.column(name).to_pylist():
+            h.update(v.encode() + b"\0" if fmt is None else struct.pack(fmt, v))
+    return h.hexdigest()
+
+
+def test_manifest_records_each_part_checksum(paired_cache):
+    _, out, _ = paired_cache
+    parts = json.loads((out / MANIFEST).read_text())["parts"]
+    assert [p["file"] for p in parts] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    for p in parts:
+        assert p["content_sha256"] == _values_digest(out / p["file"])
+    assert len({p["identity"] for p in parts}) == 1 and len(parts[0]["identity"]) == 64
+
+
+def test_a_part_copied_in_from_another_models_cache_is_refused(paired_cache, tmp_path, tmp_path_factory, run_cli,
+                                                               tiny_model):
+    """Same tokenizer and data, other weights: the part's rows look plausible (ids equal, sums close), only the
+    manifest's checksum tells it apart."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from prefpipe.tiny import build_model
+    data, out, _ = paired_cache
+    other = tmp_path / "reweighted"
+    build_model(other, AutoTokenizer.from_pretrained(tiny_model), seed=1)
+    theirs = tmp_path / "theirs"
+    res = run_cli("precompute", "--model", other, "--data", data, "--out", theirs, "--part_rows", "6",
+                  "--max_length", "96", "--max_prompt_length", "24", "--batch_tokens", "300", "--no_progress")
+    assert res.exit_code == 0, res.output
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    shutil.copyfile(theirs / "part-00001.parquet", mixed / "part-00001.parquet")
+    assert pq.read_table(mixed / "part-00001.parquet").column("row_id") == pq.read_table(
+        out / "part-00001.parquet").column("row_id")
+    res = run_cli("inspect", mixed)
+    assert res.exit_code == 2 and "part-00001.parquet" in res.output and "changed after the cache" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = run_cli("train", "--model", tiny_model, "--cache", mixed, "--out", tmp_path / "runs", "--max_steps", "1",
+                  "--batch_size", "4", "--no_progress", "--device", "cpu")
+    assert res.exit_code == 2 and "part-00001.parquet" in res.stderr
+    assert not (tmp_path / "runs" / "dpo-beta0.1" / "metrics.jsonl").exists()
+
+
+def test_a_part_that_fails_validation_is_rescored_on_resume(paired_cache, tmp_path, run_cli, tiny_model):
+    import shutil
+    data, out, _ = paired_cache
+    d = tmp_path / "c"
+    shutil.copytree(out, d)
+    (d / MANIFEST).unlink()
+    part = d / "part-00002.parquet"
+    table = pq.read_table(part)
+    cols = table.to_pydict()
+    good = cols["ref_rejected"][3]
+    cols["ref_rejected"][3] = float("nan")
+    write_part(part, cols, "paired", json.loads(table.schema.metadata[b"prefpipe"]))
+    res = run_cli("precompute", "--model", tiny_model, "--data", data, "--out", d, "--part_rows", "6",
+                  "--max_length", "96", "--max_prompt_length", "24", "--batch_tokens", "300", "--no_progress")
+    assert res.exit_code == 0, res.output
+    assert "1 written now, 2 reused" in res.output
+    again = pq.read_table(part).column("ref_rejected").to_pylist()[3]
+    assert math.isfinite(again) and abs(again - good) <= 1e-5 * max(1.0, abs(good))
+    assert read_cache(d).table.num_rows == 15

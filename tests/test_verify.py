@@ -34,6 +34,18 @@ def caches(tiny_model, tmp_path_factory):
     return out
 
 
+def reseal(cache: Path, part: Path):
+    """Record the rewritten part's digest in the manifest, as if the engine had written these numbers."""
+    import json
+
+    from prefpipe.data.cache import part_digest
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for p in manifest["parts"]:
+        if p["file"] == part.name:
+            p["content_sha256"] = part_digest(part, manifest["metadata"]["kind"])
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+
 def tamper(cache: Path, column: str, row: int, delta: float) -> tuple[str, int]:
     """Add `delta` to one cached sum (row index across parts), keeping the part's metadata; returns its row id and
     response length."""
@@ -44,6 +56,7 @@ def tamper(cache: Path, column: str, row: int, delta: float) -> tuple[str, int]:
             cols[column][row] += delta
             meta = read_part_metadata(part)
             write_part(part, cols, meta["kind"], meta)
+            reseal(cache, part)
             ids_col = {"ref_chosen": "chosen_ids", "ref_rejected": "rejected_ids", "ref_logp": "completion_ids",
                        "ref_kl": "kl_completion_ids"}[column]
             return cols["row_id"][row], len(cols[ids_col][row])

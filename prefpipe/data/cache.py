@@ -116,7 +116,45 @@ def read_part_metadata(path: str | Path) -> dict | None:
         return None
 
 
+def content_digest(table: pa.Table, kind: str) -> str:
+    """sha256 over a part's values that say which rows it holds and what the reference scored them: for each
+    scalar column of the cache schema present in `table` (row ids, reference log-probs, lengths, KTO labels), in
+    schema order, the column name and a NUL, then each value (text as UTF-8 followed by a NUL, numbers as the
+    little-endian bytes of the schema's type).
+
+    It hashes values, not file bytes, so a part rewritten by another tool (polars writes the same values with other
+    Arrow types and row groups) keeps its digest, while a part copied in from another model's or dataset's cache
+    does not. Token id lists are left out: they cost most to hash, and a part with other ids but the same row ids
+    and reference sums does not arise from precompute."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for f in KINDS[kind].schema:
+        if pa.types.is_list(f.type) or f.name not in table.column_names:
+            continue
+        col = table.column(f.name).cast(f.type).combine_chunks()
+        h.update(f.name.encode() + b"\0")
+        if pa.types.is_string(f.type):
+            for v in col.to_pylist():
+                h.update(v.encode() + b"\0")
+        else:
+            little = np.dtype(f.type.to_pandas_dtype()).newbyteorder("<")
+            h.update(col.to_numpy(zero_copy_only=False).astype(little).tobytes())
+    return h.hexdigest()
+
+
+def part_digest(path: str | Path, kind: str) -> str:
+    """`content_digest` of the part file at `path` (reads only the scalar columns)."""
+    names = [f.name for f in KINDS[kind].schema if not pa.types.is_list(f.type)]
+    present = set(pq.read_schema(path).names)
+    return content_digest(pq.read_table(path, columns=[n for n in names if n in present]), kind)
+
+
 def write_manifest(cache_dir: str | Path, metadata: dict, parts: list[dict]):
+    """`parts`: one {"file", "rows", "content_sha256", "identity"} per part; read_cache checks each part's values
+    against its digest, so a part changed or copied in after the cache was finished is refused."""
     manifest = {"schema_version": SCHEMA_VERSION, "metadata": metadata, "parts": parts}
     atomic_write_bytes(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
@@ -181,6 +219,7 @@ def read_cache(cache_dir: str | Path, columns: list[str] | None = None) -> Cache
             raise UserError(f"cache part has {t.num_rows} rows, the manifest says {part['rows']}", file=str(p))
         t = _conform(t, schema, p)
         _check_finite(t, meta["kind"], p)
+        _check_part_content(t, meta["kind"], p, part)  # after the checks above, which name a damaged part's row more precisely
         tables.append(t)
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     return Cache(d, table, meta)
@@ -201,6 +240,14 @@ def _conform(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
                                 f"converted ({' '.join(str(e).split())})", file=str(path), column=f.name)
         arrays.append(col)
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _check_part_content(table: pa.Table, kind: str, path: Path, part: dict):
+    # Caches written before the manifest recorded digests carry none; their parts are read as they are.
+    if "content_sha256" in part and content_digest(table, kind) != part["content_sha256"]:
+        raise UserError("cache part changed after the cache was finished: its row ids, reference log-probs or "
+                        "lengths differ from the digest the manifest recorded (copied in from another cache, or "
+                        "edited?); rerun precompute", file=str(path))
 
 
 def _check_finite(table: pa.Table, kind: str, path: Path):

@@ -90,11 +90,23 @@ def model_fingerprint(model: str | Path) -> str:
     """sha256 over config.json and every weights file's bytes (names sorted).
 
     Hashing full weights costs a few seconds per GB; it is the only fingerprint that cannot be fooled by a
-    re-saved or fine-tuned checkpoint with the same shapes.
+    re-saved or fine-tuned checkpoint with the same shapes. Each process hashes a model once: the result is kept
+    per (directory, file names, sizes, modification times), so a rewritten file is hashed again.
     """
     d = resolve_model_dir(str(model))
-    h = hashlib.sha256()
     files = sorted(f for f in d.iterdir() if f.name == "config.json" or f.name.endswith(WEIGHT_SUFFIXES))
+    stats = [f.stat() for f in files]
+    memo_key = (str(d.resolve()), tuple((f.name, s.st_size, s.st_mtime_ns) for f, s in zip(files, stats)))
+    if memo_key not in _MODEL_FINGERPRINTS:
+        _MODEL_FINGERPRINTS[memo_key] = _hash_files(files)
+    return _MODEL_FINGERPRINTS[memo_key]
+
+
+_MODEL_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def _hash_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:

@@ -77,7 +77,7 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
     A forward holds at most the padded tokens of `batch_size` pairs at the cache's longest sequence; sequences are
     packed by length (`prefpipe.scoring`), so shorter pairs share a forward with more others."""
     from prefpipe.data.cache import read_cache
-    from prefpipe.data.fingerprint import tokenizer_diff, tokenizer_fingerprint
+    from prefpipe.data.identity import tokenizer_mismatch
     from prefpipe.scoring import rows_budget, score_sequences
 
     beta = beta if beta is not None else run.beta
@@ -91,7 +91,7 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
         raise UserError("this cache has no reference log-probs (precompute --no_reference); rerun precompute "
                         "with the reference model", file=cache_dir)
     model, tok, dev = _load(run.model_dir, device, dtype)
-    diff = tokenizer_diff(cache.metadata.get("tokenizer", {}), tokenizer_fingerprint(tok))
+    diff = tokenizer_mismatch(cache.metadata, tok)
     if diff:
         raise UserError(f"the cache was tokenized with another tokenizer ({', '.join(diff)} differ) than "
                         f"{run.model_dir}", file=cache_dir)

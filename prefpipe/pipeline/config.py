@@ -45,8 +45,8 @@ class PipelineSettings:
                             "policy.")
     data: str | None = opt(None, path=True, help="Preference data (a file, directory or glob).")
     kto_data: str | None = opt(None, path=True, help="Data for kto runs [default: --data, two examples per pair].")
-    cache: str | None = opt(None, path=True, help="Paired cache directory [default: RUNS_DIR/cache].")
-    kto_cache: str | None = opt(None, path=True, help="KTO cache directory [default: RUNS_DIR/cache-kto].")
+    cache: str | None = opt(None, path=True, help="Paired cache directory [default: RUNS_DIR/cache-<identity>].")
+    kto_cache: str | None = opt(None, path=True, help="KTO cache directory [default: RUNS_DIR/cache-kto-<identity>].")
     runs_dir: str = opt("runs", path=True, help="Where runs, evaluations, the summary and the plots go.")
     loss_type: tuple[str, ...] = same_as(TrainConfig, "loss_types", help="Loss types to train (a list; repeat the "
                                          "option).")
@@ -68,7 +68,7 @@ class PipelineTrain:
 class PipelineEval:
     """`[eval]` keys of the pipeline only (besides GenSettings'); their full names start with `eval_`."""
     data: str | None = opt(None, path=True, help="Held-out preference pairs: implicit-reward accuracy and margin.")
-    cache: str | None = opt(None, path=True, help="Cache for eval_data [default: RUNS_DIR/cache-eval].")
+    cache: str | None = opt(None, path=True, help="Cache for eval_data [default: RUNS_DIR/cache-eval-<identity>].")
     gen: str | None = opt(None, path=True, help="Held-out GSM8K-style questions: greedy exact-match accuracy.")
     baseline: bool = opt(True, help="Also evaluate the SFT model itself (RUNS_DIR/reference).")
 

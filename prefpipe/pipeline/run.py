@@ -2,11 +2,17 @@
 
 Decisions a user needs to know:
 
-- **Cache reuse.** A cache is reused when its manifest's fingerprints of the model (config and weights), the
-  tokenizer, the tokenization settings and the data (bytes and column mapping) all match this run, and it holds
-  what the losses need (pairs or KTO examples, with reference log-probs). Anything else recomputes it, replacing
-  the old parts; the log says which happened and what differed. An unfinished cache from the same run resumes.
-  Backend, dtype and batch size are not part of the check: they change numerics, not meaning.
+- **Cache reuse.** A cache is reused when its identity (`prefpipe.data.identity`: fingerprints of the model
+  (config and weights), the tokenizer, the tokenization settings and the data (bytes and column mapping), the turn
+  marker, the kind, reference log-probs) matches this run. Backend, dtype and batch size are not part of it: they
+  change numerics, not meaning. An unfinished cache resumes when, in addition, backend, dtype, part_rows and the
+  prefpipe version match; otherwise it is recomputed. The log says which happened and what differed.
+- **Cache directories.** The pipeline's own caches are `RUNS_DIR/cache-<id>`, `cache-kto-<id>` and
+  `cache-eval-<id>`, `<id>` 12 hex digits of the cache's identity: a changed setting builds a new cache beside the
+  old one instead of replacing it. A cache you name (`cache`, `kto_cache`, `eval_cache`) is never replaced
+  without `--recompute`: a mismatch stops the pipeline, before any compute, with the differences.
+- **Checks first.** Data kinds (losses other than kto need pairs; so does eval_data) and every cache are checked
+  before any cache is computed.
 - **Which caches.** Paired losses that need a reference (dpo, ipo, hinge) share one paired cache; reference-free
   losses (orpo, sft) train from it too when it exists, and from the data directly when no loss needs it (an
   ORPO-only pipeline runs no phase one). kto has its own cache of single examples with pinned partners, made
@@ -48,61 +54,39 @@ class CacheCheck:
         return f"cache {self.path}: {verb} ({self.reason})"
 
 
-def expected_identity(model: str, data: str, cfg: PipelineConfig) -> dict:
-    """The four fingerprints a cache made by this run would carry."""
+def model_fingerprints(model: str) -> dict:
+    """The model's weights fingerprint and its tokenizer's, computed once per pipeline and handed to each check."""
     from prefpipe.data.fingerprint import model_fingerprint, resolve_model_dir, tokenizer_fingerprint
-    from prefpipe.data.formats import data_fingerprint
-    from prefpipe.data.tokenize import TokenizeSettings
     from prefpipe.modeling import load_tokenizer
 
     tok = load_tokenizer(str(resolve_model_dir(model)))
-    return {
-        "model": model_fingerprint(model),
-        "tokenizer": tokenizer_fingerprint(tok)["fingerprint"],
-        "tokenization": TokenizeSettings(cfg.max_length, cfg.max_prompt_length).metadata(),
-        "data": data_fingerprint(data, columns_of(cfg)),
-        "turn_marker": cfg.turn_marker,
-    }
+    return {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tok)["fingerprint"]}
 
 
-def _identity_of(meta: dict) -> dict:
-    return {"model": meta.get("model", {}).get("fingerprint"),
-            "tokenizer": meta.get("tokenizer", {}).get("fingerprint"),
-            "tokenization": meta.get("tokenization"),
-            "data": meta.get("data", {}).get("fingerprint"),
-            "turn_marker": meta.get("data", {}).get("turn_marker")}
+def expected_identity(model: str, data: str, cfg: PipelineConfig, *, kto: bool,
+                      fingerprints: dict | None = None) -> dict:
+    """The identity (`prefpipe.data.identity`) a cache of `data` made by this run would carry."""
+    from dataclasses import asdict
+
+    from prefpipe.data import identity
+    from prefpipe.data.formats import data_fingerprint
+    from prefpipe.data.tokenize import TokenizeSettings
+    from prefpipe.modeling import resolve_device, resolve_dtype
+
+    fp = fingerprints or model_fingerprints(model)
+    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
+    return identity.expected(model=fp["model"], tokenizer=fp["tokenizer"],
+                             tokenization=TokenizeSettings(cfg.max_length, cfg.max_prompt_length).metadata(),
+                             data=data_fingerprint(data, columns_of(cfg)), columns=asdict(columns_of(cfg)),
+                             turn_marker=cfg.turn_marker, kind="unpaired" if kto else "paired", has_reference=True,
+                             backend=cfg.backend, dtype=dtype, part_rows=cfg.part_rows)
 
 
-def _differences(expected: dict, found: dict) -> list[str]:
-    out = []
-    for key in ("model", "tokenizer", "tokenization", "data", "turn_marker"):
-        a, b = found.get(key), expected[key]
-        if a == b:
-            continue
-        if key == "tokenization" and isinstance(a, dict):
-            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            out.append("tokenization settings differ (" + ", ".join(f"{k}: cache {a.get(k)}, now {b.get(k)}"
-                                                                   for k in keys) + ")")
-        elif isinstance(a, str) and isinstance(b, str):
-            out.append(f"{key} fingerprint differs (cache {a[:12]}, now {b[:12]})")
-        else:
-            out.append(f"{key} differs")
-    return out
+def check_cache(path: str, expected: dict, *, recompute: bool) -> CacheCheck:
+    """Decide whether the cache at `path` can serve this run, and say why. A finished cache is reused when its
+    identity matches; an unfinished one is resumed when every part matches the resume identity too."""
+    from prefpipe.data import identity
 
-
-def _mismatches(expected: dict, meta: dict, *, kto: bool, needs_reference: bool) -> list[str]:
-    """Why a cache with metadata `meta` cannot serve this run (empty when it can)."""
-    diff = _differences(expected, _identity_of(meta))
-    if (meta.get("kind") == "unpaired") != kto:
-        diff.append(f"it holds {'KTO examples' if meta.get('kind') == 'unpaired' else 'pairs'}, "
-                    f"this run needs {'KTO examples' if kto else 'pairs'}")
-    if needs_reference and not meta.get("has_reference", True):
-        diff.append("it has no reference log-probs")
-    return diff
-
-
-def check_cache(path: str, expected: dict, *, kto: bool, needs_reference: bool, recompute: bool) -> CacheCheck:
-    """Decide whether the cache at `path` can serve this run, and say why."""
     d = Path(path)
     if recompute:
         return CacheCheck(path, "recompute", "--recompute was given")
@@ -110,15 +94,18 @@ def check_cache(path: str, expected: dict, *, kto: bool, needs_reference: bool, 
         return CacheCheck(path, "compute", "no cache there yet")
     if not (d / MANIFEST).exists():
         parts = sorted(d.glob("part-*.parquet"))
-        meta = read_part_metadata(parts[0]) if parts else None
-        if meta is not None and not _mismatches(expected, meta, kto=kto, needs_reference=needs_reference):
+        metas = [m for m in (read_part_metadata(p) for p in parts) if m is not None]
+        diff = sorted({x for m in metas for x in identity.differences(expected, identity.identity_of(m),
+                                                                     resume=True)})
+        if metas and not diff:
             return CacheCheck(path, "resume", f"an unfinished cache of this run: {len(parts)} parts done")
-        return CacheCheck(path, "recompute", "an unfinished cache from a different run")
+        return CacheCheck(path, "recompute", "an unfinished cache from a different run"
+                          + (f" ({'; '.join(diff)})" if diff else ""))
     try:
         meta = read_manifest(d)["metadata"]
     except UserError as e:
         return CacheCheck(path, "recompute", f"the old cache is unreadable: {e.message}")
-    diff = _mismatches(expected, meta, kto=kto, needs_reference=needs_reference)
+    diff = identity.differences(expected, identity.identity_of(meta))
     if diff:
         return CacheCheck(path, "recompute", "; ".join(diff))
     return CacheCheck(path, "reuse", "model, tokenizer, tokenization and data fingerprints match")
@@ -129,13 +116,29 @@ def columns_of(cfg: PipelineConfig):
     return build_columns(cfg)
 
 
-def ensure_cache(cfg: PipelineConfig, path: str, data: str, *, kto: bool, log) -> CacheCheck:
-    """Phase one for one cache, only when `check_cache` says so."""
+def plan_cache(cfg: PipelineConfig, runs_dir: RunsDir, role: str, data: str, *, kto: bool,
+               fingerprints: dict) -> CacheCheck:
+    """Where the `role` cache lives and what to do with it; raises before any compute when a cache the user named
+    would have to be replaced without --recompute."""
+    from prefpipe.data import identity
+
+    setting = {"paired": "cache", "kto": "kto_cache", "eval": "eval_cache"}[role]
+    expected = expected_identity(cfg.model, data, cfg, kto=kto, fingerprints=fingerprints)
+    named = cfg.values[setting]
+    path = named if named is not None else str(runs_dir.cache(role, identity.key(identity.reuse(expected))))
+    check = check_cache(path, expected, recompute=cfg.recompute)
+    if named is not None and check.action == "recompute" and not cfg.recompute:
+        raise UserError(f"this cache does not match the run ({check.reason}) and is not replaced without "
+                        f"--recompute: pass --recompute to rebuild it, or set {setting} to another path", file=path)
+    return check
+
+
+def ensure_cache(cfg: PipelineConfig, check: CacheCheck, data: str, *, kto: bool, log) -> CacheCheck:
+    """Phase one for one cache, only when `check` (from `plan_cache`) says so."""
     from prefpipe.pipeline.config import precompute_config
     from prefpipe.precompute.run import run_precompute
 
-    check = check_cache(path, expected_identity(cfg.model, data, cfg), kto=kto, needs_reference=True,
-                        recompute=cfg.recompute)
+    path = check.path
     log(check.line())
     if check.action == "reuse":
         return check
@@ -168,6 +171,21 @@ def train(cfg: PipelineConfig, tc, log) -> list[dict]:
     return run_training(tc)["runs"]
 
 
+def check_data_kinds(cfg: PipelineConfig, paired: tuple):
+    """Stop before any compute when a data file cannot serve what is asked of it (only its first row is read)."""
+    from prefpipe.data.formats import Dataset
+
+    def is_paired(data: str) -> bool:
+        return Dataset(data, columns_of(cfg), turn_marker=cfg.turn_marker).paired
+    if paired and not is_paired(cfg.data):
+        raise UserError(f"{', '.join(paired)} train{'s' if len(paired) == 1 else ''} on pairs (prompt, chosen, "
+                        "rejected), but data holds unpaired examples (prompt, completion, label); use loss_type "
+                        "kto for unpaired data, or point data at pairs", file=cfg.data)
+    if cfg.eval_data and not is_paired(cfg.eval_data):
+        raise UserError("eval_data must hold pairs (prompt, chosen, rejected) for held-out reward accuracy; this "
+                        "file holds unpaired examples", file=cfg.eval_data)
+
+
 def gen_settings(cfg: PipelineConfig):
     from prefpipe.pipeline.config import gen_settings as build_gen_settings
     return build_gen_settings(cfg)
@@ -183,18 +201,18 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     paired = tuple(lt for lt in dict.fromkeys(cfg.losses) if lt != "kto")
     kto = "kto" in cfg.losses
     paired_needs_ref = any(lt not in REFERENCE_FREE for lt in paired)
-    checks = {}
-    cache = cfg.path_or("cache", "cache")
-    if paired_needs_ref:
-        checks["paired"] = ensure_cache(cfg, cache, cfg.data, kto=False, log=log)
-    elif paired:
+    check_data_kinds(cfg, paired)
+    fingerprints = model_fingerprints(cfg.model)  # the weights are hashed once per process (see fingerprint.py)
+    wanted = ([("paired", cfg.data, False)] if paired_needs_ref else []) + \
+        ([("kto", cfg.kto_data or cfg.data, True)] if kto else []) + \
+        ([("eval", cfg.eval_data, False)] if cfg.eval_data else [])
+    # Every cache is checked before any is computed, so a refusal costs no compute.
+    planned = {role: plan_cache(cfg, runs_dir, role, data, kto=k, fingerprints=fingerprints)
+               for role, data, k in wanted}
+    if paired and not paired_needs_ref:
         log(f"phase one skipped: {', '.join(paired)} need no reference log-probs; training reads {cfg.data}")
-    if kto:
-        checks["kto"] = ensure_cache(cfg, cfg.path_or("kto_cache", "cache-kto"), cfg.kto_data or cfg.data,
-                                     kto=True, log=log)
-    if cfg.eval_data:
-        checks["eval"] = ensure_cache(cfg, cfg.path_or("eval_cache", "cache-eval"), cfg.eval_data, kto=False,
-                                      log=log)
+    checks = {role: ensure_cache(cfg, planned[role], data, kto=k, log=log) for role, data, k in wanted}
+    cache = checks["paired"].path if "paired" in checks else None
     t_cache = time.perf_counter() - t0
 
     results = []
@@ -203,7 +221,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
                           data=None if paired_needs_ref else cfg.data)
         results += train(cfg, tc, log)
     if kto:
-        results += train(cfg, train_config(cfg, ("kto",), cache=cfg.path_or("kto_cache", "cache-kto"), data=None,
+        results += train(cfg, train_config(cfg, ("kto",), cache=checks["kto"].path, data=None,
                                            betas=tuple(cfg.kto_beta or cfg.betas), lr=cfg.kto_lr), log)
     t_train = time.perf_counter() - t0 - t_cache
 
@@ -217,7 +235,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         run = resolve_run(runs_dir.run(r["dir"]).path)
         e = {}
         if cfg.eval_data:
-            e["pref"] = eval_preference(run, cfg.path_or("eval_cache", "cache-eval"), device=cfg.device,
+            e["pref"] = eval_preference(run, checks["eval"].path, device=cfg.device,
                                         dtype=cfg.dtype)
             atomic_write_text(runs_dir.run(r["dir"]).eval_pref, json.dumps(e["pref"], indent=2))
         if cfg.eval_gen:

@@ -9,9 +9,13 @@ Decisions a user may want to know:
 - **Parts.** Input rows are read in blocks of `--part_rows` (per input file); block i becomes `part-0000i.parquet`,
   written atomically. `manifest.json` is written last; a directory without it is unfinished and refused on read.
 - **Resume.** Rerunning the same command keeps every finished part whose metadata matches this run (model,
-  tokenizer, tokenization settings, data fingerprint, backend, dtype, `--part_rows`, prefpipe version) and scores
-  the rest. A part from a different run stops the command with an error naming what differs; `--overwrite`
-  deletes the old parts instead. Paths may differ between runs; fingerprints may not.
+  tokenizer, tokenization settings, data fingerprint and columns, turn marker, kind, backend, dtype,
+  `--part_rows`, prefpipe version: `prefpipe.data.identity`) and passes the checks `read_cache` makes (row count,
+  finite reference log-probs), and scores the rest, a part that fails those checks included. A part from a
+  different run stops the command with an error naming what differs; `--overwrite` deletes the old parts
+  instead. Paths may differ between runs; fingerprints may not.
+- **Manifest.** It records each part's sha256 and run identity, so a part changed or copied in after the cache
+  was finished is refused on read.
 - **Sharding.** Part i belongs to process `i % n`: under `torchrun` n is the world size and rank 0 writes the
   manifest after every rank is done; with `--shard i/n` (independent processes, e.g. one per GPU) each process
   writes its parts, and whichever process finds all parts present writes the manifest. Every process reads the
@@ -32,8 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefpipe import __version__
-from prefpipe.data.cache import (MANIFEST, SCHEMA_VERSION, part_name, read_manifest, read_part_metadata,
-                                 write_manifest, write_part)
+from prefpipe.data import identity
+from prefpipe.data.cache import (KINDS, MANIFEST, SCHEMA_VERSION, part_digest, part_name, read_manifest,
+                                 read_part_metadata, write_manifest, write_part)
 from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns, Dataset
 from prefpipe.data.tokenize import TokenizeSettings, TokenStats
 from prefpipe.dist import Procs, join
@@ -42,9 +47,6 @@ from prefpipe.data import kto_pairs
 from prefpipe.precompute.backend import BackendOptions, make_backend
 from prefpipe.precompute.config import PrecomputeConfig  # noqa: F401 (callers import it from here)
 
-# Keys that may differ between runs that produce the same cache.
-VOLATILE = ("created_at", "counts", "part")
-VOLATILE_NESTED = (("model", "path"), ("data", "path"))
 COUNT_KEYS = ("rows_read", "rows_kept", "rows_written", "rows_skipped", "prompt_truncated", "response_truncated",
               "duplicates", "tokens_scored", "response_tokens", "kl_truncated", "kl_borrowed")
 
@@ -83,25 +85,6 @@ def _device_for(cfg: PrecomputeConfig, procs: Procs) -> str:
 
 # ---------------------------------------------------------------- metadata
 
-def _identity(meta: dict) -> dict:
-    out = {k: v for k, v in meta.items() if k not in VOLATILE}
-    for outer, inner in VOLATILE_NESTED:
-        if isinstance(out.get(outer), dict):
-            out[outer] = {k: v for k, v in out[outer].items() if k != inner}
-    return out
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict) and k != "parts":
-            keys += _differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(prefix + k)
-    return keys
-
-
 def _run_metadata(cfg, ds, kind, tokenizer, backend) -> dict:
     from prefpipe.data.fingerprint import model_fingerprint, tokenizer_fingerprint
     meta = {
@@ -129,8 +112,9 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _scan_parts(out: Path, identity: dict) -> dict[int, dict]:
-    """Finished parts whose metadata matches this run: {index: part metadata}. A foreign part is an error."""
+def _scan_parts(out: Path, expected: dict) -> dict[int, dict]:
+    """Finished, sound parts of this run: {index: part metadata}. A part of another run is an error (what must
+    match is `identity.RESUME_KEYS`); a part that fails validation is left out, so its owner scores it again."""
     found = {}
     for f in sorted(out.glob("part-*.parquet")):
         try:
@@ -140,12 +124,30 @@ def _scan_parts(out: Path, identity: dict) -> dict[int, dict]:
         meta = read_part_metadata(f)
         if meta is None or "part" not in meta:
             continue  # unreadable: its owner rewrites it
-        diff = _differences(_identity(meta), identity)
+        diff = identity.differences(expected, identity.identity_of(meta), resume=True)
         if diff:
-            raise UserError(f"--out already holds a cache part from a different run ({', '.join(diff[:6])} "
-                            "differ); use another --out, or --overwrite to replace it", file=str(f))
-        found[index] = meta["part"]
+            raise UserError(f"--out already holds a cache part from a different run ({'; '.join(diff[:6])}); use "
+                            "another --out, or --overwrite to replace it", file=str(f))
+        if _part_is_sound(f, meta):
+            found[index] = meta["part"]
     return found
+
+
+def _part_is_sound(f: Path, meta: dict) -> bool:
+    """The checks `read_cache` makes of a part's rows: its row count and finite reference log-probs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prefpipe.data.cache import _check_finite
+    try:
+        present = set(pq.read_schema(f).names)
+        table = pq.read_table(f, columns=[c for c in KINDS[meta["kind"]].ref_columns if c in present])
+        if pq.read_metadata(f).num_rows != meta["part"].get("rows_written"):
+            return False
+        _check_finite(table, meta["kind"], f)
+    except (UserError, pa.ArrowInvalid, OSError, KeyError):
+        return False
+    return True
 
 
 def _clean(out: Path, *, parts: bool):
@@ -246,8 +248,11 @@ def _finalise(out: Path, meta: dict, n_parts: int, parts: dict[int, dict]) -> di
     if counts["rows_written"] == 0:
         raise UserError(f"no rows left to write: all {counts['rows_read']} rows were skipped "
                         f"({', '.join(f'{k}: {v}' for k, v in counts['skipped'].items())})", file=meta["data"]["path"])
+    run = identity.key(identity.identity_of(meta))  # every part matched it in _scan_parts, or was written now
     write_manifest(out, {**meta, "created_at": _now(), "counts": counts},
-                   [{"file": part_name(i), "rows": parts[i]["rows_written"]} for i in range(n_parts)])
+                   [{"file": part_name(i), "rows": parts[i]["rows_written"],
+                     "content_sha256": part_digest(out / part_name(i), meta["kind"]), "identity": run}
+                    for i in range(n_parts)])
     return counts
 
 
@@ -281,7 +286,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
     backend = None if cfg.no_reference else make_backend(cfg.backend, cfg.backend_options(_device_for(cfg, procs)))
     try:
         meta = _run_metadata(cfg, ds, kind, pt.tok, backend)
-        identity = _identity(meta)
+        expected = identity.identity_of(meta)
         if procs.leader:
             out.mkdir(parents=True, exist_ok=True)
             if not procs.joined and not procs.sharded:
@@ -289,7 +294,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
             elif cfg.overwrite:
                 _clean(out, parts=True)
         procs.gather(None)  # the leader has prepared --out
-        done = _scan_parts(out, identity)
+        done = _scan_parts(out, expected)
 
         bar = tqdm(disable=not (cfg.progress and procs.leader), unit="row", dynamic_ncols=True, mininterval=0.5,
                    desc="precompute")
@@ -335,7 +340,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
     counts, failure = None, None
     if procs.leader or procs.sharded:
         try:
-            parts = {**_scan_parts(out, identity), **written}
+            parts = {**_scan_parts(out, expected), **written}
             missing = [i for i in range(n_parts) if i not in parts]
             if not missing:
                 counts = _finalise(out, meta, n_parts, parts)
@@ -345,7 +350,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
             failure = e
     _agree(procs, failure)  # nobody returns before the manifest exists
     finalised = (out / MANIFEST).exists() and (not procs.sharded or counts is not None or
-                                                 all(i in _scan_parts(out, identity) for i in range(n_parts)))
+                                                 all(i in _scan_parts(out, expected) for i in range(n_parts)))
     if finalised and counts is None:
         counts = read_manifest(out)["metadata"]["counts"]
 

@@ -80,13 +80,13 @@ def _rescore(model, seqs: list[dict], device) -> list[tuple[float, int]]:
 
 
 def _identity(cache_meta: dict, model: str) -> dict:
-    from prefpipe.data.fingerprint import (model_fingerprint, resolve_model_dir, tokenizer_diff,
-                                           tokenizer_fingerprint)
+    from prefpipe.data.fingerprint import resolve_model_dir
+    from prefpipe.data.identity import model_mismatch, tokenizer_mismatch
     from prefpipe.modeling import load_tokenizer
 
     model_dir = str(resolve_model_dir(model))
-    tok_diff = tokenizer_diff(cache_meta.get("tokenizer", {}), tokenizer_fingerprint(load_tokenizer(model_dir)))
-    return {"model_matches": model_fingerprint(model_dir) == cache_meta.get("model", {}).get("fingerprint"),
+    tok_diff = tokenizer_mismatch(cache_meta, load_tokenizer(model_dir))
+    return {"model_matches": model_mismatch(cache_meta, model_dir) is None,
             "tokenizer_matches": not tok_diff, "tokenizer_differs_in": tok_diff}
 
 

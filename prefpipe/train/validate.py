@@ -21,13 +21,11 @@ from prefpipe.errors import UserError
 
 
 def check_tokenizer(data, tokenizer) -> str:
-    from prefpipe.data.fingerprint import tokenizer_diff, tokenizer_fingerprint
-    expected = (data.metadata or {}).get("tokenizer")
-    if not expected:
+    from prefpipe.data.identity import tokenizer_mismatch
+    if not (data.metadata or {}).get("tokenizer"):
         raise UserError("the cache records no tokenizer fingerprint; rerun precompute", file=data.origin)
-    actual = tokenizer_fingerprint(tokenizer)
-    if expected.get("fingerprint") != actual["fingerprint"]:
-        diff = tokenizer_diff(expected, actual) or ["fingerprint"]
+    diff = tokenizer_mismatch(data.metadata, tokenizer)
+    if diff:
         raise UserError(f"the cache was tokenized with a different tokenizer than --model's ({', '.join(diff)} "
                         "differ); its ids would mean other tokens. Precompute the cache with this model's "
                         "tokenizer", file=data.origin)
@@ -35,10 +33,10 @@ def check_tokenizer(data, tokenizer) -> str:
 
 
 def check_model(data, model_dir, allow_mismatch: bool, log) -> str:
-    from prefpipe.data.fingerprint import model_fingerprint
+    from prefpipe.data.identity import model_mismatch
     cached = (data.metadata or {}).get("model") or {}
-    actual = model_fingerprint(model_dir)
-    if cached.get("fingerprint") == actual:
+    actual = model_mismatch(data.metadata or {}, model_dir)
+    if actual is None:
         return "match"
     msg = (f"the cache's reference log-probs come from another model ({cached.get('path')}, fingerprint "
            f"{str(cached.get('fingerprint'))[:12]}) than --model {model_dir} (fingerprint {actual[:12]})")

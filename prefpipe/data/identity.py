@@ -1,0 +1,122 @@
+"""A cache's identity: the one place that says whether a cache matches a run, and how a difference is worded.
+
+What a cache's identity is. A cache is identified by what its token ids and reference log-probs *mean*: the model
+(sha256 of config.json and every weights file), the tokenizer (hashes of its vocabulary, special tokens, chat
+template and pre/post-processing pipeline), the tokenization settings (max_length, max_prompt_length and the
+truncation rules), the data (sha256 of its bytes) with its column mapping, the turn marker, the kind (pairs, or
+KTO examples with pinned partners) and whether it holds reference log-probs. A finished cache is **reused** when
+all of these equal the run's. Backend, dtype and batch size are not part of it: they change the numerics of the
+reference log-probs (which `prefpipe precompute --verify` and training's step-0 drift check measure), not what
+they mean. An unfinished cache (parts but no manifest) is **resumed** only when, in addition, the backend, the
+dtype, `part_rows` and the prefpipe version match: its parts are stitched into one cache, so they must all come
+from one run (blocks are cut by `part_rows`, and one engine and dtype score them all). The pipeline names its own
+caches after their identity (`RUNS_DIR/cache-<12 hex>`), so a changed setting builds a new cache next to the old one.
+
+Every check goes through here: precompute's resume scan, the pipeline's reuse/resume decision, training's
+tokenizer and model checks, verify, and eval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+# Compared to reuse a finished cache, in the order differences are reported.
+REUSE_KEYS = ("model", "tokenizer", "tokenization", "data", "columns", "turn_marker", "kind", "has_reference")
+# Compared, on top of REUSE_KEYS, to resume an unfinished one.
+RESUME_KEYS = REUSE_KEYS + ("backend", "dtype", "part_rows", "prefpipe_version", "schema_version")
+
+_NAMES = {"columns": "column mapping", "turn_marker": "turn marker", "part_rows": "part_rows",
+          "prefpipe_version": "prefpipe version", "schema_version": "cache schema version"}
+
+
+def identity_of(meta: dict) -> dict:
+    """The resume-level identity recorded in a cache's (or a part's) metadata; `reuse(...)` narrows it."""
+    data = meta.get("data") or {}
+    backend = meta.get("backend") or {}
+    return {
+        "model": (meta.get("model") or {}).get("fingerprint"),
+        "tokenizer": (meta.get("tokenizer") or {}).get("fingerprint"),
+        "tokenization": meta.get("tokenization"),
+        "data": data.get("fingerprint"),
+        "columns": data.get("columns"),
+        "turn_marker": data.get("turn_marker"),
+        "kind": meta.get("kind"),
+        "has_reference": meta.get("has_reference", True),
+        "backend": backend.get("name"),
+        "dtype": backend.get("dtype"),
+        "part_rows": (meta.get("layout") or {}).get("part_rows"),
+        "prefpipe_version": meta.get("prefpipe_version"),
+        "schema_version": meta.get("schema_version"),
+    }
+
+
+def expected(*, model: str, tokenizer: str, tokenization: dict, data: str, columns: dict, turn_marker: str,
+             kind: str, has_reference: bool, backend: str | None, dtype: str | None, part_rows: int) -> dict:
+    """The identity a cache made by this run would carry (fingerprints computed by the caller, once)."""
+    from prefpipe import __version__
+    from prefpipe.data.cache import SCHEMA_VERSION
+    return {"model": model, "tokenizer": tokenizer, "tokenization": tokenization, "data": data, "columns": columns,
+            "turn_marker": turn_marker, "kind": kind, "has_reference": has_reference,
+            "backend": backend if has_reference else "none", "dtype": dtype if has_reference else None,
+            "part_rows": part_rows, "prefpipe_version": __version__, "schema_version": SCHEMA_VERSION}
+
+
+def reuse(identity: dict) -> dict:
+    return {k: identity.get(k) for k in REUSE_KEYS}
+
+
+def key(identity: dict) -> str:
+    """A stable hex digest of an identity (of `reuse(...)` for cache directory names)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def differences(expected: dict, found: dict, *, resume: bool = False) -> list[str]:
+    """Why a cache whose identity is `found` cannot serve a run expecting `expected`, one phrase per difference
+    (empty when it can). `resume` adds the keys an unfinished cache must match too."""
+    out = []
+    for k in RESUME_KEYS if resume else REUSE_KEYS:
+        a, b = found.get(k), expected.get(k)
+        if a != b:
+            out.append(_worded(k, a, b))
+    return out
+
+
+def _worded(k: str, a, b) -> str:
+    if k == "tokenization" and isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(x for x in set(a) | set(b) if a.get(x) != b.get(x))
+        return "tokenization settings differ (" + ", ".join(f"{x}: cache {a.get(x)}, now {b.get(x)}"
+                                                            for x in keys) + ")"
+    if k in ("model", "tokenizer", "data") and isinstance(a, str) and isinstance(b, str):
+        return f"{k} fingerprint differs (cache {a[:12]}, now {b[:12]})"
+    if k == "kind":
+        def what(kind):
+            return "KTO examples" if kind == "unpaired" else "pairs"
+        return f"it holds {what(a)}, this run needs {what(b)}"
+    if k == "has_reference":
+        return "it has no reference log-probs" if not a else "it has reference log-probs, this run writes none"
+    if k == "columns" and isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(x for x in set(a) | set(b) if a.get(x) != b.get(x))
+        return "column mapping differs (" + ", ".join(f"{x}: cache {a.get(x)!r}, now {b.get(x)!r}"
+                                                      for x in keys) + ")"
+    return f"{_NAMES.get(k, k)} differs (cache {a}, now {b})"
+
+
+# ---------------------------------------------------------------- model and tokenizer, for train/verify/eval
+
+def tokenizer_mismatch(meta: dict, tokenizer) -> list[str]:
+    """Tokenizer components (vocab, special_tokens, chat_template, pipeline) that differ between the cache's
+    recorded tokenizer and `tokenizer`; empty when they match."""
+    from prefpipe.data.fingerprint import tokenizer_diff, tokenizer_fingerprint
+    recorded = meta.get("tokenizer") or {}
+    actual = tokenizer_fingerprint(tokenizer)
+    if recorded.get("fingerprint") == actual["fingerprint"]:
+        return []
+    return tokenizer_diff(recorded, actual) or ["fingerprint"]
+
+
+def model_mismatch(meta: dict, model) -> str | None:
+    """None when the cache's reference model is `model` (same weights fingerprint), else `model`'s fingerprint."""
+    from prefpipe.data.fingerprint import model_fingerprint
+    actual = model_fingerprint(model)
+    return None if (meta.get("model") or {}).get("fingerprint") == actual else actual
