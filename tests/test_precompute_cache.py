@@ -186,19 +186,20 @@ def test_bad_input_is_one_line(tmp_path, run_cli, tiny_model):
     assert res.exit_code == 2 and "chosen_equals_rejected: 2" in res.output
 
 
-def _values_digest(part: Path) -> str:
-    """The manifest's content digest, derived here from its definition: each scalar column in schema order, its
-    name and a NUL, then its values (text + NUL, numbers as little-endian bytes)."""
+def _values_digest(part: Path) -> dict:
+    """The manifest's content digests, derived here from their definition: per scalar column, its values in order
+    (text + NUL, numbers as little-endian bytes)."""
     import hashlib
     import struct
     t = pq.read_table(part)
-    h = hashlib.sha256()
+    out = {}
     for name, fmt in (("row_id", None), ("ref_chosen", "<d"), ("ref_rejected", "<d"), ("chosen_len", "<i"),
                       ("rejected_len", "<i")):
-        h.update(name.encode() + b"\0")
+        h = hashlib.sha256()
         for v in t.column(name).to_pylist():
             h.update(v.encode() + b"\0" if fmt is None else struct.pack(fmt, v))
-    return h.hexdigest()
+        out[name] = h.hexdigest()
+    return out
 
 
 def test_manifest_records_each_part_checksum(paired_cache):

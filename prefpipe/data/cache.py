@@ -116,33 +116,33 @@ def read_part_metadata(path: str | Path) -> dict | None:
         return None
 
 
-def content_digest(table: pa.Table, kind: str) -> str:
-    """sha256 over a part's values that say which rows it holds and what the reference scored them: for each
-    scalar column of the cache schema present in `table` (row ids, reference log-probs, lengths, KTO labels), in
-    schema order, the column name and a NUL, then each value (text as UTF-8 followed by a NUL, numbers as the
-    little-endian bytes of the schema's type).
+def content_digest(table: pa.Table, kind: str) -> dict:
+    """{column: sha256} over a part's values that say which rows it holds and what the reference scored them: each
+    scalar column of the cache schema present in `table` (row ids, reference log-probs, lengths, KTO labels), its
+    values in order (text as UTF-8 followed by a NUL, numbers as the little-endian bytes of the schema's type).
 
     It hashes values, not file bytes, so a part rewritten by another tool (polars writes the same values with other
     Arrow types and row groups) keeps its digest, while a part copied in from another model's or dataset's cache
-    does not. Token id lists are left out: they cost most to hash, and a part with other ids but the same row ids
-    and reference sums does not arise from precompute."""
+    does not. One digest per column lets a reader that loads only some columns check those. Token id lists are
+    left out: they cost most to hash, and precompute never writes other ids under the same row ids."""
     import hashlib
 
     import numpy as np
 
-    h = hashlib.sha256()
+    out = {}
     for f in KINDS[kind].schema:
         if pa.types.is_list(f.type) or f.name not in table.column_names:
             continue
         col = table.column(f.name).cast(f.type).combine_chunks()
-        h.update(f.name.encode() + b"\0")
+        h = hashlib.sha256()
         if pa.types.is_string(f.type):
             for v in col.to_pylist():
                 h.update(v.encode() + b"\0")
         else:
             little = np.dtype(f.type.to_pandas_dtype()).newbyteorder("<")
             h.update(col.to_numpy(zero_copy_only=False).astype(little).tobytes())
-    return h.hexdigest()
+        out[f.name] = h.hexdigest()
+    return out
 
 
 def part_digest(path: str | Path, kind: str) -> str:
@@ -244,10 +244,12 @@ def _conform(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
 
 def _check_part_content(table: pa.Table, kind: str, path: Path, part: dict):
     # Caches written before the manifest recorded digests carry none; their parts are read as they are.
-    if "content_sha256" in part and content_digest(table, kind) != part["content_sha256"]:
-        raise UserError("cache part changed after the cache was finished: its row ids, reference log-probs or "
-                        "lengths differ from the digest the manifest recorded (copied in from another cache, or "
-                        "edited?); rerun precompute", file=str(path))
+    recorded = part.get("content_sha256") or {}
+    changed = [c for c, digest in content_digest(table, kind).items() if c in recorded and recorded[c] != digest]
+    if changed:
+        raise UserError(f"cache part changed after the cache was finished: its {', '.join(changed)} differ from "
+                        "what the manifest recorded (copied in from another cache, or edited?); rerun precompute",
+                        file=str(path))
 
 
 def _check_finite(table: pa.Table, kind: str, path: Path):
