@@ -6,6 +6,7 @@ milliseconds without installing anything. (CI runs the real thing: `.ci/run` cal
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ PYTHON_STUB = """#!/bin/sh
 echo "$*" >>"$STUB_LOG"
 case "$*" in
   "-c import torch") [ -f "$STUB_STATE/torch" ] ;;
-  -c*) echo "torch 9.9 (stub build)" ;;
+  -c*) PYTHONPATH="$STUB_TORCH" exec "$STUB_REAL_PYTHON" "$@" ;;  # the script's own Python, over a fake torch
   *download.pytorch.org*) [ -z "${STUB_CPU_INDEX_DOWN:-}" ] && touch "$STUB_STATE/torch" ;;
   "-m pip install -q torch"*) touch "$STUB_STATE/torch" ;;
 esac
@@ -39,6 +40,11 @@ def machine(tmp_path):
         path.write_text(text)
         path.chmod(0o755)
     log = tmp_path / "log"
+    fake_torch = tmp_path / "fake-torch"
+    fake_torch.mkdir()
+    (fake_torch / "torch.py").write_text(
+        "import os\n__version__ = '9.9+cu124' if os.environ.get('STUB_GPU') else '9.9+cpu'\n"
+        "class version:\n    cuda = '12.4' if os.environ.get('STUB_GPU') else None\n")
 
     def dev(*args, torch_installed=False, **env):
         if torch_installed:
@@ -46,7 +52,7 @@ def machine(tmp_path):
         log.write_text("")
         full = {k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "TORCH_INDEX")}
         full.update(PATH=f"{stubs}:{os.environ['PATH']}", VENV=str(venv), STUB_LOG=str(log), STUB_STATE=str(state),
-                    **env)
+                    STUB_TORCH=str(fake_torch), STUB_REAL_PYTHON=sys.executable, **env)
         res = subprocess.run(["sh", str(DEV), *args], env=full, capture_output=True, text=True, timeout=60)
         return res, [line for line in log.read_text().splitlines() if line.startswith("-m pip") or
                      line.startswith("prefpipe")]
@@ -62,7 +68,7 @@ def test_no_gpu_gets_the_cpu_index_with_a_short_timeout(machine):
     assert res.returncode == 0, res.stderr
     assert _torch_installs(calls) == [f"-m pip install -q --timeout 15 --retries 1 --index-url {CPU_INDEX} torch"]
     assert "-m pip install -q -e .[test]" in calls
-    assert "dev: installed torch 9.9 (stub build)" in res.stderr
+    assert "dev: installed torch 9.9+cpu (CPU build)" in res.stderr
 
 
 def test_no_gpu_falls_back_to_the_default_index_when_the_cpu_index_is_unreachable(machine):
@@ -77,12 +83,13 @@ def test_a_gpu_machine_gets_the_default_wheel(machine):
     res, calls = machine("setup", STUB_GPU="1")
     assert res.returncode == 0, res.stderr
     assert _torch_installs(calls) == ["-m pip install -q torch"]
+    assert "dev: installed torch 9.9+cu124 (CUDA 12.4 build)" in res.stderr
 
 
 def test_overrides_and_an_existing_torch(machine):
     res, calls = machine("setup", torch_installed=True)
     assert res.returncode == 0 and _torch_installs(calls) == []  # kept
-    assert "already in" in res.stderr
+    assert "dev: torch 9.9+cpu (CPU build), already in" in res.stderr
     res, calls = machine("setup", torch_installed=True, TORCH_SPEC="torch==2.13.0", TORCH_INDEX="pypi")
     assert res.returncode == 0 and _torch_installs(calls) == ["-m pip install -q torch==2.13.0"]
     res, calls = machine("setup", TORCH_SPEC="torch==2.13.0", TORCH_INDEX="https://example.org/simple")
