@@ -107,3 +107,18 @@ def test_interrupted_precompute_counts_the_kept_parts_and_a_rerun_finishes(tmp_p
     assert res.exit_code == 0, res.output
     assert json.loads((out / "manifest.json").read_text())["metadata"]["counts"]["rows_read"] == 3000
     assert f"{len(parts)} reused" in res.output  # the rerun kept the interrupted run's parts
+
+
+def test_interrupted_pipeline_points_to_resume(monkeypatch, run_cli):
+    import prefpipe.pipeline.config
+    import prefpipe.pipeline.run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prefpipe.pipeline.config, "resolve", lambda *a, **k: None)
+    monkeypatch.setattr(prefpipe.pipeline.run, "run_pipeline", interrupted)
+    res = run_cli("pipeline", "--config", "run.toml", "--beta", "0.2")
+    assert res.exit_code == 130
+    assert res.stderr.strip() == ("prefpipe: interrupted; rerun the same command with --resume: a cache's finished "
+                                  "parts are reused and interrupted runs continue from their last checkpoint "
+                                  "(save_every)")
