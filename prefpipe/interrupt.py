@@ -14,13 +14,16 @@ from prefpipe.rundir import RunDir
 
 
 def interrupted_message(command: str | None, params: dict) -> str:
-    """One or two lines for stderr; the caller prefixes `prefpipe: ` and exits with status 130."""
+    """One line for stderr; the caller prefixes `prefpipe: ` and exits with status 130."""
     try:
         if command == "train" and params.get("out"):
             return _train_message(Path(params["out"]))
         if command == "pipeline":
             return ("interrupted; rerun the same command with --resume: a cache's finished parts are reused and "
                     "interrupted runs continue from their last checkpoint (save_every)")
+        if command == "demo":
+            return ("interrupted; rerun the same command to continue: the SFT model, the pairs and the cache parts "
+                    "finished so far are reused")
         if command == "precompute" and params.get("out"):
             return _precompute_message(Path(params["out"]))
     except OSError:

@@ -122,3 +122,15 @@ def test_interrupted_pipeline_points_to_resume(monkeypatch, run_cli):
     assert res.stderr.strip() == ("prefpipe: interrupted; rerun the same command with --resume: a cache's finished "
                                   "parts are reused and interrupted runs continue from their last checkpoint "
                                   "(save_every)")
+
+
+def test_interrupted_demo_says_a_rerun_reuses_its_stages(monkeypatch, run_cli):
+    import prefpipe.demo.run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prefpipe.demo.run, "run_demo", interrupted)
+    res = run_cli("demo", "--out", "somewhere")
+    assert res.exit_code == 130
+    assert res.stderr.strip() == ("prefpipe: interrupted; rerun the same command to continue: the SFT model, the "
+                                  "pairs and the cache parts finished so far are reused")
