@@ -54,7 +54,7 @@ def machine(tmp_path):
         full.update(PATH=f"{stubs}:{os.environ['PATH']}", VENV=str(venv), STUB_LOG=str(log), STUB_STATE=str(state),
                     STUB_TORCH=str(fake_torch), STUB_REAL_PYTHON=sys.executable, **env)
         res = subprocess.run(["sh", str(DEV), *args], env=full, capture_output=True, text=True, timeout=60)
-        return res, [line for line in log.read_text().splitlines() if line.startswith("-m pip") or
+        return res, [line for line in log.read_text().splitlines() if line.startswith(("-m pip", "-m pytest")) or
                      line.startswith("prefpipe")]
     return dev
 
@@ -104,3 +104,11 @@ def test_the_project_is_installed_once_and_demo_passes_its_options(machine):
     assert calls == ["prefpipe demo"]  # nothing reinstalled: pyproject.toml did not change
     res, calls = machine("nonsense")
     assert res.returncode == 2 and "./dev test" in res.stderr and calls == []
+
+
+def test_test_installs_the_test_extra_which_serves_the_demo_too(machine):
+    res, calls = machine("test", "--collect-only", "-q", torch_installed=True)
+    assert res.returncode == 0, res.stderr
+    assert calls == ["-m pip install -q -e .[test]", "-m pytest -q --collect-only -q"]
+    res, calls = machine("demo", torch_installed=True)
+    assert calls == ["prefpipe demo"]
