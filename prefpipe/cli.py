@@ -11,14 +11,37 @@ from prefpipe.errors import UserError
 
 
 class Group(click.Group):
-    """Turns `UserError` into one line on stderr and exit status 2, never a traceback."""
+    """Turns `UserError` into one line on stderr and exit status 2, never a traceback; Ctrl-C into a line that
+    says where the work stopped and how to continue it, and exit status 130 (the shell's code for SIGINT)."""
 
     def invoke(self, ctx):
+        # The subcommand's arguments, kept to re-parse its options after an interrupt (click consumes them).
+        protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args  # click < 8.2
+        args = [*protected, *ctx.args]
         try:
             return super().invoke(ctx)
         except UserError as e:
             click.echo(f"prefpipe: error: {e.format()}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            _interrupted(self, ctx, args)
+            sys.exit(130)
+
+
+def _interrupted(group: click.Group, ctx: click.Context, args: list[str]):
+    import os
+
+    from prefpipe.interrupt import interrupted_message
+
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun one rank reports, not all of them
+    try:
+        name, cmd, rest = group.resolve_command(ctx, list(args))
+        params = cmd.make_context(name, rest, parent=ctx, resilient_parsing=True).params
+    except (click.ClickException, IndexError):
+        name, params = None, {}
+    lead = "\n" if sys.stderr.isatty() else ""  # a progress bar may hold the current line
+    click.echo(f"{lead}prefpipe: {interrupted_message(name, params)}", err=True)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -172,7 +172,7 @@ loss_type = {toml_list(s.loss_types)}
 beta = {toml_list(s.betas)}
 kto_beta = {toml_list(s.kto_betas)}
 dtype = "float32"
-progress = false
+progress = true
 
 [precompute]
 max_length = 128

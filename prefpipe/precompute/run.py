@@ -296,8 +296,10 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
         procs.gather(None)  # the leader has prepared --out
         done = _scan_parts(out, expected)
 
-        bar = tqdm(disable=not (cfg.progress and procs.leader), unit="row", dynamic_ncols=True, mininterval=0.5,
-                   desc="precompute")
+        from prefpipe.precompute.progress import rows_to_process
+        show = cfg.progress and procs.leader
+        bar = tqdm(total=rows_to_process(ds.sources, cfg.part_rows, procs.owns) if show else None, disable=not show,
+                   unit="row", dynamic_ncols=True, mininterval=0.5, desc="precompute")
         tokens, t_scoring = [0], time.perf_counter()
 
         def on_progress(_seqs, n_tokens):

@@ -1,0 +1,136 @@
+"""Ctrl-C: a real `prefpipe train` / `prefpipe precompute` process gets SIGINT mid-run and says where it stopped
+and how to continue (not click's bare `Aborted!`), with exit status 130."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_pairs, write_jsonl
+from test_train_fixtures import one_thread  # noqa: F401  (autouse)
+from test_train_fixtures import cache, pairs_data
+from test_train_resume import _wait_for
+
+# Far more steps than can run before the interrupt lands, so the process is always mid-run when signalled.
+ARGS = ["--lr", "1e-3", "--batch_size", "4", "--max_steps", "5000", "--seed", "3", "--dtype", "float32",
+        "--device", "cpu", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def pair_cache(tmp_path_factory, tiny_model):
+    return cache(tmp_path_factory, tiny_model, pairs_data(tmp_path_factory, 24), "pairs24")
+
+
+def _start(*args):
+    return subprocess.Popen([sys.executable, "-m", "prefpipe", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _interrupt(proc) -> str:
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Aborted!" not in err and "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
+
+
+def _logged_steps(run: Path) -> list[int]:
+    steps = []
+    for line in run.joinpath("metrics.jsonl").read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass  # a line cut short by the interrupt
+    return steps
+
+
+@pytest.mark.slow
+def test_interrupted_train_names_the_last_checkpoint_and_resume(tmp_path, tiny_model, pair_cache):
+    out = tmp_path / "runs"
+    run = out / "dpo-beta0.1"
+    proc = _start("train", "--model", tiny_model, "--cache", pair_cache, *ARGS, "--save_every", "1",
+                  "--keep_checkpoints", "0", "--out", out)
+    _wait_for(lambda: (run / "checkpoints" / "step-000002").exists(), proc)
+    line = _interrupt(proc)
+
+    m = re.fullmatch(r"prefpipe: interrupted at step (\d+) of dpo-beta0\.1; last checkpoint (\S+); rerun the same "
+                     r"command with --resume to continue from it", line)
+    assert m, line
+    # Every step saved a checkpoint; the newest whole one (with its trainer state) is the one to resume from.
+    saved = sorted(int(p.name[len("step-"):]) for p in (run / "checkpoints").iterdir()
+                   if p.name.startswith("step-") and (p / "trainer_state.pt").exists())
+    assert saved[0] == 1 and saved[-1] >= 2
+    assert Path(m.group(2)) == run / "checkpoints" / f"step-{saved[-1]:06d}"
+    assert int(m.group(1)) == max(_logged_steps(run)) >= saved[-1]
+    assert not (run / "final").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_train_without_checkpoints_says_so(tmp_path, tiny_model, pair_cache):
+    out = tmp_path / "runs"
+    run = out / "dpo-beta0.1"
+    proc = _start("train", "--model", tiny_model, "--cache", pair_cache, *ARGS, "--out", out)
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_logged_steps(run)) >= 2, proc)
+    line = _interrupt(proc)
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    m = re.fullmatch(r"prefpipe: interrupted at step (\d+) of dpo-beta0\.1; no checkpoint was saved \(pass "
+                     r"--save_every N to save them\); rerun the same command with --resume to start this run "
+                     r"over \(finished runs are kept\)", line)
+    assert m, line
+    assert int(m.group(1)) == max(_logged_steps(run)) >= 2
+
+
+@pytest.mark.slow
+def test_interrupted_precompute_counts_the_kept_parts_and_a_rerun_finishes(tmp_path, tiny_model, run_cli):
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(3000, seed=5, max_words=12))
+    out = tmp_path / "cache"
+    args = ["precompute", "--model", tiny_model, "--data", data, "--out", out, "--part_rows", "20", "--dtype",
+            "float32", "--device", "cpu", "--no_progress"]
+    proc = _start(*args)
+    _wait_for(lambda: (out / "part-00001.parquet").exists(), proc)
+    line = _interrupt(proc)
+
+    m = re.fullmatch(r"prefpipe: interrupted; (\d+) finished parts? kept in (\S+); rerun the same command to "
+                     r"continue from them", line)
+    assert m, line
+    parts = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert int(m.group(1)) == len(parts) >= 2 and len(parts) < 150 and Path(m.group(2)) == out
+    assert not (out / "manifest.json").exists()
+
+    res = run_cli(*map(str, args))
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "manifest.json").read_text())["metadata"]["counts"]["rows_read"] == 3000
+    assert f"{len(parts)} reused" in res.output  # the rerun kept the interrupted run's parts
+
+
+def test_interrupted_pipeline_points_to_resume(monkeypatch, run_cli):
+    import prefpipe.pipeline.config
+    import prefpipe.pipeline.run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prefpipe.pipeline.config, "resolve", lambda *a, **k: None)
+    monkeypatch.setattr(prefpipe.pipeline.run, "run_pipeline", interrupted)
+    res = run_cli("pipeline", "--config", "run.toml", "--beta", "0.2")
+    assert res.exit_code == 130
+    assert res.stderr.strip() == ("prefpipe: interrupted; rerun the same command with --resume: a cache's finished "
+                                  "parts are reused and interrupted runs continue from their last checkpoint "
+                                  "(save_every)")
+
+
+def test_interrupted_demo_says_a_rerun_reuses_its_stages(monkeypatch, run_cli):
+    import prefpipe.demo.run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prefpipe.demo.run, "run_demo", interrupted)
+    res = run_cli("demo", "--out", "somewhere")
+    assert res.exit_code == 130
+    assert res.stderr.strip() == ("prefpipe: interrupted; rerun the same command to continue: the SFT model, the "
+                                  "pairs and the cache parts finished so far are reused")
