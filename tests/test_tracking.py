@@ -197,13 +197,29 @@ def item_key(item):
     return item.key or "/".join(item.nested_key)
 
 
-def read_wandb_run(run_dir):
+def complete_records(path):
+    """The records of a finished run's file, or None while it is still being written."""
+    from google.protobuf.message import DecodeError
+    try:
+        records = list(wandb_records(path))
+    except DecodeError:  # a record cut short
+        return None
+    return records if any(r.WhichOneof("record_type") == "exit" for r in records) else None
+
+
+def read_wandb_run(run_dir, wait_s: float = 30.0):
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     files = list(runs[0].glob("*.wandb"))
     assert len(files) == 1, files
+    # `finish()` can return before W&B's service has written the file out (seen here: the run record missing);
+    # the run's last record, `exit`, says it is complete
+    deadline = time.monotonic() + wait_s
+    while (records := complete_records(files[0])) is None:
+        assert time.monotonic() < deadline, f"{files[0]} has no exit record after {wait_s} s"
+        time.sleep(0.2)
     info, history, exit_code = None, {}, None
-    for r in wandb_records(files[0]):
+    for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "run":
             info = r.run
@@ -227,7 +243,6 @@ def wandb_offline(tmp_path, monkeypatch):
 
 
 def test_wandb_offline_runs_hold_config_and_history(tmp_path, wandb_offline):
-    pytest.importorskip("wandb")
     # two runs of a sweep, one after another in one process, as the training loop does
     log_all(open_trackers(("wandb",), tmp_path / "dpo-beta0.1", "dpo-beta0.1", CONFIG))
     second = [{"split": "train", "step": 1, "loss": 0.5, "nll": None}]
