@@ -7,7 +7,7 @@ metrics.jsonl records unchanged. Decisions a user may want to know:
   `record["step"]`, the optimizer step of metrics.jsonl. `null` metrics (nothing to average) are left out rather
   than written as 0 or NaN. `split` and `step` themselves are not metrics.
 - TensorBoard: event files under `<run>/tensorboard/`, so `tensorboard --logdir RUNS_DIR` shows every run of a
-  sweep side by side. The resolved config (the run's `config.json`) is written twice: as HParams (nested keys
+  sweep side by side. The resolved config (the run's `train_config.json`) is written twice: as HParams (nested keys
   flattened to `optim.lr`; null settings left out, lists and booleans as JSON text) so the HParams dashboard
   compares the runs of a sweep, and as the text `config` holding the whole JSON. A run continued with `--resume`
   after step N hides the events a killed run wrote past step N, as metrics.jsonl drops those lines.
