@@ -288,3 +288,20 @@ def test_data_check_reads_a_saved_dataset(run_cli, tiny_model, tmp_path, shape):
     res = run_cli("data", "check", make_disk(tmp_path, train, test), "--model", tiny_model)
     assert res.exit_code == 0, res.output
     assert f"format:     {SHAPES[shape][2]}" in res.output and "rows:       2 read, 2 kept, 0 skipped" in res.output
+
+
+def test_split_config_and_system_column_from_the_command_line(run_cli, tiny_model, tmp_path):
+    """--data_split, --data_config and --system_col reach the reader: the test split has a different row count."""
+    train, test = split_rows("orca")
+    data = make_disk(tmp_path, train, test[:1])
+    common = ("--model", tiny_model, "--prompt_col", "question", "--system_col", "system")
+    res = run_cli("data", "check", data, *common)
+    assert res.exit_code == 0, res.output
+    assert f"rows:       {len(train)} read" in res.output
+    res = run_cli("data", "check", data, *common, "--data_split", "test")
+    assert res.exit_code == 0, res.output
+    assert "rows:       1 read" in res.output
+    res = run_cli("data", "check", data, *common, "--data_split", "nope")
+    assert res.exit_code == 2 and "nope" in res.output
+    res = run_cli("data", "check", data, *common, "--data_config", "x")
+    assert res.exit_code == 2

@@ -262,3 +262,30 @@ def test_wandb_offline_runs_hold_config_and_history(tmp_path, wandb_offline):
     info, _, history, _ = read_wandb_run(tmp_path / "dpo-beta0.3")
     assert info.display_name == "dpo-beta0.3"
     assert history == {1: {"train/loss": 0.5}}
+
+
+# ------------------------------------------------------------------ through `prefpipe train`
+
+def test_train_report_to_tensorboard_mirrors_metrics_jsonl(tiny_model, tmp_path, run_cli):
+    """Every numeric value metrics.jsonl holds reaches TensorBoard at its step, train and eval alike."""
+    from conftest import make_pairs, write_jsonl
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(12, seed=5, max_words=10))
+    res = run_cli("train", "--model", tiny_model, "--data", data, "--loss_type", "orpo", "--out", tmp_path / "runs",
+                  "--max_steps", "3", "--batch_size", "2", "--lr", "1e-3", "--eval_fraction", "0.25",
+                  "--eval_every", "2", "--device", "cpu", "--no_progress", "--report_to", "tensorboard",
+                  "--max_length", "64")
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "orpo"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    acc = accumulator(run / "tensorboard")
+    expected: dict[str, list] = {}
+    for r in records:
+        for k, v in r.items():
+            if k not in ("split", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                expected.setdefault(f"{r['split']}/{k}", []).append((r["step"], v))
+    assert {"train/loss", "eval/loss"} <= set(expected)
+    assert set(acc.Tags()["scalars"]) == set(expected)
+    for tag, pairs in expected.items():
+        assert [(e.step, e.value) for e in acc.Scalars(tag)] == f32(pairs), tag
+    cfg = json.loads((run / "train_config.json").read_text())
+    assert "report_to" not in cfg  # where metrics go is not part of the run's identity

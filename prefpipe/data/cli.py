@@ -38,7 +38,7 @@ def check(data_path, **kwargs):
     settings = s.tokenize_settings()
     max_length, max_prompt_length = settings.max_length, settings.max_prompt_length
     quiet_transformers()
-    ds = Dataset(data_path, s.columns, turn_marker=s.turn_marker)
+    ds = Dataset(data_path, s.columns, turn_marker=s.turn_marker, split=s.data_split, config=s.data_config)
     pt = PairTokenizer(load_tokenizer(s.model), settings)
     stats = TokenStats(keep_lengths=True)
     for batch in ds.batches():

@@ -77,7 +77,7 @@ def expected_identity(model: str, data: str, cfg: PipelineConfig, *, kto: bool,
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
     return identity.expected(model=fp["model"], tokenizer=fp["tokenizer"],
                              tokenization=TokenizeSettings(cfg.max_length, cfg.max_prompt_length).metadata(),
-                             data=data_fingerprint(data, columns_of(cfg)), columns=asdict(columns_of(cfg)),
+                             data=data_fingerprint(data, columns_of(cfg), cfg.data_split, cfg.data_config), columns=asdict(columns_of(cfg)),
                              turn_marker=cfg.turn_marker, kind="unpaired" if kto else "paired", has_reference=True,
                              backend=cfg.backend, dtype=dtype, part_rows=cfg.part_rows)
 
@@ -176,7 +176,8 @@ def check_data_kinds(cfg: PipelineConfig, paired: tuple):
     from prefpipe.data.formats import Dataset
 
     def is_paired(data: str) -> bool:
-        return Dataset(data, columns_of(cfg), turn_marker=cfg.turn_marker).paired
+        return Dataset(data, columns_of(cfg), turn_marker=cfg.turn_marker, split=cfg.data_split,
+                       config=cfg.data_config).paired
     if paired and not is_paired(cfg.data):
         raise UserError(f"{', '.join(paired)} train{'s' if len(paired) == 1 else ''} on pairs (prompt, chosen, "
                         "rejected), but data holds unpaired examples (prompt, completion, label); use loss_type "

@@ -28,6 +28,8 @@ class PrecomputeConfig:
                     "label column) always gives a KTO cache.")
     no_reference: bool = opt(False, help="Tokenize only, no scoring (an ORPO cache).")
     part_rows: int = opt(4096, help="Input rows per cache part (the unit of resume and sharding).")
+    data_split: str = same_as(CheckSettings, "data_split")
+    data_config: str | None = same_as(CheckSettings, "data_config")
     columns: Columns = group(Columns)
     turn_marker: str = same_as(CheckSettings, "turn_marker")
     tensor_parallel_size: int = same_as(BackendOptions, "tensor_parallel_size")

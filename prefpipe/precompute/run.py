@@ -274,7 +274,8 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
     if cfg.verify and importlib.util.find_spec("prefpipe.precompute.verify") is None:
         raise UserError("--verify needs prefpipe.precompute.verify, which this install lacks")
 
-    ds = Dataset(cfg.data, cfg.columns, turn_marker=cfg.turn_marker, batch_rows=cfg.part_rows)
+    ds = Dataset(cfg.data, cfg.columns, turn_marker=cfg.turn_marker, batch_rows=cfg.part_rows, split=cfg.data_split,
+                 config=cfg.data_config)
     kind = "unpaired" if (cfg.kto or not ds.paired) else "paired"
     if cfg.no_reference and kind == "unpaired":
         raise UserError("--no_reference writes an ORPO cache of pairs; KTO (--kto or unpaired data) needs "

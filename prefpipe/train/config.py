@@ -10,6 +10,7 @@ from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.options import DTYPES, OptionError, check_choices, group, opt, same_as
 from prefpipe.train.loss_names import LOSS_TYPES, LOSSES
 from prefpipe.train.schedule import SCHEDULERS
+from prefpipe.train.tracking import REPORT_TO_CHOICES
 
 REFERENCES = ("cached", "live")
 
@@ -112,6 +113,8 @@ class SourceConfig:
     max_drift: float = opt(0.1, help="Stop when the step-0 policy differs from the cached reference by more than "
                            "this many nats per response token (mean absolute).")
     drift_rows: int = opt(32, help="Rows scored for the step-0 drift check (0: skip it).")
+    data_split: str = same_as(CheckSettings, "data_split")
+    data_config: str | None = same_as(CheckSettings, "data_config")
     columns: Columns = group(Columns)
     turn_marker: str = same_as(CheckSettings, "turn_marker")
     max_length: int = same_as(TokenizeSettings, "max_length")
@@ -146,9 +149,17 @@ class TrainConfig:
     device: str = opt("auto", help="auto, cpu, cuda or cuda:N.")
     fsdp: bool = opt(False, help="Shard the policy (and a live reference) with FSDP2 under torchrun.")
     progress: bool = opt(True, help="Progress bar.", off_help="No progress bar.")
+    report_to: tuple[str, ...] = opt(("none",), choices=REPORT_TO_CHOICES,
+                                     help="Also send metrics.jsonl and the resolved config to TensorBoard "
+                                     "(<run>/tensorboard/) and/or W&B (<run>/wandb/; $WANDB_PROJECT, "
+                                     "$WANDB_RUN_GROUP, WANDB_MODE=offline). Repeat for both.")
 
     def __post_init__(self):
+        from prefpipe.train.tracking import check_installed, parse_report_to
+
         check_choices(self)
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
+        check_installed(self.report_to)
         if not self.loss_types or not self.betas:
             raise OptionError(self, ("loss_types", "betas"), "{} and {} need at least one value")
         for b in self.betas:
@@ -167,6 +178,6 @@ class TrainConfig:
     def resolved(self, loss: LossConfig) -> dict:
         """The JSON written next to each run and checkpoint."""
         d = asdict(self)
-        d.pop("loss_types"), d.pop("betas"), d.pop("progress")
+        d.pop("loss_types"), d.pop("betas"), d.pop("progress"), d.pop("report_to")
         d["loss"] = asdict(loss)
         return d

@@ -45,6 +45,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,6 +60,7 @@ from prefpipe.train.config import LossConfig, TrainConfig
 from prefpipe.train.evaluate import evaluate
 from prefpipe.train.losses import LOSSES
 from prefpipe.train.metrics_log import MetricsLog
+from prefpipe.train.tracking import open_trackers
 from prefpipe.train.parallel import process_device, start, wrap_reference
 from prefpipe.train.setup import Context, Plan, Trainer, build_trainer, check_drift, find_start, plan_run
 from prefpipe.train.step import train_step
@@ -160,21 +162,27 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
     elif use_cached_ref:
         check_drift(ctx, tr.policy)
     resolved = ctx.cfg.resolved(loss)
-    mlog = MetricsLog(rd.metrics, ctx.procs.leader)
     if ctx.procs.leader:
         rd.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(rd.config, json.dumps(resolved, indent=2, sort_keys=True))
+    tracker = open_trackers(ctx.cfg.report_to, rd.path, loss.run_name, resolved, leader=ctx.procs.leader,
+                            start_step=tr.step, group=Path(ctx.cfg.out).name)
+    mlog = MetricsLog(rd.metrics, ctx.procs.leader, tracker)
     _describe(ctx, loss, plan, tr, ref_scorer, use_cached_ref)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     mlog.open(tr.step)
     try:
         last, last_eval = _run_steps(ctx, loss, plan, tr, rd, mlog, ref_scorer, use_cached_ref, resolved)
+        if ctx.eval_rows and last_eval is None:  # resumed at the very end, or an eval-less run continued
+            last_eval = evaluate(ctx, tr.policy, ref_scorer, loss, use_cached_ref, tr.step)
+            mlog.write(last_eval)
+    except BaseException:
+        mlog.close_trackers(failed=True)
+        raise
     finally:
         mlog.close()
-    if ctx.eval_rows and last_eval is None:  # resumed at the very end, or an eval-less run continued
-        last_eval = evaluate(ctx, tr.policy, ref_scorer, loss, use_cached_ref, tr.step)
-        mlog.write(last_eval)
+    mlog.close_trackers()
     ck.save_final(rd, tr, ctx.tokenizer, resolved, ctx.procs)
     return _finish(ctx, loss, rd, plan, last or mlog.last_train(), last_eval, time.perf_counter() - t_start)
 

@@ -1,4 +1,5 @@
-"""A run's metrics.jsonl (format in prefpipe/train/loop.py): written by the leader only, one line per record."""
+"""A run's metrics.jsonl (format in prefpipe/train/loop.py): written by the leader only, one line per record, and
+mirrored to the run's trackers (`--report_to`, prefpipe/train/tracking.py) record for record."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from prefpipe.fileio import atomic_write_text
 
 
 class MetricsLog:
-    def __init__(self, path: Path, leader: bool):
+    def __init__(self, path: Path, leader: bool, tracker=None):
         self.path, self.leader, self.file = Path(path), leader, None
+        self.tracker = tracker  # a tracking.Tracker, or None
 
     def open(self, step: int):
         """Drop lines past `step` (written by a killed run after its last checkpoint), then append."""
@@ -21,6 +23,8 @@ class MetricsLog:
     def write(self, record: dict):
         if not self.leader:
             return
+        if self.tracker is not None:
+            self.tracker.log(record)
         if self.file is None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -32,6 +36,10 @@ class MetricsLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+    def close_trackers(self, failed: bool = False):
+        if self.tracker is not None:
+            self.tracker.close(failed=failed)
 
     def last_train(self) -> dict | None:
         last = None
