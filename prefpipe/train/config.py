@@ -8,7 +8,7 @@ from prefpipe.data.formats import Columns
 from prefpipe.data.settings import CheckSettings
 from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.options import DTYPES, OptionError, check_choices, group, opt, same_as
-from prefpipe.train.loss_names import LOSS_TYPES, LOSSES
+from prefpipe.train.loss_names import F_DIVERGENCES, LOSS_TYPES, LOSSES, resolve_loss_type, run_label
 from prefpipe.train.schedule import SCHEDULERS
 from prefpipe.train.tracking import REPORT_TO_CHOICES
 
@@ -17,19 +17,32 @@ REFERENCES = ("cached", "live")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """One run's objective: `--loss_type`, one `--beta`, `--label_smoothing`, KTO weights, `--orpo_lambda`."""
-    loss_type: str = opt("dpo", choices=LOSS_TYPES, option=False)  # set per run from TrainConfig.loss_types
+    """One run's objective: `--loss_type`, one `--beta`, and every loss's own knobs (`--label_smoothing`, KTO
+    weights, `--orpo_lambda`, ...). A knob a loss does not read is ignored, except `--f_divergence`/`--f_alpha`,
+    which refuse a loss that would ignore them."""
+    loss_type: str = opt("dpo", option=False)  # set per run from TrainConfig.loss_types; canonical after init
     beta: float = opt(0.1, option=False)  # set per run from TrainConfig.betas
-    label_smoothing: float = opt(0.0, help="dpo: conservative DPO, the label is assumed flipped with this "
-                                 "probability.")
+    label_smoothing: float = opt(0.0, help="Probability eps that a preference label is flipped. dpo: conservative "
+                                 "DPO; robust: robust DPO; aot, aot_unpaired: smoothed like cDPO; exo_pair: the "
+                                 "target (1-eps, eps), 0 meaning 1e-3.")
+    f_divergence: str = opt("reverse_kl", choices=F_DIVERGENCES, help="dpo only: the f-divergence of f-DPO "
+                            "(reverse_kl is plain DPO).")
+    f_alpha: float = opt(1.0, help="dpo with --f_divergence alpha: alpha (1: reverse KL, 0: forward KL).")
+    discopop_tau: float = opt(0.05, help="discopop: temperature tau of the log-ratio modulation.")
+    dpop_lambda: float = opt(50.0, help="dpop: weight lambda of the penalty on a chosen log-prob below the "
+                             "reference's.")
+    simpo_gamma: float = opt(0.5, help="simpo: target reward margin gamma.")
+    cpo_alpha: float = opt(1.0, help="cpo: weight of the chosen responses' NLL.")
     desirable_weight: float = opt(1.0, help="kto: lambda_D.")
     undesirable_weight: float = opt(1.0, help="kto: lambda_U.")
     orpo_lambda: float = opt(1.0, help="orpo: weight of the odds-ratio term.")
 
     def __post_init__(self):
         check_choices(self)
+        object.__setattr__(self, "loss_type", canonical_loss_type(self, "loss_type", self.loss_type))
         if self.beta <= 0:
             raise OptionError(self, ("beta",), f"{{}} must be positive (got {self.beta})")
+        self._check_family()
         if not 0.0 <= self.label_smoothing < 0.5:
             raise OptionError(self, ("label_smoothing",), f"{{}} must be in [0, 0.5) (got {self.label_smoothing})")
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
@@ -37,14 +50,41 @@ class LossConfig:
         if self.orpo_lambda < 0:
             raise OptionError(self, ("orpo_lambda",), f"{{}} must be >= 0 (got {self.orpo_lambda})")
 
+    def _check_family(self):
+        params = LOSSES[self.loss_type].params
+        if self.f_divergence != "reverse_kl" and "f_divergence" not in params:
+            raise OptionError(self, ("f_divergence",), f"{{}} {self.f_divergence} applies to the dpo loss only "
+                              f"(got --loss_type {self.loss_type})")
+        if self.f_alpha != 1.0 and self.f_divergence != "alpha":
+            raise OptionError(self, ("f_alpha", "f_divergence"), "{} needs {} alpha")
+        if self.discopop_tau <= 0:
+            raise OptionError(self, ("discopop_tau",), f"{{}} must be positive (got {self.discopop_tau})")
+        if self.dpop_lambda < 0 or self.cpo_alpha < 0:
+            raise OptionError(self, ("dpop_lambda", "cpo_alpha"), "{} and {} must be >= 0")
+
     @property
     def needs_reference(self) -> bool:
         return LOSSES[self.loss_type].needs_reference
 
     @property
     def run_name(self) -> str:
-        """The run's directory under `--out`: `<loss>-beta<beta>`, or just `<loss>` for a loss without beta."""
-        return f"{self.loss_type}-beta{self.beta:g}" if LOSSES[self.loss_type].uses_beta else self.loss_type
+        """The run's directory under `--out`: `<loss>-beta<beta>`, or just `<loss>` for a loss without beta. A
+        combination's `<loss>` is its canonical name without `*` (`0.8dpo+0.2bco_pair+1sft-beta0.1`)."""
+        label = run_label(self.loss_type)
+        return f"{label}-beta{self.beta:g}" if LOSSES[self.loss_type].uses_beta else label
+
+
+_LOSS_HELP = ("One of " + ", ".join(LOSS_TYPES) + " (sigmoid: dpo), or a weighted sum in one value such as "
+              "0.8*sigmoid+0.2*bco_pair+1*sft. Repeat to run several losses one after another.")
+
+
+def canonical_loss_type(owner, field_name: str, text: str) -> str:
+    """`text` resolved by `loss_names.resolve_loss_type`, or an OptionError naming the option."""
+    try:
+        return resolve_loss_type(text)
+    except ValueError as e:
+        raise OptionError(owner, (field_name,), "{} must be one of " + ", ".join(LOSS_TYPES) + " or a weighted "
+                          f"sum such as 0.8*sigmoid+0.2*bco_pair+1*sft: {e} (got {text!r})") from None
 
 
 @dataclass(frozen=True)
@@ -137,8 +177,7 @@ class TrainConfig:
     source: SourceConfig = group(SourceConfig, required=True)
     out: str = opt(required=True, path=True, help="RUNS_DIR: each run goes to RUNS_DIR/<loss>-beta<beta>/ (orpo, "
                    "sft: RUNS_DIR/<loss>/).")
-    loss_types: tuple[str, ...] = opt(("dpo",), name="loss_type", choices=LOSS_TYPES,
-                                      help="Repeat to run several losses one after another.")
+    loss_types: tuple[str, ...] = opt(("dpo",), name="loss_type", metavar="LOSS", help=_LOSS_HELP)
     betas: tuple[float, ...] = opt((0.1,), name="beta",
                                    help="Repeat for a beta sweep: one run per value, from the one loaded cache.")
     loss: LossConfig = group(LossConfig)  # the shared knobs; loss_type/beta come from the sweep
@@ -158,6 +197,8 @@ class TrainConfig:
         from prefpipe.train.tracking import check_installed, parse_report_to
 
         check_choices(self)
+        object.__setattr__(self, "loss_types", tuple(canonical_loss_type(self, "loss_types", lt)
+                                                     for lt in self.loss_types))
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))
         check_installed(self.report_to)
         if not self.loss_types or not self.betas:
@@ -165,10 +206,12 @@ class TrainConfig:
         for b in self.betas:
             if b <= 0:
                 raise OptionError(self, ("betas",), f"every {{}} must be positive (got {b:g})")
+        self.runs()  # a loss option that does not fit one of the losses stops here, before any work
 
     def runs(self) -> list[LossConfig]:
         """One LossConfig per run, in order: each loss type, then each beta. Losses that do not use beta (orpo,
-        sft) run once (named `orpo`, `sft`)."""
+        sft, and combinations of them) run once (named `orpo`, `sft`). Loss types are canonical (`sigmoid` is
+        `dpo`), so a loss typed twice under two spellings runs once."""
         out = []
         for lt in dict.fromkeys(self.loss_types):
             for beta in (dict.fromkeys(self.betas) if LOSSES[lt].uses_beta else self.betas[:1]):
