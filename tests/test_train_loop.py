@@ -181,22 +181,48 @@ def test_every_loss_type_trains_from_the_cli(tmp_path, tiny_model, small_caches,
     assert "orpo" in res.output and "sft" in res.output  # the summary table
 
 
-def test_every_registered_loss_trains_one_step(tmp_path, tiny_model, small_caches):
-    """The registry is complete: every LOSS_TYPES entry trains a step through run_training on the cache kind its
-    batch shape needs, logs its declared metrics, and starts at its step-0 value where one is known."""
-    from prefpipe.train.losses import LOSS_TYPES, LOSSES
-    step0 = {"dpo": LN2, "hinge": 1.0, "ipo": (1 / (2 * 0.1)) ** 2, "kto": 0.5}
-    for lt in LOSS_TYPES:
+def test_every_registered_loss_trains_two_steps(tmp_path, tiny_model, small_caches, tmp_path_factory, run_cli):
+    """The registry is complete: every LOSS_TYPES entry, and a combination, trains two steps through run_training
+    on the cache kind its batch shape needs (all of one kind in one call, so the cache is read once), logs its
+    declared metrics, and starts at its step-0 value where one is known. The reference-free ones also train
+    from --data through `prefpipe train` (no cache, no reference)."""
+    from prefpipe.train.loss_names import LOSS_TYPES, LOSSES, REFERENCE_FREE, run_label
+    combo = "0.8*dpo+0.2*bco_pair+1*sft"
+    step0 = {"dpo": LN2, "hinge": 1.0, "ipo": (1 / (2 * 0.1)) ** 2, "kto": 0.5, "robust": LN2,
+             "exo_pair": -LN2 - 0.5 * (math.log(1e-3) + math.log(1 - 1e-3)), "nca_pair": 2 * LN2,
+             "bco_pair": 2 * LN2, "sppo_hard": 2 * 5.0 ** 2, "aot": LN2, "aot_unpaired": LN2, "apo_zero": 1.0,
+             "apo_down": 1.0, "discopop": (LN2 + 1) / 2, "sigmoid_norm": LN2, "dpop": LN2, "apo_zero_unpaired": 0.5}
+    paired = [lt for lt in LOSS_TYPES if LOSSES[lt].paired] + [combo]
+    unpaired = [lt for lt in LOSS_TYPES if not LOSSES[lt].paired]
+    train(tmp_path / "p", tiny_model, cache=small_caches["paired"], loss_types=paired, batch_size=4, max_steps=2)
+    train(tmp_path / "k", tiny_model, cache=small_caches["kto"], loss_types=unpaired, batch_size=4, max_steps=2)
+    for lt in paired + unpaired:
         spec = LOSSES[lt]
-        train(tmp_path / lt, tiny_model, cache=small_caches["paired" if spec.paired else "kto"], loss_types=(lt,),
-              batch_size=8, max_steps=1)
-        run = tmp_path / lt / (f"{lt}-beta0.1" if spec.uses_beta else lt)
-        (rec,) = metrics(run)
-        assert set(spec.metrics) <= set(rec) and math.isfinite(rec["loss"]), lt
-        assert ("margin" in rec) == ("r_chosen" in spec.metrics) and ("kl" in rec) == (spec.prestep is not None)
+        name = run_label(lt)
+        run = tmp_path / ("p" if spec.paired else "k") / (f"{name}-beta0.1" if spec.uses_beta else name)
+        log = metrics(run)
+        assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log), lt
+        assert set(spec.metrics) <= set(log[0]), lt
+        assert ("margin" in log[0]) == ("r_chosen" in spec.metrics) and ("kl" in log[0]) == (spec.prestep is not None)
         if lt in step0:
-            assert rec["loss"] == pytest.approx(step0[lt], abs=1e-4), lt
-    assert set(LOSS_TYPES) >= set(step0)
+            assert log[0]["loss"] == pytest.approx(step0[lt], abs=1e-4, rel=1e-5), lt
+    rec = metrics(tmp_path / "p" / "0.8dpo+0.2bco_pair+1sft-beta0.1")[0]
+    assert rec["loss_dpo"] == pytest.approx(LN2, abs=1e-4) and rec["loss_bco_pair"] == pytest.approx(2 * LN2, abs=1e-4)
+    assert rec["loss"] == pytest.approx(0.8 * LN2 + 0.4 * LN2 + rec["loss_sft"], abs=1e-4)
+    assert set(step0) | {"orpo", "sft", "simpo", "cpo"} <= set(LOSS_TYPES)
+
+    free = [lt for lt in REFERENCE_FREE if LOSSES[lt].paired] + ["0.5*orpo+sft", "sigmoid_norm"]
+    args = ["train", "--model", tiny_model, "--data", pairs_data(tmp_path_factory, 8), "--out", tmp_path / "d",
+            "--max_steps", "2", "--batch_size", "4", "--lr", "1e-3", "--no_progress", "--device", "cpu"]
+    res = run_cli(*args, *sum((["--loss_type", lt] for lt in free[:-1]), []))
+    assert res.exit_code == 0, res.output
+    for lt in free[:-1]:
+        spec = LOSSES[lt]
+        name = run_label(spec.name)
+        log = metrics(tmp_path / "d" / (f"{name}-beta0.1" if spec.uses_beta else name))
+        assert len(log) == 2 and math.isfinite(log[-1]["loss"]), lt
+    res = run_cli(*args, "--loss_type", free[-1])  # a loss that needs the reference is refused without a cache
+    assert res.exit_code != 0 and "sigmoid_norm" in res.output and "Traceback" not in res.output
 
 
 def _weights(d):
