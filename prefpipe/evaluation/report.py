@@ -47,7 +47,7 @@ from pathlib import Path
 from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_text
 from prefpipe.rundir import RunsDir
-from prefpipe.train.loss_names import LOSS_TYPES, WITHOUT_BETA
+from prefpipe.train.loss_names import LOSS_TYPES, LOSSES
 
 # Losses whose logged acc and margin mean the same thing share a column of curves.png.
 FAMILIES = (("dpo", "hinge"), ("ipo",), ("kto",), ("orpo", "sft"))
@@ -77,7 +77,10 @@ class RunData:
 
     @property
     def beta_free(self) -> bool:
-        return self.loss_type in WITHOUT_BETA
+        try:
+            return not LOSSES[self.loss_type].uses_beta
+        except KeyError:  # a run of a loss this prefpipe does not know
+            return False
 
     @property
     def last_eval(self) -> dict | None:

@@ -290,9 +290,11 @@ def _check(cfg: PipelineConfig):
         pc = precompute_config(cfg, cfg.path_or("cache", "cache"), cfg.data, kto=False, overwrite=False)
         # The cache metadata and pipeline.json record the prompt budget actually used (None: max_length // 2).
         cfg.values["max_prompt_length"] = pc.max_prompt_length
-        train_config(cfg, cfg.losses, cache=cfg.path_or("cache", "cache"), data=None).runs()
-        if "kto" in cfg.losses:
-            train_config(cfg, ("kto",), cache=cfg.path_or("kto_cache", "cache-kto"), data=None,
+        train_config(cfg, cfg.losses, cache=cfg.path_or("cache", "cache"), data=None).runs()  # checks every name
+        from prefpipe.pipeline.run import split_losses
+        _, unpaired = split_losses(cfg.losses)
+        if unpaired:
+            train_config(cfg, unpaired, cache=cfg.path_or("kto_cache", "cache-kto"), data=None,
                          betas=tuple(cfg.kto_beta or cfg.betas), lr=cfg.kto_lr).runs()
     with _as_written(cfg, "eval_"):
         gen_settings(cfg)

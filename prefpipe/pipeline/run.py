@@ -39,7 +39,7 @@ from prefpipe.errors import UserError
 from prefpipe.pipeline.config import PipelineConfig
 from prefpipe.rundir import RunsDir
 from prefpipe.fileio import atomic_write_text
-from prefpipe.train.loss_names import REFERENCE_FREE
+from prefpipe.train.loss_names import LOSSES, resolve_loss_type
 
 
 @dataclass
@@ -171,6 +171,13 @@ def train(cfg: PipelineConfig, tc, log) -> list[dict]:
     return run_training(tc)["runs"]
 
 
+def split_losses(losses) -> tuple[tuple, tuple]:
+    """(losses trained on pairs, losses trained on KTO examples), canonical names, each in order once. The second
+    group (kto, apo_zero_unpaired) trains from the KTO cache with the `kto_*` settings."""
+    names = tuple(dict.fromkeys(resolve_loss_type(lt) for lt in losses))
+    return (tuple(n for n in names if LOSSES[n].paired), tuple(n for n in names if not LOSSES[n].paired))
+
+
 def check_data_kinds(cfg: PipelineConfig, paired: tuple):
     """Stop before any compute when a data file cannot serve what is asked of it (only its first row is read)."""
     from prefpipe.data.formats import Dataset
@@ -199,9 +206,9 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
 
     t0 = time.perf_counter()
     runs_dir = RunsDir(cfg.runs_dir)
-    paired = tuple(lt for lt in dict.fromkeys(cfg.losses) if lt != "kto")
-    kto = "kto" in cfg.losses
-    paired_needs_ref = any(lt not in REFERENCE_FREE for lt in paired)
+    paired, unpaired = split_losses(cfg.losses)
+    kto = bool(unpaired)
+    paired_needs_ref = any(LOSSES[lt].needs_reference for lt in paired)
     check_data_kinds(cfg, paired)
     fingerprints = model_fingerprints(cfg.model)  # the weights are hashed once per process (see fingerprint.py)
     wanted = ([("paired", cfg.data, False)] if paired_needs_ref else []) + \
@@ -222,7 +229,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
                           data=None if paired_needs_ref else cfg.data)
         results += train(cfg, tc, log)
     if kto:
-        results += train(cfg, train_config(cfg, ("kto",), cache=checks["kto"].path, data=None,
+        results += train(cfg, train_config(cfg, unpaired, cache=checks["kto"].path, data=None,
                                            betas=tuple(cfg.kto_beta or cfg.betas), lr=cfg.kto_lr), log)
     t_train = time.perf_counter() - t0 - t_cache
 
