@@ -25,6 +25,12 @@ class LossConfig:
     desirable_weight: float = opt(1.0, help="kto: lambda_D.")
     undesirable_weight: float = opt(1.0, help="kto: lambda_U.")
     orpo_lambda: float = opt(1.0, help="orpo: weight of the odds-ratio term.")
+    ld_alpha: float | None = opt(None, metavar="ALPHA", help="dpo: LD-DPO, weight in [0, 1] of the tokens "
+                                 "beyond the shorter response's length (1: plain DPO). Needs a --per_token cache "
+                                 "(or --reference live). One value per call; the run is named "
+                                 "<loss>-beta<beta>-ld<alpha>.", default_text="off")
+    wpo: bool = opt(False, help="Weight each pair's loss by the policy's WPO weights w_c * w_r (paired losses "
+                    "that forward both responses); the run is named <...>-wpo.")
 
     def __post_init__(self):
         check_choices(self)
@@ -36,6 +42,29 @@ class LossConfig:
             raise OptionError(self, ("desirable_weight", "undesirable_weight"), "{} and {} must be positive")
         if self.orpo_lambda < 0:
             raise OptionError(self, ("orpo_lambda",), f"{{}} must be >= 0 (got {self.orpo_lambda})")
+        self._check_per_token_options()
+
+    def _check_per_token_options(self):
+        from prefpipe.train.loss_names import PAIRS
+        if self.ld_alpha is not None:
+            if not 0.0 <= self.ld_alpha <= 1.0:
+                raise OptionError(self, ("ld_alpha",), f"{{}} must be in [0, 1] (got {self.ld_alpha:g})")
+            if self.loss_type != "dpo":
+                raise OptionError(self, ("ld_alpha",), f"{{}} (LD-DPO) is a dpo option; {self.loss_type} does "
+                                  "not take it: train it in a call without it")
+        if self.wpo and LOSSES[self.loss_type].batch != PAIRS:
+            raise OptionError(self, ("wpo",), f"{{}} weights pairs whose two responses are forwarded; "
+                              f"{self.loss_type} does not forward them")
+
+    @property
+    def variant(self) -> str:
+        """The registry entry this config trains: `ld_dpo` for dpo with --ld_alpha, else the loss type."""
+        return "ld_dpo" if self.ld_alpha is not None and self.loss_type == "dpo" else self.loss_type
+
+    @property
+    def needs_per_token_reference(self) -> bool:
+        """Trains on per-token reference log-probs (a `--per_token` cache, or the live reference)."""
+        return self.variant == "ld_dpo"
 
     @property
     def needs_reference(self) -> bool:
@@ -44,7 +73,8 @@ class LossConfig:
     @property
     def run_name(self) -> str:
         """The run's directory under `--out`: `<loss>-beta<beta>`, or just `<loss>` for a loss without beta."""
-        return f"{self.loss_type}-beta{self.beta:g}" if LOSSES[self.loss_type].uses_beta else self.loss_type
+        name = f"{self.loss_type}-beta{self.beta:g}" if LOSSES[self.loss_type].uses_beta else self.loss_type
+        return name + (f"-ld{self.ld_alpha:g}" if self.ld_alpha is not None else "") + ("-wpo" if self.wpo else "")
 
 
 @dataclass(frozen=True)
