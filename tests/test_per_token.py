@@ -274,3 +274,27 @@ def test_train_ld_dpo_end_to_end(run_cli, tiny_model, pt_cache, tmp_path):
     assert train[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-4)
     assert train[1]["loss"] != pytest.approx(math.log(2.0), abs=1e-6)  # the first step moved the policy
     assert json.loads((run / "train_config.json").read_text())["loss"]["ld_alpha"] == 0.5
+
+
+def test_ld_dpo_with_the_live_reference_starts_at_ln2(tiny_lm):
+    """--reference live: the per-token reference comes from the frozen copy's forward; policy == reference gives
+    ln 2 per pair, and alpha = 0 differs from alpha = 1 once the policy differs from the reference."""
+    from prefpipe.train.batches import collate_rows
+    from prefpipe.train.config import LossConfig
+    from prefpipe.train.objective import batch_loss
+    from prefpipe.train.parallel import Scorer
+
+    t = pa.table({"row_id": ["a", "b"], "prompt_ids": [[1, 2], [3, 4, 5]], "chosen_ids": [[6, 7, 8], [9]],
+                  "rejected_ids": [[10], [11, 12]], "chosen_len": [3, 1], "rejected_len": [1, 2]})
+    b = collate_rows(t, "pairs", 0, False)
+    off = torch.autocast("cpu", enabled=False)
+    ref = Scorer(copy.deepcopy(tiny_lm).eval())
+    with torch.no_grad():
+        out = batch_loss(b, Scorer(tiny_lm), ref, LossConfig(ld_alpha=0.0), off)
+        assert torch.allclose(out.losses, torch.full((2,), math.log(2.0)), atol=1e-6)
+        moved = copy.deepcopy(tiny_lm)
+        moved.get_output_embeddings().weight.add_(0.05 * torch.randn_like(moved.get_output_embeddings().weight))
+        a0 = batch_loss(b, Scorer(moved), ref, LossConfig(ld_alpha=0.0), off).losses
+        a1 = batch_loss(b, Scorer(moved), ref, LossConfig(ld_alpha=1.0), off).losses
+        dpo = batch_loss(b, Scorer(moved), ref, LossConfig(), off).losses
+    assert torch.equal(a1, dpo) and not torch.allclose(a0, a1)
