@@ -42,18 +42,33 @@ def _decoder_and_head(model):
 
 
 def _token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, temperature: float,
-                    softcap) -> torch.Tensor:
+                    softcap, log_sum_sq: bool = False):
     logits = F.linear(hidden, weight, bias).float()
     if softcap:  # Gemma-2 style final-logit soft-capping, part of the model's distribution
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:
         logits = logits / temperature
-    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    logp = logits.log_softmax(-1)
+    tok = logp.gather(-1, targets[:, None]).squeeze(-1)
+    if not log_sum_sq:
+        return tok
+    # log sum_v p_v^2 from the chunk's own log-softmax (WPO's normaliser), so no second [chunk, vocab] tensor
+    # is formed; it carries no gradient.
+    return tok, torch.logsumexp(2.0 * logp.detach(), -1)
+
+
+def _padded(values: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Flat per-token `values` [N] (row-major, as selected) as `[B, max count]`, zero after each row's count."""
+    B = counts.shape[0]
+    width = int(counts.max()) if B else 0
+    starts = torch.cumsum(counts, 0) - counts
+    col = torch.arange(values.shape[0], device=values.device) - starts[rows]
+    return values.new_zeros(B, width).index_put((rows, col), values)
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor, *,
                       temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                      return_token_logprobs: bool = False):
+                      return_token_logprobs: bool = False, extras: tuple = ()):
     """Summed log-probabilities of each row's response tokens.
 
     Args:
@@ -66,6 +81,10 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         chunk_tokens: response positions pushed through the LM head at once. Only response positions are ever
             projected, in float32, so peak memory is `chunk_tokens x vocab` rather than `B x T x vocab`.
         return_token_logprobs: also return the per-token log-probs as a list of `[n_i]` tensors.
+        extras: names of extra per-token outputs, returned last as a dict of `[B, max n_i]` float32 tensors,
+            zero after each row's count: "tokens", the per-token log-probs *with* gradient (LD-DPO's tails), and
+            "log_sum_sq", `log sum_v p_v^2` of each scored position's distribution, without gradient (WPO). The
+            second comes from the same float32 chunk as the log-softmax, so it costs no extra logits memory.
 
     Returns:
         `(sums [B] float32, counts [B] long)`: sum over response positions p (prompt_len <= p < len) of
@@ -89,20 +108,37 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     weight, bias = head.weight, head.bias
-    pieces = []
+    unknown = set(extras) - {"tokens", "log_sum_sq"}
+    if unknown:
+        raise ValueError(f"unknown extras {sorted(unknown)}")
+    want_sq = "log_sum_sq" in extras
+    pieces, sq_pieces = [], []
     for start in range(0, h.shape[0], chunk_tokens):
         args = (h[start:start + chunk_tokens], targets[start:start + chunk_tokens], weight, bias, temperature,
-                softcap)
+                softcap, want_sq)
         if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_token_logprobs, *args, use_reentrant=False))
+            piece = checkpoint(_token_logprobs, *args, use_reentrant=False)
         else:
-            pieces.append(_token_logprobs(*args))
+            piece = _token_logprobs(*args)
+        if want_sq:
+            piece, sq = piece
+            sq_pieces.append(sq)
+        pieces.append(piece)
     tok_lp = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
     # Accumulate in float64: a float32 running sum over hundreds of tokens loses ~1e-4 nats on sums of a few
     # hundred, more than the per-token disagreement between engines; one rounding back to float32 costs 1 ulp.
     sums = torch.zeros(B, dtype=torch.float64, device=input_ids.device).index_add(0, rows, tok_lp.double()).float()
     counts = tgt_mask.sum(-1)
+    out = (sums, counts)
     if return_token_logprobs:
-        return sums, counts, list(tok_lp.detach().split(counts.tolist()))
-    return sums, counts
+        out += (list(tok_lp.detach().split(counts.tolist())),)
+    if extras:
+        extra = {}
+        if "tokens" in extras:
+            extra["tokens"] = _padded(tok_lp, rows, counts)
+        if want_sq:
+            sq = torch.cat(sq_pieces) if sq_pieces else tok_lp.new_zeros(0)
+            extra["log_sum_sq"] = _padded(sq, rows, counts)
+        out += (extra,)
+    return out

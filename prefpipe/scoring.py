@@ -69,7 +69,7 @@ def score_sequences(model, prompts: list[list[int]], responses: list[list[int]],
         model: a transformers causal LM, scored with `sequence_logprobs`; or a callable
             `(input_ids, attention_mask, prompt_lens) -> (sums, counts)` such as the training `Scorer` module,
             which must be called through its own `forward` under DDP/FSDP. A callable sizes its own LM-head
-            chunks and cannot return per-token values.
+            chunks; for `per_token` it must take `extras=("tokens",)` as the `Scorer` does.
         batch_tokens: padded tokens per forward (see `length_batches`).
         pad_id: the id written into padding; masked out, so it does not change any score.
         chunk_tokens: LM-head rows per chunk; default `head_chunk_tokens(model)`.
@@ -80,8 +80,8 @@ def score_sequences(model, prompts: list[list[int]], responses: list[list[int]],
     Every process that calls this with the same inputs runs the same forwards in the same order, as FSDP needs.
     """
     lm = hasattr(model, "get_output_embeddings")
-    if not lm and (per_token or chunk_tokens is not None):
-        raise TypeError("per_token and chunk_tokens need a causal LM, not a scoring callable")
+    if not lm and chunk_tokens is not None:
+        raise TypeError("chunk_tokens needs a causal LM, not a scoring callable")
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be positive (got {batch_tokens})")
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
@@ -101,7 +101,10 @@ def score_sequences(model, prompts: list[list[int]], responses: list[list[int]],
             ids, mask = pad_batch([seqs[i] for i in batch], pad_id=pad_id, device=device)
             plens = torch.tensor([len(prompts[i]) for i in batch], dtype=torch.long, device=device)
             toks = None
-            if not lm:
+            if not lm and per_token:
+                s, c, ex = model(ids, mask, plens, extras=("tokens",))
+                toks = [row[:n] for row, n in zip(ex["tokens"].float(), c.tolist())]
+            elif not lm:
                 s, c = model(ids, mask, plens)
             elif per_token:
                 s, c, toks = sequence_logprobs(model, ids, mask, plens, chunk_tokens=chunk_tokens,

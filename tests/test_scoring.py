@@ -103,4 +103,9 @@ def test_a_scoring_callable_is_called_through_its_forward(lm):
     want = score_sequences(lm, prompts, responses, batch_tokens=100, chunk_tokens=1024)
     assert got.sums == pytest.approx(want.sums, rel=1e-6, abs=1e-5) and got.counts == want.counts
     with pytest.raises(TypeError):
-        score_sequences(scorer, prompts, responses, batch_tokens=100, per_token=True)
+        score_sequences(scorer, prompts, responses, batch_tokens=100, chunk_tokens=64)
+    # per-token values through the module's forward (the drift check's worst token) match the LM's own
+    tok = score_sequences(scorer, prompts, responses, batch_tokens=100, per_token=True, device=torch.device("cpu"))
+    ref = score_sequences(lm, prompts, responses, batch_tokens=100, per_token=True)
+    for a, b, r in zip(tok.tokens, ref.tokens, responses):
+        assert a.shape == (len(r),) and torch.allclose(a, b, atol=1e-5)

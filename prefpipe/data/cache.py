@@ -18,6 +18,13 @@ Columns, unpaired (KTO): one row per example:
     and the pinned mismatched partner: kl_row_id string, kl_completion_ids list<int32> (the partner's
     completion, truncated to fit this prompt), ref_kl float64 (reference log-prob of that completion under
     this row's prompt).
+Per-token columns (only in a cache written with ``precompute --per_token``; the metadata then says
+``per_token: true``): next to each summed reference column ``X``, ``X_tokens`` list<float32> holds the reference
+log-prob of each scored response token, in order (``ref_chosen_tokens``, ``ref_rejected_tokens``,
+``ref_logp_tokens``, ``ref_kl_tokens``). The float64 sums stay the source of truth for the sums; the per-token
+values serve losses that weigh tokens differently (LD-DPO) and the drift check's worst token. They are not part of
+the content digests (like the token ids, they are lists), but `read_cache` checks that each list has one value per
+scored token and that every value is finite.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ SCHEMA_VERSION = 1
 META_KEY = b"prefpipe"
 MANIFEST = "manifest.json"
 IDS = pa.list_(pa.int32())
+TOKEN_LOGPS = pa.list_(pa.float32())
 
 PAIRED_SCHEMA = pa.schema([
     ("row_id", pa.string()), ("prompt_ids", IDS), ("chosen_ids", IDS), ("rejected_ids", IDS),
@@ -53,12 +61,14 @@ UNPAIRED_SCHEMA = pa.schema([
 
 @dataclass(frozen=True)
 class Response:
-    """One scored response of a cache row: its id column, its summed reference log-prob column, and its scored
-    token count column (None for the KTO partner, whose length is len(ids))."""
+    """One scored response of a cache row: its id column, its summed reference log-prob column, its scored
+    token count column (None for the KTO partner, whose length is len(ids)), and its per-token reference log-prob
+    column (present only in a `--per_token` cache)."""
     name: str
     ids: str
     ref: str
     length: str | None
+    tokens: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,22 +82,33 @@ class CacheKind:
     def ref_columns(self) -> tuple:
         return tuple(r.ref for r in self.responses)
 
+    @property
+    def token_columns(self) -> tuple:
+        return tuple(r.tokens for r in self.responses)
+
     def response(self, name: str) -> Response:
         return next(r for r in self.responses if r.name == name)
 
 
-PAIRED = CacheKind("paired", (Response("chosen", "chosen_ids", "ref_chosen", "chosen_len"),
-                              Response("rejected", "rejected_ids", "ref_rejected", "rejected_len")), PAIRED_SCHEMA)
-UNPAIRED = CacheKind("unpaired", (Response("completion", "completion_ids", "ref_logp", "completion_len"),
-                                  Response("kl", "kl_completion_ids", "ref_kl", None)), UNPAIRED_SCHEMA)
+PAIRED = CacheKind("paired", (Response("chosen", "chosen_ids", "ref_chosen", "chosen_len", "ref_chosen_tokens"),
+                              Response("rejected", "rejected_ids", "ref_rejected", "rejected_len",
+                                       "ref_rejected_tokens")), PAIRED_SCHEMA)
+UNPAIRED = CacheKind("unpaired", (Response("completion", "completion_ids", "ref_logp", "completion_len",
+                                           "ref_logp_tokens"),
+                                  Response("kl", "kl_completion_ids", "ref_kl", None, "ref_kl_tokens")),
+                     UNPAIRED_SCHEMA)
 KINDS = {k.name: k for k in (PAIRED, UNPAIRED)}
 
 
-def schema_for(kind: str, with_reference: bool = True) -> pa.Schema:
+def schema_for(kind: str, with_reference: bool = True, per_token: bool = False) -> pa.Schema:
+    """The columns of a cache of `kind`; per-token columns (appended after the others) only with `per_token`,
+    which needs `with_reference`."""
     schema = KINDS[kind].schema
     if not with_reference:
         drop = set(KINDS[kind].ref_columns)
         schema = pa.schema([f for f in schema if f.name not in drop])
+    elif per_token:
+        schema = pa.schema(list(schema) + [pa.field(c, TOKEN_LOGPS) for c in KINDS[kind].token_columns])
     return schema
 
 
@@ -95,10 +116,11 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def write_part(path: str | Path, columns: dict, kind: str, metadata: dict, with_reference: bool = True) -> int:
+def write_part(path: str | Path, columns: dict, kind: str, metadata: dict, with_reference: bool = True,
+               per_token: bool = False) -> int:
     """Write one part atomically. `columns` maps column name to a Python list or Arrow array."""
     path = Path(path)
-    schema = schema_for(kind, with_reference)
+    schema = schema_for(kind, with_reference, per_token)
     table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
     table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
     tmp = temp_path(path)
@@ -177,6 +199,11 @@ class Cache:
     def has_reference(self) -> bool:
         return all(c in self.table.column_names for c in self.spec.ref_columns)
 
+    @property
+    def has_per_token(self) -> bool:
+        """The cache was written with `--per_token` (its per-token columns may not all be loaded)."""
+        return bool(self.metadata.get("per_token", False))
+
 
 def read_manifest(cache_dir: str | Path) -> dict:
     d = Path(cache_dir)
@@ -201,7 +228,7 @@ def read_cache(cache_dir: str | Path, columns: list[str] | None = None) -> Cache
     d = Path(cache_dir)
     manifest = read_manifest(d)
     meta = manifest["metadata"]
-    schema = schema_for(meta["kind"], meta.get("has_reference", True))
+    schema = schema_for(meta["kind"], meta.get("has_reference", True), meta.get("per_token", False))
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns])
     tables = []
@@ -219,6 +246,7 @@ def read_cache(cache_dir: str | Path, columns: list[str] | None = None) -> Cache
             raise UserError(f"cache part has {t.num_rows} rows, the manifest says {part['rows']}", file=str(p))
         t = _conform(t, schema, p)
         _check_finite(t, meta["kind"], p)
+        _check_token_lists(t, meta["kind"], p)
         _check_part_content(t, meta["kind"], p, part)  # after the checks above, which name a damaged part's row more precisely
         tables.append(t)
     table = pa.concat_tables(tables) if tables else schema.empty_table()
@@ -262,3 +290,32 @@ def _check_finite(table: pa.Table, kind: str, path: Path):
             idx = next(i for i, v in enumerate(arr.to_pylist()) if v is None or not math.isfinite(v))
             raise UserError(f"reference log-prob is {arr[idx].as_py()} (NaN, inf or null); the cache is "
                             "unusable, rerun precompute", file=str(path), row=idx + 1, column=col)
+
+
+def _check_token_lists(table: pa.Table, kind: str, path: Path):
+    """Each per-token list has one finite value per scored token of its response."""
+    import numpy as np
+
+    for r in KINDS[kind].responses:
+        if r.tokens not in table.column_names:
+            continue
+        col = table.column(r.tokens).combine_chunks()
+        lengths = pc.list_value_length(col).fill_null(-1).to_numpy(zero_copy_only=False)
+        if r.length and r.length in table.column_names:
+            want = table.column(r.length).combine_chunks()
+        elif r.ids in table.column_names:  # the KTO partner: every id of its completion is scored
+            want = pc.list_value_length(table.column(r.ids).combine_chunks())
+        else:
+            want = None  # a reader that loaded neither cannot check the count
+        if want is not None:
+            bad = np.flatnonzero(lengths != want.to_numpy(zero_copy_only=False))
+            if bad.size:
+                i = int(bad[0])
+                raise UserError(f"per-token reference log-probs hold {lengths[i]} values for a response of "
+                                f"{want[i].as_py()} scored tokens; rerun precompute", file=str(path), row=i + 1,
+                                column=r.tokens)
+        values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+        if not np.isfinite(values).all():
+            i = int(np.searchsorted(np.cumsum(lengths), np.flatnonzero(~np.isfinite(values))[0], side="right"))
+            raise UserError("a per-token reference log-prob is NaN or inf; the cache is unusable, rerun "
+                            "precompute", file=str(path), row=i + 1, column=r.tokens)

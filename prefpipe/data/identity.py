@@ -4,7 +4,8 @@ What a cache's identity is. A cache is identified by what its token ids and refe
 (sha256 of config.json and every weights file), the tokenizer (hashes of its vocabulary, special tokens, chat
 template and pre/post-processing pipeline), the tokenization settings (max_length, max_prompt_length and the
 truncation rules), the data (sha256 of its bytes) with its column mapping, the turn marker, the kind (pairs, or
-KTO examples with pinned partners) and whether it holds reference log-probs. A finished cache is **reused** when
+KTO examples with pinned partners), whether it holds reference log-probs and whether it holds them per token
+(`--per_token`: a cache without them cannot serve LD-DPO, and one with them costs more disk). A finished cache is **reused** when
 all of these equal the run's. Backend, dtype and batch size are not part of it: they change the numerics of the
 reference log-probs (which `prefpipe precompute --verify` and training's step-0 drift check measure), not what
 they mean. An unfinished cache (parts but no manifest) is **resumed** only when, in addition, the backend, the
@@ -22,7 +23,8 @@ import hashlib
 import json
 
 # Compared to reuse a finished cache, in the order differences are reported.
-REUSE_KEYS = ("model", "tokenizer", "tokenization", "data", "columns", "turn_marker", "kind", "has_reference")
+REUSE_KEYS = ("model", "tokenizer", "tokenization", "data", "columns", "turn_marker", "kind", "has_reference",
+              "per_token")
 # Compared, on top of REUSE_KEYS, to resume an unfinished one.
 RESUME_KEYS = REUSE_KEYS + ("backend", "dtype", "part_rows", "prefpipe_version", "schema_version")
 
@@ -43,6 +45,7 @@ def identity_of(meta: dict) -> dict:
         "turn_marker": data.get("turn_marker"),
         "kind": meta.get("kind"),
         "has_reference": meta.get("has_reference", True),
+        "per_token": bool(meta.get("per_token", False)),
         "backend": backend.get("name"),
         "dtype": backend.get("dtype"),
         "part_rows": (meta.get("layout") or {}).get("part_rows"),
@@ -52,13 +55,14 @@ def identity_of(meta: dict) -> dict:
 
 
 def expected(*, model: str, tokenizer: str, tokenization: dict, data: str, columns: dict, turn_marker: str,
-             kind: str, has_reference: bool, backend: str | None, dtype: str | None, part_rows: int) -> dict:
+             kind: str, has_reference: bool, backend: str | None, dtype: str | None, part_rows: int,
+             per_token: bool = False) -> dict:
     """The identity a cache made by this run would carry (fingerprints computed by the caller, once)."""
     from prefpipe import __version__
     from prefpipe.data.cache import SCHEMA_VERSION
     return {"model": model, "tokenizer": tokenizer, "tokenization": tokenization, "data": data, "columns": columns,
             "turn_marker": turn_marker, "kind": kind, "has_reference": has_reference,
-            "backend": backend if has_reference else "none", "dtype": dtype if has_reference else None,
+            "per_token": bool(per_token and has_reference), "backend": backend if has_reference else "none", "dtype": dtype if has_reference else None,
             "part_rows": part_rows, "prefpipe_version": __version__, "schema_version": SCHEMA_VERSION}
 
 
@@ -67,7 +71,10 @@ def reuse(identity: dict) -> dict:
 
 
 def key(identity: dict) -> str:
-    """A stable hex digest of an identity (of `reuse(...)` for cache directory names)."""
+    """A stable hex digest of an identity (of `reuse(...)` for cache directory names). `per_token` counts only
+    when true, so caches made before it existed keep their names (and their manifests' part identities)."""
+    if not identity.get("per_token"):
+        identity = {k: v for k, v in identity.items() if k != "per_token"}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -95,6 +102,9 @@ def _worded(k: str, a, b) -> str:
         return f"it holds {what(a)}, this run needs {what(b)}"
     if k == "has_reference":
         return "it has no reference log-probs" if not a else "it has reference log-probs, this run writes none"
+    if k == "per_token":
+        return ("it has no per-token reference log-probs (precompute --per_token), this run needs them" if not a
+                else "it has per-token reference log-probs (--per_token), this run asks for none")
     if k == "columns" and isinstance(a, dict) and isinstance(b, dict):
         keys = sorted(x for x in set(a) | set(b) if a.get(x) != b.get(x))
         return "column mapping differs (" + ", ".join(f"{x}: cache {a.get(x)!r}, now {b.get(x)!r}"

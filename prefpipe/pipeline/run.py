@@ -79,7 +79,8 @@ def expected_identity(model: str, data: str, cfg: PipelineConfig, *, kto: bool,
                              tokenization=TokenizeSettings(cfg.max_length, cfg.max_prompt_length).metadata(),
                              data=data_fingerprint(data, columns_of(cfg), cfg.data_split, cfg.data_config), columns=asdict(columns_of(cfg)),
                              turn_marker=cfg.turn_marker, kind="unpaired" if kto else "paired", has_reference=True,
-                             backend=cfg.backend, dtype=dtype, part_rows=cfg.part_rows)
+                             backend=cfg.backend, dtype=dtype, part_rows=cfg.part_rows,
+                             per_token=bool(cfg.values.get("per_token")))
 
 
 def check_cache(path: str, expected: dict, *, recompute: bool) -> CacheCheck:
@@ -209,6 +210,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     paired, unpaired = split_losses(cfg.losses)
     kto = bool(unpaired)
     paired_needs_ref = any(LOSSES[lt].needs_reference for lt in paired)
+    if "dpo" in paired and cfg.values.get("ld_alpha") is not None:
+        cfg.values["per_token"] = True  # LD-DPO trains on per-token reference log-probs (precompute --per_token)
     check_data_kinds(cfg, paired)
     fingerprints = model_fingerprints(cfg.model)  # the weights are hashed once per process (see fingerprint.py)
     wanted = ([("paired", cfg.data, False)] if paired_needs_ref else []) + \

@@ -1,6 +1,7 @@
 """The scoring-backend contract of phase one.
 
-A backend turns (prompt ids, response ids) pairs into summed response log-probs. The precompute driver owns
+A backend turns (prompt ids, response ids) pairs into summed response log-probs (and, for `--per_token`, the
+per-token values too). The precompute driver owns
 everything else (reading, tokenizing, KTO partners, parts, resume, sharding), so a backend is only an engine.
 Both backends score the exact ids they are given; neither may re-tokenize text.
 """
@@ -32,8 +33,10 @@ class Backend(Protocol):
     def provenance(self) -> dict:
         """What goes into the cache metadata's `backend` entry: at least name, version, dtype."""
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[list[float], list[int]]:
-        """Summed log-probs of each `responses[i]` after `prompts[i]`, and the token counts, in input order."""
+    def score(self, prompts: list[list[int]], responses: list[list[int]], per_token: bool = False) -> tuple:
+        """Summed log-probs of each `responses[i]` after `prompts[i]`, and the token counts, in input order:
+        `(sums, counts)`. With `per_token=True`, `(sums, counts, tokens)`: `tokens[i]` is the list of
+        `responses[i]`'s per-token log-probs (floats, in order), from the same forward as the sum."""
 
     def close(self) -> None:
         """Release the engine."""

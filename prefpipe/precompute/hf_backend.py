@@ -47,9 +47,12 @@ class HFBackend:
         return {"name": self.name, "version": transformers.__version__, "torch": torch.__version__,
                 "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type}
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[list[float], list[int]]:
+    def score(self, prompts: list[list[int]], responses: list[list[int]], per_token: bool = False) -> tuple:
         scores = score_sequences(self.model, prompts, responses, batch_tokens=self.options.batch_tokens,
-                                 chunk_tokens=self.chunk_tokens, progress=self.progress, device=self.device)
+                                 chunk_tokens=self.chunk_tokens, per_token=per_token, progress=self.progress,
+                                 device=self.device)
+        if per_token:
+            return scores.sums, scores.counts, [t.tolist() for t in scores.tokens]
         return scores.sums, scores.counts
 
     def close(self) -> None:

@@ -92,6 +92,7 @@ def _run_metadata(cfg, ds, kind, tokenizer, backend) -> dict:
         "prefpipe_version": __version__,
         "kind": kind,
         "has_reference": not cfg.no_reference,
+        "per_token": bool(cfg.per_token),
         "model": {"path": str(cfg.model), "fingerprint": model_fingerprint(cfg.model)},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "tokenization": cfg.settings().metadata(),
@@ -138,13 +139,18 @@ def _part_is_sound(f: Path, meta: dict) -> bool:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from prefpipe.data.cache import _check_finite
+    from prefpipe.data.cache import _check_finite, _check_token_lists
     try:
         present = set(pq.read_schema(f).names)
-        table = pq.read_table(f, columns=[c for c in KINDS[meta["kind"]].ref_columns if c in present])
+        spec = KINDS[meta["kind"]]
+        wanted = spec.ref_columns + spec.token_columns + tuple(r.length for r in spec.responses if r.length)
+        if meta.get("per_token") and not set(spec.token_columns) <= present:
+            return False
+        table = pq.read_table(f, columns=[c for c in wanted if c in present])
         if pq.read_metadata(f).num_rows != meta["part"].get("rows_written"):
             return False
         _check_finite(table, meta["kind"], f)
+        _check_token_lists(table, meta["kind"], f)
     except (UserError, pa.ArrowInvalid, OSError, KeyError):
         return False
     return True
@@ -166,17 +172,18 @@ def _clean(out: Path, *, parts: bool):
 
 # ---------------------------------------------------------------- one block
 
-def _check_scores(sums, counts, responses, row_ids):
+def _check_scores(sums, counts, responses, row_ids, tokens=None):
     import math
-    for s, c, r, rid in zip(sums, counts, responses, row_ids):
-        if c != len(r):
+    for i, (s, c, r, rid) in enumerate(zip(sums, counts, responses, row_ids)):
+        if c != len(r) or (tokens is not None and len(tokens[i]) != c):
             raise RuntimeError(f"backend scored {c} tokens of a {len(r)}-token response (row {rid})")
         if not math.isfinite(s):
             raise UserError(f"the model gave a non-finite log-prob ({s}) for row {rid}; try --dtype float32")
 
 
-def _score_block(cols: dict, kind: str, backend, counts: Counter):
-    """Add reference columns (or lengths only, with no backend) to `cols` in place."""
+def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: bool = False):
+    """Add reference columns (or lengths only, with no backend) to `cols` in place; with `per_token` also each
+    response's per-token reference log-probs (float32 lists)."""
     from prefpipe.data.cache import KINDS
 
     spec = KINDS[kind]
@@ -189,10 +196,15 @@ def _score_block(cols: dict, kind: str, backend, counts: Counter):
     n, k = len(prompts), len(spec.responses)
     # One call for every response of the block, responses in descriptor order: one length-sorted set of batches.
     responses = [x for r in spec.responses for x in cols[r.ids]]
-    sums, got = backend.score(prompts * k, responses)
-    _check_scores(sums, got, responses, cols["row_id"] * k)
+    if per_token:
+        sums, got, tokens = backend.score(prompts * k, responses, per_token=True)
+    else:
+        (sums, got), tokens = backend.score(prompts * k, responses), None
+    _check_scores(sums, got, responses, cols["row_id"] * k, tokens)
     for j, r in enumerate(spec.responses):
         cols[r.ref] = sums[j * n:(j + 1) * n]
+        if tokens is not None:
+            cols[r.tokens] = tokens[j * n:(j + 1) * n]
     counts["tokens_scored"] += sum(len(p) for p in prompts) * k + sum(len(r) for r in responses)
     counts["response_tokens"] += sum(got)
 
@@ -220,14 +232,14 @@ def _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, see
                             "usable example and no earlier example to borrow a mismatched partner from; raise "
                             "--part_rows", file=str(cfg.data))
         counts.update(kl)
-    _score_block(cols, kind, backend, counts)
+    _score_block(cols, kind, backend, counts, per_token=cfg.per_token)
     d = stats.to_dict()
     part = {"index": index, **{k: d[k] for k in ("rows_read", "rows_kept", "rows_skipped", "prompt_truncated",
                                                   "response_truncated", "duplicates")},
             "skipped": d["skipped"], "skip_records": stats.skip_records, "rows_written": len(cols["row_id"]),
             **{k: int(counts[k]) for k in ("tokens_scored", "response_tokens", "kl_truncated", "kl_borrowed")}}
     write_part(out / part_name(index), cols, kind, {**meta, "created_at": _now(), "part": part},
-               with_reference=not cfg.no_reference)
+               with_reference=not cfg.no_reference, per_token=cfg.per_token)
     return part
 
 

@@ -87,7 +87,29 @@ def inspect_lines(cache) -> list[str]:
         if cache.kind == "paired":
             (a, ra), (b, rb) = resp
             lines.append(row(f"{a} - {b}", pl.col(ra.ref) - pl.col(rb.ref)))
+    if cache.has_reference:
+        lines += _per_token_lines(cache, df, resp, header, qs)
     if cache.kind == "unpaired" and df.height:
         n_des = df.select(pl.col("label").sum()).item()
         lines.append(f"labels: {n_des} desirable, {df.height - n_des} undesirable")
+    return lines
+
+
+def _per_token_lines(cache, df, resp, header: str, qs) -> list[str]:
+    """Whether the cache holds per-token reference log-probs (`--per_token`) and, if so, the distribution of the
+    single-token values and how far their float32 sums are from the float64 sum columns."""
+    import polars as pl
+
+    present = cache.has_per_token and all(r.tokens in df.columns for _, r in resp)
+    lines = [f"per-token reference log-probs: {'yes' if present else 'no'}"]
+    if not present or not df.height:
+        return lines
+    lines += ["reference log-prob of single tokens:", header]
+    for name, r in resp:
+        col = df.select(pl.col(r.tokens).explode().cast(pl.Float64)).to_series()
+        vals = [col.mean(), col.std(), *[col.quantile(q, "nearest") for q in qs]]
+        lines.append(f"  {name:24}" + "".join(f"{'-' if v is None else f'{v:.4g}':>11}" for v in vals))
+    gap = max(df.select((pl.col(r.tokens).cast(pl.List(pl.Float64)).list.sum() - pl.col(r.ref)).abs().max()).item() or 0.0
+              for _, r in resp)
+    lines.append(f"  largest |sum of per-token values - summed column|: {gap:.3g}")
     return lines

@@ -165,7 +165,7 @@ class VLLMBackend:
                 "dtype": self.dtype, "device": "cuda" if self.on_gpu else "cpu",
                 "tensor_parallel_size": self.options.tensor_parallel_size}
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[list[float], list[int]]:
+    def score(self, prompts: list[list[int]], responses: list[list[int]], per_token: bool = False) -> tuple:
         seqs = [list(map(int, p)) + list(map(int, r)) for p, r in zip(prompts, responses)]
         for i, (p, s) in enumerate(zip(prompts, seqs)):
             if len(p) < 1:
@@ -176,6 +176,7 @@ class VLLMBackend:
                                 "--max_model_len or lower --max_length")
         sums: list[float] = []
         counts: list[int] = []
+        tokens: list[list[float]] = []
         step = self.options.chunk_rows
         for start in range(0, len(seqs), step):
             chunk = seqs[start:start + step]
@@ -185,13 +186,15 @@ class VLLMBackend:
                 if list(out.prompt_token_ids) != seq:
                     raise RuntimeError("vLLM scored different ids from the ones it was given")
                 n_prompt = len(prompts[start + k])
+                values = [_token_logprob(out.prompt_logprobs, p, seq[p]) for p in range(n_prompt, len(seq))]
                 # math.fsum: the float64 sum of the float32 per-token values, independent of summation order.
-                total = math.fsum(_token_logprob(out.prompt_logprobs, p, seq[p]) for p in range(n_prompt, len(seq)))
-                sums.append(total)
+                sums.append(math.fsum(values))
                 counts.append(len(seq) - n_prompt)
+                if per_token:
+                    tokens.append(values)
             if self.progress is not None:
                 self.progress(len(chunk), sum(len(s) for s in chunk))
-        return sums, counts
+        return (sums, counts, tokens) if per_token else (sums, counts)
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -41,6 +41,7 @@ class TrainData:
     origin: str  # the cache directory or data path, for messages
     metadata: dict | None = None  # the cache's metadata; None for --data
     notes: tuple = ()  # what loading did (counts, skips), printed once
+    has_per_token: bool = False  # per-token reference columns (a `--per_token` cache)
 
     def __len__(self):
         return self.table.num_rows
@@ -60,7 +61,8 @@ def load_train_data(src, tokenizer, kto: bool) -> TrainData:
         counts = cache.metadata.get("counts") or {}
         notes = (f"cache: {cache.table.num_rows} {'examples' if kto else 'pairs'} from {src.cache}"
                  + (f" ({counts.get('rows_skipped', 0)} input rows were skipped in precompute)" if counts else ""),)
-        return TrainData(cache.kind, cache.table, cache.has_reference, src.cache, cache.metadata, notes)
+        return TrainData(cache.kind, cache.table, cache.has_reference, src.cache, cache.metadata, notes,
+                         cache.has_per_token)
     return _tokenize_data(src, tokenizer, kto)
 
 
@@ -164,7 +166,8 @@ class Batch:
     mask: torch.Tensor
     prompt_lens: torch.Tensor
     n: int  # rows (pairs or examples)
-    ref: dict  # cache column -> [n] float32 tensor (empty without reference columns)
+    ref: dict  # cache column -> [n] float32 tensor (empty without reference columns); per-token columns, when
+    # the cache has them, -> [n, longest] float32, zero after each response's count
     label: torch.Tensor | None = None
     kl_ids: torch.Tensor | None = None
     kl_mask: torch.Tensor | None = None
@@ -213,6 +216,8 @@ def collate_rows(t: pa.Table, shape: str, pad_id: int, use_cached_reference: boo
     kind = UNPAIRED if shape == EXAMPLES else PAIRED
     ref_cols = kind.ref_columns if use_cached_reference else ()
     ref = {c: torch.tensor(t.column(c).to_pylist(), dtype=torch.float32, device=device) for c in ref_cols}
+    if use_cached_reference:
+        ref.update({c: padded_lists(t.column(c), device) for c in kind.token_columns if c in t.column_names})
     if kind is PAIRED:
         forwarded = PAIRED.responses[:1] if shape == CHOSEN else PAIRED.responses
         responses = sum((t.column(r.ids).to_pylist() for r in forwarded), [])
@@ -222,6 +227,21 @@ def collate_rows(t: pa.Table, shape: str, pad_id: int, use_cached_reference: boo
     ids, mask, plens = tensors(t.column(own.ids).to_pylist())
     kl_ids, kl_mask, kl_plens = tensors(t.column(kl.ids).to_pylist())
     return Batch(ids, mask, plens, n, ref, label, kl_ids, kl_mask, kl_plens, tokens[0], (own,))
+
+
+def padded_lists(col, device=None) -> torch.Tensor:
+    """A list<float> column as a `[rows, longest]` float32 tensor, zero after each row's values."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = torch.from_numpy(pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32))
+    out = torch.zeros(len(lengths), int(lengths.max()) if len(lengths) else 0)
+    rows = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
+    starts = torch.from_numpy(np.cumsum(lengths) - lengths)
+    out[rows, torch.arange(values.shape[0]) - starts[rows]] = values
+    return out.to(device) if device is not None else out
 
 
 class RowsDataset(torch.utils.data.Dataset):

@@ -36,6 +36,12 @@ class LossConfig:
     desirable_weight: float = opt(1.0, help="kto: lambda_D.")
     undesirable_weight: float = opt(1.0, help="kto: lambda_U.")
     orpo_lambda: float = opt(1.0, help="orpo: weight of the odds-ratio term.")
+    ld_alpha: float | None = opt(None, metavar="ALPHA", help="dpo: LD-DPO, weight in [0, 1] of the tokens "
+                                 "beyond the shorter response's length (1: plain DPO). Needs a --per_token cache "
+                                 "(or --reference live). One value per call; the run is named "
+                                 "<loss>-beta<beta>-ld<alpha>.", default_text="off")
+    wpo: bool = opt(False, help="Weight each pair's loss by the policy's WPO weights w_c * w_r (paired losses "
+                    "that forward both responses); the run is named <...>-wpo.")
 
     def __post_init__(self):
         check_choices(self)
@@ -49,6 +55,29 @@ class LossConfig:
             raise OptionError(self, ("desirable_weight", "undesirable_weight"), "{} and {} must be positive")
         if self.orpo_lambda < 0:
             raise OptionError(self, ("orpo_lambda",), f"{{}} must be >= 0 (got {self.orpo_lambda})")
+        self._check_per_token_options()
+
+    def _check_per_token_options(self):
+        from prefpipe.train.loss_names import PAIRS
+        if self.ld_alpha is not None:
+            if not 0.0 <= self.ld_alpha <= 1.0:
+                raise OptionError(self, ("ld_alpha",), f"{{}} must be in [0, 1] (got {self.ld_alpha:g})")
+            if self.loss_type != "dpo":
+                raise OptionError(self, ("ld_alpha",), f"{{}} (LD-DPO) is a dpo option; {self.loss_type} does "
+                                  "not take it: train it in a call without it")
+        if self.wpo and LOSSES[self.loss_type].batch != PAIRS:
+            raise OptionError(self, ("wpo",), f"{{}} weights pairs whose two responses are forwarded; "
+                              f"{self.loss_type} does not forward them")
+
+    @property
+    def variant(self) -> str:
+        """The registry entry this config trains: `ld_dpo` for dpo with --ld_alpha, else the loss type."""
+        return "ld_dpo" if self.ld_alpha is not None and self.loss_type == "dpo" else self.loss_type
+
+    @property
+    def needs_per_token_reference(self) -> bool:
+        """Trains on per-token reference log-probs (a `--per_token` cache, or the live reference)."""
+        return self.variant == "ld_dpo"
 
     def _check_family(self):
         params = LOSSES[self.loss_type].params
@@ -71,7 +100,8 @@ class LossConfig:
         """The run's directory under `--out`: `<loss>-beta<beta>`, or just `<loss>` for a loss without beta. A
         combination's `<loss>` is its canonical name without `*` (`0.8dpo+0.2bco_pair+1sft-beta0.1`)."""
         label = run_label(self.loss_type)
-        return f"{label}-beta{self.beta:g}" if LOSSES[self.loss_type].uses_beta else label
+        name = f"{label}-beta{self.beta:g}" if LOSSES[self.loss_type].uses_beta else label
+        return name + (f"-ld{self.ld_alpha:g}" if self.ld_alpha is not None else "") + ("-wpo" if self.wpo else "")
 
 
 _LOSS_HELP = ("One of " + ", ".join(LOSS_TYPES) + " (sigmoid: dpo), or a weighted sum in one value such as "

@@ -130,6 +130,8 @@ def _prepare(cfg: TrainConfig, runs: list, procs, device, compute_dtype, log) ->
     if cached_ref and not data.has_reference:
         raise UserError("this cache has no reference log-probs (precompute --no_reference); train a "
                         "reference-free loss (orpo, sft), or use --reference live", file=data.origin)
+    from prefpipe.train.validate import check_per_token
+    check_per_token(data, runs, cfg.source.reference)
     validation = {"tokenizer": "not checked (--data)", "model": "not checked", "drift": None}
     if data.metadata is not None:
         from prefpipe.train.validate import check_model, check_tokenizer

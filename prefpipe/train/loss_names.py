@@ -79,6 +79,16 @@ SPECS = (
     LossSpec("sft", "sft_loss", ("pi_c", "len_c"), (), CHOSEN, ("nll",)),
 )
 
+# Variants of an entry of SPECS that a LossConfig option selects, not `--loss_type` choices of their own: `dpo`
+# with `--ld_alpha` trains `ld_dpo` (see `LossConfig.variant`). Their `*_tok` inputs are per-token log-probs,
+# `[B, T]` zero-padded: the policy's from its forward, the reference's from a `--per_token` cache (or the live
+# reference).
+VARIANTS = {
+    "ld_dpo": LossSpec("ld_dpo", "ld_dpo_loss", _PAIR_REF + ("len_c", "len_r", "pi_c_tok", "pi_r_tok", "ref_c_tok",
+                                                             "ref_r_tok"),
+                       ("beta", "label_smoothing", "ld_alpha"), PAIRS, _REWARDS),
+}
+
 
 # The rest of TRL's DPO loss family (REFERENCE section 10; TRL's names), then DPO-Positive, the unpaired APO, and
 # the reference-free SimPO and CPO.

@@ -478,6 +478,65 @@ class Loss:
 
 
 def get_loss(name: str) -> Loss | Combination:
-    """The callable of `name`: a registered loss, an alias, or a combination (any text `LOSSES` accepts)."""
+    """The callable of `name`: a registered loss, an alias, a combination (any text `LOSSES` accepts), or a
+    variant an option selects (`VARIANTS`: LD-DPO)."""
+    from prefpipe.train.loss_names import VARIANTS
+    if name in VARIANTS:
+        return Loss(VARIANTS[name], globals()[VARIANTS[name].fn])
     spec = LOSSES[name]
     return Combination(spec) if spec.parts else Loss(spec, globals()[spec.fn])
+
+
+# ---------------------------------------------------------------- per-token variants: LD-DPO and WPO
+
+def _tail(tokens: torch.Tensor, keep: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Sum of each row's per-token values at response positions `keep <= t < n` ([B, T] padded -> [B])."""
+    pos = torch.arange(tokens.shape[-1], device=tokens.device)[None, :]
+    beyond = (pos >= keep[:, None]) & (pos < n[:, None])
+    return torch.where(beyond, tokens, torch.zeros_like(tokens)).sum(-1)
+
+
+def ld_dpo_loss(pi_c, pi_r, ref_c, ref_r, len_c, len_r, pi_c_tok, pi_r_tok, ref_c_tok, ref_r_tok,
+                beta: float = 0.1, label_smoothing: float = 0.0, ld_alpha: float = 1.0) -> LossOutput:
+    """LD-DPO (Liu et al. 2024, "Length Desensitization in Directed Preference Optimization"): DPO on
+    length-desensitised log-probs. With `m = min(n_c, n_r)` per pair, a response's log-prob is the sum over its
+    first `m` tokens plus `alpha` times the sum over the rest, for policy and reference alike:
+
+        ld(x) = sum_{t < m} x_t + alpha * sum_{m <= t < n} x_t = sum(x) - (1 - alpha) * tail(x)
+
+    and the loss is `dpo_loss` on `ld(pi_c), ld(pi_r), ld(ref_c), ld(ref_r)`.
+
+    Shapes: the sums `pi_*`, `ref_*` and counts `len_*` are `[B]`; the per-token values `*_tok` are `[B, T]`,
+    zero-padded after each response's count. The full sums are the summed inputs (the policy's float32 sums and
+    the cache's float64 reference sums) and only the tails come from the per-token values, so `alpha = 1` is
+    exactly `dpo_loss`, and the shorter response of a pair (empty tail) is scored exactly as in DPO.
+    Metrics (rewards) are `beta` times the length-desensitised log-ratios.
+    """
+    keep = torch.minimum(len_c, len_r)
+    drop = 1.0 - ld_alpha
+
+    def ld(total, tokens, n):
+        return total - drop * _tail(tokens.to(total.dtype), keep, n)
+    return dpo_loss(ld(pi_c, pi_c_tok, len_c), ld(pi_r, pi_r_tok, len_r), ld(ref_c, ref_c_tok, len_c),
+                    ld(ref_r, ref_r_tok, len_r), beta=beta, label_smoothing=label_smoothing)
+
+
+def wpo_weights(pi_tok, log_sum_sq, n) -> torch.Tensor:
+    """WPO's per-response weight (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
+    Optimization"), as TRL computes it: `exp(mean_t(log p_t - log sum_v p_v^2))` over the response's `n` scored
+    tokens, from the policy and without gradient. Each term compares the token's probability with the
+    distribution's collision probability `sum_v p_v^2` (the expected probability of a token the policy itself
+    would sample), so responses the policy finds likely weigh more; a weight can exceed 1.
+
+    Shapes: `pi_tok`, `log_sum_sq` `[B, T]` zero-padded per-token values; `n` `[B]` scored-token counts.
+    """
+    pos = torch.arange(pi_tok.shape[-1], device=pi_tok.device)[None, :]
+    valid = pos < n[:, None]
+    terms = torch.where(valid, pi_tok.detach().double() - log_sum_sq.double(), torch.zeros((), dtype=torch.float64,
+                                                                                          device=pi_tok.device))
+    return torch.exp(terms.sum(-1) / n.double().clamp(min=1)).to(pi_tok.dtype)
+
+
+def wpo_weighted(out: LossOutput, w_c: torch.Tensor, w_r: torch.Tensor) -> LossOutput:
+    """The pair losses of `out` multiplied by `w_c * w_r` (detached); metrics unchanged."""
+    return LossOutput(out.losses * (w_c * w_r).detach().to(out.losses.dtype), out.metrics)

@@ -63,23 +63,56 @@ def _inputs(shape: str, batch, sums, counts, ref) -> dict:
     return out
 
 
+def _policy_extras(loss: L.Loss, loss_cfg) -> tuple:
+    """Per-token outputs the policy forward must add (see `sequence_logprobs`'s `extras`)."""
+    want = set()
+    if any(i.endswith("_tok") for i in loss.spec.inputs):
+        want.add("tokens")
+    if getattr(loss_cfg, "wpo", False):
+        want |= {"tokens", "log_sum_sq"}
+    return tuple(sorted(want))
+
+
+def _token_inputs(batch, tokens: torch.Tensor, ref_scorer, autocast) -> dict:
+    """Per-token log-probs of a paired batch, `[n, T]` zero-padded: the policy's (`tokens`, with gradient) and the
+    reference's, from the cache's per-token columns or the live reference's forward."""
+    from prefpipe.data.cache import PAIRED
+    n = batch.n
+    if ref_scorer is None:
+        ref_c, ref_r = (batch.ref[r.tokens] for r in PAIRED.responses)
+    else:
+        with torch.no_grad(), autocast:
+            ref_tok = ref_scorer(batch.ids, batch.mask, batch.prompt_lens, extras=("tokens",))[2]["tokens"].float()
+        ref_c, ref_r = ref_tok[:n], ref_tok[n:]
+    return {"pi_c_tok": tokens[:n], "pi_r_tok": tokens[n:], "ref_c_tok": ref_c, "ref_r_tok": ref_r}
+
+
 def batch_loss(batch, policy_module, ref_scorer, loss_cfg, autocast, extra: dict | None = None) -> L.LossOutput:
     """Run the policy on `batch` (every response in one concatenated forward) and apply the registry entry of
-    `loss_cfg.loss_type`, with `extra` inputs from its pre-step.
+    `loss_cfg` (its `variant`: `ld_dpo` for dpo with --ld_alpha), with `extra` inputs from its pre-step. With
+    `loss_cfg.wpo` each pair's loss is then multiplied by the policy's WPO weights `w_c * w_r`.
 
     `policy_module` is called with gradients enabled if they are; `ref_scorer` is None for the cached reference
     (or a reference-free loss)."""
-    loss = L.get_loss(loss_cfg.loss_type)
+    loss = L.get_loss(getattr(loss_cfg, "variant", loss_cfg.loss_type))
+    wanted = _policy_extras(loss, loss_cfg)
     with autocast:
-        sums, counts = policy_module(batch.ids, batch.mask, batch.prompt_lens)
-    sums, counts = sums.float(), counts.float()
+        out = policy_module(batch.ids, batch.mask, batch.prompt_lens, **({"extras": wanted} if wanted else {}))
+    sums, counts = out[0].float(), out[1].float()
+    per_token = {k: v.float() for k, v in out[2].items()} if wanted else {}
     ref = None
     if loss.spec.needs_reference:
         ref = batch.cached_reference() if ref_scorer is None else _live(
             ref_scorer, batch.ids, batch.mask, batch.prompt_lens, autocast).float()
     inputs = _inputs(loss.spec.batch, batch, sums, counts, ref)
+    if "pi_c_tok" in loss.spec.inputs:
+        inputs.update(_token_inputs(batch, per_token["tokens"], ref_scorer, autocast))
     inputs.update(extra or {})
-    return loss(inputs, loss_cfg)
+    result = loss(inputs, loss_cfg)
+    if getattr(loss_cfg, "wpo", False):
+        w = L.wpo_weights(per_token["tokens"], per_token["log_sum_sq"], counts)
+        result = L.wpo_weighted(result, w[:batch.n], w[batch.n:])
+    return result
 
 
 class MetricSums:

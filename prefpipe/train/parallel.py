@@ -43,14 +43,16 @@ def process_device(device: torch.device) -> torch.device:
 
 
 class Scorer(nn.Module):
-    """`forward(ids, mask, prompt_lens) -> (sums, counts)`: the shared `sequence_logprobs` on `self.lm`."""
+    """`forward(ids, mask, prompt_lens) -> (sums, counts)`: the shared `sequence_logprobs` on `self.lm`. With
+    `extras` (see `sequence_logprobs`: "tokens", "log_sum_sq") it returns `(sums, counts, {name: [B, n]})`, still
+    from this one forward, so DDP and FSDP see the per-token outputs too."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, prompt_lens):
-        return sequence_logprobs(self.lm, input_ids, attention_mask, prompt_lens)
+    def forward(self, input_ids, attention_mask, prompt_lens, extras: tuple = ()):
+        return sequence_logprobs(self.lm, input_ids, attention_mask, prompt_lens, extras=tuple(extras))
 
 
 def _shard(scorer: Scorer):

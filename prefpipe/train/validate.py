@@ -10,7 +10,11 @@
   difference per response token between its log-probs and the cached reference is logged. Above `--max_drift`
   (default 0.1 nats per token) training stops: a wrong model, template or truncation shows up here as whole nats,
   while the same model in float32 drifts by about 1e-6 and a bf16 cache against a float32 policy by a few
-  hundredths. With `--allow_reference_mismatch` the drift is only logged.
+  hundredths. With `--allow_reference_mismatch` the drift is only logged. A `--per_token` cache also gives the
+  worst single token (largest |policy - cached| log-prob, with its row id, response and position), which points at
+  the first token a template or truncation difference changes.
+- **Per-token reference.** A run that needs per-token reference log-probs (LD-DPO: `--ld_alpha`) refuses a cache
+  written without `precompute --per_token` before anything trains.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ def check_model(data, model_dir, allow_mismatch: bool, log) -> str:
     return "mismatch (allowed)"
 
 
+def check_per_token(data, runs, reference: str):
+    """Stop before training when a run needs per-token reference log-probs that the cache does not hold."""
+    needing = sorted({r.run_name for r in runs if r.needs_per_token_reference})
+    if needing and reference == "cached" and not data.has_per_token:
+        raise UserError(f"{', '.join(needing)} needs per-token reference log-probs, which this cache lacks; "
+                        "precompute it again with --per_token (or use --reference live)", file=data.origin)
+
+
 def sample_rows(n: int, k: int) -> list[int]:
     """A fixed sample of k row indices (the same for every run and seed)."""
     g = torch.Generator().manual_seed(20240229)
@@ -69,21 +81,45 @@ def measure_drift(scorer, data, rows: list[int], batch_size: int, pad_id: int, d
     prompts = t.column("prompt_ids").to_pylist() * len(spec.responses)
     responses = [x for r in spec.responses for x in t.column(r.ids).to_pylist()]
     refs = [x for r in spec.responses for x in t.column(r.ref).to_pylist()]
+    per_token = all(r.tokens in t.column_names for r in spec.responses)
     budget = rows_budget(batch_size, len(spec.responses), [len(p) + len(r) for p, r in zip(prompts, responses)])
     with autocast:
-        scores = score_sequences(scorer, prompts, responses, batch_tokens=budget, pad_id=pad_id, device=device)
+        scores = score_sequences(scorer, prompts, responses, batch_tokens=budget, pad_id=pad_id, device=device,
+                                 per_token=per_token)
     diffs = [abs(s - ref) for s, ref in zip(scores.sums, refs)]
     worst = max((d / max(c, 1) for d, c in zip(diffs, scores.counts)), default=0.0)
     total_tokens = sum(scores.counts)
-    return {"mean_abs_per_token": sum(diffs) / max(total_tokens, 1), "worst_row_per_token": worst,
-            "rows": len(rows), "tokens": total_tokens}
+    out = {"mean_abs_per_token": sum(diffs) / max(total_tokens, 1), "worst_row_per_token": worst,
+           "rows": len(rows), "tokens": total_tokens}
+    if per_token:
+        cached = [x for r in spec.responses for x in t.column(r.tokens).to_pylist()]
+        labels = [(rid, r.name) for r in spec.responses for rid in t.column("row_id").to_pylist()]
+        out["worst_token"] = _worst_token(scores.tokens, cached, labels)
+    return out
+
+
+def _worst_token(policy: list, cached: list, labels: list) -> dict | None:
+    """The largest |policy - cached| per-token log-prob: its size, row id, response and 0-based position in the
+    response."""
+    best = None
+    for pol, ref, (row_id, response) in zip(policy, cached, labels):
+        if not len(ref):
+            continue
+        d = (pol.double() - torch.tensor(ref, dtype=torch.float64)).abs()
+        pos = int(d.argmax())
+        if best is None or float(d[pos]) > best["abs_diff"]:
+            best = {"abs_diff": float(d[pos]), "row_id": row_id, "response": response, "position": pos}
+    return best
 
 
 def judge_drift(drift: dict, max_drift: float, allow_mismatch: bool, origin: str, log):
     d = drift["mean_abs_per_token"]
+    w = drift.get("worst_token")
+    worst_token = (f"; worst token {w['abs_diff']:.3g} (row {w['row_id']}, {w['response']}, position "
+                   f"{w['position']})" if w else "")
     log(f"step-0 drift: {d:.3g} nats per response token between the policy and the cached reference "
-        f"({drift['rows']} rows, {drift['tokens']} tokens; worst row {drift['worst_row_per_token']:.3g}; "
-        f"limit --max_drift {max_drift:g})")
+        f"({drift['rows']} rows, {drift['tokens']} tokens; worst row {drift['worst_row_per_token']:.3g}"
+        f"{worst_token}; limit --max_drift {max_drift:g})")
     if d > max_drift:
         msg = (f"at step 0 the policy's log-probs differ from the cached reference by {d:.3g} nats per token "
                f"(limit {max_drift:g}): the cache was made with another model, dtype, template or truncation")
