@@ -189,7 +189,10 @@ def _score_block(cols: dict, kind: str, backend, counts: Counter):
     n, k = len(prompts), len(spec.responses)
     # One call for every response of the block, responses in descriptor order: one length-sorted set of batches.
     responses = [x for r in spec.responses for x in cols[r.ids]]
-    sums, got = backend.score(prompts * k, responses)
+    if k == 2 and hasattr(backend, "score_pairs"):  # both responses share the prompt: run it once
+        sums, got = backend.score_pairs(prompts, *(cols[r.ids] for r in spec.responses))
+    else:
+        sums, got = backend.score(prompts * k, responses)
     _check_scores(sums, got, responses, cols["row_id"] * k)
     for j, r in enumerate(spec.responses):
         cols[r.ref] = sums[j * n:(j + 1) * n]
