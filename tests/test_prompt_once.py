@@ -157,3 +157,44 @@ def test_kto_partners_equal_the_old_path(tmp_path, run_cli, tiny_model):
     assert new.kind == "unpaired" and new.metadata["counts"]["kl_truncated"] > 0
     assert new.table.column("kl_completion_ids").to_pylist() == old.table.column("kl_completion_ids").to_pylist()
     assert_close_per_token(new.table, old.table, ("ref_logp", "ref_kl"), ("completion_len", "kl_completion_ids"))
+
+
+# ---------------------------------------------------------------- a million rows: reading streamed
+
+def test_memory_mapped_cache_inspect_and_split_on_a_multi_part_cache(tmp_path, run_cli, tiny_model):
+    import hashlib
+    import statistics
+
+    from prefpipe.precompute.summary import inspect_lines
+    from prefpipe.train.batches import Order, TrainData, split_eval
+
+    data = write_jsonl(tmp_path / "p.jsonl", make_pairs(23, seed=7))
+    plain = precompute(run_cli, tiny_model, data, tmp_path / "c")  # 5 parts of 5, 5, 5, 5, 3 rows
+    mapped = read_cache(tmp_path / "c", memory_map=True)
+    assert len(mapped.table.column("row_id").chunks) == 5 and mapped.table.equals(plain.table)
+    assert mapped.table.take(pa.array([22, 0])).to_pydict() == plain.table.take(pa.array([22, 0])).to_pydict()
+
+    lines = inspect_lines(mapped)
+    assert lines == inspect_lines(plain) and "rows: 23" in lines
+    t = plain.table.to_pydict()
+    stats = {ln.split()[0]: [float(x) for x in ln.split()[1:]] for ln in lines[lines.index("token lengths:") + 2:][:3]}
+    for name, col in (("prompt", "prompt_ids"), ("chosen", "chosen_ids"), ("rejected", "rejected_ids")):
+        lens = [len(x) for x in t[col]]
+        mean, std, lo, _, _, hi = stats[name]
+        assert (lo, hi) == (min(lens), max(lens))
+        assert mean == pytest.approx(statistics.mean(lens), rel=1e-3)
+        assert std == pytest.approx(statistics.stdev(lens), rel=1e-3)
+    diff = next(ln for ln in lines if ln.strip().startswith("chosen - rejected")).split()
+    d = [a - b for a, b in zip(t["ref_chosen"], t["ref_rejected"])]
+    assert float(diff[3]) == pytest.approx(statistics.mean(d), rel=1e-3)
+
+    # The eval split by its documented rule: groups sorted by sha256("eval\x1f" + base id) hex digest.
+    td = TrainData("paired", mapped.table, True, "c")
+    train, held = split_eval(td, 0.25)
+    order = sorted(t["row_id"], key=lambda b: hashlib.sha256(f"eval\x1f{b}".encode()).hexdigest())
+    want_held = sorted(t["row_id"].index(b) for b in order[:round(0.25 * 23)])
+    assert held == want_held and train.tolist() == [i for i in range(23) if i not in want_held]
+    o = Order(train, 4, seed=3)
+    assert o.steps_per_epoch == 4
+    seen = [r for s in range(4) for r in o.global_rows(s)]
+    assert len(set(seen)) == 16 and set(seen) <= set(train.tolist()) and all(type(r) is int for r in seen)
