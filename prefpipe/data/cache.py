@@ -223,8 +223,13 @@ def read_manifest(cache_dir: str | Path) -> dict:
     return manifest
 
 
-def read_cache(cache_dir: str | Path, columns: list[str] | None = None) -> Cache:
-    """Read and validate a finished cache; any damage raises `UserError` naming the part and row."""
+def read_cache(cache_dir: str | Path, columns: list[str] | None = None, *, memory_map: bool = False) -> Cache:
+    """Read and validate a finished cache; any damage raises `UserError` naming the part and row.
+
+    `memory_map=True` (training, `inspect`): each validated part is written uncompressed to an Arrow IPC file in
+    the temporary directory (`TMPDIR`), mapped, and unlinked, so the table's values live in the page cache rather
+    than in the process: memory grows with the rows a step touches, not with the cache (one part at a time is
+    decompressed while reading). The values are the same either way."""
     d = Path(cache_dir)
     manifest = read_manifest(d)
     meta = manifest["metadata"]
@@ -248,9 +253,24 @@ def read_cache(cache_dir: str | Path, columns: list[str] | None = None) -> Cache
         _check_finite(t, meta["kind"], p)
         _check_token_lists(t, meta["kind"], p)
         _check_part_content(t, meta["kind"], p, part)  # after the checks above, which name a damaged part's row more precisely
-        tables.append(t)
+        tables.append(_mapped(t) if memory_map else t)
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     return Cache(d, table, meta)
+
+
+def _mapped(table: pa.Table) -> pa.Table:
+    """`table` again, backed by a memory-mapped, already unlinked Arrow IPC file (the mapping keeps it alive)."""
+    import os
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="prefpipe-cache-", suffix=".arrow")
+    try:
+        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
+        with pa.memory_map(name) as m:
+            return pa.ipc.open_file(m).read_all()
+    finally:
+        os.unlink(name)
 
 
 def _conform(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:

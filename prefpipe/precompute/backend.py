@@ -21,6 +21,10 @@ class BackendOptions:
     dtype: str = opt("auto", choices=DTYPES, help="auto: bf16 on GPUs that support it, float32 on CPU.")
     device: str = opt("auto", help="hf: auto, cpu, cuda or cuda:N.")
     batch_tokens: int = opt(16384, help="hf: padded tokens per forward (length-sorted batches).")
+    prompt_once: bool = opt(True, help="hf: score both responses of a row in one packed forward that runs the "
+                            "prompt once (falls back when the model cannot take the custom attention mask).",
+                            off_help="hf: score each response in its own forward (the prompt runs once per "
+                            "response).")
     tensor_parallel_size: int = opt(1, help="vllm: GPUs per engine.")
     gpu_memory_utilization: float = opt(0.85, help="vllm: fraction of GPU memory the engine may take.")
     max_model_len: int | None = opt(None, help="vllm: engine context length.", default_text="--max_length")
@@ -37,6 +41,10 @@ class Backend(Protocol):
         """Summed log-probs of each `responses[i]` after `prompts[i]`, and the token counts, in input order:
         `(sums, counts)`. With `per_token=True`, `(sums, counts, tokens)`: `tokens[i]` is the list of
         `responses[i]`'s per-token log-probs (floats, in order), from the same forward as the sum."""
+
+    # Optional: `score_pairs(prompts, firsts, seconds, per_token=False)` returns `(sums, counts, tokens)` (tokens
+    # None unless asked for) with what `score(prompts + prompts, firsts + seconds, per_token)` would give, running
+    # each prompt once; the driver uses it when a backend has it.
 
     def close(self) -> None:
         """Release the engine."""

@@ -35,5 +35,5 @@ def inspect_cmd(cache):
     from prefpipe.data.cache import read_cache
     from prefpipe.precompute.summary import inspect_lines
 
-    for line in inspect_lines(read_cache(cache)):
+    for line in inspect_lines(read_cache(cache, memory_map=True)):
         click.echo(line)

@@ -9,6 +9,12 @@ Decisions a user may want to know:
   of logits at a time), so memory does not grow with `batch x seq x vocab`.
 - Scores do not depend on how rows were batched: right padding with an attention mask leaves every real
   token's position and context unchanged (tested against each row scored alone).
+- **Prompt once** (`--prompt_once`, the default): the two responses of a row (chosen and rejected; for KTO the
+  completion and its mismatched partner) are packed after one copy of the prompt, with position ids and a
+  custom attention mask that keep them apart, so the prompt runs once per row (`prefpipe.scoring.score_pairs`).
+  Scores equal the separate forwards to float round-off. When the model cannot take the mask (flash or flex
+  attention, sliding windows, or a failed probe at start) the backend warns and scores each response in its
+  own forward, as `--no_prompt_once` does. The cache's `backend.prompt_once` records which path scored it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 
 from prefpipe.modeling import load_model, quiet_transformers, resolve_device, resolve_dtype
 from prefpipe.precompute.backend import BackendOptions
-from prefpipe.scoring import head_chunk_tokens, score_sequences
+from prefpipe.scoring import head_chunk_tokens, prompt_once_supported, score_pairs, score_sequences
 
 
 class HFBackend:
@@ -37,6 +43,13 @@ class HFBackend:
         self.model.eval()
         self.chunk_tokens = head_chunk_tokens(self.model)
         self.progress = None  # optional callable(sequences, tokens), called after each forward
+        self.prompt_once = bool(getattr(options, "prompt_once", True))
+        if self.prompt_once:
+            why = prompt_once_supported(self.model, self.device)
+            if why is not None:
+                import warnings
+                warnings.warn(f"--prompt_once: {why}; scoring each response in its own forward instead")
+                self.prompt_once = False
 
     def set_progress(self, callback):
         self.progress = callback
@@ -45,7 +58,8 @@ class HFBackend:
         import transformers
         # The device type, not the index: ranks on cuda:0 and cuda:1 produce one cache.
         return {"name": self.name, "version": transformers.__version__, "torch": torch.__version__,
-                "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type}
+                "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,
+                "prompt_once": self.prompt_once}
 
     def score(self, prompts: list[list[int]], responses: list[list[int]], per_token: bool = False) -> tuple:
         scores = score_sequences(self.model, prompts, responses, batch_tokens=self.options.batch_tokens,
@@ -54,6 +68,18 @@ class HFBackend:
         if per_token:
             return scores.sums, scores.counts, [t.tolist() for t in scores.tokens]
         return scores.sums, scores.counts
+
+    def score_pairs(self, prompts: list[list[int]], firsts: list[list[int]], seconds: list[list[int]],
+                    per_token: bool = False) -> tuple:
+        """What `score(prompts + prompts, firsts + seconds, per_token)` returns (`(sums, counts, tokens)`, tokens
+        None unless asked for), running each prompt once when allowed."""
+        if not self.prompt_once:
+            out = self.score(prompts + prompts, list(firsts) + list(seconds), per_token=per_token)
+            return out if per_token else (*out, None)
+        scores = score_pairs(self.model, prompts, firsts, seconds, batch_tokens=self.options.batch_tokens,
+                             chunk_tokens=self.chunk_tokens, per_token=per_token, progress=self.progress,
+                             device=self.device)
+        return scores.sums, scores.counts, ([t.tolist() for t in scores.tokens] if per_token else None)
 
     def close(self) -> None:
         self.model = None

@@ -196,7 +196,10 @@ def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: boo
     n, k = len(prompts), len(spec.responses)
     # One call for every response of the block, responses in descriptor order: one length-sorted set of batches.
     responses = [x for r in spec.responses for x in cols[r.ids]]
-    if per_token:
+    if k == 2 and hasattr(backend, "score_pairs"):  # both responses share the prompt: run it once
+        sums, got, tokens = backend.score_pairs(prompts, *(cols[r.ids] for r in spec.responses),
+                                                per_token=per_token)
+    elif per_token:
         sums, got, tokens = backend.score(prompts * k, responses, per_token=True)
     else:
         (sums, got), tokens = backend.score(prompts * k, responses), None

@@ -49,8 +49,13 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def inspect_lines(cache) -> list[str]:
-    """Metadata, then per-token reference log-prob and length statistics computed with polars."""
+    """Metadata, then per-token reference log-prob and length statistics computed with polars.
+
+    Statistics are computed one row of the report at a time from a narrow frame (the lengths from the list
+    offsets, the reference columns as they are), never from the whole table, so a memory-mapped cache
+    (`read_cache(..., memory_map=True)`) is inspected in memory that does not grow with its token ids."""
     import polars as pl
+    import pyarrow.compute as pc
 
     meta = cache.metadata
     lines = [f"cache: {cache.path}", "metadata:"]
@@ -59,57 +64,63 @@ def inspect_lines(cache) -> list[str]:
             continue  # the combined tokenizer fingerprint is shown; components matter only in a mismatch
         shown = json.dumps(v) if isinstance(v, (dict, list)) or (isinstance(v, str) and not v.isprintable()) else v
         lines.append(f"  {k:32} {shown}")
-    df = pl.from_arrow(cache.table)
-    lines.append(f"rows: {df.height}")
+    t = cache.table
+    height = t.num_rows
+    lines.append(f"rows: {height}")
     # Labels are the id columns' stems ("kl_completion", not the descriptor's "kl"): the report reads as before.
     resp = [(r.ids.removesuffix("_ids"), r) for r in cache.spec.responses]
-    lengths = {"prompt": pl.col("prompt_ids").list.len()}
-    for name, r in resp:
-        lengths[name] = pl.col(r.ids).list.len()
     qs = (0.0, 0.5, 0.95, 1.0)
 
-    def row(label: str, expr) -> str:
+    def frame(*names) -> pl.DataFrame:
+        """The columns `names`, an id column given as its per-row length."""
+        return pl.DataFrame({n: pl.from_arrow(pc.list_value_length(t.column(n)) if n.endswith("_ids")
+                                              else t.column(n)) for n in names})
+
+    def row(label: str, names: tuple, expr) -> str:
+        df = frame(*names)
         vals = df.select([expr.mean().alias("mean"), expr.std().alias("std"),
                           *[expr.quantile(q, "nearest").alias(str(q)) for q in qs]]).row(0)
         return f"  {label:24}" + "".join(f"{'-' if v is None else f'{v:.4g}':>11}" for v in vals)
 
     header = f"  {'':24}" + "".join(f"{h:>11}" for h in ("mean", "std", "min", "median", "p95", "max"))
     lines += ["token lengths:", header]
-    for name, expr in lengths.items():
-        lines.append(row(name, expr))
-    if cache.has_reference and df.height:
+    for name, ids in [("prompt", "prompt_ids")] + [(name, r.ids) for name, r in resp]:
+        lines.append(row(name, (ids,), pl.col(ids)))
+    if cache.has_reference and height:
         lines += ["reference log-prob per response token:", header]
         for name, r in resp:
-            lines.append(row(name, pl.col(r.ref) / pl.col(r.ids).list.len()))
+            lines.append(row(name, (r.ref, r.ids), pl.col(r.ref) / pl.col(r.ids)))
         lines += ["reference summed log-prob:", header]
         for name, r in resp:
-            lines.append(row(name, pl.col(r.ref)))
+            lines.append(row(name, (r.ref,), pl.col(r.ref)))
         if cache.kind == "paired":
             (a, ra), (b, rb) = resp
-            lines.append(row(f"{a} - {b}", pl.col(ra.ref) - pl.col(rb.ref)))
+            lines.append(row(f"{a} - {b}", (ra.ref, rb.ref), pl.col(ra.ref) - pl.col(rb.ref)))
     if cache.has_reference:
-        lines += _per_token_lines(cache, df, resp, header, qs)
-    if cache.kind == "unpaired" and df.height:
-        n_des = df.select(pl.col("label").sum()).item()
-        lines.append(f"labels: {n_des} desirable, {df.height - n_des} undesirable")
+        lines += _per_token_lines(cache, t, resp, header, qs)
+    if cache.kind == "unpaired" and height:
+        n_des = pc.sum(t.column("label")).as_py() or 0
+        lines.append(f"labels: {n_des} desirable, {height - n_des} undesirable")
     return lines
 
 
-def _per_token_lines(cache, df, resp, header: str, qs) -> list[str]:
+def _per_token_lines(cache, t, resp, header: str, qs) -> list[str]:
     """Whether the cache holds per-token reference log-probs (`--per_token`) and, if so, the distribution of the
-    single-token values and how far their float32 sums are from the float64 sum columns."""
+    single-token values and how far their float32 sums are from the float64 sum columns. One response's columns
+    at a time, so memory follows one column, not the table."""
     import polars as pl
 
-    present = cache.has_per_token and all(r.tokens in df.columns for _, r in resp)
+    present = cache.has_per_token and all(r.tokens in t.column_names for _, r in resp)
     lines = [f"per-token reference log-probs: {'yes' if present else 'no'}"]
-    if not present or not df.height:
+    if not present or not t.num_rows:
         return lines
     lines += ["reference log-prob of single tokens:", header]
     for name, r in resp:
-        col = df.select(pl.col(r.tokens).explode().cast(pl.Float64)).to_series()
+        col = pl.from_arrow(t.column(r.tokens).combine_chunks().flatten()).cast(pl.Float64)
         vals = [col.mean(), col.std(), *[col.quantile(q, "nearest") for q in qs]]
         lines.append(f"  {name:24}" + "".join(f"{'-' if v is None else f'{v:.4g}':>11}" for v in vals))
-    gap = max(df.select((pl.col(r.tokens).cast(pl.List(pl.Float64)).list.sum() - pl.col(r.ref)).abs().max()).item() or 0.0
+    gap = max(pl.DataFrame({"tok": pl.from_arrow(t.column(r.tokens)), "ref": pl.from_arrow(t.column(r.ref))})
+              .select((pl.col("tok").cast(pl.List(pl.Float64)).list.sum() - pl.col("ref")).abs().max()).item() or 0.0
               for _, r in resp)
     lines.append(f"  largest |sum of per-token values - summed column|: {gap:.3g}")
     return lines

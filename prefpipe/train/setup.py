@@ -55,7 +55,7 @@ class Plan:
 def plan_run(ctx: Context, loss: LossConfig) -> Plan:
     cfg, loop, world = ctx.cfg, ctx.cfg.loop, ctx.procs.world
     global_batch = loop.batch_size * loop.grad_accum * world
-    order = Order(tuple(ctx.train_rows), global_batch, loop.seed)
+    order = Order(ctx.train_rows, global_batch, loop.seed)  # split_eval gives a compact array
     if order.steps_per_epoch == 0:
         raise UserError(f"the training split has {len(ctx.train_rows)} rows, fewer than one global batch "
                         f"({loop.batch_size} x {loop.grad_accum} accumulation x {world} processes = "
