@@ -20,6 +20,8 @@ class BackendOptions:
     dtype: str = opt("auto", choices=DTYPES, help="auto: bf16 on GPUs that support it, float32 on CPU.")
     device: str = opt("auto", help="hf: auto, cpu, cuda or cuda:N.")
     batch_tokens: int = opt(16384, help="hf: padded tokens per forward (length-sorted batches).")
+    load_in_4bit: bool = opt(False, help="hf: load the reference in 4-bit NF4 (QLoRA's base; CUDA and "
+                             "bitsandbytes only).")
     tensor_parallel_size: int = opt(1, help="vllm: GPUs per engine.")
     gpu_memory_utilization: float = opt(0.85, help="vllm: fraction of GPU memory the engine may take.")
     max_model_len: int | None = opt(None, help="vllm: engine context length.", default_text="--max_length")
