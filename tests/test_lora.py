@@ -271,3 +271,29 @@ def test_bad_lora_options(tmp_path, tiny_model, pair_cache, run_cli):
     res = run_cli(*common, "--out", tmp_path / "b", "--lora_r", 4, "--lora_target_modules", "no_such_proj",
                   "--max_steps", 1)
     assert res.exit_code != 0 and "--lora_target_modules" in res.output and "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------- torchrun
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_distributed_lora_matches_one_process(tmp_path, tiny_model, pair_cache, mode):
+    """2 CPU processes (gloo), live reference with the adapter off, a checkpoint: the same trajectory and adapter
+    as one process with the same global batch (tolerance as in test_train_dist)."""
+    from test_train_dist import COMMON, torchrun
+    train(tmp_path / "one", tiny_model, cache=pair_cache, reference="live", batch_size=4, max_steps=8,
+          warmup_ratio=0.25, save_every=4, lr=LR, lora=lora())
+    common = [c for c in COMMON if c != "1e-3"]
+    common[common.index("--lr") + 1:common.index("--lr") + 1] = [str(LR)]
+    proc = torchrun("--model", tiny_model, "--cache", pair_cache, "--reference", "live", "--batch_size", 2,
+                    "--save_every", 4, "--lora_r", 4, "--out", tmp_path / "two", *common,
+                    *(["--fsdp"] if mode == "fsdp" else []))
+    assert f"{mode} on 2 process(es)" in proc.stderr
+    one, two = tmp_path / "one" / "dpo-beta0.1", tmp_path / "two" / "dpo-beta0.1"
+    a, b = trajectory(one), trajectory(two)
+    a[0][1] = b[0][1]
+    assert_trajectories_close(a, b, 1e-5)
+    for sub in ("checkpoints/step-000004", "final"):
+        wa, wb = _adapter_weights(one / sub), _adapter_weights(two / sub)
+        assert wa.keys() == wb.keys() and len(wa) > 0
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
