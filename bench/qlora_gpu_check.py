@@ -68,9 +68,8 @@ def main():
         model, cache = tmp / "model", tmp / "cache"
         wall = cli(out, "precompute", "precompute", "--model", model, "--data", tmp / "pairs.jsonl", "--out", cache,
                    "--dtype", "bfloat16", "--load_in_4bit", "--no_progress")
-        meta = json.loads((cache / "manifest.json").read_text())
-        prov = json.dumps(meta)
-        if '"quantization": "nf4"' not in prov:
+        backend = json.loads((cache / "manifest.json").read_text())["metadata"].get("backend") or {}
+        if backend.get("quantization") != "nf4":
             failures.append("the cache does not record nf4 quantization")
         rows.append(("precompute 4-bit", wall, None, None))
         common = ["train", "--model", model, "--cache", cache, "--lora_r", 16, "--lr", "2e-4", "--max_steps",
@@ -93,14 +92,14 @@ def main():
         q, full = rows[1][2], rows[3][2]
         if q is not None and full is not None and not q < full:
             failures.append(f"4-bit peak memory {q:.2f} GiB is not below the bf16 LoRA's {full:.2f} GiB")
-        wall = cli(out, "eval", "eval", tmp / "qlora-cached" / "dpo-beta0.1", "--cache", cache, "--dtype",
-                   "bfloat16")
+        wall = cli(out, "eval", "eval", "--model", tmp / "qlora-cached" / "dpo-beta0.1", "--cache", cache,
+                   "--dtype", "bfloat16")
         rows.append(("eval final/", wall, None, None))
     print(f"{torch.cuda.get_device_name(0)}; model {n_params / 1e9:.2f}B params; {args.steps} steps x "
           f"{args.batch_size} pairs")
     print(f"{'step':<18} {'wall s':>8} {'CUDA peak GiB':>14} {'step-0 drift':>13}")
     for name, wall, peak, drift in rows:
-        print(f"{name:<18} {wall:>8.1f} {peak if peak is not None else '-':>14} "
+        print(f"{name:<18} {wall:>8.1f} {f'{peak:.2f}' if peak is not None else '-':>14} "
               f"{f'{drift:.3g}' if drift is not None else '-':>13}")
     if failures:
         sys.exit("FAILED: " + "; ".join(failures))
