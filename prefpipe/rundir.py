@@ -14,7 +14,9 @@ and the tests all go through it.
         metrics.jsonl           one JSON object per train step and per evaluation
         train_config.json       the resolved configuration of the run
         checkpoints/step-000040/    model, tokenizer, train_config.json, trainer_state.pt
-        final/                  the trained model with its tokenizer and train_config.json
+        final/                  the trained model with its tokenizer and train_config.json (a LoRA run: the
+                                adapter in PEFT format, loadable with PeftModel.from_pretrained(base, final))
+        final-merged/           a LoRA run with --merge: the adapter merged into a plain Hugging Face model
         result.json             the run's final metrics (its entry in summary.json)
         eval_pref.json eval_gen.json eval_gen.jsonl     `prefpipe eval` / the pipeline's evaluations
 """
@@ -33,6 +35,7 @@ METRICS = "metrics.jsonl"
 CONFIG = "train_config.json"
 RESULT = "result.json"
 FINAL = "final"
+FINAL_MERGED = "final-merged"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 EVAL_PREF = "eval_pref.json"
@@ -72,6 +75,10 @@ class RunDir:
     @property
     def final(self) -> Path:
         return self.path / FINAL
+
+    @property
+    def final_merged(self) -> Path:
+        return self.path / FINAL_MERGED
 
     @property
     def checkpoints(self) -> Path:

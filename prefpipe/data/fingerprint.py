@@ -86,15 +86,48 @@ def resolve_model_dir(model: str) -> Path:
                         file=model)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(model: str | Path) -> bool:
+    """A PEFT adapter directory: `adapter_config.json` and no full model (`config.json`) beside it."""
+    p = Path(model).expanduser()
+    return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The `base_model_name_or_path` of an adapter directory: a directory (as written, else relative to the
+    adapter directory) or a hub id."""
+    f = Path(adapter_dir).expanduser() / ADAPTER_CONFIG
+    try:
+        base = json.loads(f.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"not a readable PEFT adapter config ({e})", file=str(f))
+    if not isinstance(base, str) or not base:
+        raise UserError("the adapter names no base model (base_model_name_or_path)", file=str(f))
+    if not Path(base).expanduser().is_dir() and (f.parent / base).is_dir():
+        return str(f.parent / base)
+    return base
+
+
 def model_fingerprint(model: str | Path) -> str:
     """sha256 over config.json and every weights file's bytes (names sorted).
 
     Hashing full weights costs a few seconds per GB; it is the only fingerprint that cannot be fooled by a
     re-saved or fine-tuned checkpoint with the same shapes. Each process hashes a model once: the result is kept
-    per (directory, file names, sizes, modification times), so a rewritten file is hashed again.
+    per (directory, file names, sizes, modification times), so a rewritten file is hashed again. A PEFT adapter
+    directory's fingerprint covers its adapter_config.json and adapter weights and its base model's fingerprint.
     """
     d = resolve_model_dir(str(model))
+    if is_adapter_dir(d):
+        files = sorted(f for f in d.iterdir() if f.name == ADAPTER_CONFIG
+                       or (f.name.startswith("adapter_model") and f.name.endswith(WEIGHT_SUFFIXES)))
+        return _sha({"adapter": _memo_hash(d, files), "base": model_fingerprint(adapter_base(d))})
     files = sorted(f for f in d.iterdir() if f.name == "config.json" or f.name.endswith(WEIGHT_SUFFIXES))
+    return _memo_hash(d, files)
+
+
+def _memo_hash(d: Path, files: list[Path]) -> str:
     stats = [f.stat() for f in files]
     memo_key = (str(d.resolve()), tuple((f.name, s.st_size, s.st_mtime_ns) for f, s in zip(files, stats)))
     if memo_key not in _MODEL_FINGERPRINTS:

@@ -37,8 +37,14 @@ class Run:
     loss_type: str | None
 
 
+def _is_model(d: Path) -> bool:
+    """A Hugging Face model directory or a PEFT adapter directory (loaded merged into its base)."""
+    return (d / "config.json").exists() or (d / "adapter_config.json").exists()
+
+
 def resolve_run(run: str | Path) -> Run:
-    """A training run directory (with result.json and final/) or a plain model directory."""
+    """A training run directory (with result.json and final/, which a LoRA run fills with its adapter) or a plain
+    model or PEFT adapter directory."""
     p = Path(run)
     if not p.is_dir():
         raise UserError("no such run or model directory", file=str(p))
@@ -50,11 +56,12 @@ def resolve_run(run: str | Path) -> Run:
         except json.JSONDecodeError as e:
             raise UserError(f"result.json is not valid JSON ({e})", file=str(result))
         model_dir = rd.final
-        if not (model_dir / "config.json").exists():
+        if not _is_model(model_dir):
             raise UserError("this run has no final model (RUN/final); did training finish?", file=str(p))
         return Run(p, model_dir, r.get("name", p.name), r.get("beta"), r.get("loss_type"))
-    if not (p / "config.json").exists():
-        raise UserError("neither a training run (result.json) nor a model directory (config.json)", file=str(p))
+    if not _is_model(p):
+        raise UserError("neither a training run (result.json) nor a model directory (config.json or "
+                        "adapter_config.json)", file=str(p))
     return Run(p, p, p.name, None, None)
 
 

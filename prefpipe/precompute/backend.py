@@ -25,6 +25,8 @@ class BackendOptions:
                             "prompt once (falls back when the model cannot take the custom attention mask).",
                             off_help="hf: score each response in its own forward (the prompt runs once per "
                             "response).")
+    load_in_4bit: bool = opt(False, help="hf: load the reference in 4-bit NF4 (QLoRA's base; CUDA and "
+                             "bitsandbytes only).")
     tensor_parallel_size: int = opt(1, help="vllm: GPUs per engine.")
     gpu_memory_utilization: float = opt(0.85, help="vllm: fraction of GPU memory the engine may take.")
     max_model_len: int | None = opt(None, help="vllm: engine context length.", default_text="--max_length")

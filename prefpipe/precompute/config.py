@@ -25,6 +25,7 @@ class PrecomputeConfig:
     max_prompt_length: int | None = same_as(TokenizeSettings, "max_prompt_length")
     batch_tokens: int = same_as(BackendOptions, "batch_tokens")
     prompt_once: bool = same_as(BackendOptions, "prompt_once")
+    load_in_4bit: bool = same_as(BackendOptions, "load_in_4bit")
     kto: bool = opt(False, help="Write a KTO cache from paired data (two examples per pair). Unpaired data (a "
                     "label column) always gives a KTO cache.")
     no_reference: bool = opt(False, help="Tokenize only, no scoring (an ORPO cache).")
@@ -67,6 +68,7 @@ class PrecomputeConfig:
     def backend_options(self, device: str | None = None) -> BackendOptions:
         return BackendOptions(model=self.model, dtype=self.dtype, device=device or self.device,
                               batch_tokens=self.batch_tokens, prompt_once=self.prompt_once,
+                              load_in_4bit=self.load_in_4bit,
                               tensor_parallel_size=self.tensor_parallel_size,
                               gpu_memory_utilization=self.gpu_memory_utilization,
                               max_model_len=self.max_model_len or self.max_length, chunk_rows=self.chunk_rows)

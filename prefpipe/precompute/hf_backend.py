@@ -39,7 +39,8 @@ class HFBackend:
             raise UserError(f"--batch_tokens must be positive (got {options.batch_tokens})")
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormal floats slow CPU matmuls several-fold (REFERENCE 9)
-        self.model = model if model is not None else load_model(options.model, self.dtype, self.device)
+        self.model = model if model is not None else load_model(options.model, self.dtype, self.device,
+                                                                load_in_4bit=options.load_in_4bit)
         self.model.eval()
         self.chunk_tokens = head_chunk_tokens(self.model)
         self.progress = None  # optional callable(sequences, tokens), called after each forward
@@ -59,7 +60,8 @@ class HFBackend:
         # The device type, not the index: ranks on cuda:0 and cuda:1 produce one cache.
         return {"name": self.name, "version": transformers.__version__, "torch": torch.__version__,
                 "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,
-                "prompt_once": self.prompt_once}
+                "prompt_once": self.prompt_once,
+                **({"quantization": "nf4"} if self.options.load_in_4bit else {})}
 
     def score(self, prompts: list[list[int]], responses: list[list[int]], per_token: bool = False) -> tuple:
         scores = score_sequences(self.model, prompts, responses, batch_tokens=self.options.batch_tokens,

@@ -1,4 +1,5 @@
-"""Checkpoints: Hugging Face model directories plus the trainer state, written atomically.
+"""Checkpoints: Hugging Face model directories (a LoRA run: the PEFT adapter alone) plus the trainer state, written
+atomically.
 
 Where they go is `prefpipe.rundir`'s business. Every directory is written under a temporary name in the same
 parent and renamed into place, so a killed run leaves either a whole checkpoint or none; leftovers are removed on
@@ -98,8 +99,18 @@ def save_checkpoint(rd, step: int, tr, plan, tokenizer, resolved: dict, procs, k
 
 
 def save_final(rd, tr, tokenizer, resolved: dict, procs):
-    """`<run>/final`: the trained model with its tokenizer and config. Every process must call this."""
+    """`<run>/final`: the trained model (a LoRA run: the adapter) with its tokenizer and config. Every process
+    must call this.
+
+    With `--merge` a LoRA run also writes `<run>/final-merged`: the leader loads `final/` afresh on the CPU in
+    float32 (base, any SFT adapter, then this adapter, merged; so it costs one float32 copy of the model in host
+    memory) and saves it as a plain Hugging Face model. Loading what was just written also proves that `final/`
+    stands on its own."""
     from prefpipe.train.parallel import full_state_dict
     sd = full_state_dict(tr.policy)
     if procs.leader:
         save_model_dir(rd.final, tr.lm, tokenizer, resolved, sd)
+        if resolved.get("lora", {}).get("merge"):
+            from prefpipe.modeling import load_model
+            save_model_dir(rd.final_merged, load_model(str(rd.final), torch.float32, "cpu"), tokenizer, resolved)
+    procs.barrier()

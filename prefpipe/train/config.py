@@ -202,6 +202,45 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """`--lora_r` and its knobs (peft's LoRA). `--lora_r 0` is a full fine-tune.
+
+    `lora_dropout` defaults to 0: the policy is kept in train mode (for gradient checkpointing), so a positive
+    dropout is active in every policy forward, and the step-0 "policy == reference" identity (and the drift check,
+    and the step-1 metrics) then hold only in expectation. `--merge` also writes `<run>/final-merged/`, the
+    adapter folded into a plain Hugging Face checkpoint. `--load_in_4bit` loads the frozen weights in 4-bit NF4
+    (QLoRA; CUDA and bitsandbytes only)."""
+    lora_r: int = opt(0, help="LoRA rank (0: full fine-tune). The adapter is trained on the frozen SFT model; "
+                      "checkpoints and final/ hold only the adapter (PEFT format).")
+    lora_alpha: float | None = opt(None, help="LoRA scaling numerator (scale = alpha / r).",
+                                   default_text="2 x --lora_r")
+    lora_dropout: float = opt(0.0, help="Dropout on the LoRA path. Above 0 the step-0 policy no longer equals "
+                              "the reference exactly (the policy runs in train mode): drift and step-1 metrics "
+                              "become noisy.")
+    lora_target_modules: tuple[str, ...] = opt(("all-linear",), help="Modules that get an adapter: "
+                                               "all-linear, or repeat with module names (q_proj, v_proj, ...).")
+    merge: bool = opt(False, help="LoRA: also write <run>/final-merged/, the adapter merged into the weights.")
+    load_in_4bit: bool = opt(False, help="QLoRA: load the frozen weights in 4-bit NF4 (needs --lora_r, CUDA and "
+                             "bitsandbytes).")
+
+    def __post_init__(self):
+        if self.lora_r < 0:
+            raise OptionError(self, ("lora_r",), f"{{}} must be >= 0 (got {self.lora_r})")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise OptionError(self, ("lora_dropout",), f"{{}} must be in [0, 1) (got {self.lora_dropout})")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise OptionError(self, ("lora_alpha",), f"{{}} must be positive (got {self.lora_alpha})")
+        if not self.lora_target_modules:
+            raise OptionError(self, ("lora_target_modules",), "{} needs at least one value")
+        if not self.enabled and (self.merge or self.load_in_4bit):
+            raise OptionError(self, ("merge", "load_in_4bit", "lora_r"), "{} and {} need a LoRA run ({} > 0)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_r > 0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything `prefpipe train` takes. `loss_types` x `betas` are the sweep; see `runs()`."""
     source: SourceConfig = group(SourceConfig, required=True)
@@ -217,6 +256,7 @@ class TrainConfig:
                      "auto: bf16 on GPU, float32 on CPU.")
     device: str = opt("auto", help="auto, cpu, cuda or cuda:N.")
     fsdp: bool = opt(False, help="Shard the policy (and a live reference) with FSDP2 under torchrun.")
+    lora: LoraConfig = group(LoraConfig)
     progress: bool = opt(True, help="Progress bar.", off_help="No progress bar.")
     report_to: tuple[str, ...] = opt(("none",), choices=REPORT_TO_CHOICES,
                                      help="Also send metrics.jsonl and the resolved config to TensorBoard "

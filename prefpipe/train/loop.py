@@ -140,7 +140,7 @@ def _prepare(cfg: TrainConfig, runs: list, procs, device, compute_dtype, log) ->
             validation["model"] = check_model(data, model_dir, cfg.source.allow_reference_mismatch, log)
     train_rows, eval_rows = split_eval(data, cfg.loop.eval_fraction)
     ref_scorer = None
-    if needs_ref and cfg.source.reference == "live":
+    if needs_ref and cfg.source.reference == "live" and not cfg.lora.enabled:  # LoRA: see build_trainer
         # in the compute dtype, as precompute would score it: a bf16 copy on GPU, float32 on CPU
         ref_scorer = wrap_reference(load_model(model_dir, compute_dtype, device), cfg.fsdp)
     return Context(cfg, procs, device, compute_dtype, model_dir, tokenizer, data, train_rows, eval_rows,

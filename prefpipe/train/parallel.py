@@ -73,7 +73,7 @@ def _shard(scorer: Scorer):
 class Policy:
     """The trainable model in its three guises.
 
-    `lm` is the transformers model (for saving), `scorer` the module to call without gradients (under FSDP the
+    `lm` is the transformers model, or the PeftModel of a LoRA run (for saving), `scorer` the module to call without gradients (under FSDP the
     sharded root itself), `train_module` the module to call with gradients (DDP's wrapper, or `scorer`).
     """
     lm: nn.Module
@@ -92,7 +92,12 @@ class Policy:
 
 
 def wrap_policy(lm: nn.Module, procs: Procs, device: torch.device, fsdp: bool) -> Policy:
-    scorer = Scorer(lm)
+    """`lm` may be a PeftModel: the scorer then runs the transformers model inside it (adapter layers and all)."""
+    from prefpipe.train.lora import transformers_model
+    if fsdp and getattr(lm, "is_loaded_in_4bit", False):
+        from prefpipe.errors import UserError
+        raise UserError("--fsdp with --load_in_4bit is not supported; use DDP (torchrun without --fsdp)")
+    scorer = Scorer(transformers_model(lm))
     if fsdp:
         _shard(scorer)
         return Policy(lm, scorer, scorer, "fsdp")
@@ -117,8 +122,10 @@ def full_state_dict(policy: Policy) -> dict | None:
     if policy.mode != "fsdp":
         return None  # save_pretrained reads the unsharded model itself
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from prefpipe.train.lora import is_peft
     sd = get_model_state_dict(policy.scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix("lm."): v for k, v in sd.items()}
+    prefix = "base_model.model." if is_peft(policy.lm) else ""  # a PeftModel's own key names
+    return {prefix + k.removeprefix("lm."): v for k, v in sd.items()}
 
 
 def optimizer_state(policy: Policy, optimizer) -> dict:

@@ -64,6 +64,8 @@ def plan_run(ctx: Context, loss: LossConfig) -> Plan:
     resolved = cfg.resolved(loss)
     identity = {"loss": resolved["loss"], "optim": resolved["optim"], "seed": loop.seed, "steps": total,
                 "global_batch": global_batch, "eval_fraction": loop.eval_fraction, "rows": len(ctx.data)}
+    if cfg.lora.enabled:  # only then, so that full fine-tune checkpoints of earlier versions still resume
+        identity["lora"] = {k: v for k, v in resolved["lora"].items() if k != "merge"}
     return Plan(order, global_batch, total, math.ceil(cfg.optim.warmup_ratio * total),
                 loop.eval_every or max(1, total // 4), identity)
 
@@ -113,19 +115,20 @@ class Trainer:
 
 def build_trainer(ctx: Context, plan: Plan, start: Start) -> Trainer:
     """The float32 policy (from the SFT model or the checkpoint), AdamW and the lr schedule, with the
-    checkpoint's optimizer, schedule and RNG state restored."""
-    from prefpipe.modeling import load_model
+    checkpoint's optimizer, schedule and RNG state restored.
+
+    With `--lora_r` the policy is the SFT model with a peft adapter (from the checkpoint on resume) and AdamW sees
+    only the adapter; with `--reference live` the run's reference (`ctx.ref_scorer`) is then this same model with
+    the adapter disabled (see prefpipe.train.lora)."""
     cfg, loop = ctx.cfg, ctx.cfg.loop
     torch.manual_seed(loop.seed)
-    lm = load_model(str(start.checkpoint) if start.checkpoint else ctx.model_dir, torch.float32, ctx.device)
-    if loop.gradient_checkpointing:
-        if hasattr(lm, "activation_checkpointing_enable"):  # the name from transformers 5.x on
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.train()  # dropout is 0 already; train mode keeps gradient checkpointing active
+    lm = _load_policy(ctx, start.checkpoint)
     policy = wrap_policy(lm, ctx.procs, ctx.device, cfg.fsdp)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    if cfg.lora.enabled and cfg.source.reference == "live":
+        from prefpipe.train.lora import AdapterOffReference
+        ctx.ref_scorer = AdapterOffReference(lm, policy.scorer)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, plan.total, plan.warmup, cfg.optim.lr_scheduler))
     tr = Trainer(lm, policy, optimizer, scheduler)
@@ -135,6 +138,29 @@ def build_trainer(ctx: Context, plan: Plan, start: Start) -> Trainer:
         ck.set_rng_state(start.state["rng"])
         tr.step = start.state["step"]
     return tr
+
+
+def _load_policy(ctx: Context, checkpoint: Path | None):
+    """The transformers model to train (in train mode, gradient checkpointing on if asked), or with LoRA the
+    PeftModel around the SFT model."""
+    from prefpipe.modeling import load_model
+    cfg, loop = ctx.cfg, ctx.cfg.loop
+    if cfg.lora.enabled:
+        ctx.ref_scorer = None  # the previous run's model, if any: let it go before loading this one
+        lm = load_model(ctx.model_dir, torch.float32, ctx.device, load_in_4bit=cfg.lora.load_in_4bit,
+                        compute_dtype=ctx.compute_dtype)
+    else:
+        lm = load_model(str(checkpoint) if checkpoint else ctx.model_dir, torch.float32, ctx.device)
+    if loop.gradient_checkpointing:
+        if hasattr(lm, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        from prefpipe.train.lora import add_adapter
+        lm = add_adapter(lm, cfg.lora, ctx.model_dir, checkpoint)
+    lm.train()  # dropout is 0 already (LoRA's by default); train mode keeps gradient checkpointing active
+    return lm
 
 
 def check_drift(ctx: Context, policy: Policy):
