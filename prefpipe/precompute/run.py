@@ -397,7 +397,8 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
                "has_reference": not cfg.no_reference, "counts": counts, "parts": n_parts,
                "parts_written": parts_written, "parts_reused": reused, "tokens_this_run": tokens_this_run,
                "wall_s": wall, "tokens_per_s": tokens_this_run / wall if wall > 0 else 0.0,
-               "skip_examples": _first_skips(out, n_parts) if finalised else {}}
+               "skip_examples": _first_skips(out, n_parts) if finalised else {},
+               "skipped_files": list(ds.skipped_files)}
     if cfg.verify and finalised and procs.leader:
         from prefpipe.precompute.verify import verify_cache
         summary["verify"] = verify_cache(str(out), cfg.model, cfg.verify, device=cfg.device)
