@@ -61,7 +61,7 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.dev
     """Load a causal LM with every dropout probability set to 0.
 
     Established trainers disable dropout in the policy too, so that at step 0 the policy's log-probs equal the
-    cached reference's (REFERENCE section 1).
+    cached reference's (to float32 round-off).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -84,7 +84,7 @@ def run_training(cfg: TrainConfig) -> dict:
     device = process_device(resolve_device(cfg.device))
     compute_dtype = resolve_dtype(cfg.dtype, device)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # tiny models slowed 5-7x from denormals otherwise (REFERENCE 9)
+        torch.set_flush_denormal(True)  # tiny models slowed 5-7x from denormal floats otherwise
     procs = start(device, cfg.fsdp)
     # The leader holds RUNS_DIR for the whole call (taken before any model is loaded, so an --out that cannot be
     # written, or one another train is writing, is refused at once); the other ranks write under its lock.
