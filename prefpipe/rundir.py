@@ -141,7 +141,7 @@ def merge_summary(runs_dir: RunsDir, summary: dict):
 
     from prefpipe.fileio import OutputLock, atomic_write_text
 
-    with OutputLock(runs_dir.path, f"RUNS_DIR {runs_dir.path}"):
+    with OutputLock(runs_dir.path, "RUNS_DIR"):
         kept = []
         try:
             old = json.loads(runs_dir.summary.read_text())

@@ -58,16 +58,19 @@ def test_precompute_summary_mentions_skipped_files():
     assert "files:    1 not data, skipped: d/README.md" in format_summary(s)
 
 
-def test_loss_type_is_case_insensitive(tmp_path):
-    from prefpipe.options import build, from_cli
+def test_loss_type_is_case_insensitive(tmp_path, run_cli):
+    from prefpipe.options import build
     from prefpipe.pipeline.config import resolve
-    from prefpipe.train.cli import OPTIONS, train
     from prefpipe.train.config import TrainConfig
 
-    ctx = train.make_context("train", ["--model", "m", "--data", "d", "--out", "o", "--loss_type", "DPO",
-                                       "--loss_type", "Orpo", "--reference", "LIVE"])
-    cfg = build(TrainConfig, from_cli(OPTIONS, ctx.params))
+    cfg = build(TrainConfig, {"model": "m", "data": "d", "out": "o", "loss_type": ["DPO", "Orpo"],
+                              "reference": "LIVE"})
     assert cfg.loss_types == ("dpo", "orpo") and cfg.source.reference == "live"
+    # The CLI accepts DPO: the command gets past option parsing to the --out check.
+    regular = tmp_path / "f"
+    regular.write_text("")
+    r = run_cli("train", "--model", "m", "--data", "d", "--out", regular, "--loss_type", "DPO")
+    assert r.exit_code == 2 and "--out exists and is not a directory" in r.stderr, r.output
     toml = tmp_path / "run.toml"
     toml.write_text('model = "m"\ndata = "d"\nloss_type = ["KTO", "dpo"]\n[train]\nlr_scheduler = "Cosine"\n')
     cfg = resolve(str(toml), {})

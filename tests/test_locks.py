@@ -132,7 +132,7 @@ def test_concurrent_train_into_one_out(tmp_path, tiny_model, tmp_path_factory):
     assert second.returncode == 2, second.stderr
     err = second.stderr.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
-    assert err.startswith(f"prefpipe: error: file {out}: --out {out} is in use by another prefpipe command "
+    assert err.startswith(f"prefpipe: error: file {out}: --out is in use by another prefpipe command "
                           f"(pid {first.pid} ")
     assert first.returncode == 0, stderr
     assert not (out / "sft").exists()  # the refused run wrote nothing

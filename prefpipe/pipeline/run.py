@@ -194,7 +194,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     RUNS_DIR is checked (creatable, writable) before any model is loaded and locked for the whole pipeline, so a
     second pipeline or train into it is refused; the train calls made here take the same lock again (a no-op)."""
     check_writable(cfg.runs_dir, "runs_dir")
-    with OutputLock(cfg.runs_dir, f"runs_dir {cfg.runs_dir}"):
+    with OutputLock(cfg.runs_dir, "runs_dir"):
         return _run_pipeline(cfg, log)
 
 

@@ -274,7 +274,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
         raise UserError("--verify needs prefpipe.precompute.verify, which this install lacks")
     _check_out(Path(cfg.out))
     with ExitStack() as locks:
-        what = f"--out {cfg.out}"
+        what = "--out"
         if procs.sharded:
             locks.enter_context(OutputLock(cfg.out, what, shared=True))
             locks.enter_context(OutputLock(cfg.out, f"{what} (shard {cfg.shard})",

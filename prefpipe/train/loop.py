@@ -88,7 +88,7 @@ def run_training(cfg: TrainConfig) -> dict:
     procs = start(device, cfg.fsdp)
     # The leader holds RUNS_DIR for the whole call (taken before any model is loaded, so an --out that cannot be
     # written, or one another train is writing, is refused at once); the other ranks write under its lock.
-    lock = OutputLock(cfg.out, f"--out {cfg.out}") if procs.leader else None
+    lock = OutputLock(cfg.out, "--out") if procs.leader else None
     try:
         if lock is not None:
             lock.acquire()
