@@ -194,8 +194,13 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     RUNS_DIR is checked (creatable, writable) before any model is loaded and locked for the whole pipeline, so a
     second pipeline or train into it is refused; the train calls made here take the same lock again (a no-op)."""
     check_writable(cfg.runs_dir, "runs_dir")
+    check_data_kinds(cfg, _paired(cfg))  # reads one row per file: refused before runs_dir holds anything
     with OutputLock(cfg.runs_dir, "runs_dir"):
         return _run_pipeline(cfg, log)
+
+
+def _paired(cfg: PipelineConfig) -> tuple:
+    return tuple(lt for lt in dict.fromkeys(cfg.losses) if lt != "kto")
 
 
 def _run_pipeline(cfg: PipelineConfig, log) -> dict:
@@ -204,10 +209,9 @@ def _run_pipeline(cfg: PipelineConfig, log) -> dict:
 
     t0 = time.perf_counter()
     runs_dir = RunsDir(cfg.runs_dir)
-    paired = tuple(lt for lt in dict.fromkeys(cfg.losses) if lt != "kto")
+    paired = _paired(cfg)
     kto = "kto" in cfg.losses
     paired_needs_ref = any(lt not in REFERENCE_FREE for lt in paired)
-    check_data_kinds(cfg, paired)
     fingerprints = model_fingerprints(cfg.model)  # the weights are hashed once per process (see fingerprint.py)
     wanted = ([("paired", cfg.data, False)] if paired_needs_ref else []) + \
         ([("kto", cfg.kto_data or cfg.data, True)] if kto else []) + \
