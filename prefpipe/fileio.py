@@ -38,7 +38,54 @@ def atomic_write_text(path: str | Path, text: str):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def remove_tree(path: str | Path):
+    """Delete a directory tree; it is first renamed to a hidden name beside it, so that an interrupted delete
+    leaves no half-deleted directory under the old name."""
+    import shutil
+
+    path = Path(path)
+    trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
 LOCK_FILE = ".prefpipe.lock"
+
+
+_HELD: dict[Path, list] = {}  # lock file -> [fd, holders] for the locks this process holds
+
+
+def is_lock_file(name: str) -> bool:
+    """Whether a file name is one of the lock files OutputLock leaves in an output directory."""
+    return name == LOCK_FILE or name.startswith(LOCK_FILE + ".")
+
+
+def check_writable(directory: str | Path, what: str):
+    """Refuse, in one line, an output directory that cannot be created or written, before any work starts.
+
+    Leaves nothing behind: a probe file (or directory, where `directory` does not exist yet) is made in the
+    directory or its nearest existing parent and removed again."""
+    from prefpipe.errors import UserError
+
+    d = Path(directory).absolute()
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{what} exists and is not a directory", file=str(directory))
+    parent = d
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} cannot be created: {parent} is a file, not a directory", file=str(directory))
+    probe = parent / f".prefpipe-probe-{os.getpid()}"
+    try:
+        if parent == d:
+            probe.open("w").close()
+            probe.unlink()
+        else:
+            probe.mkdir()
+            probe.rmdir()
+    except OSError as e:
+        raise UserError(f"{what} cannot be {'written' if parent == d else 'created'} ({e.strerror or e}: {parent})",
+                        file=str(directory))
 
 
 class OutputLock:
@@ -49,21 +96,33 @@ class OutputLock:
     ``DIR/.prefpipe.lock``: the kernel releases it when its process dies, so a killed run never leaves a stale lock
     behind. Writers that legitimately share a directory (the `--shard i/n` processes of one precompute) take it
     `shared` and lock their own share exclusively under `name`.
+
+    Within one process the lock is re-entrant: the pipeline holds RUNS_DIR and the `run_training` it calls takes
+    the same lock again, which is then a no-op (flock on a second descriptor would conflict with the first).
     """
 
     def __init__(self, directory: str | Path, what: str, *, shared: bool = False, name: str = LOCK_FILE):
         self.path = Path(directory) / name
         self.what = what
         self.shared = shared
-        self._fd = None
+        self._key = None
 
     def acquire(self) -> "OutputLock":
         import fcntl
 
         from prefpipe.errors import UserError
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        key = self.path.absolute()
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self._key = key
+            return self
+        check_writable(self.path.parent, self.what)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{self.what} cannot be written ({e.strerror or e})", file=str(self.path.parent))
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -71,16 +130,21 @@ class OutputLock:
             os.close(fd)
             raise UserError(f"{self.what} is in use by another prefpipe command ({holder}); wait for it to finish, "
                             "or choose another output", file=str(self.path.parent))
-        if not self.shared:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
-        self._fd = fd
+        os.ftruncate(fd, 0)  # a shared holder overwrites another's note: either names a live holder
+        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}{', shared' if self.shared else ''}".encode())
+        _HELD[key] = [fd, 1]
+        self._key = key
         return self
 
     def release(self):
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
+        if self._key is None:
+            return
+        held = _HELD[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self._key]
+            os.close(held[0])  # closing drops the flock
+        self._key = None
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()

@@ -1,4 +1,4 @@
-"""The one `sequence_logprobs` that both phases use (REFERENCE section 1).
+"""The one `sequence_logprobs` that both phases use.
 
 Phase one calls it under `torch.inference_mode()` to fill the cache; phase two calls it with gradients on for the
 policy. Sharing it is what makes "policy == reference at step 0" hold to float32 round-off.

@@ -81,7 +81,7 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.dev
     """Load a causal LM (or a PEFT adapter directory, merged into its base) with every dropout probability 0.
 
     Established trainers disable dropout in the policy too, so that at step 0 the policy's log-probs equal the
-    cached reference's (REFERENCE section 1). `load_in_4bit` quantizes the linear weights to NF4 with
+    cached reference's (to float32 round-off). `load_in_4bit` quantizes the linear weights to NF4 with
     bitsandbytes (CUDA only; the other weights stay `dtype`, the 4-bit matmuls run in `compute_dtype`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -143,15 +143,33 @@ def build(cls, values: dict):
     return cls(**kw)
 
 
+def canonical_choice(value, choices):
+    """`value` as spelled in `choices`, ignoring case (`DPO` is `dpo`), or None when it is not one of them."""
+    if value in choices:
+        return value
+    if isinstance(value, str):
+        for c in choices:
+            if isinstance(c, str) and c.lower() == value.lower():
+                return c
+    return None
+
+
 def check_choices(obj):
-    """Raise `OptionError` for a field of `obj` whose value (or any item of it) is not among its choices."""
+    """Raise `OptionError` for a field of `obj` whose value (or any item of it) is not among its choices; a value
+    that differs from a choice only in case is replaced by the choice (choices are case-insensitive)."""
     for f in dataclasses.fields(obj):
         choices = f.metadata.get("choices")
         v = getattr(obj, f.name)
+        if not choices or v is None:
+            continue
+        fixed = []
         for item in (v if isinstance(v, tuple) else (v,)):
-            if choices and item is not None and item not in choices:
+            c = canonical_choice(item, choices) if item is not None else None
+            if item is not None and c is None:
                 raise OptionError(obj, (f.name,), "{} must be one of " + ", ".join(map(str, choices)) +
                                   f" (got {item!r})")
+            fixed.append(c if item is not None else item)
+        object.__setattr__(obj, f.name, tuple(fixed) if isinstance(v, tuple) else fixed[0])
 
 
 # ---------------------------------------------------------------- errors
@@ -190,7 +208,7 @@ def _click_type(o: Option):
     import click
 
     if o.choices:
-        return click.Choice(o.choices)
+        return click.Choice(o.choices, case_sensitive=False)
     return {"int": int, "float": float, "str": str}[o.kind]
 
 

@@ -140,17 +140,20 @@ def merge_summary(runs_dir: RunsDir, summary: dict):
     """Write `summary` to RUNS_DIR/summary.json, keeping the runs an earlier train call recorded there.
 
     A run of the same name is replaced (it was retrained); the others stay first, in their old order, and this
-    call's runs follow. The other keys describe the latest call."""
+    call's runs follow. The other keys describe the latest call.
+
+    The read and the write happen under RUNS_DIR's output lock (`prefpipe train` holds it for its whole call;
+    taking it again in the same process is a no-op), so no other prefpipe command's runs are lost between them."""
     import json
 
-    from prefpipe.fileio import atomic_write_text
+    from prefpipe.fileio import OutputLock, atomic_write_text
 
-    runs_dir.path.mkdir(parents=True, exist_ok=True)
-    kept = []
-    try:
-        old = json.loads(runs_dir.summary.read_text())
-        names = {r["name"] for r in summary["runs"]}
-        kept = [r for r in old.get("runs", []) if isinstance(r, dict) and r.get("name") not in names]
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        pass  # no summary yet, or not one of ours: start afresh
-    atomic_write_text(runs_dir.summary, json.dumps({**summary, "runs": kept + summary["runs"]}, indent=2))
+    with OutputLock(runs_dir.path, "RUNS_DIR"):
+        kept = []
+        try:
+            old = json.loads(runs_dir.summary.read_text())
+            names = {r["name"] for r in summary["runs"]}
+            kept = [r for r in old.get("runs", []) if isinstance(r, dict) and r.get("name") not in names]
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            pass  # no summary yet, or not one of ours: start afresh
+        atomic_write_text(runs_dir.summary, json.dumps({**summary, "runs": kept + summary["runs"]}, indent=2))

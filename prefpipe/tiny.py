@@ -10,7 +10,7 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
-# ChatML-like, and it emits BOS itself: the tokenizer must not add a second one (REFERENCE section 2).
+# ChatML-like, and it emits BOS itself: the tokenizer must not add a second one (see prefpipe.data.tokenize).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

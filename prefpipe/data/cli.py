@@ -41,9 +41,15 @@ def check(data_path, **kwargs):
     ds = Dataset(data_path, s.columns, turn_marker=s.turn_marker, split=s.data_split, config=s.data_config)
     pt = PairTokenizer(load_tokenizer(s.model), settings)
     stats = TokenStats(keep_lengths=True)
+    examples, labels = {}, []
     for batch in ds.batches():
-        pt.tokenize(batch, stats, ds.paired)
+        cols = pt.tokenize(batch, stats, ds.paired)
+        labels += cols.get("label", [])
+        for rec in batch:
+            examples.setdefault(_shape(rec), rec)
     click.echo(f"data:       {data_path} ({len(ds.sources)} file{'s' if len(ds.sources) != 1 else ''})")
+    for f in ds.skipped_files:
+        click.echo(f"            skipped {f} (not a data file)")
     click.echo(f"format:     {ds.format}")
     click.echo(f"rows:       {stats.rows_read} read, {stats.rows_kept} kept, {sum(stats.skipped.values())} skipped")
     click.echo(f"truncated:  {stats.prompt_truncated} prompts (from the left), {stats.response_truncated} rows with "
@@ -54,8 +60,53 @@ def check(data_path, **kwargs):
     for name in ("prompt", "chosen", "rejected", "completion"):
         if name in stats.lengths:
             click.echo(f"  {name:10} {_quantiles(stats.lengths[name])}")
+    if labels:
+        _label_balance(labels)
+    for shape, rec in examples.items():
+        _show_example(pt, rec, shape, ds.paired)
     if stats.skipped:
         click.echo("skipped:")
         for reason, n in sorted(stats.skipped.items()):
             first = next(r for r in stats.skip_records if r["reason"] == reason)
             click.echo(f"  {n:>6}  {reason}: {SKIP_REASONS[reason]} (first: {first['source']} row {first['row']})")
+
+
+def _shape(rec) -> str:
+    return "conversational" if isinstance(rec.prompt, list) else "plain text"
+
+
+def _visible(text: str) -> str:
+    return text.replace("\n", "\\n")
+
+
+def _label_balance(labels: list[bool]):
+    """KTO's desirable/undesirable counts and the --desirable_weight that balances them."""
+    from prefpipe.train.objective import kto_balancing_weight
+
+    n_d = sum(bool(x) for x in labels)
+    n_u = len(labels) - n_d
+    line = f"labels:     {n_d} desirable, {n_u} undesirable"
+    if n_d and n_u:
+        line += (f" (ratio {n_d / n_u:.2f}); --desirable_weight {kto_balancing_weight(n_d, n_u)} balances them "
+                 "(KTO paper: lambda_D*n_D/(lambda_U*n_U) in [1, 4/3])")
+    else:
+        line += "; KTO needs both kinds"
+    click.echo(line)
+
+
+def _show_example(pt, rec, shape: str, paired: bool):
+    """One kept row of a shape as the model will see it: decoded ids (special tokens shown), ⟦prompt⟧ before the
+    prompt and ⟦|⟧ where the response starts."""
+    from prefpipe.data.tokenize import TokenStats
+
+    cols = pt.tokenize([rec], TokenStats(), paired)
+    if not cols["row_id"]:
+        return  # skipped: the skip report names it
+    click.echo(f"example ({shape}, {rec.source} row {rec.row}; \\n is a newline):")
+    prompt = _visible(pt.tok.decode(cols["prompt_ids"][0], skip_special_tokens=False))
+    for name in ("chosen", "rejected") if paired else ("completion",):
+        resp = _visible(pt.tok.decode(cols[f"{name}_ids"][0], skip_special_tokens=False))
+        click.echo(f"  {name + ':':11} ⟦prompt⟧{prompt}⟦|⟧{resp}")
+    if shape == "plain text":
+        click.echo("  plain-text prompt and response are joined with no separator: the model sees exactly "
+                   "prompt+response, so end each prompt with its own separator (a newline or a space)")

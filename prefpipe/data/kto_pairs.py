@@ -1,4 +1,4 @@
-"""KTO examples and their pinned mismatched partners (REFERENCE section 4).
+"""KTO examples and their pinned mismatched partners (KTO: Ethayarajh et al. 2024).
 
 KTO's reference point needs, for every example, the reference log-prob of *another* example's completion under
 this example's prompt. Phase one fixes that partner per example and caches its log-prob, so phase two may shuffle

@@ -1,4 +1,4 @@
-"""Tokenizing preference records into the id columns both phases consume (REFERENCE section 2).
+"""Tokenizing preference records into the id columns both phases consume.
 
 Rules, recorded in the cache metadata so a mismatch is detectable:
 

@@ -104,18 +104,22 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
     """
     from prefpipe.logprobs import pad_batch, sequence_logprobs
 
-    torch.set_flush_denormal(True)  # tiny models slow down 5-7x on denormals mid-run (REFERENCE section 9)
+    torch.set_flush_denormal(True)  # tiny models slowed 5-7x mid-run on CPU from denormal floats otherwise
     examples = encode_examples(tokenizer, prompts, answers)
     device = next(model.parameters()).device
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
                             betas=(0.9, 0.98))
+    from prefpipe.evaluation.generate import around_bars, progress_bar
+
     model.train()
     order: list[int] = []
     start = time.perf_counter()
     losses = []
     accuracy = None
+    bar = progress_bar(settings.steps, "sft", "step")
+    log = around_bars(log)
     for step in range(settings.steps):
         if len(order) < settings.batch_size:
             fresh = list(range(len(examples)))
@@ -134,6 +138,8 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+        bar.set_postfix_str(f"loss {losses[-1]:.4f}", refresh=False)
+        bar.update(1)
         if (step + 1) % 100 == 0 or step + 1 == settings.steps:
             recent = sum(losses[-100:]) / len(losses[-100:])
             log(f"sft step {step + 1}/{settings.steps}  loss {recent:.4f}  {time.perf_counter() - start:.0f}s")
@@ -144,6 +150,7 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
                 log(f"sft step {step + 1}: greedy accuracy {accuracy:.3f} on {len(check[0])} training questions "
                     f"reached the target {settings.target_accuracy}; stopping")
                 break
+    bar.close()
     model.eval()
     return {"steps": step + 1, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
             "check_accuracy": accuracy,

@@ -20,24 +20,25 @@ def eval_cmd(**kwargs):
     """Evaluate a trained policy: held-out implicit rewards (--cache) and/or downstream accuracy (--gen)."""
 
     from prefpipe.errors import UserError
-    from prefpipe.fileio import atomic_write_text
+    from prefpipe.fileio import atomic_write_text, check_writable
     from prefpipe.rundir import RunDir
-    from prefpipe.evaluation.evaluate import eval_generation, eval_preference, resolve_run
+    from prefpipe.evaluation.evaluate import eval_generation, eval_preference, pref_line, resolve_run
 
     t = build(EvalTargets, from_cli(TARGETS, kwargs))
     s = build(GenSettings, from_cli(GEN, kwargs))
     if not t.cache and not t.gen:
         raise UserError("give --cache (held-out pairs) and/or --gen (GSM8K-style questions)")
     r = resolve_run(t.model)
+    out = t.out if t.out else r.path
+    check_writable(out, "--out" if t.out else "the results directory")  # before any model is loaded
     if t.cache:
         res = eval_preference(r, t.cache, beta=t.beta, batch_size=s.batch_size, device=s.device, dtype=s.dtype)
-        dest = RunDir(t.out if t.out else r.path)
+        dest = RunDir(out)
         dest.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(dest.eval_pref, json.dumps(res, indent=2))
-        click.echo(f"{r.name}: held-out reward accuracy {res['acc']:.4f}, margin {res['margin']:.4f} "
-                   f"(beta {res['beta']:g}, {res['rows']} pairs) -> {dest.eval_pref}")
+        click.echo(f"{pref_line(res)} -> {dest.eval_pref}")
     if t.gen:
-        res = eval_generation(r, t.gen, s, t.out)
+        res = eval_generation(r, t.gen, s, out)
         click.echo(f"{r.name}: downstream exact-match accuracy {res['accuracy']:.4f} ({res['correct']}/{res['n']}; "
                    f"answers by marker {res['extraction']['marker']}, by last number "
                    f"{res['extraction']['last_number']}, none {res['extraction']['none']})")

@@ -3,11 +3,14 @@
 Decisions a user needs to know:
 
 - **RUN** is a run directory written by `prefpipe train` (its trained model is `RUN/final` and its beta is read
-  from `RUN/result.json`) or any model directory. Results go to `eval_pref.json` and `eval_gen.json` /
-  `eval_gen.jsonl` in RUN (or in `--out`), where `prefpipe report` finds them.
+  from `RUN/result.json`), `RUN/final` itself, or any model directory (beta from the `train_config.json` prefpipe
+  saves next to the models it writes, else `--beta`). Results go to `eval_pref.json` and `eval_gen.json` /
+  `eval_gen.jsonl` in RUN, where `prefpipe report` finds them, or in `--out`. A plain model directory is never
+  written into: its results go to `./eval-<model dir name>/` without `--out`.
 - **Implicit reward.** For each held-out pair, `Δ = (π_c − ρ_c) − (π_r − ρ_r)` from summed log-probs, with the
   reference `ρ` read from the cache. `acc` is the fraction with `βΔ > 0` (strictly: a tie is not a win, so the
-  SFT model itself scores 0), `margin` the mean of `βΔ`. The cache must come from the same tokenizer as the
+  SFT model itself scores 0; the report then says that every pair ties), `margin` the mean of `βΔ`. `wins` and
+  `ties` (`|Δ| <= 1e-4` nats) are counted too. The cache must come from the same tokenizer as the
   model, or the ids would mean other tokens; that is checked.
 - **Downstream accuracy.** Greedy decoding, `--max_new_tokens` per question, exact match of the final number
   (prefpipe.evaluation.answers documents the extraction and its fallback). Every question, generation, extracted
@@ -25,7 +28,7 @@ import torch
 
 from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_text
-from prefpipe.rundir import RunDir
+from prefpipe.rundir import CONFIG, FINAL, RunDir
 from prefpipe.evaluation.answers import extract_answer, gold_answer
 
 @dataclass
@@ -43,11 +46,19 @@ def _is_model(d: Path) -> bool:
 
 
 def resolve_run(run: str | Path) -> Run:
-    """A training run directory (with result.json and final/, which a LoRA run fills with its adapter) or a plain
-    model or PEFT adapter directory."""
+    """A training run directory (with result.json and final/, which a LoRA run fills with its adapter), a run's
+    `final/` or checkpoint directory, or a plain model or PEFT adapter directory.
+
+    Results of a run (given as RUN or as RUN/final) go to RUN. A plain model directory is not written into (it may
+    be a downloaded or shared model): its results go to `./eval-<name>/` unless `--out` says otherwise. The beta
+    comes from the run's result.json, or from the `train_config.json` that train saves next to every model it
+    writes; `--beta` is needed only for a model prefpipe did not train."""
     p = Path(run)
     if not p.is_dir():
         raise UserError("no such run or model directory", file=str(p))
+    if not RunDir(p).result.exists() and (p / "config.json").exists() and p.name == FINAL \
+            and RunDir(p.parent).result.exists():
+        p = p.parent  # RUN/final: the run itself
     rd = RunDir(p)
     result = rd.result
     if result.exists():
@@ -58,11 +69,24 @@ def resolve_run(run: str | Path) -> Run:
         model_dir = rd.final
         if not _is_model(model_dir):
             raise UserError("this run has no final model (RUN/final); did training finish?", file=str(p))
-        return Run(p, model_dir, r.get("name", p.name), r.get("beta"), r.get("loss_type"))
+        beta, loss_type = r.get("beta"), r.get("loss_type")
+        if beta is None:
+            beta, loss_type = _trained_beta(model_dir)
+        return Run(p, model_dir, r.get("name", p.name), beta, loss_type)
     if not _is_model(p):
         raise UserError("neither a training run (result.json) nor a model directory (config.json or "
                         "adapter_config.json)", file=str(p))
-    return Run(p, p, p.name, None, None)
+    beta, loss_type = _trained_beta(p)
+    return Run(Path(f"eval-{p.resolve().name}"), p, p.name, beta, loss_type)
+
+
+def _trained_beta(model_dir: Path) -> tuple[float | None, str | None]:
+    """The beta and loss type in the train_config.json prefpipe saves with a model it trained, else (None, None)."""
+    try:
+        loss = json.loads((model_dir / CONFIG).read_text())["loss"]
+        return float(loss["beta"]), loss.get("loss_type")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
 
 
 def _load(model_dir: Path, device: str, dtype: str):
@@ -75,6 +99,24 @@ def _load(model_dir: Path, device: str, dtype: str):
 
 
 # ---------------------------------------------------------------- implicit reward on a cache
+
+# |Δ| at or below this many nats counts as a tie in the report: the reference scored against its own cache differs
+# from it only by float rounding of the summed log-probs.
+TIE_NATS = 1e-4
+
+
+def pref_line(res: dict) -> str:
+    """The one-line report of `eval_preference`, saying so when every pair ties (a model equal to the reference)."""
+    n = res["rows"]
+    line = (f"{res['run']}: held-out reward accuracy {res['acc']:.4f} ({res['wins']} of {n} pairs strictly "
+            f"preferred), margin {res['margin']:.4f} (beta {res['beta']:g})")
+    if n and res["ties"] == n:
+        line += (f"; all {n} pairs tie (the policy scores exactly as the cached reference: is this the reference "
+                 "model itself?)")
+    elif res["ties"]:
+        line += f"; {res['ties']} ties"
+    return line
+
 
 @torch.inference_mode()
 def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batch_size: int = 32,
@@ -89,7 +131,8 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
 
     beta = beta if beta is not None else run.beta
     if beta is None:
-        raise UserError("no beta: RUN is a plain model directory, so pass --beta", file=str(run.path))
+        raise UserError("no beta: this model was not trained by prefpipe (no result.json or train_config.json), "
+                        "so pass --beta", file=str(run.model_dir))
     cache = read_cache(cache_dir)
     if cache.kind != "paired":
         raise UserError("implicit-reward accuracy needs a paired cache (this one holds KTO examples)",
@@ -120,7 +163,8 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
     pol_c, pol_r, ref_c, ref_r = pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"]
     delta = (pol_c - ref_c) - (pol_r - ref_r)
     return {"run": run.name, "model": str(run.model_dir), "cache": str(cache_dir), "beta": beta,
-            "rows": len(prompts), "acc": float((beta * delta > 0).double().mean()),
+            "rows": len(prompts), "wins": int((beta * delta > 0).sum()), "ties": int((delta.abs() <= TIE_NATS).sum()),
+            "acc": float((beta * delta > 0).double().mean()),
             "margin": float((beta * delta).mean()), "r_chosen": float((beta * (pol_c - ref_c)).mean()),
             "r_rejected": float((beta * (pol_r - ref_r)).mean()), "wall_s": round(time.perf_counter() - start, 2)}
 
@@ -189,7 +233,7 @@ def score_generations(rows: list[dict], generations: list[str]) -> tuple[dict, l
 def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path | None = None,
                     log=None) -> dict:
     """Greedy exact-match accuracy of `run` on `gen_file`; writes eval_gen.json and eval_gen.jsonl."""
-    from prefpipe.evaluation.generate import encode_prompts, hf_generate, pick_engine, vllm_generate
+    from prefpipe.evaluation.generate import encode_prompts, hf_generate, pick_engine, progress_bar, vllm_generate
 
     rows = read_questions(gen_file, s)
     engine = pick_engine(s.engine)
@@ -202,7 +246,9 @@ def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path
         gens = vllm_generate(str(run.model_dir), tok, prompt_ids, max_new_tokens=s.max_new_tokens, dtype=s.dtype)
     else:
         model, tok, _ = _load(run.model_dir, s.device, s.dtype)
-        gens = hf_generate(model, tok, prompt_ids, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
+        with progress_bar(len(prompt_ids), f"generate {run.name}", "question") as bar:
+            gens = hf_generate(model, tok, prompt_ids, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                               progress=bar.update)
     summary, records = score_generations(rows, [g[0] for g in gens])
     summary = {"run": run.name, "model": str(run.model_dir), "data": str(gen_file), "engine": engine,
                **summary, "settings": asdict(s), "wall_s": round(time.perf_counter() - start, 2)}

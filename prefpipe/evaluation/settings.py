@@ -15,13 +15,14 @@ ENGINES = ("auto", "hf", "vllm")
 class EvalTargets:
     """What `prefpipe eval` evaluates and where results go."""
     model: str = opt(name="model", metavar="RUN", path=True, help="A run directory from `prefpipe train` (uses "
-                     "RUN/final and its beta) or a model directory.")
+                     "RUN/final and its beta), RUN/final, or a model directory.")
     cache: str | None = opt(None, path=True, help="Held-out paired cache: implicit-reward accuracy and margin.")
     gen: str | None = opt(None, path=True, metavar="GSM8K_STYLE.jsonl",
                           help="Questions with GSM8K answers ('#### N'): greedy exact-match accuracy.")
-    beta: float | None = opt(None, help="--cache with a plain model directory: the beta to use.")
-    out: str | None = opt(None, path=True, help="Directory for eval_pref.json / eval_gen.json(l).",
-                          default_text="RUN")
+    beta: float | None = opt(None, help="--cache with a model prefpipe did not train: the beta to use.",
+                             default_text="the run's beta")
+    out: str | None = opt(None, path=True, help="Directory for eval_pref.json / eval_gen.json(l); a plain model "
+                          "directory is never written into.", default_text="RUN, or ./eval-<model dir name>")
 
 
 @dataclass(frozen=True)

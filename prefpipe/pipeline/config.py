@@ -33,7 +33,7 @@ from typing import Any
 from prefpipe.data.formats import Columns
 from prefpipe.errors import UserError
 from prefpipe.evaluation.settings import GenSettings
-from prefpipe.options import Option, OptionError, build, cli_style, opt, options, same_as, toml_style
+from prefpipe.options import Option, OptionError, build, canonical_choice, cli_style, opt, options, same_as, toml_style
 from prefpipe.precompute.config import PrecomputeConfig
 from prefpipe.train.config import TrainConfig
 
@@ -164,9 +164,9 @@ def _coerce_one(name: str, o: Option, value, file: str | None):
     if o.kind == "str":
         if not isinstance(value, str):
             raise _type_error(name, "a string", value, file)
-        if o.choices and value not in o.choices:
+        if o.choices and canonical_choice(value, o.choices) is None:
             raise UserError(f"key '{name}' must be one of {', '.join(o.choices)} (got {value!r})", file=file)
-        return value
+        return canonical_choice(value, o.choices) if o.choices else value
     if o.kind == "bool":
         if not isinstance(value, bool):
             raise _type_error(name, "true or false", value, file)

@@ -28,8 +28,6 @@ Decisions a user needs to know:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,7 @@ from prefpipe.data.cache import MANIFEST, read_manifest, read_part_metadata
 from prefpipe.errors import UserError
 from prefpipe.pipeline.config import PipelineConfig
 from prefpipe.rundir import RunsDir
-from prefpipe.fileio import atomic_write_text
+from prefpipe.fileio import OutputLock, atomic_write_text, check_writable, is_lock_file, remove_tree
 from prefpipe.train.loss_names import LOSSES, resolve_loss_type
 
 
@@ -91,7 +89,7 @@ def check_cache(path: str, expected: dict, *, recompute: bool) -> CacheCheck:
     d = Path(path)
     if recompute:
         return CacheCheck(path, "recompute", "--recompute was given")
-    if not d.exists() or not any(d.iterdir()):
+    if not d.exists() or all(is_lock_file(f.name) for f in d.iterdir()):  # a lock file alone: nothing written
         return CacheCheck(path, "compute", "no cache there yet")
     if not (d / MANIFEST).exists():
         parts = sorted(d.glob("part-*.parquet"))
@@ -166,9 +164,7 @@ def train(cfg: PipelineConfig, tc, log) -> list[dict]:
             old = Path(tc.out) / loss.run_name
             if old.exists():
                 log(f"replacing the earlier run {old}")
-                trash = old.with_name(f".{old.name}.old-{os.getpid()}")
-                os.replace(old, trash)
-                shutil.rmtree(trash)
+                remove_tree(old)
     return run_training(tc)["runs"]
 
 
@@ -201,7 +197,18 @@ def gen_settings(cfg: PipelineConfig):
 
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
-    """Caches (when needed), training runs, evaluations, pipeline.json and the report."""
+    """Caches (when needed), training runs, evaluations, pipeline.json and the report.
+
+    RUNS_DIR is checked (creatable, writable) before any model is loaded and locked for the whole pipeline, so a
+    second pipeline or train into it is refused; the train calls made here take the same lock again (a no-op)."""
+    check_writable(cfg.runs_dir, "runs_dir")
+    # Reads one row per file: a refusal comes before runs_dir holds anything.
+    check_data_kinds(cfg, split_losses(cfg.losses)[0])
+    with OutputLock(cfg.runs_dir, "runs_dir"):
+        return _run_pipeline(cfg, log)
+
+
+def _run_pipeline(cfg: PipelineConfig, log) -> dict:
     from prefpipe.evaluation.evaluate import Run, eval_generation, eval_preference, resolve_run
     from prefpipe.evaluation.report import write_report
 
@@ -212,7 +219,6 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     paired_needs_ref = any(LOSSES[lt].needs_reference for lt in paired)
     if "dpo" in paired and cfg.values.get("ld_alpha") is not None:
         cfg.values["per_token"] = True  # LD-DPO trains on per-token reference log-probs (precompute --per_token)
-    check_data_kinds(cfg, paired)
     fingerprints = model_fingerprints(cfg.model)  # the weights are hashed once per process (see fingerprint.py)
     wanted = ([("paired", cfg.data, False)] if paired_needs_ref else []) + \
         ([("kto", cfg.kto_data or cfg.data, True)] if kto else []) + \

@@ -32,6 +32,7 @@ import importlib.util
 import os
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns, Dataset
 from prefpipe.data.tokenize import TokenizeSettings, TokenStats
 from prefpipe.dist import Procs, join
 from prefpipe.errors import UserError
+from prefpipe.fileio import LOCK_FILE, OutputLock, check_writable, is_lock_file
 from prefpipe.data import kto_pairs
 from prefpipe.precompute.backend import BackendOptions, make_backend
 from prefpipe.precompute.config import PrecomputeConfig  # noqa: F401 (callers import it from here)
@@ -272,15 +274,12 @@ def _finalise(out: Path, meta: dict, n_parts: int, parts: dict[int, dict]) -> di
 
 
 def run_precompute(cfg: PrecomputeConfig) -> dict:
-    """Write the cache at `cfg.out` and return a summary dict (the manifest's counts plus this run's timing)."""
-    from tqdm import tqdm
+    """Write the cache at `cfg.out` and return a summary dict (the manifest's counts plus this run's timing).
 
-    from prefpipe.data.fingerprint import resolve_model_dir
-    from prefpipe.data.tokenize import PairTokenizer
-    from prefpipe.modeling import load_tokenizer, quiet_transformers
-
+    `--out` is checked before any model is loaded: it must be creatable and writable, and an existing non-empty
+    directory must be a cache (see `_check_out`). The command holds `--out`'s output lock throughout, so a second
+    precompute into the same cache is refused; the `--shard i/n` processes share it and each locks its own shard."""
     t0 = time.perf_counter()
-    quiet_transformers()
     if cfg.part_rows < 1:
         raise UserError(f"--part_rows must be positive (got {cfg.part_rows})")
     if cfg.overwrite and cfg.shard:
@@ -288,7 +287,43 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
     procs = _procs(cfg.shard)
     if cfg.verify and importlib.util.find_spec("prefpipe.precompute.verify") is None:
         raise UserError("--verify needs prefpipe.precompute.verify, which this install lacks")
+    _check_out(Path(cfg.out))
+    with ExitStack() as locks:
+        what = "--out"
+        if procs.sharded:
+            locks.enter_context(OutputLock(cfg.out, what, shared=True))
+            locks.enter_context(OutputLock(cfg.out, f"{what} (shard {cfg.shard})",
+                                           name=f"{LOCK_FILE}.shard-{procs.rank}-of-{procs.world}"))
+        elif procs.leader:
+            locks.enter_context(OutputLock(cfg.out, what))
+        return _run(cfg, procs, t0)
 
+
+def _is_cache_file(name: str) -> bool:
+    return (name == MANIFEST or is_lock_file(name) or (name.startswith("part-") and name.endswith(".parquet"))
+            or name.startswith(".part-") or name.startswith(f".{MANIFEST}.tmp-"))
+
+
+def _check_out(out: Path):
+    """`--out` must be creatable and writable, and, when it already holds files, a cache (parts, a manifest, the
+    lock): precompute into a data folder would scatter its parts among the user's files."""
+    check_writable(out, "--out")
+    if out.is_dir():
+        strangers = sorted(p.name for p in out.iterdir() if not _is_cache_file(p.name))
+        if strangers:
+            shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
+            raise UserError(f"--out is a non-empty directory that is not a cache (it holds {shown}); give a new "
+                            "or empty directory, or an existing cache", file=str(out))
+
+
+def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
+    from tqdm import tqdm
+
+    from prefpipe.data.fingerprint import resolve_model_dir
+    from prefpipe.data.tokenize import PairTokenizer
+    from prefpipe.modeling import load_tokenizer, quiet_transformers
+
+    quiet_transformers()
     ds = Dataset(cfg.data, cfg.columns, turn_marker=cfg.turn_marker, batch_rows=cfg.part_rows, split=cfg.data_split,
                  config=cfg.data_config)
     kind = "unpaired" if (cfg.kto or not ds.paired) else "paired"
@@ -377,7 +412,8 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
                "has_reference": not cfg.no_reference, "counts": counts, "parts": n_parts,
                "parts_written": parts_written, "parts_reused": reused, "tokens_this_run": tokens_this_run,
                "wall_s": wall, "tokens_per_s": tokens_this_run / wall if wall > 0 else 0.0,
-               "skip_examples": _first_skips(out, n_parts) if finalised else {}}
+               "skip_examples": _first_skips(out, n_parts) if finalised else {},
+               "skipped_files": list(ds.skipped_files)}
     if cfg.verify and finalised and procs.leader:
         from prefpipe.precompute.verify import verify_cache
         summary["verify"] = verify_cache(str(out), cfg.model, cfg.verify, device=cfg.device)

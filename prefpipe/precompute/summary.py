@@ -25,6 +25,10 @@ def format_summary(s: dict) -> list[str]:
             lines.append(f"  skipped {n:>6}  {reason}: {SKIP_REASONS.get(reason, '')}{where}")
         lines.append(f"truncated: {c['prompt_truncated']} prompts, {c['response_truncated']} rows with a response "
                      f"cut; duplicates kept: {c['duplicates']}")
+        files = s.get("skipped_files") or []
+        if files:
+            shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            lines.append(f"files:    {len(files)} not data, skipped: {shown}")
         if "kl_truncated" in c:
             lines.append(f"kto:      {c['kl_truncated']} partner completions cut to fit, "
                          f"{c['kl_borrowed']} partners borrowed from the previous block")

@@ -19,7 +19,8 @@ Run it before trusting a cache, above all a bf16 cache from vLLM. Decisions a us
 
   Float32 engines agree to about 1e-6 per token and 1e-4 per sum on our tests; the float32 limits leave room for
   GPU kernels and long sequences while a different checkpoint misses them by orders of magnitude. bf16 scoring is
-  expected to drift (REFERENCE section 6), so its limits only catch gross errors; the measured drift is printed.
+  expected to drift (about 6e-4 nats per token, depending on batching), so its limits only catch gross errors;
+  the measured drift is printed.
 - **Identity.** The model's weights fingerprint and the tokenizer's fingerprint must match the ones the cache
   recorded; a mismatch fails verify even when the numbers happen to agree.
 - **Failure** is a one-line error (exit status 2) naming the worst sequence; the cache itself is left in place.

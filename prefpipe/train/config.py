@@ -150,8 +150,13 @@ class LoopConfig:
     keep_checkpoints: int = opt(0, help="Keep only the newest N checkpoints (0: keep all).")
     resume: bool = opt(False, help="Continue each run from its last checkpoint; finished runs are skipped.")
     gradient_checkpointing: bool = opt(False, help="Recompute activations in backward to save memory.")
+    overwrite: bool = opt(False, help="Replace the run directories this call writes (RUNS_DIR/<run>/) when they "
+                          "already hold a run; other files in RUNS_DIR are kept.")
 
     def __post_init__(self):
+        if self.overwrite and self.resume:
+            raise OptionError(self, ("overwrite", "resume"), "{} and {} exclude each other: --resume continues "
+                              "the runs that --overwrite would delete")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise OptionError(self, ("batch_size", "grad_accum"), "{} and {} must be >= 1")
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):

@@ -52,7 +52,7 @@ import torch
 from prefpipe import rundir
 from prefpipe.dist import Procs
 from prefpipe.errors import UserError
-from prefpipe.fileio import atomic_write_text
+from prefpipe.fileio import OutputLock, atomic_write_text
 from prefpipe.rundir import RunsDir, merge_summary
 from prefpipe.train import checkpoint as ck
 from prefpipe.train.batches import RowsDataset, StepSampler, load_train_data, split_eval, train_loader
@@ -84,9 +84,14 @@ def run_training(cfg: TrainConfig) -> dict:
     device = process_device(resolve_device(cfg.device))
     compute_dtype = resolve_dtype(cfg.dtype, device)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # tiny models slowed 5-7x from denormals otherwise (REFERENCE 9)
+        torch.set_flush_denormal(True)  # tiny models slowed 5-7x from denormal floats otherwise
     procs = start(device, cfg.fsdp)
+    # The leader holds RUNS_DIR for the whole call (taken before any model is loaded, so an --out that cannot be
+    # written, or one another train is writing, is refused at once); the other ranks write under its lock.
+    lock = OutputLock(cfg.out, "--out") if procs.leader else None
     try:
+        if lock is not None:
+            lock.acquire()
         runs = cfg.runs()
         ctx = _prepare(cfg, runs, procs, device, compute_dtype, _logger(procs))
         results = [train_one(ctx, loss) for loss in runs]
@@ -98,6 +103,8 @@ def run_training(cfg: TrainConfig) -> dict:
             merge_summary(RunsDir(cfg.out), summary)
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         procs.close()
 
 
@@ -215,9 +222,10 @@ def _run_steps(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, rd, mlog
             last = {"split": "train", "step": tr.step, "epoch": round(tr.step / plan.order.steps_per_epoch, 4),
                     **m, "tokens_per_s": m["tokens"] / dt, "step_time_s": dt}
             mlog.write(last)
-            bar.update(1)
+            # the postfix first: update() redraws the bar, which would otherwise show the previous step's metrics
             bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "acc", "margin", "kl", "nll")
                              if last.get(k) is not None}, refresh=False)
+            bar.update(1)
             if ctx.eval_rows and (tr.step % plan.eval_every == 0 or tr.step == plan.total):
                 last_eval = evaluate(ctx, tr.policy, ref_scorer, loss, use_cached_ref, tr.step)
                 mlog.write(last_eval)

@@ -90,7 +90,7 @@ VARIANTS = {
 }
 
 
-# The rest of TRL's DPO loss family (REFERENCE section 10; TRL's names), then DPO-Positive, the unpaired APO, and
+# The rest of TRL's DPO loss family (as TRL 1.16's DPO trainer defines them, under TRL's names), then DPO-Positive, the unpaired APO, and
 # the reference-free SimPO and CPO.
 _PAIR_REF_LEN = _PAIR_REF + ("len_c", "len_r")
 _BETA_EPS = ("beta", "label_smoothing")

@@ -1,4 +1,4 @@
-"""Preference losses as pure functions of sequence log-probs (REFERENCE sections 3-5).
+"""Preference losses as pure functions of sequence log-probs (DPO, IPO, SLiC hinge, KTO, ORPO, SFT).
 
 Every function takes summed response log-probs (and token counts where a per-token mean is needed) and returns a
 `LossOutput`: the per-example losses (the batch loss is their mean) and per-example metric values. Keeping them

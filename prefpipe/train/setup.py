@@ -12,6 +12,7 @@ import torch
 
 from prefpipe.dist import Procs
 from prefpipe.errors import UserError
+from prefpipe.fileio import remove_tree
 from prefpipe.train import checkpoint as ck
 from prefpipe.train.batches import Order
 from prefpipe.train.config import LossConfig, TrainConfig
@@ -87,9 +88,14 @@ def find_start(ctx: Context, loss: LossConfig, rd, identity: dict) -> Start:
     if rd.result.exists() and rd.final.exists() and loop.resume:
         return Start(finished=True)
     if not loop.resume:
-        if rd.metrics.exists():
-            raise UserError("this run directory already holds a run; pass --resume to continue it, or choose "
-                            "another --out", file=str(rd.path))
+        if rd.metrics.exists() and loop.overwrite:
+            if procs.leader:
+                log(f"{loss.run_name}: --overwrite: replacing the earlier run in {rd.path}")
+                remove_tree(rd.path)
+            procs.barrier()
+        elif rd.metrics.exists():
+            raise UserError("this run directory already holds a run; pass --resume to continue it, --overwrite to "
+                            "replace it, or choose another --out", file=str(rd.path))
         return Start()
     ckpt = ck.latest_checkpoint(rd.checkpoints)
     if ckpt is None:
