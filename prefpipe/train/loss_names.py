@@ -149,7 +149,7 @@ def _parse_terms(text: str) -> list[tuple[float, str]]:
     terms = []
     for raw in text.replace(" ", "").split("+"):
         w_text, star, name = raw.rpartition("*")
-        name = ALIASES.get(name, name)
+        name = ALIASES.get(name.lower(), name.lower())  # names are case-insensitive: `DPO` is `dpo`
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}")
         try:
