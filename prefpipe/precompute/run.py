@@ -317,8 +317,6 @@ def _check_out(out: Path):
 
 
 def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
-    from tqdm import tqdm
-
     from prefpipe.data.fingerprint import resolve_model_dir
     from prefpipe.data.tokenize import PairTokenizer
     from prefpipe.modeling import load_tokenizer, quiet_transformers
@@ -345,55 +343,81 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
             elif cfg.overwrite:
                 _clean(out, parts=True)
         procs.gather(None)  # the leader has prepared --out
-        done = _scan_parts(out, expected)
-
-        from prefpipe.precompute.progress import rows_to_process
-        show = cfg.progress and procs.leader
-        bar = tqdm(total=rows_to_process(ds.sources, cfg.part_rows, procs.owns) if show else None, disable=not show,
-                   unit="row", dynamic_ncols=True, mininterval=0.5, desc="precompute")
-        tokens, t_scoring = [0], time.perf_counter()
-
-        def on_progress(_seqs, n_tokens):
-            tokens[0] += n_tokens
-            rate = tokens[0] / max(time.perf_counter() - t_scoring, 1e-9)
-            bar.set_postfix_str(f"{tokens[0]:,} tok, {rate:,.0f} tok/s", refresh=False)
-        if backend is not None and hasattr(backend, "set_progress"):
-            backend.set_progress(on_progress)
-
-        seen: set[str] = set()
-        prev_records = None
-        n_parts, written, reused, failure = 0, {}, 0, None
-        run_counts = Counter()
-        try:
-            for index, records in enumerate(ds.batches()):
-                n_parts += 1
-                if procs.owns(index) and index not in done:
-                    part = _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out)
-                    written[index] = part
-                    run_counts["tokens_scored"] += part["tokens_scored"]
-                    if not hasattr(backend, "set_progress"):
-                        on_progress(0, part["tokens_scored"])
-                else:
-                    seen.update(r.content_hash for r in records)
-                    reused += procs.owns(index)
-                if procs.owns(index):
-                    bar.update(len(records))
-                prev_records = records
-        except Exception as e:  # noqa: BLE001 - peers must learn of it before they wait on the manifest
-            failure = e
-        bar.close()
-        _agree(procs, failure)
-        tokens_this_run = sum(procs.gather(run_counts["tokens_scored"]))
-        parts_written = sum(procs.gather(len(written)))
-        reused = sum(procs.gather(reused))
+        run = _score_parts(cfg, procs, ds, kind, pt, backend, meta, out, _scan_parts(out, expected))
     finally:
         if backend is not None:
             backend.close()
+    counts, finalised = _finish_cache(procs, out, meta, expected, run)
+    wall = time.perf_counter() - t0
+    summary = {"cache": str(out), "leader": procs.leader, "finalised": finalised, "kind": kind,
+               "has_reference": not cfg.no_reference, "counts": counts, "parts": run["n_parts"],
+               "parts_written": run["parts_written"], "parts_reused": run["reused"],
+               "tokens_this_run": run["tokens"], "wall_s": wall,
+               "tokens_per_s": run["tokens"] / wall if wall > 0 else 0.0,
+               "skip_examples": _first_skips(out, run["n_parts"]) if finalised else {},
+               "skipped_files": list(ds.skipped_files)}
+    if cfg.verify and finalised and procs.leader:
+        from prefpipe.precompute.verify import verify_cache
+        summary["verify"] = verify_cache(str(out), cfg.model, cfg.verify, device=cfg.device)
+    return summary
 
-    counts, failure = None, None
+
+def _progress(cfg: PrecomputeConfig, procs: Procs, ds, backend):
+    """The bar (rows, with a total) and the callback that shows tokens and tokens/s on it."""
+    from tqdm import tqdm
+
+    from prefpipe.precompute.progress import rows_to_process
+    show = cfg.progress and procs.leader
+    bar = tqdm(total=rows_to_process(ds.sources, cfg.part_rows, procs.owns) if show else None, disable=not show,
+               unit="row", dynamic_ncols=True, mininterval=0.5, desc="precompute")
+    tokens, t_scoring = [0], time.perf_counter()
+
+    def on_progress(_seqs, n_tokens):
+        tokens[0] += n_tokens
+        rate = tokens[0] / max(time.perf_counter() - t_scoring, 1e-9)
+        bar.set_postfix_str(f"{tokens[0]:,} tok, {rate:,.0f} tok/s", refresh=False)
+    if backend is not None and hasattr(backend, "set_progress"):
+        backend.set_progress(on_progress)
+    return bar, on_progress
+
+
+def _score_parts(cfg, procs: Procs, ds, kind, pt, backend, meta, out: Path, done: dict) -> dict:
+    """Every block this process owns and has not finished, scored and written as its part; then the totals over
+    all processes (every process must call this: it ends in collectives)."""
+    bar, on_progress = _progress(cfg, procs, ds, backend)
+    seen: set[str] = set()
+    prev_records = None
+    n_parts, written, reused, tokens, failure = 0, {}, 0, 0, None
+    try:
+        for index, records in enumerate(ds.batches()):
+            n_parts += 1
+            if procs.owns(index) and index not in done:
+                part = _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out)
+                written[index] = part
+                tokens += part["tokens_scored"]
+                if not hasattr(backend, "set_progress"):
+                    on_progress(0, part["tokens_scored"])
+            else:
+                seen.update(r.content_hash for r in records)
+                reused += procs.owns(index)
+            if procs.owns(index):
+                bar.update(len(records))
+            prev_records = records
+    except Exception as e:  # noqa: BLE001 - peers must learn of it before they wait on the manifest
+        failure = e
+    bar.close()
+    _agree(procs, failure)
+    return {"n_parts": n_parts, "written": written, "tokens": sum(procs.gather(tokens)),
+            "parts_written": sum(procs.gather(len(written))), "reused": sum(procs.gather(reused))}
+
+
+def _finish_cache(procs: Procs, out: Path, meta: dict, expected: dict, run: dict) -> tuple[dict | None, bool]:
+    """The manifest, once every part exists (the leader under torchrun; any `--shard` process that finds them
+    all): (counts, finalised)."""
+    n_parts, counts, failure = run["n_parts"], None, None
     if procs.leader or procs.sharded:
         try:
-            parts = {**_scan_parts(out, expected), **written}
+            parts = {**_scan_parts(out, expected), **run["written"]}
             missing = [i for i in range(n_parts) if i not in parts]
             if not missing:
                 counts = _finalise(out, meta, n_parts, parts)
@@ -406,18 +430,7 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
                                                  all(i in _scan_parts(out, expected) for i in range(n_parts)))
     if finalised and counts is None:
         counts = read_manifest(out)["metadata"]["counts"]
-
-    wall = time.perf_counter() - t0
-    summary = {"cache": str(out), "leader": procs.leader, "finalised": finalised, "kind": kind,
-               "has_reference": not cfg.no_reference, "counts": counts, "parts": n_parts,
-               "parts_written": parts_written, "parts_reused": reused, "tokens_this_run": tokens_this_run,
-               "wall_s": wall, "tokens_per_s": tokens_this_run / wall if wall > 0 else 0.0,
-               "skip_examples": _first_skips(out, n_parts) if finalised else {},
-               "skipped_files": list(ds.skipped_files)}
-    if cfg.verify and finalised and procs.leader:
-        from prefpipe.precompute.verify import verify_cache
-        summary["verify"] = verify_cache(str(out), cfg.model, cfg.verify, device=cfg.device)
-    return summary
+    return counts, finalised
 
 
 def _agree(procs: Procs, failure: Exception | None):
