@@ -53,7 +53,7 @@ def _token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.T
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor, *,
                       temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                      return_token_logprobs: bool = False):
+                      return_token_logprobs: bool = False, seq_lens: torch.Tensor | None = None):
     """Summed log-probabilities of each row's response tokens.
 
     Args:
@@ -66,6 +66,8 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         chunk_tokens: response positions pushed through the LM head at once. Only response positions are ever
             projected, in float32, so peak memory is `chunk_tokens x vocab` rather than `B x T x vocab`.
         return_token_logprobs: also return the per-token log-probs as a list of `[n_i]` tensors.
+        seq_lens: packed mode (see `packed_sequence_logprobs`): `input_ids` is one `[1, sum(seq_lens)]` row of
+            sequences laid end to end, `attention_mask` is None, and rows of the result are the sequences.
 
     Returns:
         `(sums [B] float32, counts [B] long)`: sum over response positions p (prompt_len <= p < len) of
@@ -73,6 +75,9 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         enabled each chunk is recomputed in backward (activation checkpointing), so training never stores
         `[N, vocab]` logits either.
     """
+    if seq_lens is not None:
+        return packed_sequence_logprobs(model, input_ids, prompt_lens, seq_lens, temperature=temperature,
+                                        chunk_tokens=chunk_tokens, return_token_logprobs=return_token_logprobs)
     if bool((prompt_lens < 1).any()):
         raise ValueError("every row needs at least one prompt token")
     B, T = input_ids.shape
@@ -103,6 +108,76 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     # hundred, more than the per-token disagreement between engines; one rounding back to float32 costs 1 ulp.
     sums = torch.zeros(B, dtype=torch.float64, device=input_ids.device).index_add(0, rows, tok_lp.double()).float()
     counts = tgt_mask.sum(-1)
+    if return_token_logprobs:
+        return sums, counts, list(tok_lp.detach().split(counts.tolist()))
+    return sums, counts
+
+
+def packed_positions(seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(segment [T], position [T])` of each token of a packed row: which sequence it belongs to, and its
+    position inside that sequence (restarting at 0 for every sequence)."""
+    seg = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=seq_lens.device), seq_lens)
+    starts = torch.cumsum(seq_lens, 0) - seq_lens
+    return seg, torch.arange(seg.numel(), device=seq_lens.device) - starts[seg]
+
+
+def packed_sequence_logprobs(model, input_ids: torch.Tensor, prompt_lens: torch.Tensor, seq_lens: torch.Tensor, *,
+                             temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                             return_token_logprobs: bool = False):
+    """`sequence_logprobs` of sequences packed end to end into one row, with no padding.
+
+    `input_ids` is `[1, T]` with `T = sum(seq_lens)`; sequence i occupies `seq_lens[i]` tokens and starts with
+    its `prompt_lens[i]` prompt tokens. The decoder gets `position_ids` that restart at 0 for every sequence and
+    no attention mask, from which transformers' masking utilities build a block-diagonal causal mask (sdpa,
+    eager, flex) or flash-attention runs varlen over the segment boundaries: no token attends across sequences.
+    Whether a given model honours that is checked once per run (`parallel.packing_problem`), not here.
+
+    Returns the same `(sums [S], counts [S])` (and per-token list) as the padded call on the same sequences.
+    """
+    if bool((prompt_lens < 1).any()):
+        raise ValueError("every row needs at least one prompt token")
+    if input_ids.shape[0] != 1 or int(seq_lens.sum()) != input_ids.shape[1]:
+        raise ValueError(f"a packed row must be [1, sum(seq_lens)]; got {list(input_ids.shape)} for "
+                         f"{int(seq_lens.sum())} tokens")
+    S = seq_lens.numel()
+    decoder, head = _decoder_and_head(model)
+    seg, pos = packed_positions(seq_lens)
+    hidden = decoder(input_ids=input_ids, position_ids=pos[None], use_cache=False,
+                     **_varlen_kwargs(model, seq_lens)).last_hidden_state[0]
+    # target p of sequence i is scored when p >= prompt_lens[i]; p >= 1 then, so p-1 lies in the same sequence
+    tgt_mask = (pos >= prompt_lens[seg])[1:]
+    h = hidden[:-1][tgt_mask]
+    targets = input_ids[0, 1:][tgt_mask]
+    rows = seg[1:][tgt_mask]
+    counts = (seq_lens - prompt_lens).clamp(min=0)
+    return _summed(model, head, h, targets, rows, S, counts, temperature, chunk_tokens, return_token_logprobs)
+
+
+def _varlen_kwargs(model, seq_lens: torch.Tensor) -> dict:
+    """Flash-attention takes the segment boundaries directly (varlen) instead of inferring them from
+    `position_ids` in every layer, which would synchronise the device each time."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    if not impl.startswith("flash_attention"):
+        return {}
+    cu = torch.nn.functional.pad(torch.cumsum(seq_lens, 0, dtype=torch.int32), (1, 0))
+    longest = int(seq_lens.max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def _summed(model, head, h, targets, rows, n_rows: int, counts, temperature, chunk_tokens, return_token_logprobs):
+    """Score the selected positions through the LM head in chunks and sum them per row (as the padded path)."""
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    weight, bias = head.weight, head.bias
+    pieces = []
+    for start in range(0, h.shape[0], chunk_tokens):
+        args = (h[start:start + chunk_tokens], targets[start:start + chunk_tokens], weight, bias, temperature,
+                softcap)
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_token_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(_token_logprobs(*args))
+    tok_lp = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(n_rows, dtype=torch.float64, device=h.device).index_add(0, rows, tok_lp.double()).float()
     if return_token_logprobs:
         return sums, counts, list(tok_lp.detach().split(counts.tolist()))
     return sums, counts

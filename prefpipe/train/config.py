@@ -80,6 +80,10 @@ class LoopConfig:
     keep_checkpoints: int = opt(0, help="Keep only the newest N checkpoints (0: keep all).")
     resume: bool = opt(False, help="Continue each run from its last checkpoint; finished runs are skipped.")
     gradient_checkpointing: bool = opt(False, help="Recompute activations in backward to save memory.")
+    padding_free: bool = opt(True, help="Pack each forward's sequences end to end in one row (position ids "
+                             "restart per sequence; no padding). Falls back to padding, with a note, when the model's "
+                             "attention cannot keep packed sequences apart.", off_help="Pad every micro-batch to its "
+                             "longest sequence.")
 
     def __post_init__(self):
         if self.batch_size < 1 or self.grad_accum < 1:

@@ -10,17 +10,20 @@ from prefpipe.train.loss_names import EXAMPLES, PAIRS
 
 
 @torch.no_grad()
-def _live(ref_scorer, ids, mask, plens, autocast):
+def _live(ref_scorer, inputs: tuple[tuple, dict], autocast):
+    """The live reference's sums on a batch's `forward_inputs` (packed or padded, like the policy's)."""
+    args, kwargs = inputs
     with autocast:
-        return ref_scorer(ids, mask, plens)[0]
+        return ref_scorer(*args, **kwargs)[0]
 
 
 def kl_terms(batch, policy_scorer, ref_scorer, autocast) -> torch.Tensor:
     """KTO: `pi(y'|x) - ref(y'|x)` per example for the pinned mismatched completions, without gradient."""
+    args, kwargs = batch.forward_inputs(kl=True)
     with torch.no_grad(), autocast:
-        pi_kl, _ = policy_scorer(batch.kl_ids, batch.kl_mask, batch.kl_prompt_lens)
+        pi_kl, _ = policy_scorer(*args, **kwargs)
     ref_kl = batch.ref[UNPAIRED.response("kl").ref] if ref_scorer is None else _live(
-        ref_scorer, batch.kl_ids, batch.kl_mask, batch.kl_prompt_lens, autocast)
+        ref_scorer, (args, kwargs), autocast)
     return pi_kl.float() - ref_kl
 
 
@@ -64,19 +67,20 @@ def _inputs(shape: str, batch, sums, counts, ref) -> dict:
 
 
 def batch_loss(batch, policy_module, ref_scorer, loss_cfg, autocast, extra: dict | None = None) -> L.LossOutput:
-    """Run the policy on `batch` (every response in one concatenated forward) and apply the registry entry of
+    """Run the policy on `batch` (every response in one concatenated forward, packed or padded) and apply the registry entry of
     `loss_cfg.loss_type`, with `extra` inputs from its pre-step.
 
     `policy_module` is called with gradients enabled if they are; `ref_scorer` is None for the cached reference
     (or a reference-free loss)."""
     loss = L.get_loss(loss_cfg.loss_type)
+    args, kwargs = batch.forward_inputs()
     with autocast:
-        sums, counts = policy_module(batch.ids, batch.mask, batch.prompt_lens)
+        sums, counts = policy_module(*args, **kwargs)
     sums, counts = sums.float(), counts.float()
     ref = None
     if loss.spec.needs_reference:
         ref = batch.cached_reference() if ref_scorer is None else _live(
-            ref_scorer, batch.ids, batch.mask, batch.prompt_lens, autocast).float()
+            ref_scorer, (args, kwargs), autocast).float()
     inputs = _inputs(loss.spec.batch, batch, sums, counts, ref)
     inputs.update(extra or {})
     return loss(inputs, loss_cfg)
