@@ -116,15 +116,15 @@ def run(out, model, cache_dir, losses, padding_free, **loop):
 
 @pytest.fixture
 def count_packed(monkeypatch):
-    """How many packed forwards ran (so a test knows the packed layout was really used)."""
-    import prefpipe.logprobs as lp
+    """How many micro-batches (train and eval) were collated packed, so a test knows the layout was used."""
+    import prefpipe.train.batches as tb
     calls = [0]
-    real = lp.packed_sequence_logprobs
+    real = tb.collate_rows
 
     def spy(*a, **k):
-        calls[0] += 1
+        calls[0] += bool(k.get("pack") or (len(a) > 5 and a[5]))
         return real(*a, **k)
-    monkeypatch.setattr(lp, "packed_sequence_logprobs", spy)
+    monkeypatch.setattr(tb, "collate_rows", spy)
     return calls
 
 
@@ -138,7 +138,9 @@ def test_training_packed_equals_padded(tmp_path, tmp_path_factory, tiny_model, c
     run(tmp_path / "pad", tiny_model, c, losses, False, **kw)
     assert count_packed[0] == 0
     summary = run(tmp_path / "pack", tiny_model, c, losses, True, **kw)
-    assert count_packed[0] > 0
+    n_eval = metrics(tmp_path / "pack" / summary["runs"][0]["dir"], "eval")[0]["examples"]
+    # every micro-batch was packed: 6 steps x 2 micro-batches, and 2 evaluations of ceil(n_eval / 3) batches
+    assert count_packed[0] == len(summary["runs"]) * (6 * 2 + 2 * -(-n_eval // 3))
     keys = ("loss", "acc", "r_chosen", "r_rejected", "margin", "grad_norm", "lr", "kl", "nll", "log_odds")
     for r in summary["runs"]:
         a, b = tmp_path / "pad" / r["dir"], tmp_path / "pack" / r["dir"]
