@@ -109,7 +109,7 @@ def run(out, model, cache_dir, losses, padding_free, **loop):
     from prefpipe.train.loop import run_training
     cfg = TrainConfig(source=SourceConfig(model=str(model), cache=str(cache_dir)), out=str(out),
                       loss_types=tuple(losses), optim=OptimConfig(lr=1e-3, warmup_ratio=0.25),
-                      loop=LoopConfig(max_steps=6, padding_free=padding_free, **loop), dtype="float32",
+                      loop=LoopConfig(**{"max_steps": 6, **loop}, padding_free=padding_free), dtype="float32",
                       device="cpu", progress=False)
     return run_training(cfg)
 
