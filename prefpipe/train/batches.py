@@ -17,8 +17,8 @@ Decisions a user may want to know:
   step are the same whatever the number of processes.
 - **Loading.** Training micro-batches come from a `DataLoader` (`RowsDataset`, `StepSampler`) in exactly that
   order. On GPU one worker process packs (or pads) the next micro-batches while the current step runs; on CPU they
-  are built on the main thread, since a worker would compete with the step for the same cores and building one
-  costs about a millisecond against steps of a second or more (bench/train_packing.py measures both).
+  are built on the main thread, since a worker would compete with the step for the same cores, and building one
+  (packed or padded) takes a few milliseconds against steps of seconds (bench/train_packing.py measures both).
 - **Packing** (`--padding_free`, the default where the model allows it): every sequence a forward scores
   (chosen and rejected of every pair, or the KTO examples; the KTO partners in their own no-gradient forward)
   is laid end to end in ONE row of `sum(lengths)` tokens, with no padding; `seq_lens` gives each sequence's

@@ -183,7 +183,16 @@ def packing_problem(scorer: nn.Module, lm: nn.Module, device) -> str | None:
 
 def choose_packing(policy: Policy, requested: bool, device, log=print) -> bool:
     """Set and return `policy.packed`: `--padding_free` where the model can pack, else the padded layout with a
-    logged note saying why."""
+    logged note saying why.
+
+    Packs: decoders built on transformers' masking utilities with sdpa, eager, flex or flash attention, sliding
+    windows and chunked attention included (their mask builders honour packed position ids). Falls back: custom
+    or remote-code attention kernels, bidirectional models, decoders that take no `position_ids`, and hybrids
+    whose recurrent layers (Mamba-style, linear attention) would carry state from one packed sequence into the
+    next (the probe catches those). Cost: sdpa and eager materialise a `[T, T]` block-diagonal mask for a packed
+    row of T tokens and compute attention over all of it (masked blocks included), so attention grows with
+    `T^2 = (sum of lengths)^2` rather than `batch x longest^2`; flash-attention runs varlen and computes only the
+    diagonal blocks. Linear layers and the LM head see only real tokens either way."""
     policy.packed = False
     if not requested:
         return False
