@@ -66,9 +66,9 @@ def _padded(values: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> t
     return values.new_zeros(B, width).index_put((rows, col), values)
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor, *,
-                      temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                      return_token_logprobs: bool = False, extras: tuple = ()):
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prompt_lens: torch.Tensor,
+                      *, temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                      return_token_logprobs: bool = False, extras: tuple = (), seq_lens: torch.Tensor | None = None):
     """Summed log-probabilities of each row's response tokens.
 
     Args:
@@ -85,6 +85,8 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             zero after each row's count: "tokens", the per-token log-probs *with* gradient (LD-DPO's tails), and
             "log_sum_sq", `log sum_v p_v^2` of each scored position's distribution, without gradient (WPO). The
             second comes from the same float32 chunk as the log-softmax, so it costs no extra logits memory.
+        seq_lens: packed mode (see `packed_sequence_logprobs`): `input_ids` is one `[1, sum(seq_lens)]` row of
+            sequences laid end to end, `attention_mask` is None, and rows of the result are the sequences.
 
     Returns:
         `(sums [B] float32, counts [B] long)`: sum over response positions p (prompt_len <= p < len) of
@@ -92,6 +94,10 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         enabled each chunk is recomputed in backward (activation checkpointing), so training never stores
         `[N, vocab]` logits either.
     """
+    if seq_lens is not None:
+        return packed_sequence_logprobs(model, input_ids, prompt_lens, seq_lens, temperature=temperature,
+                                        chunk_tokens=chunk_tokens, return_token_logprobs=return_token_logprobs,
+                                        extras=extras)
     if bool((prompt_lens < 1).any()):
         raise ValueError("every row needs at least one prompt token")
     B, T = input_ids.shape
@@ -105,12 +111,71 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     h = hidden[:, :-1][tgt_mask]  # [N, H]: the state at p-1 predicts token p
     targets = input_ids[:, 1:][tgt_mask]  # [N]
     rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T - 1)[tgt_mask]
+    return _summed(model, head, h, targets, rows, tgt_mask.sum(-1), temperature, chunk_tokens,
+                   return_token_logprobs, extras)
 
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    weight, bias = head.weight, head.bias
+
+def packed_positions(seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(segment [T], position [T])` of each token of a packed row: which sequence it belongs to, and its
+    position inside that sequence (restarting at 0 for every sequence)."""
+    seg = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=seq_lens.device), seq_lens)
+    starts = torch.cumsum(seq_lens, 0) - seq_lens
+    return seg, torch.arange(seg.numel(), device=seq_lens.device) - starts[seg]
+
+
+def packed_sequence_logprobs(model, input_ids: torch.Tensor, prompt_lens: torch.Tensor, seq_lens: torch.Tensor, *,
+                             temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                             return_token_logprobs: bool = False, extras: tuple = ()):
+    """`sequence_logprobs` of sequences packed end to end into one row, with no padding.
+
+    `input_ids` is `[1, T]` with `T = sum(seq_lens)`; sequence i occupies `seq_lens[i]` tokens and starts with
+    its `prompt_lens[i]` prompt tokens. The decoder gets `position_ids` that restart at 0 for every sequence and
+    no attention mask, from which transformers' masking utilities build a block-diagonal causal mask (sdpa,
+    eager, flex) or flash-attention runs varlen over the segment boundaries: no token attends across sequences.
+    Whether a given model honours that is checked once per run (`parallel.packing_problem`), not here.
+
+    Returns the same `(sums [S], counts [S])` (and per-token list, and `extras`) as the padded call on the same
+    sequences.
+    """
+    if bool((prompt_lens < 1).any()):
+        raise ValueError("every row needs at least one prompt token")
+    if input_ids.shape[0] != 1 or int(seq_lens.sum()) != input_ids.shape[1]:
+        raise ValueError(f"a packed row must be [1, sum(seq_lens)]; got {list(input_ids.shape)} for "
+                         f"{int(seq_lens.sum())} tokens")
+    decoder, head = _decoder_and_head(model)
+    seg, pos = packed_positions(seq_lens)
+    hidden = decoder(input_ids=input_ids, position_ids=pos[None], use_cache=False,
+                     **_varlen_kwargs(model, seq_lens)).last_hidden_state[0]
+    # target p of sequence i is scored when p >= prompt_lens[i]; p >= 1 then, so p-1 lies in the same sequence
+    tgt_mask = (pos >= prompt_lens[seg])[1:]
+    h = hidden[:-1][tgt_mask]
+    targets = input_ids[0, 1:][tgt_mask]
+    rows = seg[1:][tgt_mask]
+    counts = (seq_lens - prompt_lens).clamp(min=0)
+    return _summed(model, head, h, targets, rows, counts, temperature, chunk_tokens, return_token_logprobs,
+                   extras)
+
+
+def _varlen_kwargs(model, seq_lens: torch.Tensor) -> dict:
+    """Flash-attention takes the segment boundaries directly (varlen) instead of inferring them from
+    `position_ids` in every layer, which would synchronise the device each time."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    if not impl.startswith("flash_attention"):
+        return {}
+    cu = torch.nn.functional.pad(torch.cumsum(seq_lens, 0, dtype=torch.int32), (1, 0))
+    longest = int(seq_lens.max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def _summed(model, head, h, targets, rows, counts, temperature, chunk_tokens, return_token_logprobs,
+            extras: tuple = ()):
+    """Score the selected positions `h` (row-major, row of each in `rows`) through the LM head in chunks and sum
+    them per row; the tail of both the padded and the packed path."""
     unknown = set(extras) - {"tokens", "log_sum_sq"}
     if unknown:
         raise ValueError(f"unknown extras {sorted(unknown)}")
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    weight, bias = head.weight, head.bias
     want_sq = "log_sum_sq" in extras
     pieces, sq_pieces = [], []
     for start in range(0, h.shape[0], chunk_tokens):
@@ -124,12 +189,12 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             piece, sq = piece
             sq_pieces.append(sq)
         pieces.append(piece)
-    tok_lp = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    tok_lp = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
 
     # Accumulate in float64: a float32 running sum over hundreds of tokens loses ~1e-4 nats on sums of a few
     # hundred, more than the per-token disagreement between engines; one rounding back to float32 costs 1 ulp.
-    sums = torch.zeros(B, dtype=torch.float64, device=input_ids.device).index_add(0, rows, tok_lp.double()).float()
-    counts = tgt_mask.sum(-1)
+    n_rows = counts.shape[0]
+    sums = torch.zeros(n_rows, dtype=torch.float64, device=h.device).index_add(0, rows, tok_lp.double()).float()
     out = (sums, counts)
     if return_token_logprobs:
         out += (list(tok_lp.detach().split(counts.tolist())),)

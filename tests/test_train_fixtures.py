@@ -54,7 +54,8 @@ def cache(tmp_path_factory, model: Path, data: Path, name: str, **kw) -> Path:
 
 def train(out: Path, model: Path, *, cache=None, data=None, loss_types=("dpo",), betas=(0.1,), reference="cached",
           lr=1e-3, batch_size=4, grad_accum=1, max_steps=6, seed=0, warmup_ratio=0.0, eval_fraction=0.0,
-          save_every=0, resume=False, gradient_checkpointing=False, loss_kw=None, source_kw=None, **kw):
+          save_every=0, resume=False, gradient_checkpointing=False, loss_kw=None, source_kw=None,
+          padding_free=True, **kw):
     """run_training with small defaults: a constant-ish lr high enough to move a tiny model in a few steps."""
     from prefpipe.train.config import LoopConfig, LossConfig, OptimConfig, SourceConfig, TrainConfig
     from prefpipe.train.loop import run_training
@@ -65,7 +66,7 @@ def train(out: Path, model: Path, *, cache=None, data=None, loss_types=("dpo",),
         optim=OptimConfig(lr=lr, warmup_ratio=warmup_ratio, lr_scheduler=kw.pop("lr_scheduler", "linear")),
         loop=LoopConfig(batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, seed=seed,
                         eval_fraction=eval_fraction, save_every=save_every, resume=resume,
-                        gradient_checkpointing=gradient_checkpointing),
+                        gradient_checkpointing=gradient_checkpointing, padding_free=padding_free),
         dtype="float32", device="cpu", progress=False, **kw)
     return run_training(cfg)
 

@@ -116,7 +116,16 @@ class PipelineConfig:
 
     @property
     def losses(self) -> tuple:
-        return tuple(self.values["loss_type"])
+        """The loss types by their canonical names (`DPO`, `sigmoid` -> `dpo`); a name no loss has stays as
+        written, for the train settings to refuse with the key named."""
+        from prefpipe.train.loss_names import resolve_loss_type
+
+        def canonical(text):
+            try:
+                return resolve_loss_type(text)
+            except ValueError:
+                return text
+        return tuple(canonical(t) for t in self.values["loss_type"])
 
     @property
     def betas(self) -> tuple:

@@ -16,8 +16,14 @@ Decisions a user may want to know:
   micro-batch k of process r holds rows `[(k * processes + r) * batch_size, ... + batch_size)`, so the rows of a
   step are the same whatever the number of processes.
 - **Loading.** Training micro-batches come from a `DataLoader` (`RowsDataset`, `StepSampler`) in exactly that
-  order. On GPU one worker process pads the next micro-batches while the current step runs; on CPU they are built
-  on the main thread, since a worker would compete with the step for the same cores.
+  order. On GPU one worker process packs (or pads) the next micro-batches while the current step runs; on CPU they
+  are built on the main thread, since a worker would compete with the step for the same cores, and building one
+  (packed or padded) takes a few milliseconds against steps of seconds (bench/train_packing.py measures both).
+- **Packing** (`--padding_free`, the default where the model allows it): every sequence a forward scores
+  (chosen and rejected of every pair, or the KTO examples; the KTO partners in their own no-gradient forward)
+  is laid end to end in ONE row of `sum(lengths)` tokens, with no padding; `seq_lens` gives each sequence's
+  length and the model sees position ids that restart per sequence (see `logprobs.packed_sequence_logprobs`).
+  Per-sequence scores, the rows of a step and every loss are those of the padded layout.
 """
 
 from __future__ import annotations
@@ -190,6 +196,17 @@ class Batch:
     kl_prompt_lens: torch.Tensor | None = None
     tokens: int = 0  # real tokens the policy forwards (KL sequences included), counted on the host
     responses: tuple = ()  # the cache Responses whose sequences fill `ids`, in order
+    # packed layout: `ids` (and `kl_ids`) is one [1, sum(seq_lens)] row, `mask` None, one length per sequence
+    seq_lens: torch.Tensor | None = None
+    kl_seq_lens: torch.Tensor | None = None
+
+    def forward_inputs(self, kl: bool = False) -> tuple[tuple, dict]:
+        """`(args, kwargs)` for a `Scorer` call on the batch's sequences (or its KTO partners with `kl`)."""
+        if kl:
+            args, lens = (self.kl_ids, self.kl_mask, self.kl_prompt_lens), self.kl_seq_lens
+        else:
+            args, lens = (self.ids, self.mask, self.prompt_lens), self.seq_lens
+        return args, ({} if lens is None else {"seq_lens": lens})
 
     def cached_reference(self) -> torch.Tensor:
         """The cached reference sums aligned with the rows of `ids`."""
@@ -209,13 +226,22 @@ def batch_shape(shape_or_loss: str) -> str:
 
 
 def make_batch(data: TrainData, rows: list[int], shape: str, pad_id: int, device,
-               use_cached_reference: bool) -> Batch:
-    """The micro-batch of table rows `rows` in `shape` (a `loss_names` batch shape, or a loss name)."""
+               use_cached_reference: bool, pack: bool = False) -> Batch:
+    """The micro-batch of table rows `rows` in `shape` (a `loss_names` batch shape, or a loss name); `pack`
+    lays its sequences end to end in one row instead of padding them."""
     return collate_rows(data.table.take(pa.array(rows, type=pa.int64())), batch_shape(shape), pad_id,
-                        use_cached_reference, device)
+                        use_cached_reference, device, pack)
 
 
-def collate_rows(t: pa.Table, shape: str, pad_id: int, use_cached_reference: bool, device=None) -> Batch:
+def pack_sequences(seqs: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(ids [1, sum(lengths)], seq_lens [S])`: the sequences end to end, no padding."""
+    flat = [t for s in seqs for t in s]
+    ids = torch.tensor([flat], dtype=torch.long, device=device)
+    return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long, device=device)
+
+
+def collate_rows(t: pa.Table, shape: str, pad_id: int, use_cached_reference: bool, device=None,
+                 pack: bool = False) -> Batch:
     from prefpipe.data.cache import PAIRED, UNPAIRED
     from prefpipe.train.loss_names import CHOSEN, EXAMPLES
     prompts = t.column("prompt_ids").to_pylist()
@@ -225,9 +251,12 @@ def collate_rows(t: pa.Table, shape: str, pad_id: int, use_cached_reference: boo
     def tensors(responses):
         seqs = [p + r for p, r in zip(prompts * (len(responses) // n), responses)]
         tokens[0] += sum(len(x) for x in seqs)
-        ids, mask = pad_batch(seqs, pad_id, device)
         plens = torch.tensor([len(p) for p in prompts] * (len(responses) // n), dtype=torch.long, device=device)
-        return ids, mask, plens
+        if pack:
+            ids, lens = pack_sequences(seqs, device)
+            return (ids, None, plens), lens
+        ids, mask = pad_batch(seqs, pad_id, device)
+        return (ids, mask, plens), None
 
     kind = UNPAIRED if shape == EXAMPLES else PAIRED
     ref_cols = kind.ref_columns if use_cached_reference else ()
@@ -237,12 +266,13 @@ def collate_rows(t: pa.Table, shape: str, pad_id: int, use_cached_reference: boo
     if kind is PAIRED:
         forwarded = PAIRED.responses[:1] if shape == CHOSEN else PAIRED.responses
         responses = sum((t.column(r.ids).to_pylist() for r in forwarded), [])
-        return Batch(*tensors(responses), n=n, ref=ref, tokens=tokens[0], responses=forwarded)
+        main, lens = tensors(responses)
+        return Batch(*main, n=n, ref=ref, tokens=tokens[0], responses=forwarded, seq_lens=lens)
     own, kl = UNPAIRED.response("completion"), UNPAIRED.response("kl")
     label = torch.tensor(t.column("label").to_pylist(), dtype=torch.bool, device=device)
-    ids, mask, plens = tensors(t.column(own.ids).to_pylist())
-    kl_ids, kl_mask, kl_plens = tensors(t.column(kl.ids).to_pylist())
-    return Batch(ids, mask, plens, n, ref, label, kl_ids, kl_mask, kl_plens, tokens[0], (own,))
+    (ids, mask, plens), lens = tensors(t.column(own.ids).to_pylist())
+    (kl_ids, kl_mask, kl_plens), kl_lens = tensors(t.column(kl.ids).to_pylist())
+    return Batch(ids, mask, plens, n, ref, label, kl_ids, kl_mask, kl_plens, tokens[0], (own,), lens, kl_lens)
 
 
 def padded_lists(col, device=None) -> torch.Tensor:
@@ -262,10 +292,12 @@ def padded_lists(col, device=None) -> torch.Tensor:
 
 class RowsDataset(torch.utils.data.Dataset):
     """The training table for a `DataLoader` whose sampler yields whole micro-batches of row indices: fetching a
-    micro-batch is one Arrow `take`, and `collate` pads it (on the host; the loop moves it to the device)."""
+    micro-batch is one Arrow `take`, and `collate` packs or pads it (on the host, in the loader's worker when it
+    has one; the loop moves it to the device)."""
 
-    def __init__(self, data: TrainData, shape: str, pad_id: int, use_cached_reference: bool):
+    def __init__(self, data: TrainData, shape: str, pad_id: int, use_cached_reference: bool, pack: bool = False):
         self.table, self.shape, self.pad_id, self.cached = data.table, shape, pad_id, use_cached_reference
+        self.pack = pack
 
     def __len__(self):
         return self.table.num_rows
@@ -277,7 +309,7 @@ class RowsDataset(torch.utils.data.Dataset):
         return self.table.take(pa.array(rows, type=pa.int64()))
 
     def collate(self, t: pa.Table) -> Batch:
-        return collate_rows(t, self.shape, self.pad_id, self.cached)
+        return collate_rows(t, self.shape, self.pad_id, self.cached, pack=self.pack)
 
 
 class StepSampler(torch.utils.data.Sampler):

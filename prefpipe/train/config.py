@@ -152,6 +152,10 @@ class LoopConfig:
     gradient_checkpointing: bool = opt(False, help="Recompute activations in backward to save memory.")
     overwrite: bool = opt(False, help="Replace the run directories this call writes (RUNS_DIR/<run>/) when they "
                           "already hold a run; other files in RUNS_DIR are kept.")
+    padding_free: bool = opt(True, help="Pack each forward's sequences end to end in one row (position ids "
+                             "restart per sequence; no padding). Falls back to padding, with a note, when the model's "
+                             "attention cannot keep packed sequences apart.", off_help="Pad every micro-batch to its "
+                             "longest sequence.")
 
     def __post_init__(self):
         if self.overwrite and self.resume:

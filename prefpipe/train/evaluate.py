@@ -16,7 +16,8 @@ def evaluate(ctx, policy, ref_scorer, loss_cfg, use_cached_ref: bool, at_step: i
     procs, device = ctx.procs, ctx.device
     loss = get_loss(loss_cfg.loss_type)
     pad_id = ctx.tokenizer.pad_token_id
-    parts = [(make_batch(ctx.data, rows, loss.spec.batch, pad_id, device, use_cached_ref), real)
+    parts = [(make_batch(ctx.data, rows, loss.spec.batch, pad_id, device, use_cached_ref,
+                         pack=getattr(policy, "packed", False)), real)
              for rows, real in eval_batches(ctx.eval_rows, ctx.cfg.loop.batch_size, procs.world, procs.rank)]
     extra, logged = run_prestep(loss, parts, policy.scorer, ref_scorer, ctx.autocast(), procs, device)
     sums = MetricSums()

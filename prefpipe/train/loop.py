@@ -61,7 +61,7 @@ from prefpipe.train.evaluate import evaluate
 from prefpipe.train.losses import LOSSES
 from prefpipe.train.metrics_log import MetricsLog
 from prefpipe.train.tracking import open_trackers
-from prefpipe.train.parallel import process_device, start, wrap_reference
+from prefpipe.train.parallel import choose_packing, process_device, start, wrap_reference
 from prefpipe.train.setup import Context, Plan, Trainer, build_trainer, check_drift, find_start, plan_run
 from prefpipe.train.step import train_step
 
@@ -164,6 +164,7 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
         ctx.log(f"{loss.run_name}: already finished; skipped (--resume)")
         return json.loads(rd.result.read_text())
     tr = build_trainer(ctx, plan, begin)
+    choose_packing(tr.policy, ctx.cfg.loop.padding_free, ctx.device, ctx.log)
     ref_scorer = ctx.ref_scorer if loss.needs_reference else None
     use_cached_ref = loss.needs_reference and ref_scorer is None
     if begin.state is not None:
@@ -201,7 +202,8 @@ def _run_steps(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, rd, mlog
     """Steps `tr.step + 1 .. plan.total`, each logged, with evaluations and checkpoints on schedule."""
     from tqdm import tqdm
     cfg, procs, loop = ctx.cfg, ctx.procs, ctx.cfg.loop
-    dataset = RowsDataset(ctx.data, LOSSES[loss.loss_type].batch, ctx.tokenizer.pad_token_id, use_cached_ref)
+    dataset = RowsDataset(ctx.data, LOSSES[loss.loss_type].batch, ctx.tokenizer.pad_token_id, use_cached_ref,
+                          pack=tr.policy.packed)
     sampler = StepSampler(plan.order, tr.step, plan.total, loop.batch_size, loop.grad_accum, procs.world,
                           procs.rank)
     micro_batches = iter(train_loader(dataset, sampler, workers=1 if ctx.device.type == "cuda" else 0))

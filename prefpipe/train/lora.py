@@ -75,6 +75,6 @@ class AdapterOffReference:
         self.peft_lm = peft_lm
         self.scorer = scorer
 
-    def __call__(self, input_ids, attention_mask, prompt_lens):
+    def __call__(self, input_ids, attention_mask, prompt_lens, **kwargs):
         with torch.no_grad(), self.peft_lm.disable_adapter():
-            return self.scorer(input_ids, attention_mask, prompt_lens)
+            return self.scorer(input_ids, attention_mask, prompt_lens, **kwargs)

@@ -10,17 +10,20 @@ from prefpipe.train.loss_names import EXAMPLES, PAIRS
 
 
 @torch.no_grad()
-def _live(ref_scorer, ids, mask, plens, autocast):
+def _live(ref_scorer, inputs: tuple[tuple, dict], autocast):
+    """The live reference's sums on a batch's `forward_inputs` (packed or padded, like the policy's)."""
+    args, kwargs = inputs
     with autocast:
-        return ref_scorer(ids, mask, plens)[0]
+        return ref_scorer(*args, **kwargs)[0]
 
 
 def kl_terms(batch, policy_scorer, ref_scorer, autocast) -> torch.Tensor:
     """KTO: `pi(y'|x) - ref(y'|x)` per example for the pinned mismatched completions, without gradient."""
+    args, kwargs = batch.forward_inputs(kl=True)
     with torch.no_grad(), autocast:
-        pi_kl, _ = policy_scorer(batch.kl_ids, batch.kl_mask, batch.kl_prompt_lens)
+        pi_kl, _ = policy_scorer(*args, **kwargs)
     ref_kl = batch.ref[UNPAIRED.response("kl").ref] if ref_scorer is None else _live(
-        ref_scorer, batch.kl_ids, batch.kl_mask, batch.kl_prompt_lens, autocast)
+        ref_scorer, (args, kwargs), autocast)
     return pi_kl.float() - ref_kl
 
 
@@ -81,14 +84,15 @@ def _token_inputs(batch, tokens: torch.Tensor, ref_scorer, autocast) -> dict:
     if ref_scorer is None:
         ref_c, ref_r = (batch.ref[r.tokens] for r in PAIRED.responses)
     else:
+        args, kwargs = batch.forward_inputs()
         with torch.no_grad(), autocast:
-            ref_tok = ref_scorer(batch.ids, batch.mask, batch.prompt_lens, extras=("tokens",))[2]["tokens"].float()
+            ref_tok = ref_scorer(*args, **kwargs, extras=("tokens",))[2]["tokens"].float()
         ref_c, ref_r = ref_tok[:n], ref_tok[n:]
     return {"pi_c_tok": tokens[:n], "pi_r_tok": tokens[n:], "ref_c_tok": ref_c, "ref_r_tok": ref_r}
 
 
 def batch_loss(batch, policy_module, ref_scorer, loss_cfg, autocast, extra: dict | None = None) -> L.LossOutput:
-    """Run the policy on `batch` (every response in one concatenated forward) and apply the registry entry of
+    """Run the policy on `batch` (every response in one forward, packed or padded) and apply the registry entry of
     `loss_cfg` (its `variant`: `ld_dpo` for dpo with --ld_alpha), with `extra` inputs from its pre-step. With
     `loss_cfg.wpo` each pair's loss is then multiplied by the policy's WPO weights `w_c * w_r`.
 
@@ -96,14 +100,15 @@ def batch_loss(batch, policy_module, ref_scorer, loss_cfg, autocast, extra: dict
     (or a reference-free loss)."""
     loss = L.get_loss(getattr(loss_cfg, "variant", loss_cfg.loss_type))
     wanted = _policy_extras(loss, loss_cfg)
+    args, kwargs = batch.forward_inputs()
     with autocast:
-        out = policy_module(batch.ids, batch.mask, batch.prompt_lens, **({"extras": wanted} if wanted else {}))
+        out = policy_module(*args, **kwargs, **({"extras": wanted} if wanted else {}))
     sums, counts = out[0].float(), out[1].float()
     per_token = {k: v.float() for k, v in out[2].items()} if wanted else {}
     ref = None
     if loss.spec.needs_reference:
         ref = batch.cached_reference() if ref_scorer is None else _live(
-            ref_scorer, batch.ids, batch.mask, batch.prompt_lens, autocast).float()
+            ref_scorer, (args, kwargs), autocast).float()
     inputs = _inputs(loss.spec.batch, batch, sums, counts, ref)
     if "pi_c_tok" in loss.spec.inputs:
         inputs.update(_token_inputs(batch, per_token["tokens"], ref_scorer, autocast))

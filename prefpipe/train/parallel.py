@@ -43,16 +43,18 @@ def process_device(device: torch.device) -> torch.device:
 
 
 class Scorer(nn.Module):
-    """`forward(ids, mask, prompt_lens) -> (sums, counts)`: the shared `sequence_logprobs` on `self.lm`. With
-    `extras` (see `sequence_logprobs`: "tokens", "log_sum_sq") it returns `(sums, counts, {name: [B, n]})`, still
-    from this one forward, so DDP and FSDP see the per-token outputs too."""
+    """`forward(ids, mask, prompt_lens) -> (sums, counts)`: the shared `sequence_logprobs` on `self.lm`.
+    `seq_lens=` switches to the packed layout (`ids` one row, `mask` None). With `extras` (see
+    `sequence_logprobs`: "tokens", "log_sum_sq") it returns `(sums, counts, {name: [B, n]})`, still from this one
+    forward, so DDP and FSDP see the per-token outputs too."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, prompt_lens, extras: tuple = ()):
-        return sequence_logprobs(self.lm, input_ids, attention_mask, prompt_lens, extras=tuple(extras))
+    def forward(self, input_ids, attention_mask, prompt_lens, seq_lens=None, extras: tuple = ()):
+        return sequence_logprobs(self.lm, input_ids, attention_mask, prompt_lens, seq_lens=seq_lens,
+                                 extras=tuple(extras))
 
 
 def _shard(scorer: Scorer):
@@ -80,6 +82,7 @@ class Policy:
     scorer: nn.Module
     train_module: nn.Module
     mode: str  # "single" | "ddp" | "fsdp"
+    packed: bool = False  # batches arrive packed (`choose_packing`)
 
     def sync(self, last_micro_batch: bool):
         """DDP all-reduces gradients only on the last micro-batch of an accumulated step."""
@@ -143,3 +146,69 @@ def load_optimizer_state(policy: Policy, optimizer, state: dict):
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(policy.scorer, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# Attention implementations whose transformers mask builder turns restarting position ids (and no attention mask)
+# into a block-diagonal causal mask (sdpa, eager, flex) or into varlen flash-attention.
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def packing_problem(scorer: nn.Module, lm: nn.Module, device) -> str | None:
+    """Why `lm` cannot score packed rows, or None when it can.
+
+    Static checks first: the attention implementation must be one whose mask builder understands packed position
+    ids (a custom or remote-code attention gets no mask at all, so sequences would see each other), and the model
+    must be causal. Then a probe, because what matters is what the model's code actually does: two short
+    sequences scored packed must match them scored padded, to 1e-3 nats per token (leaking attention or a
+    recurrent state carried across the boundary, as in Mamba-style hybrid layers, moves them by far more).
+    Every process runs the same probe (FSDP gathers parameters in lockstep), so all reach the same answer."""
+    config = getattr(lm, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in PACKING_ATTENTION:
+        return f"attention implementation {impl!r} has no packed-sequence mask in transformers"
+    if not getattr(config, "is_causal", True):
+        return "the model's attention is bidirectional"
+    lengths, plens = [7, 5], [3, 2]
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab < 8:
+        return "the model config has no vocab_size to draw a probe from"
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(vocab // 4, vocab, (n,), generator=g).tolist() for n in lengths]
+    from prefpipe.logprobs import pad_batch
+    ids, mask = pad_batch(seqs, 0, device)
+    packed = torch.tensor([seqs[0] + seqs[1]], device=device)
+    pl = torch.tensor(plens, device=device)
+    try:
+        with torch.no_grad():
+            want, _ = scorer(ids, mask, pl)
+            got, _ = scorer(packed, None, pl, seq_lens=torch.tensor(lengths, device=device))
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. a decoder that takes no position_ids
+        return f"a packed forward failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    worst = float(((got.double() - want.double()).abs() / torch.tensor([n - p for n, p in zip(lengths, plens)],
+                                                                        device=device)).max())
+    if not worst <= 1e-3:
+        return f"packed and padded scores differ by {worst:.3g} nats per token (attention crosses sequences)"
+    return None
+
+
+def choose_packing(policy: Policy, requested: bool, device, log=print) -> bool:
+    """Set and return `policy.packed`: `--padding_free` where the model can pack, else the padded layout with a
+    logged note saying why.
+
+    Packs: decoders built on transformers' masking utilities with sdpa, eager, flex or flash attention, sliding
+    windows and chunked attention included (their mask builders honour packed position ids). Falls back: custom
+    or remote-code attention kernels, bidirectional models, decoders that take no `position_ids`, and hybrids
+    whose recurrent layers (Mamba-style, linear attention) would carry state from one packed sequence into the
+    next (the probe catches those). Cost: sdpa and eager materialise a `[T, T]` block-diagonal mask for a packed
+    row of T tokens and compute attention over all of it (masked blocks included), so attention grows with
+    `T^2 = (sum of lengths)^2` rather than `batch x longest^2`; flash-attention runs varlen and computes only the
+    diagonal blocks. Linear layers and the LM head see only real tokens either way."""
+    policy.packed = False
+    if not requested:
+        return False
+    problem = packing_problem(policy.scorer, policy.lm, device)
+    if problem is not None:
+        log(f"note: training on padded batches: {type(policy.lm).__name__} cannot run packed rows ({problem})")
+        return False
+    policy.packed = True
+    return True
