@@ -299,3 +299,11 @@ def test_distributed_lora_matches_one_process(tmp_path, tiny_model, pair_cache, 
         wa, wb = _adapter_weights(one / sub), _adapter_weights(two / sub)
         assert wa.keys() == wb.keys() and len(wa) > 0
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_vllm_backend_refuses_an_adapter_directory(tmp_path, sft_adapter, pairs_file, run_cli):
+    """vLLM would load the adapter's base model: refused in one line before any engine starts."""
+    res = run_cli("precompute", "--model", sft_adapter, "--data", pairs_file, "--out", tmp_path / "c",
+                  "--backend", "vllm", "--no_progress")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "PEFT adapter" in res.output and "--backend hf" in res.output

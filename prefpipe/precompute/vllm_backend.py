@@ -76,6 +76,17 @@ def _context_limit(model: str) -> int | None:
     return None
 
 
+def _refuse_adapter_dir(model: str):
+    """vLLM would serve a PEFT adapter's base model, not the SFT model (base + adapter) the cache must hold."""
+    from pathlib import Path
+    d = Path(model).expanduser()
+    if (d / "adapter_config.json").exists() and not (d / "config.json").exists():
+        raise UserError("--backend vllm needs a plain model directory, and this is a PEFT adapter: vLLM would score "
+                        "with its base model, not base + adapter. Use --backend hf (it merges the adapter), or "
+                        "merge it first (PeftModel.from_pretrained(base, DIR).merge_and_unload().save_pretrained(OUT)"
+                        ", or a LoRA run's --merge output final-merged/)", file=model)
+
+
 def _token_logprob(position_logprobs, index: int, token: int) -> float:
     """The actual token's log-prob at one prompt position, from either of vLLM's logprob containers."""
     if hasattr(position_logprobs, "start_indices"):  # FlatLogprobs: parallel lists, no per-position dicts
@@ -104,6 +115,10 @@ class VLLMBackend:
             raise UserError(f"--tensor_parallel_size must be positive (got {options.tensor_parallel_size})")
         if not 0.0 < options.gpu_memory_utilization <= 1.0:
             raise UserError(f"--gpu_memory_utilization must be in (0, 1] (got {options.gpu_memory_utilization})")
+        if getattr(options, "load_in_4bit", False):
+            raise UserError("--load_in_4bit quantizes the transformers model of --backend hf; vLLM has its own "
+                            "quantization settings, which prefpipe does not pass through")
+        _refuse_adapter_dir(options.model)
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
             raise UserError(f"--backend vllm needs vLLM, which is not installed here; {INSTALL_HINT}")
