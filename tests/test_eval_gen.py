@@ -84,3 +84,24 @@ def test_prompt_rendering(tiny_tokenizer):
     assert encode_prompts(tiny_tokenizer, [chat])[0].count(tiny_tokenizer.bos_token_id) == 1
     with pytest.raises(UserError, match="must contain"):
         render_prompts(tiny_tokenizer, ["x"], GenSettings(prompt_template="no slot"))
+
+
+def test_generation_shows_a_bar_with_total_and_eta(tiny_model, tmp_path, monkeypatch):
+    """A stage that takes more than a few seconds shows a bar with its total and an ETA on a terminal."""
+    import io
+    import sys
+
+    from prefpipe.evaluation.evaluate import eval_generation, resolve_run
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question": f"what is {i} plus 1?", "answer": f"#### {i + 1}"}
+                                                  for i in range(5)])
+    eval_generation(resolve_run(tiny_model), str(questions), GenSettings(max_new_tokens=2, batch_size=2,
+                                                                         engine="hf", device="cpu"), tmp_path / "o")
+    shown = term.getvalue()
+    assert "5/5" in shown and "question" in shown
+    assert "<" in shown.split("5/5")[-1] or "00:00<" in shown  # tqdm's elapsed<remaining (the ETA)
