@@ -394,3 +394,30 @@ def test_an_existing_run_needs_resume(tmp_path, tiny_model, small_caches, run_cl
     res = run_cli(*args, "--resume")  # finished: skipped, summary rewritten
     assert res.exit_code == 0 and "already finished" in res.stderr
     shutil.rmtree(tmp_path)
+
+
+def test_resume_from_a_checkpoint_that_predates_a_loss_option(tmp_path, tiny_model, pair_cache):
+    """A checkpoint whose recorded loss settings lack an option added later resumes when the run leaves that option
+    at its default, and is refused when the run sets it."""
+    from prefpipe.errors import UserError
+    from prefpipe.train.checkpoint import load_trainer_state
+
+    train(tmp_path, tiny_model, cache=pair_cache, max_steps=4, save_every=2)
+    run = tmp_path / "dpo-beta0.1"
+    shutil.rmtree(run / "final")
+    (run / "result.json").unlink()
+    ckpt = run / "checkpoints" / "step-000002" / "trainer_state.pt"
+    state = load_trainer_state(ckpt.parent)
+    del state["identity"]["loss"]["wpo"], state["identity"]["loss"]["dpop_lambda"]
+    torch.save(state, ckpt)
+    for p in (run / "checkpoints").glob("step-00000[3-9]"):
+        shutil.rmtree(p)
+    train(tmp_path, tiny_model, cache=pair_cache, max_steps=4, save_every=2, resume=True)
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    shutil.rmtree(run / "final")
+    (run / "result.json").unlink()
+    for p in (run / "checkpoints").glob("step-00000[3-9]"):
+        shutil.rmtree(p)
+    with pytest.raises(UserError, match=r"different settings \(loss\)"):
+        train(tmp_path, tiny_model, cache=pair_cache, max_steps=4, save_every=2, resume=True,
+              loss_kw={"dpop_lambda": 5.0})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from prefpipe.errors import UserError
 from prefpipe.fileio import remove_tree
 from prefpipe.train import checkpoint as ck
 from prefpipe.train.batches import Order
-from prefpipe.train.config import LossConfig, TrainConfig
+from prefpipe.train.config import LossConfig, OptimConfig, TrainConfig
 from prefpipe.train.parallel import Policy, load_optimizer_state, wrap_policy
 from prefpipe.train.schedule import lr_factor
 
@@ -102,11 +102,28 @@ def find_start(ctx: Context, loss: LossConfig, rd, identity: dict) -> Start:
         log(f"{loss.run_name}: --resume found no checkpoint; starting from the beginning")
         return Start()
     state = ck.load_trainer_state(ckpt)
-    if state["identity"] != identity:
-        diff = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+    diff = _settings_differ(state["identity"], identity)
+    if diff:
         raise UserError(f"--resume: the checkpoint was made with different settings ({', '.join(diff)}); use "
                         "the original options or another --out", file=str(ckpt))
     return Start(checkpoint=ckpt, state=state)
+
+
+def _settings_differ(saved: dict, now: dict) -> list[str]:
+    """Names of the settings in which a checkpoint's identity differs from this run's. A loss or optimizer
+    setting the checkpoint does not record (it predates that option) counts as equal when this run leaves it at
+    its default, so checkpoints of earlier versions still resume."""
+    defaults = {"loss": asdict(LossConfig()), "optim": asdict(OptimConfig())}
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if key in defaults and isinstance(a, dict) and isinstance(b, dict):
+            missing = {k: defaults[key].get(k, object()) for k in b.keys() - a.keys()}
+            if {**missing, **a} != b:
+                out.append(key)
+        elif a != b:
+            out.append(key)
+    return out
 
 
 @dataclass
