@@ -12,6 +12,7 @@ import torch
 
 from prefpipe.evaluation.answers import gold_answer
 from prefpipe.demo.task import PROMPT_TEMPLATE, all_problems, corpus, make_splits
+from prefpipe import rundir
 
 PLUS = ("gets", "found", "adds")
 MINUS = ("gives", "lost", "takes")
@@ -162,7 +163,7 @@ def test_generation_eval_writes_every_verdict(sft_model, tmp_path, run_cli):
     r = run_cli("eval", "--gen", gsm, "--model", d, "--prompt_template", PROMPT_TEMPLATE, "--max_new_tokens", "20",
                 "--device", "cpu", "--out", tmp_path / "ev")
     assert r.exit_code == 0, r.output
-    summary = json.loads((tmp_path / "ev" / "eval_gen.json").read_text())
+    summary = json.loads((tmp_path / "ev" / rundir.EVAL_GEN).read_text())
     recs = [json.loads(x) for x in (tmp_path / "ev" / "eval_gen.jsonl").read_text().splitlines()]
     assert len(recs) == summary["n"] == 40
     assert [x["question"] for x in recs] == [h["question"] for h in held]

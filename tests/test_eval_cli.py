@@ -9,6 +9,7 @@ import pytest
 
 from conftest import make_pairs, write_jsonl
 from test_train_fixtures import cache as precomputed
+from prefpipe import rundir
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_plain_model_dir_is_not_written_into(setup, tiny_model, run_cli, tmp_pat
     r = run_cli("eval", "--model", model, "--cache", cache, "--beta", "0.5", "--device", "cpu", "--dtype", "float32")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in model.iterdir()) == before
-    saved = json.loads((tmp_path / "eval-sft-model" / "eval_pref.json").read_text())
+    saved = json.loads((tmp_path / "eval-sft-model" / rundir.EVAL_PREF).read_text())
     assert saved["rows"] == 6 and saved["beta"] == 0.5
     # The reference model scored against its own cache: every pair ties, and the line says so.
     assert saved["acc"] == 0.0 and saved["wins"] == 0 and saved["ties"] == 6
@@ -45,17 +46,17 @@ def test_beta_comes_from_the_run(setup, tiny_model, run_cli, tmp_path):
     """RUN/final and a model with train_config.json need no --beta; results of RUN/final go to RUN."""
     d, cache = setup
     run = tmp_path / "dpo-beta0.3"
-    copy_model(tiny_model, run / "final")
-    (run / "final" / "train_config.json").write_text(json.dumps({"loss": {"loss_type": "dpo", "beta": 0.3}}))
-    (run / "result.json").write_text(json.dumps({"name": "dpo-beta0.3", "loss_type": "dpo", "beta": 0.3}))
-    r = run_cli("eval", "--model", run / "final", "--cache", cache, "--device", "cpu")
+    copy_model(tiny_model, run / rundir.FINAL)
+    (run / rundir.FINAL / rundir.CONFIG).write_text(json.dumps({"loss": {"loss_type": "dpo", "beta": 0.3}}))
+    (run / rundir.RESULT).write_text(json.dumps({"name": "dpo-beta0.3", "loss_type": "dpo", "beta": 0.3}))
+    r = run_cli("eval", "--model", run / rundir.FINAL, "--cache", cache, "--device", "cpu")
     assert r.exit_code == 0, r.output
-    assert json.loads((run / "eval_pref.json").read_text())["beta"] == 0.3
-    assert not (run / "final" / "eval_pref.json").exists()
-    ckpt = copy_model(run / "final", tmp_path / "step-000004")  # a checkpoint: train_config.json, no result.json
+    assert json.loads((run / rundir.EVAL_PREF).read_text())["beta"] == 0.3
+    assert not (run / rundir.FINAL / rundir.EVAL_PREF).exists()
+    ckpt = copy_model(run / rundir.FINAL, tmp_path / "step-000004")  # a checkpoint: train_config.json, no result.json
     out = tmp_path / "ckpt-eval"
     r = run_cli("eval", "--model", ckpt, "--cache", cache, "--device", "cpu", "--out", out)
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "eval_pref.json").read_text())["beta"] == 0.3
+    assert json.loads((out / rundir.EVAL_PREF).read_text())["beta"] == 0.3
     r = run_cli("eval", "--model", tiny_model, "--cache", cache, "--device", "cpu", "--out", out)
     assert r.exit_code == 2 and "pass --beta" in r.stderr

@@ -9,6 +9,7 @@ from conftest import make_pairs, write_jsonl
 from prefpipe.errors import UserError
 from prefpipe.evaluation.evaluate import eval_preference, resolve_run
 from test_train_fixtures import cache as precomputed
+from prefpipe import rundir
 
 BETA = 0.2
 
@@ -27,10 +28,10 @@ def setup(tiny_model, tmp_path_factory):
         for p in m.parameters():
             if p.dim() > 1:
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
-    m.save_pretrained(str(run / "final"))
+    m.save_pretrained(str(run / rundir.FINAL))
     from transformers import AutoTokenizer
-    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(run / "final"))
-    (run / "result.json").write_text(json.dumps({"name": "dpo-beta0.2", "loss_type": "dpo", "beta": BETA}))
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(run / rundir.FINAL))
+    (run / rundir.RESULT).write_text(json.dumps({"name": "dpo-beta0.2", "loss_type": "dpo", "beta": BETA}))
     return d, cache, run
 
 
@@ -55,7 +56,7 @@ def float64_rewards(model_dir, cache_dir) -> tuple[torch.Tensor, torch.Tensor]:
 def test_matches_float64_recomputation(setup, tiny_model):
     d, cache, run = setup
     ref_c, ref_r = float64_rewards(tiny_model, cache)
-    pol_c, pol_r = float64_rewards(run / "final", cache)
+    pol_c, pol_r = float64_rewards(run / rundir.FINAL, cache)
     delta = (pol_c - ref_c) - (pol_r - ref_r)
     assert delta.abs().min() > 1e-3  # no near-ties, so the accuracy comparison is exact
     res = eval_preference(resolve_run(run), str(cache), device="cpu", dtype="float32")
@@ -80,7 +81,7 @@ def test_bad_inputs(setup, tiny_model, tmp_path):
         eval_preference(resolve_run(tiny_model), str(cache))
     with pytest.raises(UserError, match="neither a training run"):
         resolve_run(tmp_path)
-    (tmp_path / "result.json").write_text("{}")
+    (tmp_path / rundir.RESULT).write_text("{}")
     with pytest.raises(UserError, match="no final model"):
         resolve_run(tmp_path)
     # A model with another tokenizer must not score these ids.
@@ -97,7 +98,7 @@ def test_cli_writes_eval_pref_json(setup, run_cli):
     r = run_cli("eval", "--cache", cache, "--model", run, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "held-out reward accuracy" in r.output
-    saved = json.loads((run / "eval_pref.json").read_text())
+    saved = json.loads((run / rundir.EVAL_PREF).read_text())
     assert saved["rows"] == 12 and saved["beta"] == BETA
     r = run_cli("eval", "--model", run)
     assert r.exit_code == 2 and "give --cache" in r.output

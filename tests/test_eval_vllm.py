@@ -10,6 +10,7 @@ import pytest
 
 from conftest import write_jsonl
 from prefpipe.evaluation.generate import encode_prompts, hf_generate
+from prefpipe import rundir
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ def test_vllm_greedy_matches_transformers(tiny_model, tiny_lm, tiny_tokenizer, t
                           "--prompt_template", "Question: {question}\nAnswer:", "--out", str(tmp_path / "ev")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads((tmp_path / "ev" / "eval_gen.json").read_text())
+    summary = json.loads((tmp_path / "ev" / rundir.EVAL_GEN).read_text())
     assert summary["engine"] == "vllm" and summary["n"] == len(QUESTIONS)
     got = [json.loads(x)["generation"] for x in (tmp_path / "ev" / "eval_gen.jsonl").read_text().splitlines()]
     ids = encode_prompts(tiny_tokenizer, [f"Question: {q}\nAnswer:" for q in QUESTIONS])

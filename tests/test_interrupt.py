@@ -15,6 +15,7 @@ from conftest import make_pairs, write_jsonl
 from test_train_fixtures import one_thread  # noqa: F401  (autouse)
 from test_train_fixtures import cache, pairs_data
 from test_train_resume import _wait_for
+from prefpipe import rundir
 
 # Far more steps than can run before the interrupt lands, so the process is always mid-run when signalled.
 ARGS = ["--lr", "1e-3", "--batch_size", "4", "--max_steps", "5000", "--seed", "3", "--dtype", "float32",
@@ -42,7 +43,7 @@ def _interrupt(proc) -> str:
 
 def _logged_steps(run: Path) -> list[int]:
     steps = []
-    for line in run.joinpath("metrics.jsonl").read_text().splitlines():
+    for line in run.joinpath(rundir.METRICS).read_text().splitlines():
         try:
             steps.append(json.loads(line)["step"])
         except ValueError:
@@ -56,19 +57,19 @@ def test_interrupted_train_names_the_last_checkpoint_and_resume(tmp_path, tiny_m
     run = out / "dpo-beta0.1"
     proc = _start("train", "--model", tiny_model, "--cache", pair_cache, *ARGS, "--save_every", "1",
                   "--keep_checkpoints", "0", "--out", out)
-    _wait_for(lambda: (run / "checkpoints" / "step-000002").exists(), proc)
+    _wait_for(lambda: (run / rundir.CHECKPOINTS / "step-000002").exists(), proc)
     line = _interrupt(proc)
 
     m = re.fullmatch(r"prefpipe: interrupted at step (\d+) of dpo-beta0\.1; last checkpoint (\S+); rerun the same "
                      r"command with --resume to continue from it", line)
     assert m, line
     # Every step saved a checkpoint; the newest whole one (with its trainer state) is the one to resume from.
-    saved = sorted(int(p.name[len("step-"):]) for p in (run / "checkpoints").iterdir()
+    saved = sorted(int(p.name[len("step-"):]) for p in (run / rundir.CHECKPOINTS).iterdir()
                    if p.name.startswith("step-") and (p / "trainer_state.pt").exists())
     assert saved[0] == 1 and saved[-1] >= 2
     assert Path(m.group(2)) == run / "checkpoints" / f"step-{saved[-1]:06d}"
     assert int(m.group(1)) == max(_logged_steps(run)) >= saved[-1]
-    assert not (run / "final").exists()
+    assert not (run / rundir.FINAL).exists()
 
 
 @pytest.mark.slow
@@ -76,9 +77,9 @@ def test_interrupted_train_without_checkpoints_says_so(tmp_path, tiny_model, pai
     out = tmp_path / "runs"
     run = out / "dpo-beta0.1"
     proc = _start("train", "--model", tiny_model, "--cache", pair_cache, *ARGS, "--out", out)
-    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_logged_steps(run)) >= 2, proc)
+    _wait_for(lambda: (run / rundir.METRICS).exists() and len(_logged_steps(run)) >= 2, proc)
     line = _interrupt(proc)
-    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    assert not (run / rundir.CHECKPOINTS).exists() or not any((run / rundir.CHECKPOINTS).iterdir())
     m = re.fullmatch(r"prefpipe: interrupted at step (\d+) of dpo-beta0\.1; no checkpoint was saved \(pass "
                      r"--save_every N to save them\); rerun the same command with --resume to start this run "
                      r"over \(finished runs are kept\)", line)

@@ -14,6 +14,7 @@ import pytest
 from prefpipe.errors import UserError
 from prefpipe.fileio import LOCK_FILE, OutputLock
 from test_train_fixtures import one_thread, pairs_data  # noqa: F401 (one_thread: autouse fixture)
+from prefpipe import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,7 @@ def test_concurrent_train_into_one_out(tmp_path, tiny_model, tmp_path_factory):
                              stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not (out / "orpo" / "metrics.jsonl").exists():  # it has started writing its run
+        while not (out / "orpo" / rundir.METRICS).exists():  # it has started writing its run
             assert first.poll() is None, first.communicate()
             assert time.time() < deadline
             time.sleep(0.2)
@@ -136,15 +137,15 @@ def test_concurrent_train_into_one_out(tmp_path, tiny_model, tmp_path_factory):
                           f"(pid {first.pid} ")
     assert first.returncode == 0, stderr
     assert not (out / "sft").exists()  # the refused run wrote nothing
-    lines = (out / "orpo" / "metrics.jsonl").read_text().splitlines()
+    lines = (out / "orpo" / rundir.METRICS).read_text().splitlines()
     assert len(lines) == 400
     import json
-    assert [r["name"] for r in json.loads((out / "summary.json").read_text())["runs"]] == ["orpo"]
+    assert [r["name"] for r in json.loads((out / rundir.SUMMARY).read_text())["runs"]] == ["orpo"]
 
 
 def test_summary_merge_is_refused_while_another_process_holds_runs_dir(tmp_path):
     from prefpipe.rundir import RunsDir, merge_summary
-    (tmp_path / "summary.json").write_text('{"runs": [{"name": "a"}]}')
+    (tmp_path / rundir.SUMMARY).write_text('{"runs": [{"name": "a"}]}')
     p = holder(tmp_path, (LOCK_FILE, False))
     try:
         with pytest.raises(UserError, match="in use"):
@@ -153,4 +154,4 @@ def test_summary_merge_is_refused_while_another_process_holds_runs_dir(tmp_path)
         release(p)
     merge_summary(RunsDir(tmp_path), {"runs": [{"name": "b"}]})
     import json
-    assert [r["name"] for r in json.loads((tmp_path / "summary.json").read_text())["runs"]] == ["a", "b"]
+    assert [r["name"] for r in json.loads((tmp_path / rundir.SUMMARY).read_text())["runs"]] == ["a", "b"]

@@ -12,6 +12,7 @@ import torch
 
 from test_train_fixtures import one_thread  # noqa: F401  (autouse)
 from test_train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, train, trajectory
+from prefpipe import rundir
 
 ATOL = 1e-5  # as in test_train_live: float32 sums of ~50 nats scored in differently padded batches
 LR = 1e-2  # LoRA starts at B = 0 and moves slowly at the full fine-tune's 1e-3
@@ -72,7 +73,7 @@ def test_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path, tiny_model, p
     train(tmp_path / "straight", tiny_model, **kw)
     run = tmp_path / "cut" / "dpo-beta0.1"
     train(tmp_path / "cut", tiny_model, **kw)
-    ckpt = run / "checkpoints" / "step-000003"
+    ckpt = run / rundir.CHECKPOINTS / "step-000003"
     weights = _adapter_weights(ckpt)
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
     assert not any(f.name.startswith("model") for f in ckpt.iterdir())  # no frozen weights
@@ -81,17 +82,17 @@ def test_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path, tiny_model, p
     assert len(state["optimizer"]["state"]) == len(weights)
     assert state["identity"]["lora"]["lora_r"] == 2
     # pretend the run was killed after the step-3 checkpoint
-    shutil.rmtree(run / "final")
-    (run / "result.json").unlink()
+    shutil.rmtree(run / rundir.FINAL)
+    (run / rundir.RESULT).unlink()
     capfd.readouterr()
     train(tmp_path / "cut", tiny_model, resume=True, **kw)
     assert "resuming after step 3" in capfd.readouterr().err
     keys = ("loss", "margin", "grad_norm", "lr")
     assert trajectory(run, keys) == trajectory(tmp_path / "straight" / "dpo-beta0.1", keys)
-    wa, wb = _adapter_weights(run / "final"), _adapter_weights(tmp_path / "straight" / "dpo-beta0.1" / "final")
+    wa, wb = _adapter_weights(run / rundir.FINAL), _adapter_weights(tmp_path / "straight" / "dpo-beta0.1" / rundir.FINAL)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     from prefpipe.errors import UserError
-    (run / "result.json").unlink()
+    (run / rundir.RESULT).unlink()
     with pytest.raises(UserError, match="lora"):  # another rank cannot continue this adapter
         train(tmp_path / "cut", tiny_model, resume=True, **{**kw, "lora": lora(lora_r=3)})
 
@@ -130,17 +131,17 @@ def test_final_adapter_loads_with_peft_and_merges(tmp_path, tiny_model, pair_cac
     ids = torch.tensor([[1, 5, 9, 14, 30, 2, 7, 99]])
     with torch.no_grad():
         policy = trained["lm"].eval()(input_ids=ids).logits
-        peft_lm = PeftModel.from_pretrained(load_model(str(tiny_model)), str(run / "final")).eval()
+        peft_lm = PeftModel.from_pretrained(load_model(str(tiny_model)), str(run / rundir.FINAL)).eval()
         via_peft = peft_lm(input_ids=ids).logits
-        by_hand = _hand_merged(tiny_model, run / "final")(input_ids=ids).logits
+        by_hand = _hand_merged(tiny_model, run / rundir.FINAL)(input_ids=ids).logits
         merged = load_model(str(run / "final-merged")).eval()(input_ids=ids).logits
         base = load_model(str(tiny_model)).eval()(input_ids=ids).logits
     assert float((policy - base).abs().max()) > 1e-3  # the adapter changed the model
     for other in (via_peft, merged):
         assert float((policy - other).abs().max()) < 1e-4
     assert float((policy.double() - by_hand).abs().max()) < 1e-4
-    assert (run / "final-merged" / "config.json").exists() and not (run / "final" / "config.json").exists()
-    assert json.loads((run / "final" / "adapter_config.json").read_text())["lora_alpha"] == 16
+    assert (run / "final-merged" / "config.json").exists() and not (run / rundir.FINAL / "config.json").exists()
+    assert json.loads((run / rundir.FINAL / "adapter_config.json").read_text())["lora_alpha"] == 16
 
 
 def test_every_paired_loss_and_a_sweep_train_an_adapter(tmp_path, tiny_model, pair_cache):
@@ -151,7 +152,7 @@ def test_every_paired_loss_and_a_sweep_train_an_adapter(tmp_path, tiny_model, pa
     assert len(names) == sum(2 if LOSSES[t].uses_beta else 1 for t in PAIRED_LOSSES)
     for r in summary["runs"]:
         assert r["final"]["loss"] is not None
-        assert (tmp_path / r["dir"] / "final" / "adapter_model.safetensors").exists()
+        assert (tmp_path / r["dir"] / rundir.FINAL / "adapter_model.safetensors").exists()
     # every run of the sweep starts from B = 0, i.e. from the SFT model: the DPO step-1 loss is log 2 exactly
     for beta in (0.1, 0.3):
         assert abs(metrics(tmp_path / f"dpo-beta{beta:g}")[0]["loss"] - 0.6931471805599453) < 1e-5
@@ -226,7 +227,7 @@ def test_sft_adapter_is_the_reference_everywhere(tmp_path, tmp_path_factory, tin
     s = train(tmp_path, sft_adapter, cache=c, max_steps=2, lr=LR, lora=lora())
     assert s["validation"]["model"] == "match"
     assert s["validation"]["drift"]["mean_abs_per_token"] < 1e-5
-    final = tmp_path / "dpo-beta0.1" / "final"
+    final = tmp_path / "dpo-beta0.1" / rundir.FINAL
     assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str(sft_adapter.resolve())
 

@@ -9,6 +9,7 @@ import pytest
 
 from prefpipe.errors import UserError
 from test_train_fixtures import one_thread, pairs_data  # noqa: F401 (one_thread: autouse fixture)
+from prefpipe import rundir
 
 MISSING_MODEL = "/nonexistent/model"  # loading it would fail: an --out error proves the check came first
 
@@ -103,8 +104,8 @@ def test_train_overwrite_replaces_only_this_calls_runs(tmp_path, tiny_model, tmp
         train(out, tiny_model, data=data, loss_types=("orpo",), max_steps=3, resume=True, overwrite=True)
     train(out, tiny_model, data=data, loss_types=("orpo",), max_steps=3, overwrite=True)
     assert not (out / "orpo" / "marker").exists()
-    assert len((out / "orpo" / "metrics.jsonl").read_text().splitlines()) == 3  # the new run alone
+    assert len((out / "orpo" / rundir.METRICS).read_text().splitlines()) == 3  # the new run alone
     assert (out / "notes.txt").read_text() == "mine"
-    assert len((out / "sft" / "metrics.jsonl").read_text().splitlines()) == 2  # not this call's: kept
-    runs = {r["name"]: r["steps"] for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert len((out / "sft" / rundir.METRICS).read_text().splitlines()) == 2  # not this call's: kept
+    runs = {r["name"]: r["steps"] for r in json.loads((out / rundir.SUMMARY).read_text())["runs"]}
     assert runs == {"sft": 2, "orpo": 3}

@@ -18,6 +18,7 @@ from conftest import make_pairs, write_jsonl
 from test_train_fixtures import cache, one_thread, pairs_data  # noqa: F401
 
 from prefpipe.data.cache import read_cache
+from prefpipe import rundir
 
 
 @pytest.fixture(scope="module")
@@ -267,13 +268,13 @@ def test_train_ld_dpo_end_to_end(run_cli, tiny_model, pt_cache, tmp_path):
     assert r.exit_code == 0, r.output + r.stderr
     assert "worst token" in r.output + r.stderr
     run = out / "dpo-beta0.1-ld0.5"
-    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x) for x in (run / rundir.METRICS).read_text().splitlines()]
     train = [s for s in steps if s.get("split") == "train"]
     assert len(train) == 2
     # step 1 starts from the reference itself: LD-DPO's loss is ln 2 up to float32 numerics
     assert train[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-4)
     assert train[1]["loss"] != pytest.approx(math.log(2.0), abs=1e-6)  # the first step moved the policy
-    assert json.loads((run / "train_config.json").read_text())["loss"]["ld_alpha"] == 0.5
+    assert json.loads((run / rundir.CONFIG).read_text())["loss"]["ld_alpha"] == 0.5
 
 
 def test_ld_dpo_with_the_live_reference_starts_at_ln2(tiny_lm):

@@ -12,6 +12,7 @@ from prefpipe.pipeline.config import resolve
 from prefpipe.pipeline.run import check_cache, expected_identity
 from prefpipe.rundir import RunsDir
 from test_train_fixtures import cache as precomputed
+from prefpipe import rundir
 
 
 def cfg_for(model, data, **kw):
@@ -145,7 +146,7 @@ def test_pipeline_reuses_then_builds_a_new_cache(tiny_model, tmp_path, run_cli):
     assert summary["caches"]["paired"] == {"path": str(second_cache), "action": "compute",
                                            "reason": "no cache there yet"}
     assert [r["name"] for r in summary["runs"]] == ["dpo-beta0.1"]
-    trained = json.loads((runs / "dpo-beta0.1" / "train_config.json").read_text())
+    trained = json.loads((runs / "dpo-beta0.1" / rundir.CONFIG).read_text())
     assert trained["source"]["cache"] == str(second_cache)
 
     r = run_cli("pipeline", "--config", toml, "--max_length", "80")  # back to the second: reused, not rebuilt
@@ -155,7 +156,7 @@ def test_pipeline_reuses_then_builds_a_new_cache(tiny_model, tmp_path, run_cli):
     assert r.exit_code == 0, r.output
     assert "phase one skipped: orpo need no reference log-probs" in r.output
     assert not own_caches(tmp_path / "orpo-runs")
-    assert (tmp_path / "orpo-runs" / "orpo" / "final" / "config.json").exists()
+    assert (tmp_path / "orpo-runs" / "orpo" / rundir.FINAL / "config.json").exists()
 
 
 def test_a_cache_the_user_named_is_never_replaced_without_recompute(tiny_model, tmp_path, run_cli):
@@ -254,8 +255,8 @@ def test_pipeline_kto_from_unpaired_data(tiny_model, tmp_path, run_cli, monkeypa
     assert [sorted(f.name for f in files) for files in hashed] == [["config.json", "model.safetensors"]]
     assert all(f.parent == tiny_model for f in hashed[0])
     for name in ("dpo-beta0.1", "kto-beta0.3"):
-        assert (tmp_path / "runs" / name / "metrics.jsonl").exists()
-    lrs = {x["name"]: json.loads((tmp_path / "runs" / x["name"] / "train_config.json").read_text())["optim"]["lr"]
+        assert (tmp_path / "runs" / name / rundir.METRICS).exists()
+    lrs = {x["name"]: json.loads((tmp_path / "runs" / x["name"] / rundir.CONFIG).read_text())["optim"]["lr"]
            for x in summary["runs"]}
     assert lrs == {"dpo-beta0.1": 1e-3, "dpo-beta0.2": 1e-3, "kto-beta0.3": 2e-3}
     assert (tmp_path / "runs" / "curves.png").exists() and (tmp_path / "runs" / "summary.md").exists()

@@ -16,6 +16,7 @@ from prefpipe.data.formats import Dataset
 from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.modeling import load_model
 from test_precompute_backend import naive_float64
+from prefpipe import rundir
 
 
 def rows_with_skips():
@@ -238,7 +239,7 @@ def test_a_part_copied_in_from_another_models_cache_is_refused(paired_cache, tmp
     res = run_cli("train", "--model", tiny_model, "--cache", mixed, "--out", tmp_path / "runs", "--max_steps", "1",
                   "--batch_size", "4", "--no_progress", "--device", "cpu")
     assert res.exit_code == 2 and "part-00001.parquet" in res.stderr
-    assert not (tmp_path / "runs" / "dpo-beta0.1" / "metrics.jsonl").exists()
+    assert not (tmp_path / "runs" / "dpo-beta0.1" / rundir.METRICS).exists()
 
 
 def test_a_part_that_fails_validation_is_rescored_on_resume(paired_cache, tmp_path, run_cli, tiny_model):

@@ -55,7 +55,7 @@ def test_report_writes_plots_and_names_the_winner(tmp_path, run_cli):
     make_run(d, "orpo", "orpo", 0.1, gen_acc=0.65)
     make_run(d, "sft", "sft", 0.1, gen_acc=0.64)
     (d / "reference").mkdir()
-    (d / "reference" / "eval_gen.json").write_text(json.dumps({"accuracy": 0.5, "correct": 100, "n": 200}))
+    (d / "reference" / rundir.EVAL_GEN).write_text(json.dumps({"accuracy": 0.5, "correct": 100, "n": 200}))
     (d / "cache").mkdir()  # not a run: ignored
 
     r = run_cli("report", d)
@@ -96,7 +96,7 @@ def test_report_errors_are_one_line(tmp_path, run_cli):
     r = run_cli("report", tmp_path)
     assert r.exit_code == 2 and "no training runs here" in r.output
     make_run(tmp_path, "dpo-beta0.1", "dpo", 0.1)
-    (tmp_path / "dpo-beta0.1" / "metrics.jsonl").write_text('{"step": 1}\n{oops\n')
+    (tmp_path / "dpo-beta0.1" / rundir.METRICS).write_text('{"step": 1}\n{oops\n')
     r = run_cli("report", tmp_path)
     assert r.exit_code == 2 and "row 2: not valid JSON" in r.output and "Traceback" not in r.output
 

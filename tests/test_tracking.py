@@ -15,6 +15,7 @@ import pytest
 from prefpipe.errors import UserError
 from prefpipe.train import tracking
 from prefpipe.train.tracking import REPORT_TO_CHOICES, open_trackers, parse_report_to
+from prefpipe import rundir
 
 # what the training loop writes to metrics.jsonl: train steps 1-3, evaluations at 2 and 3, a null metric at step 2
 RECORDS = [
@@ -276,7 +277,7 @@ def test_train_report_to_tensorboard_mirrors_metrics_jsonl(tiny_model, tmp_path,
                   "--max_length", "64")
     assert res.exit_code == 0, res.output
     run = tmp_path / "runs" / "orpo"
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
     acc = accumulator(run / "tensorboard")
     expected: dict[str, list] = {}
     for r in records:
@@ -287,5 +288,5 @@ def test_train_report_to_tensorboard_mirrors_metrics_jsonl(tiny_model, tmp_path,
     assert set(acc.Tags()["scalars"]) == set(expected)
     for tag, pairs in expected.items():
         assert [(e.step, e.value) for e in acc.Scalars(tag)] == f32(pairs), tag
-    cfg = json.loads((run / "train_config.json").read_text())
+    cfg = json.loads((run / rundir.CONFIG).read_text())
     assert "report_to" not in cfg  # where metrics go is not part of the run's identity

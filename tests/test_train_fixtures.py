@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_pairs, make_unpaired, write_jsonl
+from prefpipe import rundir
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,7 +73,7 @@ def train(out: Path, model: Path, *, cache=None, data=None, loss_types=("dpo",),
 
 
 def metrics(run_dir: Path, split: str = "train") -> list[dict]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    lines = (Path(run_dir) / rundir.METRICS).read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 

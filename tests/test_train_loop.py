@@ -10,6 +10,7 @@ import torch
 
 from test_train_fixtures import one_thread  # noqa: F401  (autouse)
 from test_train_fixtures import cache, metrics, pairs_data, train
+from prefpipe import rundir
 
 LN2 = math.log(2.0)
 
@@ -93,7 +94,7 @@ def test_logged_numbers_match_float64_recomputation_dpo(tmp_path, tiny_model, sm
 
     # step 2: the step-1 checkpoint against the SFT reference, all in float64
     ref = f64_model(tiny_model)
-    pol = f64_model(run / "checkpoints" / "step-000001")
+    pol = f64_model(run / rundir.CHECKPOINTS / "step-000001")
     with torch.no_grad():
         c = [float(f64_logp(pol, r["prompt_ids"], r["chosen_ids"]) - f64_logp(ref, r["prompt_ids"], r["chosen_ids"]))
              for r in rows]
@@ -115,7 +116,7 @@ def test_logged_numbers_match_float64_recomputation_kto(tmp_path, tiny_model, sm
     log = metrics(run)
     rows = read_table(small_caches["kto"])
     assert len(rows) == 16 and log[0]["loss"] == pytest.approx(0.5, abs=1e-6)
-    ref, pol = f64_model(tiny_model), f64_model(run / "checkpoints" / "step-000001")
+    ref, pol = f64_model(tiny_model), f64_model(run / rundir.CHECKPOINTS / "step-000001")
     with torch.no_grad():
         h = [float(f64_logp(pol, r["prompt_ids"], r["completion_ids"]) - f64_logp(ref, r["prompt_ids"],
                                                                                r["completion_ids"])) for r in rows]
@@ -177,9 +178,9 @@ def test_every_loss_type_trains_from_the_cli(tmp_path, tiny_model, small_caches,
         assert keys | {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(log[0])
         # the same batch every step (it holds the whole set): the objective must go down
         assert log[-1]["loss"] < log[0]["loss"] - 1e-3, (lt, [r["loss"] for r in log])
-        w = _weights(run / "final")
+        w = _weights(run / rundir.FINAL)
         assert max(float((w[k] - sft_weights[k]).abs().max()) for k in w) > 1e-4
-        assert (run / "final" / "tokenizer.json").exists() and (run / "final" / "train_config.json").exists()
+        assert (run / rundir.FINAL / "tokenizer.json").exists() and (run / rundir.FINAL / rundir.CONFIG).exists()
     assert "orpo" in res.output and "sft" in res.output  # the summary table
 
 
@@ -242,7 +243,7 @@ def test_beta_sweep_writes_three_runs_from_one_cache_read(tmp_path, tiny_model, 
                   "--eval_fraction", "0.25", "--no_progress", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert len(calls) == 1
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / rundir.SUMMARY).read_text())
     names = [r["name"] for r in summary["runs"]]
     assert names == ["dpo-beta0.1", "dpo-beta0.3", "dpo-beta1"]
     for r in summary["runs"]:
@@ -340,7 +341,7 @@ def test_model_mismatch_is_an_error_unless_allowed_and_drift_is_logged(tmp_path,
     assert not (tmp_path / "a" / "dpo-beta0.1").exists()
     res = run_cli(*base, "--out", tmp_path / "b", "--allow_reference_mismatch")
     assert res.exit_code == 0, res.output
-    drift = json.loads((tmp_path / "b" / "summary.json").read_text())["validation"]["drift"]
+    drift = json.loads((tmp_path / "b" / rundir.SUMMARY).read_text())["validation"]["drift"]
     assert drift["mean_abs_per_token"] > 0.1  # a different random model: whole nats per token
     assert "step-0 drift" in res.stderr and "warning" in res.stderr
 
@@ -361,7 +362,7 @@ def test_drift_above_threshold_stops_before_step_one(tmp_path, tiny_model, small
             "--no_progress", "--device", "cpu"]
     res = run_cli(*base, "--out", tmp_path / "a")
     assert res.exit_code == 2 and "nats per token" in res.stderr and "--max_drift" in res.stderr
-    assert not (tmp_path / "a" / "dpo-beta0.1" / "metrics.jsonl").exists()
+    assert not (tmp_path / "a" / "dpo-beta0.1" / rundir.METRICS).exists()
     res = run_cli(*base, "--out", tmp_path / "b", "--max_drift", "0.5")  # 0.3 * chosen tokens / all tokens < 0.5
     assert res.exit_code == 0, res.output
 
@@ -404,19 +405,19 @@ def test_resume_from_a_checkpoint_that_predates_a_loss_option(tmp_path, tiny_mod
 
     train(tmp_path, tiny_model, cache=pair_cache, max_steps=4, save_every=2)
     run = tmp_path / "dpo-beta0.1"
-    shutil.rmtree(run / "final")
-    (run / "result.json").unlink()
-    ckpt = run / "checkpoints" / "step-000002" / "trainer_state.pt"
+    shutil.rmtree(run / rundir.FINAL)
+    (run / rundir.RESULT).unlink()
+    ckpt = run / rundir.CHECKPOINTS / "step-000002" / "trainer_state.pt"
     state = load_trainer_state(ckpt.parent)
     del state["identity"]["loss"]["wpo"], state["identity"]["loss"]["dpop_lambda"]
     torch.save(state, ckpt)
-    for p in (run / "checkpoints").glob("step-00000[3-9]"):
+    for p in (run / rundir.CHECKPOINTS).glob("step-00000[3-9]"):
         shutil.rmtree(p)
     train(tmp_path, tiny_model, cache=pair_cache, max_steps=4, save_every=2, resume=True)
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
-    shutil.rmtree(run / "final")
-    (run / "result.json").unlink()
-    for p in (run / "checkpoints").glob("step-00000[3-9]"):
+    shutil.rmtree(run / rundir.FINAL)
+    (run / rundir.RESULT).unlink()
+    for p in (run / rundir.CHECKPOINTS).glob("step-00000[3-9]"):
         shutil.rmtree(p)
     with pytest.raises(UserError, match=r"different settings \(loss\)"):
         train(tmp_path, tiny_model, cache=pair_cache, max_steps=4, save_every=2, resume=True,

@@ -13,6 +13,7 @@ import torch
 
 from test_train_fixtures import one_thread  # noqa: F401  (autouse)
 from test_train_fixtures import TIMING_KEYS, cache, metrics, pairs_data
+from prefpipe import rundir
 
 # 24 steps: after the kill condition (step 6 logged) the child still has 18 steps and 4 checkpoints to go, far
 # more than the 5 ms polling interval, so the kill always lands mid-run.
@@ -28,7 +29,7 @@ def pair_cache(tmp_path_factory, tiny_model):
 
 def _lines(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            for line in (run_dir / rundir.METRICS).read_text().splitlines()]
 
 
 def _wait_for(predicate, proc, timeout=240):
@@ -57,16 +58,16 @@ def test_killed_run_resumes_to_the_same_trajectory_and_weights(tmp_path, tiny_mo
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     # Kill once the step-4 checkpoint is complete (it appears by rename) and the run has logged steps past it,
     # so the resumed run must also drop those lines.
-    _wait_for(lambda: (run / "checkpoints" / "step-000004").exists() and (run / "metrics.jsonl").exists()
+    _wait_for(lambda: (run / rundir.CHECKPOINTS / "step-000004").exists() and (run / rundir.METRICS).exists()
               and any(r["step"] >= 6 for r in _lines(run)), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (run / "final").exists()
+    assert not (run / rundir.FINAL).exists()
     killed_at = max(r["step"] for r in _lines(run))
     assert 6 <= killed_at < 24
 
-    state = torch.load(run / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=True)
+    state = torch.load(run / rundir.CHECKPOINTS / "step-000004" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 4 and "optimizer" in state and "rng" in state
 
     res = run_cli(*common, "--out", out, "--resume")
@@ -82,8 +83,8 @@ def test_killed_run_resumes_to_the_same_trajectory_and_weights(tmp_path, tiny_mo
         for k in a:
             assert a[k] == pytest.approx(b[k], abs=1e-6), (k, a, b)
 
-    wa = load_file(tmp_path / "straight" / "dpo-beta0.1" / "final" / "model.safetensors")
-    wb = load_file(run / "final" / "model.safetensors")
+    wa = load_file(tmp_path / "straight" / "dpo-beta0.1" / rundir.FINAL / "model.safetensors")
+    wb = load_file(run / rundir.FINAL / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
