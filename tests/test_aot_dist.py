@@ -1,31 +1,37 @@
-"""aot sorts log-ratios over the micro-batch (TRL's definition), so under torchrun its loss depends on --batch_size
-only: 2 processes x batch 2 give the same step-1 loss as 1 process x batch 2 x 2 accumulation (the same two
-micro-batches of the same global batch of 4; see `micro_batches`: micro-batch k of process r holds rows
-[(k*world + r)*bs, ...) of the step's global batch), and a different one from 1 process x batch 4 (one micro-batch
-of 4 sorted together).
+"""aot sorts margins over the micro-batch (TRL's definition), so under torchrun its loss depends on --batch_size
+only: 2 processes x batch 2 log the same loss as 1 process x batch 2 x 2 accumulation (the same two micro-batches
+of the same global batch of 4: micro-batch k of process r holds rows [(k*world + r)*bs, ...) of the step's global
+batch, see `micro_batches`), and a different one from 1 process x batch 4 (the 4 rows sorted together).
 
-With a cache made from the policy itself every step-1 log-ratio is 0 and sorting cannot matter, so the cache is
-made from another random tiny Llama (same tokenizer, init seed 1; `--allow_reference_mismatch`, drift check off):
-the step-1 log-ratios then spread over a few nats, and sorting 2 by 2 pairs them differently than sorting 4
-together (asserted below)."""
+The data are chosen so that sorting can matter. A cache made from the policy itself gives step-1 margins equal to the
+reference's, and sorting both lists in the same order pairs every row with itself; a cache from another random tiny
+Llama on the usual test pairs does no better, because the response lengths set both models' margins (about -log V
+per token) and so their order. Here every rejected response is its chosen one with the words shuffled (the same
+tokens), and the cache comes from another random Llama (same tokenizer, init seed 1; --allow_reference_mismatch):
+the two models' margins are then of a few nats and differently ordered. The data order's seed (3) is one whose first
+global batch (rows 0, 3 | 2, 4) interleaves the two micro-batches' margins; with seed 0 (rows 4, 0 | 7, 3) one
+micro-batch's margins all lie above the other's in both models, and the two definitions coincide. The test asserts
+that they differ here."""
 
 import os
+import random
 import subprocess
 import sys
 
 import pytest
 
+from conftest import random_text, write_jsonl
 from test_train_fixtures import one_thread  # noqa: F401  (autouse)
-from test_train_fixtures import cache, metrics, pairs_data
+from test_train_fixtures import cache, metrics, shared_dir, train
 
 ATOL = 1e-5
-COMMON = ["--loss_type", "aot", "--beta", "0.5", "--lr", "1e-3", "--max_steps", "2", "--warmup_ratio", "0",
-          "--allow_reference_mismatch", "--drift_rows", "0", "--dtype", "float32", "--device", "cpu", "--no_progress"]
+BETA = 0.5
+SEED = 3
 
 
-def prefpipe_train(*args, procs=1):
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "prefpipe", "train", *map(str, args)]
+def torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "prefpipe",
+           "train", *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -35,20 +41,34 @@ def prefpipe_train(*args, procs=1):
 @pytest.fixture(scope="module")
 def other_cache(tmp_path_factory):
     from prefpipe.tiny import build_tiny
+    rng = random.Random(5)
+    rows = []
+    for i in range(8):
+        words = random_text(rng, 8).split()
+        rows.append({"prompt": f"Q{i}: " + random_text(rng, 4), "chosen": " ".join(words),
+                     "rejected": " ".join(rng.sample(words, len(words)))})
+    data = write_jsonl(shared_dir(tmp_path_factory, "shuffled8.jsonl"), rows)
     other = build_tiny(tmp_path_factory.mktemp("tiny-llama-seed1"), seed=1)
-    return cache(tmp_path_factory, other, pairs_data(tmp_path_factory, 8), "pairs8-seed1-model")
+    return cache(tmp_path_factory, other, data, "shuffled8-seed1-model")
+
+
+def one_process(out, tiny_model, cache_dir, **kw):
+    train(out, tiny_model, cache=cache_dir, loss_types=("aot",), betas=(BETA,), lr=1e-3, max_steps=2, seed=SEED,
+          source_kw={"allow_reference_mismatch": True, "drift_rows": 0}, **kw)
+    return metrics(out / f"aot-beta{BETA}")
 
 
 @pytest.mark.slow
 def test_ddp_aot_sorts_each_process_micro_batch(tmp_path, tiny_model, other_cache):
-    base = ["--model", tiny_model, "--cache", other_cache, *COMMON]
-    proc = prefpipe_train(*base, "--batch_size", 2, "--out", tmp_path / "ddp", procs=2)
+    proc = torchrun("--model", tiny_model, "--cache", other_cache, "--loss_type", "aot", "--beta", BETA,
+                    "--batch_size", 2, "--lr", "1e-3", "--max_steps", 2, "--seed", SEED, "--warmup_ratio", 0,
+                    "--lr_scheduler", "linear", "--allow_reference_mismatch", "--drift_rows", 0, "--dtype", "float32",
+                    "--device", "cpu", "--no_progress", "--out", tmp_path / "ddp")
     assert "ddp on 2 process(es)" in proc.stderr
-    prefpipe_train(*base, "--batch_size", 2, "--grad_accum", 2, "--out", tmp_path / "accum")
-    prefpipe_train(*base, "--batch_size", 4, "--out", tmp_path / "whole")
-    ddp, accum, whole = (metrics(tmp_path / d / "aot-beta0.5") for d in ("ddp", "accum", "whole"))
+    ddp = metrics(tmp_path / "ddp" / f"aot-beta{BETA}")
+    accum = one_process(tmp_path / "accum", tiny_model, other_cache, batch_size=2, grad_accum=2)
+    whole = one_process(tmp_path / "whole", tiny_model, other_cache, batch_size=4)
     assert [r["examples"] for r in ddp] == [4, 4]  # the logged count is the global batch's
-    assert ddp[0]["loss"] == pytest.approx(accum[0]["loss"], abs=ATOL)
-    assert ddp[1]["loss"] == pytest.approx(accum[1]["loss"], abs=ATOL)
-    # sorting the 4 rows together pairs the log-ratios differently: the data makes the definitions differ
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in accum], abs=ATOL)
+    # sorting the 4 rows together pairs the margins differently: these data make the two definitions differ
     assert abs(whole[0]["loss"] - ddp[0]["loss"]) > 1e-2
