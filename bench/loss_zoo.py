@@ -1,17 +1,22 @@
 """Every registered loss (and MPO's weighted combination) on the demo task: held-out accuracy gain over the SFT model.
 
-    python bench/loss_zoo.py --seeds 0,1,2 --out bench-out/zoo --json bench-out/zoo/loss_zoo.json
-    python bench/loss_zoo.py --seeds 0,1,2 --out bench-out/zoo --aggregate      # only tabulate finished seeds
+    python bench/loss_zoo.py --seeds 0,1,2 --out bench-out/zoo --threads 1 [--deadline 06:12] [--losses a,b,...]
+    python bench/loss_zoo.py --seeds 0,1,2 --out bench-out/zoo --aggregate      # only tabulate finished runs
+
+Seeds can run side by side as separate processes (different --seeds; they share nothing but OUT). A rerun skips
+every loss whose OUT/seed-S/zoo-runs/zoo-<loss>.json exists.
 
 For each seed S, in OUT/seed-S:
 1. the demo's task, SFT model and on-policy pairs, made by the demo's own functions with `prefpipe demo --seed S`'s
    settings (`make_task`, `make_sft`, `make_pairs`, `write_config` from prefpipe/demo/run.py; each is cached by what
    made it, so a directory `prefpipe demo --out OUT/seed-S --seed S` already filled is reused as is). The demo's own
    six-run pipeline is not run: every loss it trains is in the sweep below.
-2. one `prefpipe pipeline --config OUT/seed-S/run.toml --loss_type L1 --loss_type L2 ... --beta 1 --kto_beta 1
-   --runs_dir OUT/seed-S/zoo-runs --eval_baseline`: the demo's config (lr 3e-4; the KTO-data losses kto and
-   apo_zero_unpaired at the demo's kto_lr 1e-4 with desirable_weight = n_U/n_D, from the KTO cache), all losses in one
-   sweep so one paired cache serves every reference loss, beta 1 for every loss that takes one.
+2. per loss L, one `prefpipe pipeline --config OUT/seed-S/run.toml --loss_type L --beta 1 --kto_beta 1
+   --runs_dir OUT/seed-S/zoo-runs --resume` (--eval_baseline on the first): the demo's config (lr 3e-4; the KTO-data
+   losses kto and apo_zero_unpaired at the demo's kto_lr 1e-4 with desirable_weight = n_U/n_D, from the KTO cache),
+   beta 1 for every loss that takes one. All calls share one runs dir, so one paired cache (and one KTO cache) serves
+   every loss, as in a single sweep; one call per loss evaluates each run as soon as it is trained, so a sweep cut by
+   --deadline keeps every finished loss.
 
 Gain: points of held-out greedy exact match (500 questions) over the same seed's SFT model. Wall: the run's training
 wall time plus its held-out evaluation, in seconds, mean over seeds.
