@@ -13,29 +13,18 @@ global batch (rows 0, 3 | 2, 4) interleaves the two micro-batches' margins; with
 micro-batch's margins all lie above the other's in both models, and the two definitions coincide. The test asserts
 that they differ here."""
 
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 
 from conftest import random_text, write_jsonl
 from test_train_fixtures import one_thread  # noqa: F401  (autouse)
 from test_train_fixtures import cache, metrics, shared_dir, train
+from test_train_dist import torchrun
 
 ATOL = 1e-5
 BETA = 0.5
 SEED = 3
-
-
-def torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "prefpipe",
-           "train", *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
