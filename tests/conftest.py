@@ -43,6 +43,16 @@ def make_pairs(n: int, seed: int = 0, max_words: int = 30) -> list[dict]:
     return rows
 
 
+def one_line_error(result, *needles):
+    """A CLI result that failed with one `prefpipe: error:` line (exit 2, no traceback) holding every needle."""
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith("prefpipe: error: ") and "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert str(n) in err, (n, err)
+    return err
+
+
 def make_unpaired(n: int, seed: int = 0, max_words: int = 30) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt": f"Q{i}: " + random_text(rng, rng.randint(1, max_words // 2)),

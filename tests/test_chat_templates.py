@@ -10,7 +10,7 @@ stretch of text between two special tokens, which is how the tokenizer splits th
 from __future__ import annotations
 
 import pytest
-from conftest import write_jsonl
+from conftest import one_line_error, write_jsonl
 
 from prefpipe.data.formats import Dataset
 from prefpipe.data.tokenize import PairTokenizer, TokenStats
@@ -331,15 +331,6 @@ def test_gemma3_folds_system_into_first_user_turn(toks, tmp_path):
 
 
 # ---------------------------------------------------------------- rows a template refuses or cannot separate
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("prefpipe: error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert str(n) in err, (n, err)
-    return err
-
 
 def test_gemma2_system_message_is_one_line(toks, run_cli, tmp_path):
     path, _ = toks["gemma2"]

@@ -8,7 +8,7 @@ import gzip
 import json
 
 import pytest
-from conftest import make_pairs, write_jsonl
+from conftest import make_pairs, one_line_error, write_jsonl
 
 from prefpipe.data.cache import read_cache
 from prefpipe.data.formats import Dataset
@@ -16,15 +16,6 @@ from prefpipe.data.tokenize import PairTokenizer, TokenizeSettings, TokenStats
 from prefpipe.errors import UserError
 
 DATE = "2021-03-04"
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert err.startswith("prefpipe: error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert str(n) in err, (n, err)
-    return err
 
 
 def records(ds):
