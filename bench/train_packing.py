@@ -47,12 +47,16 @@ def make_table(n: int, vocab: int, seed: int = 0):
 def build_lm(args):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefpipe.attention import install as install_block_attention
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                       num_key_value_heads=args.hidden // 64, head_dim=64, max_position_embeddings=4096,
                       tie_word_embeddings=False, pad_token_id=0)
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(args.device)
+    lm = LlamaForCausalLM(cfg).to(args.device)
+    install_block_attention(lm)  # as `load_model` does for every sdpa model
+    return lm
 
 
 def model_flops(lm, batches) -> float:

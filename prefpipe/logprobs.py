@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from prefpipe.attention import BLOCKS_KWARG, blocks_only, packed_blocks, uses_blocks
+
 # Rows of logits materialised at once: [chunk, vocab] float32. 4096 x 152k x 4 B is about 2.5 GB, so callers that
 # care about memory on large vocabularies pass smaller chunks; the default suits the vocabularies of tests/benches.
 DEFAULT_CHUNK_TOKENS = 1024
@@ -131,7 +133,9 @@ def packed_sequence_logprobs(model, input_ids: torch.Tensor, prompt_lens: torch.
     `input_ids` is `[1, T]` with `T = sum(seq_lens)`; sequence i occupies `seq_lens[i]` tokens and starts with
     its `prompt_lens[i]` prompt tokens. The decoder gets `position_ids` that restart at 0 for every sequence and
     no attention mask, from which transformers' masking utilities build a block-diagonal causal mask (sdpa,
-    eager, flex) or flash-attention runs varlen over the segment boundaries: no token attends across sequences.
+    eager, flex); flash-attention runs varlen over the segment boundaries, and prefpipe's block attention
+    (`prefpipe.attention`, what `load_model` gives sdpa models) runs one causal sdpa per sequence. Either way no
+    token attends across sequences.
     Whether a given model honours that is checked once per run (`parallel.packing_problem`), not here.
 
     Returns the same `(sums [S], counts [S])` (and per-token list, and `extras`) as the padded call on the same
@@ -144,8 +148,9 @@ def packed_sequence_logprobs(model, input_ids: torch.Tensor, prompt_lens: torch.
                          f"{int(seq_lens.sum())} tokens")
     decoder, head = _decoder_and_head(model)
     seg, pos = packed_positions(seq_lens)
-    hidden = decoder(input_ids=input_ids, position_ids=pos[None], use_cache=False,
-                     **_varlen_kwargs(model, seq_lens)).last_hidden_state[0]
+    with blocks_only(model):
+        hidden = decoder(input_ids=input_ids, position_ids=pos[None], use_cache=False,
+                         **_varlen_kwargs(model, seq_lens)).last_hidden_state[0]
     # target p of sequence i is scored when p >= prompt_lens[i]; p >= 1 then, so p-1 lies in the same sequence
     tgt_mask = (pos >= prompt_lens[seg])[1:]
     h = hidden[:-1][tgt_mask]
@@ -157,8 +162,11 @@ def packed_sequence_logprobs(model, input_ids: torch.Tensor, prompt_lens: torch.
 
 
 def _varlen_kwargs(model, seq_lens: torch.Tensor) -> dict:
-    """Flash-attention takes the segment boundaries directly (varlen) instead of inferring them from
-    `position_ids` in every layer, which would synchronise the device each time."""
+    """Segment boundaries for attentions that skip the masked-out blocks: flash-attention takes them as varlen
+    arguments (instead of inferring them from `position_ids` in every layer, which would synchronise the device
+    each time), prefpipe's block attention for sdpa (`prefpipe.attention`) as a tuple of blocks."""
+    if uses_blocks(model):
+        return {BLOCKS_KWARG: packed_blocks(seq_lens.tolist())}
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
     if not impl.startswith("flash_attention"):
         return {}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from prefpipe.attention import install as install_block_attention
 from prefpipe.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,7 +82,8 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.dev
     """Load a causal LM (or a PEFT adapter directory, merged into its base) with every dropout probability 0.
 
     Established trainers disable dropout in the policy too, so that at step 0 the policy's log-probs equal the
-    cached reference's (to float32 round-off). `load_in_4bit` quantizes the linear weights to NF4 with
+    cached reference's (to float32 round-off). An sdpa model gets prefpipe's block attention
+    (`prefpipe.attention`): the same sdpa on ordinary batches, and no wasted work on packed rows. `load_in_4bit` quantizes the linear weights to NF4 with
     bitsandbytes (CUDA only; the other weights stay `dtype`, the 4-bit matmuls run in `compute_dtype`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -102,10 +104,12 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.dev
         if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float):
             setattr(config, key, 0.0)
     if quant is not None:
-        return AutoModelForCausalLM.from_pretrained(model, config=config, dtype=dtype, quantization_config=quant,
-                                                    device_map={"": torch.device(device)})
-    m = AutoModelForCausalLM.from_pretrained(model, config=config, dtype=dtype)
-    return m.to(device)
+        m = AutoModelForCausalLM.from_pretrained(model, config=config, dtype=dtype, quantization_config=quant,
+                                                 device_map={"": torch.device(device)})
+    else:
+        m = AutoModelForCausalLM.from_pretrained(model, config=config, dtype=dtype).to(device)
+    install_block_attention(m)
+    return m
 
 
 def _load_merged_adapter(adapter_dir: str, dtype: torch.dtype, device):

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from prefpipe.attention import BLOCKS_KWARG, blocks_only, prefix_blocks, uses_blocks
 from prefpipe.logprobs import pad_batch, sequence_logprobs
 
 # Float32 logits materialised per LM-head chunk; 32 Mi values = 128 MB, whatever the vocabulary.
@@ -44,6 +45,22 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
         if not cur:
             width = lengths[i]
         cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices longest first, grouped so that each group's summed length stays within `batch_tokens` (for rows
+    packed without padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, cur, used = [], [], 0
+    for i in order:
+        if cur and used + lengths[i] > batch_tokens:
+            batches.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += lengths[i]
     if cur:
         batches.append(cur)
     return batches
@@ -122,24 +139,19 @@ def score_sequences(model, prompts: list[list[int]], responses: list[list[int]],
 
 # ---------------------------------------------------------------- prompt once: both responses in one row
 
-def _packed_batch(prompts, firsts, seconds, batch: list[int], pad_id: int, device):
-    """One right-padded batch of rows `prompt + first + second`, with the positions and the 4D mask that make the
-    second response see the prompt but not the first response, as if it had been scored after the prompt alone.
+def _packed_row(prompts, firsts, seconds, batch: list[int], device):
+    """Rows `prompt + first + second` of `batch` laid end to end in one unpadded row, with the position ids and
+    attention blocks (`prefpipe.attention.prefix_blocks`) that make the second response see the prompt but not the
+    first, as if it had been scored after the prompt alone.
 
-    Returns (ids [B, W], positions [B, W], allowed [B, 1, W, W] bool, src [N], tgt [N], seq [N]): the flat
-    hidden-state index (row * W + column) that predicts each scored token, the token's flat index, and the
-    output sequence it belongs to (2 * k for the first response of batch row k, 2 * k + 1 for the second)."""
-    lens = [(len(prompts[i]), len(firsts[i]), len(seconds[i])) for i in batch]
-    width = max(p + a + b for p, a, b in lens)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    pos = torch.arange(width).repeat(len(batch), 1)
-    seg = torch.full((len(batch), width), 3, dtype=torch.long)  # 0 prompt, 1 first, 2 second, 3 padding
-    src, tgt, seq = [], [], []
-    for k, (i, (p, a, b)) in enumerate(zip(batch, lens)):
-        ids[k, :p + a + b] = torch.as_tensor(list(prompts[i]) + list(firsts[i]) + list(seconds[i]))
-        pos[k, p + a:p + a + b] = torch.arange(p, p + b)  # the second response continues from the prompt's end
-        seg[k, :p], seg[k, p:p + a], seg[k, p + a:p + a + b] = 0, 1, 2
-        base = k * width
+    Returns (ids [1, T], positions [1, T], blocks, src [N], tgt [N], seq [N]): the index of the hidden state that
+    predicts each scored token, the token's index, and the output sequence it belongs to (2 * k for the first
+    response of batch row k, 2 * k + 1 for the second)."""
+    ids, pos, src, tgt, seq, layout, base = [], [], [], [], [], [], 0
+    for k, i in enumerate(batch):
+        p, a, b = len(prompts[i]), len(firsts[i]), len(seconds[i])
+        ids += [*prompts[i], *firsts[i], *seconds[i]]
+        pos += [*range(p + a), *range(p, p + b)]  # the second response continues from the prompt's end
         src += range(base + p - 1, base + p + a - 1)
         tgt += range(base + p, base + p + a)
         seq += [2 * k] * a
@@ -148,36 +160,22 @@ def _packed_batch(prompts, firsts, seconds, batch: list[int], pad_id: int, devic
             src += [base + p - 1, *range(base + p + a, base + p + a + b - 1)]
             tgt += range(base + p + a, base + p + a + b)
             seq += [2 * k + 1] * b
-    col = torch.arange(width)
-    causal = col[None, :] <= col[:, None]  # [W(query), W(key)]
-    allowed = (causal[None] & (seg != 3)[:, None, :]
-               & ~((seg == 2)[:, :, None] & (seg == 1)[:, None, :]))[:, None]
+        layout.append((p, a, b))
+        base += p + a + b
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return ids.to(device), pos.to(device), allowed.to(device), as_long(src), as_long(tgt), as_long(seq)
+    return as_long([ids]), as_long([pos]), prefix_blocks(layout), as_long(src), as_long(tgt), as_long(seq)
 
 
-def _mask_for(model, allowed: torch.Tensor, dtype) -> torch.Tensor:
-    """The custom 4D mask in the form the model's attention takes: sdpa a boolean (True attends), eager an
-    additive float mask."""
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl == "sdpa":
-        return allowed
-    if impl == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    raise TypeError(f"prompt-once scoring needs sdpa or eager attention, not {impl!r}")
-
-
-def packed_logprobs(model, batch, *, chunk_tokens: int, temperature: float = 1.0):
-    """Per-token log-probs of a `_packed_batch`: (token log-probs [N] float32, seq [N]), in the batch's order."""
+def packed_logprobs(model, row, *, chunk_tokens: int, temperature: float = 1.0):
+    """Per-token log-probs of a `_packed_row`: (token log-probs [N] float32, seq [N]), in the row's order."""
     from prefpipe.logprobs import _decoder_and_head, _token_logprobs
 
-    ids, pos, allowed, src, tgt, seq = batch
+    ids, pos, blocks, src, tgt, seq = row
     decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=ids, attention_mask=_mask_for(model, allowed, head.weight.dtype), position_ids=pos,
-                     use_cache=False).last_hidden_state
-    h = hidden.reshape(-1, hidden.shape[-1])[src]
-    targets = ids.reshape(-1)[tgt]
+    with blocks_only(model):
+        hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, **{BLOCKS_KWARG: blocks}).last_hidden_state
+    h = hidden[0][src]
+    targets = ids[0][tgt]
     softcap = getattr(model.config, "final_logit_softcapping", None)
     pieces = [_token_logprobs(h[s:s + chunk_tokens], targets[s:s + chunk_tokens], head.weight, head.bias,
                               temperature, softcap) for s in range(0, h.shape[0], chunk_tokens)]
@@ -185,17 +183,17 @@ def packed_logprobs(model, batch, *, chunk_tokens: int, temperature: float = 1.0
 
 
 def score_pairs(model, prompts: list[list[int]], firsts: list[list[int]], seconds: list[list[int]], *,
-                batch_tokens: int, pad_id: int = 0, chunk_tokens: int | None = None, per_token: bool = False,
+                batch_tokens: int, chunk_tokens: int | None = None, per_token: bool = False,
                 progress: Callable[[int, int], None] | None = None, device=None) -> Scores:
     """`score_sequences(model, prompts + prompts, firsts + seconds)`, running each prompt once.
 
-    Each row packs `prompt + first + second`; the second response's positions restart at `len(prompt)` and a
-    custom 4D attention mask hides the first response from it, so both scores equal the separate forwards up to
-    float round-off (about 1e-6 per token in float32). Rows are length-sorted into batches of at most
-    `batch_tokens` padded packed tokens. Results come back as `score_sequences` would give them: all firsts,
-    then all seconds. `progress(sequences, tokens)` counts tokens as the separate forwards would (the prompt once
-    per response), so rates compare across paths. Needs a causal LM with sdpa or eager attention
-    (`prompt_once_supported`)."""
+    Each pair becomes `prompt + first + second`; the second response's positions restart at `len(prompt)` and
+    prefpipe's block attention (`prefpipe.attention`) lets it see the prompt but not the first response, so both
+    scores equal the separate forwards up to float round-off (about 1e-6 per token in float32). Pairs, longest
+    first, are laid end to end without padding into rows of at most `batch_tokens` tokens (a longer pair gets a
+    row of its own). Results come back as `score_sequences` would give them: all firsts, then all seconds.
+    `progress(sequences, tokens)` counts tokens as the separate forwards would (the prompt once per response), so
+    rates compare across paths. Needs a model with block attention (`prompt_once_supported`)."""
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be positive (got {batch_tokens})")
     n = len(prompts)
@@ -211,8 +209,8 @@ def score_pairs(model, prompts: list[list[int]], firsts: list[list[int]], second
     chunk_tokens = chunk_tokens or head_chunk_tokens(model)
     lengths = [len(p) + len(a) + len(b) for p, a, b in zip(prompts, firsts, seconds)]
     with torch.inference_mode():
-        for batch in length_batches(lengths, batch_tokens):
-            lp, seq = packed_logprobs(model, _packed_batch(prompts, firsts, seconds, batch, pad_id, device),
+        for batch in token_batches(lengths, batch_tokens):
+            lp, seq = packed_logprobs(model, _packed_row(prompts, firsts, seconds, batch, device),
                                       chunk_tokens=chunk_tokens)
             out = torch.zeros(2 * len(batch), dtype=torch.float64, device=lp.device).index_add(0, seq, lp.double())
             got = torch.bincount(seq, minlength=2 * len(batch)).tolist()
@@ -230,14 +228,14 @@ def score_pairs(model, prompts: list[list[int]], firsts: list[list[int]], second
 def prompt_once_supported(model, device=None) -> str | None:
     """None when `score_pairs` gives this model the same scores as separate forwards; otherwise why not.
 
-    Checked on a short probe: the attention implementation must take a custom 4D mask (sdpa or eager, not
-    flash or flex), the model must not use sliding-window attention (a custom mask would replace its window),
-    and the probe's per-token log-probs must agree with `score_sequences` (a model that ignores the mask or the
-    position ids fails here)."""
+    The model needs prefpipe's block attention (`prefpipe.attention.install`, which `load_model` applies to sdpa
+    models; eager, flash and flex attention score each response separately), no sliding-window attention (its
+    layers keep transformers' own mask, which cannot express a shared prompt), and a short probe's per-token
+    log-probs must agree with `score_sequences` (a model that ignores the blocks or the position ids fails
+    here)."""
     cfg = model.config
-    impl = getattr(cfg, "_attn_implementation", None)
-    if impl not in ("sdpa", "eager"):
-        return f"attention implementation {impl!r} takes no custom 4D mask"
+    if not uses_blocks(model):
+        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} is not prefpipe's block attention"
     if getattr(cfg, "sliding_window", None) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
         return "sliding-window attention"
     vocab = model.get_output_embeddings().weight.shape[0]

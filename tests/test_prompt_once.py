@@ -13,7 +13,7 @@ import torch
 from conftest import make_pairs, make_unpaired, write_jsonl
 from prefpipe.data.cache import read_cache
 from prefpipe.modeling import load_model
-from prefpipe.scoring import _packed_batch, prompt_once_supported, score_pairs, score_sequences
+from prefpipe.scoring import _packed_row, prompt_once_supported, score_pairs, score_sequences
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +43,15 @@ def float64_tokens(lm64, prompt, response):
 
 
 def test_packed_layout_by_hand():
-    """prompt [5, 6], first [7], second [8, 9]: positions restart at 2 for the second response, which sees the
-    prompt and itself but not the first response; padding is seen by nobody."""
-    ids, pos, allowed, src, tgt, seq = _packed_batch([[5, 6], [1]], [[7], [2]], [[8, 9], [3]], [0, 1], 0, "cpu")
-    assert ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 0, 0]]
-    assert pos[0].tolist() == [0, 1, 2, 2, 3] and pos[1, :3].tolist() == [0, 1, 1]
-    T, F = True, False
-    assert allowed[0, 0].tolist() == [[T, F, F, F, F], [T, T, F, F, F], [T, T, T, F, F], [T, T, F, T, F],
-                                      [T, T, F, T, T]]
-    assert allowed[1, 0, :, 3:].any().item() is False  # padding keys
-    # Row 0: token 7 from state 1; 8 from state 1 (the prompt's end), 9 from state 3. Row 1 (width 5): 2 from 5+0,
-    # 3 from 5+0 as well.
+    """prompt [5, 6], first [7], second [8, 9], then the next pair, end to end without padding: positions
+    restart at 2 for the second response; prompt + first form one causal block, the second response a block
+    whose keys are the prompt and itself (not the first response)."""
+    ids, pos, blocks, src, tgt, seq = _packed_row([[5, 6], [1]], [[7], [2]], [[8, 9], [3]], [0, 1], "cpu")
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3]]
+    assert pos.tolist() == [[0, 1, 2, 2, 3, 0, 1, 1]]
+    assert blocks == ((0, 3, 0, 0), (3, 5, 0, 2), (5, 7, 5, 5), (7, 8, 5, 6))
+    # Pair 0: token 7 from state 1; 8 from state 1 (the prompt's end), 9 from state 3. Pair 1 starts at 5: token 2
+    # from state 5, token 3 from state 5 as well.
     assert src.tolist() == [1, 1, 3, 5, 5] and tgt.tolist() == [2, 3, 4, 6, 7] and seq.tolist() == [0, 1, 1, 2, 3]
 
 
@@ -102,20 +100,38 @@ def test_probe_accepts_the_tiny_llama_and_refuses_other_attention(lm):
     impl = lm.config._attn_implementation
     try:
         lm.config._attn_implementation = "flash_attention_2"
-        assert "custom 4D mask" in prompt_once_supported(lm)
+        assert "'flash_attention_2' is not prefpipe's block attention" in prompt_once_supported(lm)
     finally:
         lm.config._attn_implementation = impl
 
 
-def test_eager_attention_gives_the_same_scores(tiny_model):
+def test_probe_refuses_a_model_that_drops_the_blocks(tiny_model, monkeypatch):
+    """A decoder that does not hand the blocks down to its attention would score the second response without
+    its prompt (transformers' mask from the position ids starts a new sequence there); the probe sees that."""
+    from prefpipe import attention
+    lm = load_model(str(tiny_model)).eval()
+    real = attention._forward
+    monkeypatch.setattr(attention, "_forward", lambda *a, prefpipe_blocks=None, **k: real(*a, **k))
+    attention._register()
+    try:
+        assert "probe scores differ" in prompt_once_supported(lm)
+    finally:
+        monkeypatch.undo()
+        attention._register()
+
+
+def test_eager_attention_scores_each_response_separately(tiny_model, tmp_path):
+    """Eager attention is not switched to block attention, so the backend warns and uses separate forwards."""
     from transformers import AutoModelForCausalLM
+
+    from prefpipe.precompute.backend import BackendOptions
+    from prefpipe.precompute.hf_backend import HFBackend
     eager = AutoModelForCausalLM.from_pretrained(str(tiny_model), attn_implementation="eager",
                                                  dtype=torch.float32).eval()
-    prompts, firsts, seconds = triples(6, seed=3)
-    got = score_pairs(eager, prompts, firsts, seconds, batch_tokens=10_000, per_token=True)
-    want = score_sequences(eager, prompts + prompts, firsts + seconds, batch_tokens=10_000, per_token=True)
-    for a, b in zip(got.tokens, want.tokens):
-        assert float((a - b).abs().max()) <= 1e-5
+    assert "'eager' is not prefpipe's block attention" in prompt_once_supported(eager)
+    with pytest.warns(UserWarning, match="scoring each response in its own forward"):
+        backend = HFBackend(BackendOptions(model=str(tiny_model), device="cpu", dtype="float32"), model=eager)
+    assert backend.prompt_once is False and eager.config._attn_implementation == "eager"
 
 
 def precompute(run_cli, tiny_model, data, out, *extra):

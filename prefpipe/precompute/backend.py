@@ -20,9 +20,10 @@ class BackendOptions:
     model: str = opt(help="Frozen SFT model directory (or hub id): the reference.", path=True)
     dtype: str = opt("auto", choices=DTYPES, help="auto: bf16 on GPUs that support it, float32 on CPU.")
     device: str = opt("auto", help="hf: auto, cpu, cuda or cuda:N.")
-    batch_tokens: int = opt(16384, help="hf: padded tokens per forward (length-sorted batches).")
+    batch_tokens: int = opt(16384, help="hf: tokens per forward (padded tokens of length-sorted batches, or "
+                            "packed tokens with --prompt_once).")
     prompt_once: bool = opt(True, help="hf: score both responses of a row in one packed forward that runs the "
-                            "prompt once (falls back when the model cannot take the custom attention mask).",
+                            "prompt once (sdpa models; others fall back with a warning).",
                             off_help="hf: score each response in its own forward (the prompt runs once per "
                             "response).")
     load_in_4bit: bool = opt(False, help="hf: load the reference in 4-bit NF4 (QLoRA's base; CUDA and "

@@ -10,17 +10,18 @@ Decisions a user may want to know:
 - Scores do not depend on how rows were batched: right padding with an attention mask leaves every real
   token's position and context unchanged (tested against each row scored alone).
 - **Prompt once** (`--prompt_once`, the default): the two responses of a row (chosen and rejected; for KTO the
-  completion and its mismatched partner) are packed after one copy of the prompt, with position ids and a
-  custom attention mask that keep them apart, so the prompt runs once per row (`prefpipe.scoring.score_pairs`).
-  Scores equal the separate forwards to float round-off. When the model cannot take the mask (flash or flex
-  attention, sliding windows, or a failed probe at start) the backend warns and scores each response in its
-  own forward, as `--no_prompt_once` does. The cache's `backend.prompt_once` records which path scored it.
+  completion and its mismatched partner) follow one copy of the prompt, with position ids and block attention
+  (`prefpipe.attention`) that keep them apart, so the prompt runs once per row (`prefpipe.scoring.score_pairs`);
+  pairs are laid end to end without padding. Scores equal the separate forwards to float round-off. Models
+  whose attention is not sdpa (eager, flash, flex, custom kernels), sliding-window models, and models that fail
+  a probe at start get a warning and score each response in its own forward, as `--no_prompt_once` does. The cache's `backend.prompt_once` records which path scored it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from prefpipe.attention import install as install_block_attention
 from prefpipe.modeling import load_model, quiet_transformers, resolve_device, resolve_dtype
 from prefpipe.precompute.backend import BackendOptions
 from prefpipe.scoring import head_chunk_tokens, prompt_once_supported, score_pairs, score_sequences
@@ -42,6 +43,7 @@ class HFBackend:
         self.model = model if model is not None else load_model(options.model, self.dtype, self.device,
                                                                 load_in_4bit=options.load_in_4bit)
         self.model.eval()
+        install_block_attention(self.model)  # a model handed in directly; load_model has done it already
         self.chunk_tokens = head_chunk_tokens(self.model)
         self.progress = None  # optional callable(sequences, tokens), called after each forward
         self.prompt_once = bool(getattr(options, "prompt_once", True))

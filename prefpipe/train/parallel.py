@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prefpipe.attention import SEGMENTED
 from prefpipe.dist import Procs, join, under_torchrun
 from prefpipe.logprobs import sequence_logprobs
 
@@ -149,8 +150,10 @@ def load_optimizer_state(policy: Policy, optimizer, state: dict):
 
 
 # Attention implementations whose transformers mask builder turns restarting position ids (and no attention mask)
-# into a block-diagonal causal mask (sdpa, eager, flex) or into varlen flash-attention.
-PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+# into a block-diagonal causal mask (sdpa, eager, flex) or into varlen flash-attention, and prefpipe's block
+# attention for sdpa models, which runs one causal sdpa per sequence.
+PACKING_ATTENTION = (SEGMENTED, "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
+                     "flash_attention_4")
 
 
 def packing_problem(scorer: nn.Module, lm: nn.Module, device) -> str | None:
@@ -199,10 +202,11 @@ def choose_packing(policy: Policy, requested: bool, device, log=print) -> bool:
     windows and chunked attention included (their mask builders honour packed position ids). Falls back: custom
     or remote-code attention kernels, bidirectional models, decoders that take no `position_ids`, and hybrids
     whose recurrent layers (Mamba-style, linear attention) would carry state from one packed sequence into the
-    next (the probe catches those). Cost: sdpa and eager materialise a `[T, T]` block-diagonal mask for a packed
-    row of T tokens and compute attention over all of it (masked blocks included), so attention grows with
-    `T^2 = (sum of lengths)^2` rather than `batch x longest^2`; flash-attention runs varlen and computes only the
-    diagonal blocks. Linear layers and the LM head see only real tokens either way."""
+    next (the probe catches those). Cost: models loaded by prefpipe with sdpa attention get block attention
+    (`prefpipe.attention`), and flash-attention runs varlen: both compute only each sequence's own causal block,
+    `sum of length^2`. Plain sdpa (a model handed in from outside), eager and flex compute the whole `[T, T]`
+    product of a packed row of T tokens, masked blocks included, so their attention grows with
+    `(sum of lengths)^2`. Linear layers and the LM head see only real tokens either way."""
     policy.packed = False
     if not requested:
         return False
