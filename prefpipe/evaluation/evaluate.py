@@ -8,9 +8,11 @@ Decisions a user needs to know:
   `eval_gen.jsonl` in RUN, where `prefpipe report` finds them, or in `--out`. A plain model directory is never
   written into: its results go to `./eval-<model dir name>/` without `--out`.
 - **Implicit reward.** For each held-out pair, `Δ = (π_c − ρ_c) − (π_r − ρ_r)` from summed log-probs, with the
-  reference `ρ` read from the cache. `acc` is the fraction with `βΔ > 0` (strictly: a tie is not a win, so the
-  SFT model itself scores 0; the report then says that every pair ties), `margin` the mean of `βΔ`. `wins` and
-  `ties` (`|Δ| <= 1e-4` nats) are counted too. The cache must come from the same tokenizer as the
+  reference `ρ` read from the cache. A pair is a tie when `|Δ| <= 1e-4` nats and a win when `Δ > 1e-4`: the
+  same model scored in another batch layout than the cache's (packed or padded, other batch sizes) differs from
+  it by float rounding, about 1e-6 nats per token, which must not count as preferring anything. `acc` is the
+  fraction of wins (so the SFT model itself scores 0, and the report says that every pair ties), `margin` the
+  mean of `βΔ`; `wins` and `ties` are counted too. The cache must come from the same tokenizer as the
   model, or the ids would mean other tokens; that is checked.
 - **Downstream accuracy.** Greedy decoding, `--max_new_tokens` per question, exact match of the final number
   (prefpipe.evaluation.answers documents the extraction and its fallback). Every question, generation, extracted
@@ -100,8 +102,8 @@ def _load(model_dir: Path, device: str, dtype: str):
 
 # ---------------------------------------------------------------- implicit reward on a cache
 
-# |Δ| at or below this many nats counts as a tie in the report: the reference scored against its own cache differs
-# from it only by float rounding of the summed log-probs.
+# |Δ| at or below this many nats is a tie, not a win: the reference scored against its own cache differs from it
+# only by float rounding of the summed log-probs.
 TIE_NATS = 1e-4
 
 
@@ -163,8 +165,8 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
     pol_c, pol_r, ref_c, ref_r = pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"]
     delta = (pol_c - ref_c) - (pol_r - ref_r)
     return {"run": run.name, "model": str(run.model_dir), "cache": str(cache_dir), "beta": beta,
-            "rows": len(prompts), "wins": int((beta * delta > 0).sum()), "ties": int((delta.abs() <= TIE_NATS).sum()),
-            "acc": float((beta * delta > 0).double().mean()),
+            "rows": len(prompts), "wins": int((delta > TIE_NATS).sum()), "ties": int((delta.abs() <= TIE_NATS).sum()),
+            "acc": float((delta > TIE_NATS).double().mean()),
             "margin": float((beta * delta).mean()), "r_chosen": float((beta * (pol_c - ref_c)).mean()),
             "r_rejected": float((beta * (pol_r - ref_r)).mean()), "wall_s": round(time.perf_counter() - start, 2)}
 
