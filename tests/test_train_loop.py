@@ -54,12 +54,16 @@ def test_step0_identities_for_every_reference_loss(tmp_path, tiny_model, pair_ca
     train(tmp_path / "p", tiny_model, cache=pair_cache, loss_types=("dpo", "hinge", "ipo"), betas=(0.25,),
           max_steps=1)
     first = {lt: metrics(tmp_path / "p" / f"{lt}-beta0.25")[0] for lt in ("dpo", "hinge", "ipo")}
-    assert first["dpo"]["loss"] == pytest.approx(LN2, abs=1e-6)
-    assert first["hinge"]["loss"] == pytest.approx(1.0, abs=1e-6)
-    assert first["ipo"]["loss"] == pytest.approx((1 / (2 * 0.25)) ** 2, abs=1e-4)
     for rec in first.values():
         # the cached reference was scored in other batches: margins are float32 noise, so acc is not checked here
         assert abs(rec["margin"]) < 1e-5
+    # Each loss at that noise, to first order in the margin m = mean(beta * delta) (the squares, ~1e-10, drop):
+    # -logsigmoid(x) = ln 2 - x/2 + O(x^2); relu(1 - x) = 1 - x exactly; IPO (d - 1/(2 beta))^2 with
+    # m = beta * mean(d) gives 1/(4 beta^2) - m / beta^2.
+    m = {lt: first[lt]["margin"] for lt in first}
+    assert first["dpo"]["loss"] == pytest.approx(LN2 - m["dpo"] / 2, abs=2e-7)
+    assert first["hinge"]["loss"] == pytest.approx(1.0 - m["hinge"], abs=2e-7)
+    assert first["ipo"]["loss"] == pytest.approx((1 / (2 * 0.25)) ** 2 - m["ipo"] / 0.25 ** 2, abs=1e-6)
     train(tmp_path / "k", tiny_model, cache=small_caches["kto"], loss_types=("kto",), max_steps=1)
     k = metrics(tmp_path / "k" / "kto-beta0.1")[0]
     # z0 = max(0, mean(pi - ref)) over the partners: 0 up to the same float32 noise as the margins above (the cache
