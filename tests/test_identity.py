@@ -45,6 +45,16 @@ def test_backend_dtype_and_part_rows_matter_only_for_resume():
         "part_rows differs (cache 8, now 4)", "prefpipe version differs (cache 0.2.0, now 0.1.0)"]
 
 
+def test_a_quantized_reference_does_not_resume_an_unquantized_cache():
+    """`--load_in_4bit` scores with NF4 weights: its parts must not be stitched to full-precision ones; a finished
+    cache still serves (the step-0 drift check measures the numerics), like another dtype."""
+    plain = identity.identity_of(meta())
+    nf4 = identity.identity_of(meta(backend={"quantization": "nf4"}))
+    assert identity.differences(plain, nf4) == []
+    assert identity.differences(plain, nf4, resume=True) == ["dtype differs (cache float32+nf4, now float32)"]
+    assert identity.engine_dtype("bfloat16", None) == "bfloat16"  # what caches recorded before quantization
+
+
 def test_each_reuse_key_is_worded():
     now = identity.identity_of(meta())
     cases = {

@@ -9,7 +9,7 @@ KTO examples with pinned partners), whether it holds reference log-probs and whe
 all of these equal the run's. Backend, dtype and batch size are not part of it: they change the numerics of the
 reference log-probs (which `prefpipe precompute --verify` and training's step-0 drift check measure), not what
 they mean. An unfinished cache (parts but no manifest) is **resumed** only when, in addition, the backend, the
-dtype, `part_rows` and the prefpipe version match: its parts are stitched into one cache, so they must all come
+dtype (with the weight quantization, `--load_in_4bit`), `part_rows` and the prefpipe version match: its parts are stitched into one cache, so they must all come
 from one run (blocks are cut by `part_rows`, and one engine and dtype score them all). The pipeline names its own
 caches after their identity (`RUNS_DIR/cache-<12 hex>`), so a changed setting builds a new cache next to the old one.
 
@@ -47,11 +47,18 @@ def identity_of(meta: dict) -> dict:
         "has_reference": meta.get("has_reference", True),
         "per_token": bool(meta.get("per_token", False)),
         "backend": backend.get("name"),
-        "dtype": backend.get("dtype"),
+        "dtype": engine_dtype(backend.get("dtype"), backend.get("quantization")),
         "part_rows": (meta.get("layout") or {}).get("part_rows"),
         "prefpipe_version": meta.get("prefpipe_version"),
         "schema_version": meta.get("schema_version"),
     }
+
+
+def engine_dtype(dtype: str | None, quantization: str | None) -> str | None:
+    """The numerics a backend scored in: its dtype, plus the weight quantization when there is one (a 4-bit NF4
+    reference scores differently from the same weights unquantized, so the parts of one cache must not mix
+    them). Unquantized engines keep the plain dtype, as caches have always recorded it."""
+    return f"{dtype}+{quantization}" if dtype and quantization else dtype
 
 
 def expected(*, model: str, tokenizer: str, tokenization: dict, data: str, columns: dict, turn_marker: str,

@@ -73,6 +73,7 @@ def expected_identity(model: str, data: str, cfg: PipelineConfig, *, kto: bool,
 
     fp = fingerprints or model_fingerprints(model)
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
+    dtype = identity.engine_dtype(dtype, "nf4" if cfg.values.get("load_in_4bit") else None)
     return identity.expected(model=fp["model"], tokenizer=fp["tokenizer"],
                              tokenization=TokenizeSettings(cfg.max_length, cfg.max_prompt_length).metadata(),
                              data=data_fingerprint(data, columns_of(cfg), cfg.data_split, cfg.data_config), columns=asdict(columns_of(cfg)),
