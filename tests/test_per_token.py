@@ -290,9 +290,12 @@ def test_ld_dpo_with_the_live_reference_starts_at_ln2(tiny_lm):
     b = collate_rows(t, "pairs", 0, False)
     off = torch.autocast("cpu", enabled=False)
     ref = Scorer(copy.deepcopy(tiny_lm).eval())
+    forwards = []
+    ref.register_forward_hook(lambda *_: forwards.append(1))
     with torch.no_grad():
         out = batch_loss(b, Scorer(tiny_lm), ref, LossConfig(ld_alpha=0.0), off)
         assert torch.allclose(out.losses, torch.full((2,), math.log(2.0)), atol=1e-6)
+        assert len(forwards) == 1  # the sums and the per-token values come from one reference forward
         moved = copy.deepcopy(tiny_lm)
         moved.get_output_embeddings().weight.add_(0.05 * torch.randn_like(moved.get_output_embeddings().weight))
         a0 = batch_loss(b, Scorer(moved), ref, LossConfig(ld_alpha=0.0), off).losses

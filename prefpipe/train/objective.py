@@ -10,11 +10,15 @@ from prefpipe.train.loss_names import EXAMPLES, PAIRS
 
 
 @torch.no_grad()
-def _live(ref_scorer, inputs: tuple[tuple, dict], autocast):
-    """The live reference's sums on a batch's `forward_inputs` (packed or padded, like the policy's)."""
+def _live(ref_scorer, inputs: tuple[tuple, dict], autocast, tokens: bool = False):
+    """The live reference on a batch's `forward_inputs` (packed or padded, like the policy's): `(sums [B], None)`,
+    or with `tokens` `(sums, per-token [B, n])` from that same forward."""
     args, kwargs = inputs
     with autocast:
-        return ref_scorer(*args, **kwargs)[0]
+        if not tokens:
+            return ref_scorer(*args, **kwargs)[0], None
+        sums, _, extra = ref_scorer(*args, **kwargs, extras=("tokens",))
+        return sums, extra["tokens"].float()
 
 
 def kl_terms(batch, policy_scorer, ref_scorer, autocast) -> torch.Tensor:
@@ -23,7 +27,7 @@ def kl_terms(batch, policy_scorer, ref_scorer, autocast) -> torch.Tensor:
     with torch.no_grad(), autocast:
         pi_kl, _ = policy_scorer(*args, **kwargs)
     ref_kl = batch.ref[UNPAIRED.response("kl").ref] if ref_scorer is None else _live(
-        ref_scorer, (args, kwargs), autocast)
+        ref_scorer, (args, kwargs), autocast)[0]
     return pi_kl.float() - ref_kl
 
 
@@ -76,17 +80,14 @@ def _policy_extras(loss: L.Loss, loss_cfg) -> tuple:
     return tuple(sorted(want))
 
 
-def _token_inputs(batch, tokens: torch.Tensor, ref_scorer, autocast) -> dict:
+def _token_inputs(batch, tokens: torch.Tensor, ref_tok: torch.Tensor | None) -> dict:
     """Per-token log-probs of a paired batch, `[n, T]` zero-padded: the policy's (`tokens`, with gradient) and the
-    reference's, from the cache's per-token columns or the live reference's forward."""
+    reference's, from the live reference's forward (`ref_tok`) or else the cache's per-token columns."""
     from prefpipe.data.cache import PAIRED
     n = batch.n
-    if ref_scorer is None:
+    if ref_tok is None:
         ref_c, ref_r = (batch.ref[r.tokens] for r in PAIRED.responses)
     else:
-        args, kwargs = batch.forward_inputs()
-        with torch.no_grad(), autocast:
-            ref_tok = ref_scorer(*args, **kwargs, extras=("tokens",))[2]["tokens"].float()
         ref_c, ref_r = ref_tok[:n], ref_tok[n:]
     return {"pi_c_tok": tokens[:n], "pi_r_tok": tokens[n:], "ref_c_tok": ref_c, "ref_r_tok": ref_r}
 
@@ -105,13 +106,15 @@ def batch_loss(batch, policy_module, ref_scorer, loss_cfg, autocast, extra: dict
         out = policy_module(*args, **kwargs, **({"extras": wanted} if wanted else {}))
     sums, counts = out[0].float(), out[1].float()
     per_token = {k: v.float() for k, v in out[2].items()} if wanted else {}
-    ref = None
-    if loss.spec.needs_reference:
-        ref = batch.cached_reference() if ref_scorer is None else _live(
-            ref_scorer, (args, kwargs), autocast).float()
+    ref, ref_tok, by_token = None, None, "pi_c_tok" in loss.spec.inputs
+    if loss.spec.needs_reference and ref_scorer is None:
+        ref = batch.cached_reference()
+    elif loss.spec.needs_reference:  # one reference forward serves the sums and, for LD-DPO, the tokens
+        ref, ref_tok = _live(ref_scorer, (args, kwargs), autocast, tokens=by_token)
+        ref = ref.float()
     inputs = _inputs(loss.spec.batch, batch, sums, counts, ref)
-    if "pi_c_tok" in loss.spec.inputs:
-        inputs.update(_token_inputs(batch, per_token["tokens"], ref_scorer, autocast))
+    if by_token:
+        inputs.update(_token_inputs(batch, per_token["tokens"], ref_tok))
     inputs.update(extra or {})
     result = loss(inputs, loss_cfg)
     if getattr(loss_cfg, "wpo", False):
