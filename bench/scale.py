@@ -1,13 +1,14 @@
 """A million rows: precompute, inspect and train on a synthetic dataset of short pairs, measuring each command's
 peak RSS and wall time at two sizes (outside CI; CPU is enough).
 
-    PYTHONPATH=. python bench/scale.py --rows 100000 --rows 1000000 --work /tmp/scale
+    PYTHONPATH=. python bench/scale.py --rows 100000 --rows 1000000 --work /tmp/scale --threads 1
 
 Each command runs as its own subprocess (`python -m prefpipe ...`); its peak RSS is the child's `ru_maxrss` from
 `os.wait4`. Data: JSONL written on the fly with numpy (prompts 3-8 words, responses 2-6 words, from the words the
 tiny tokenizer was trained on), model: `prefpipe.tiny` with hidden 64 and 2 layers. Precompute is resumable: a
-rerun with the same --work keeps finished parts (`--keep` reuses the data and caches as they are). Target: at the
-larger size, each command's peak RSS is at most 1.2x its value at the smaller size.
+rerun with the same --work reuses the data file and keeps finished parts (so its time and RSS are then those of a
+resume; give a fresh --work to measure a whole run). Each size's numbers are also written to `result.json` in its
+directory. Target: at the larger size, each command's peak RSS is at most 1.2x its value at the smaller size.
 """
 
 from __future__ import annotations
@@ -73,10 +74,12 @@ def one_size(n: int, work: Path, model: Path, args) -> dict:
     res["inspect"] = run(py + ["inspect", str(d / "cache")], d / "inspect.log", args.threads)
     print(f"  inspect: {res['inspect']}", flush=True)
     res["train"] = run(py + ["train", "--model", str(model), "--cache", str(d / "cache"), "--out", str(d / "runs"),
-                             "--loss_type", "orpo" if args.no_reference else "dpo", "--max_steps", str(args.steps), "--batch_size", "8",
-                             "--eval_fraction", str(args.eval_fraction), "--save_every", "0", "--drift_rows", "8",
-                             "--no_progress", "--device", "cpu", "--dtype", "float32"], d / "train.log", args.threads)
+                             "--loss_type", "orpo" if args.no_reference else "dpo", "--max_steps", str(args.steps),
+                             "--batch_size", "8", "--eval_fraction", str(args.eval_fraction), "--save_every", "0",
+                             "--drift_rows", "8", "--no_progress", "--device", "cpu", "--dtype", "float32"],
+                       d / "train.log", args.threads)
     print(f"  train: {res['train']}", flush=True)
+    (d / "result.json").write_text(json.dumps(res) + "\n")
     return res
 
 
