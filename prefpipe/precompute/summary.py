@@ -125,21 +125,31 @@ def inspect_lines(cache) -> list[str]:
 
 def _per_token_lines(cache, t, resp, header: str, qs) -> list[str]:
     """Whether the cache holds per-token reference log-probs (`--per_token`) and, if so, the distribution of the
-    single-token values and how far their float32 sums are from the float64 sum columns. One response's columns
-    at a time, so memory follows one column, not the table."""
+    single-token values and how far their float32 sums are from the float64 sum columns. One response's column
+    at a time, read a chunk at a time with the mapped pages released after each: memory holds that response's
+    single-token values (the quantiles need them all), not the table."""
+    import numpy as np
     import polars as pl
+
+    from prefpipe.data.mapped import release_pages
 
     present = cache.has_per_token and all(r.tokens in t.column_names for _, r in resp)
     lines = [f"per-token reference log-probs: {'yes' if present else 'no'}"]
     if not present or not t.num_rows:
         return lines
     lines += ["reference log-prob of single tokens:", header]
+    gap = 0.0
     for name, r in resp:
-        col = pl.from_arrow(t.column(r.tokens).combine_chunks().flatten()).cast(pl.Float64)
+        tokens = []
+        for b in t.select([r.tokens, r.ref]).to_batches():
+            tokens.append(np.array(b.column(r.tokens).flatten().to_numpy(zero_copy_only=False)))  # a copy
+            frame = pl.DataFrame({"tok": pl.from_arrow(b.column(r.tokens)), "ref": pl.from_arrow(b.column(r.ref))})
+            chunk_gap = frame.select((pl.col("tok").cast(pl.List(pl.Float64)).list.sum() - pl.col("ref"))
+                                     .abs().max()).item()
+            gap = max(gap, chunk_gap or 0.0)
+            release_pages()
+        col = pl.Series(np.concatenate(tokens)).cast(pl.Float64)
         vals = [col.mean(), col.std(), *[col.quantile(q, "nearest") for q in qs]]
         lines.append(f"  {name:24}" + "".join(f"{'-' if v is None else f'{v:.4g}':>11}" for v in vals))
-    gap = max(pl.DataFrame({"tok": pl.from_arrow(t.column(r.tokens)), "ref": pl.from_arrow(t.column(r.ref))})
-              .select((pl.col("tok").cast(pl.List(pl.Float64)).list.sum() - pl.col("ref")).abs().max()).item() or 0.0
-              for _, r in resp)
     lines.append(f"  largest |sum of per-token values - summed column|: {gap:.3g}")
     return lines
