@@ -1,13 +1,14 @@
 """A million rows: precompute, inspect and train on a synthetic dataset of short pairs, measuring each command's
 peak RSS and wall time at two sizes (outside CI; CPU is enough).
 
-    PYTHONPATH=. python bench/scale.py --rows 100000 --rows 1000000 --work /tmp/scale
+    PYTHONPATH=. python bench/scale.py --rows 100000 --rows 1000000 --work /tmp/scale --threads 1
 
 Each command runs as its own subprocess (`python -m prefpipe ...`); its peak RSS is the child's `ru_maxrss` from
 `os.wait4`. Data: JSONL written on the fly with numpy (prompts 3-8 words, responses 2-6 words, from the words the
 tiny tokenizer was trained on), model: `prefpipe.tiny` with hidden 64 and 2 layers. Precompute is resumable: a
-rerun with the same --work keeps finished parts (`--keep` reuses the data and caches as they are). Target: at the
-larger size, each command's peak RSS is at most 1.2x its value at the smaller size.
+rerun with the same --work reuses the data file and keeps finished parts (so its time and RSS are then those of a
+resume; give a fresh --work to measure a whole run). Each size's numbers are also written to `result.json` in its
+directory. Target: at the larger size, each command's peak RSS is at most 1.2x its value at the smaller size.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ def write_pairs(path: Path, n: int, seed: int = 0, chunk: int = 100_000):
                 f.write(json.dumps({"id": f"r{start + i}", "prompt": p, "chosen": c, "rejected": r + " no"}) + "\n")
 
 
-def run(cmd: list[str], log: Path) -> dict:
-    """Run `cmd`, return wall seconds and the child's peak RSS in MiB."""
+def run(cmd: list[str], log: Path, threads: int | None = None) -> dict:
+    """Run `cmd`, return wall seconds and the child's peak RSS in MiB. `threads` caps torch's intra-op threads
+    through OMP_NUM_THREADS (read when torch starts), the only knob the commands have for it."""
     t0 = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
@@ -65,15 +69,17 @@ def one_size(n: int, work: Path, model: Path, args) -> dict:
     res["precompute"] = run(py + ["precompute", "--model", str(model), "--data", str(data), "--out",
                                   str(d / "cache"), "--max_length", str(args.max_length), "--part_rows",
                                   str(args.part_rows), "--no_progress", "--dtype", "float32", "--device", "cpu"]
-                            + (["--no_reference"] if args.no_reference else []), d / "precompute.log")
+                            + (["--no_reference"] if args.no_reference else []), d / "precompute.log", args.threads)
     print(f"  precompute: {res['precompute']}", flush=True)
-    res["inspect"] = run(py + ["inspect", str(d / "cache")], d / "inspect.log")
+    res["inspect"] = run(py + ["inspect", str(d / "cache")], d / "inspect.log", args.threads)
     print(f"  inspect: {res['inspect']}", flush=True)
     res["train"] = run(py + ["train", "--model", str(model), "--cache", str(d / "cache"), "--out", str(d / "runs"),
-                             "--loss_type", "orpo" if args.no_reference else "dpo", "--max_steps", str(args.steps), "--batch_size", "8",
-                             "--eval_fraction", str(args.eval_fraction), "--save_every", "0", "--drift_rows", "8",
-                             "--no_progress", "--device", "cpu", "--dtype", "float32"], d / "train.log")
+                             "--loss_type", "orpo" if args.no_reference else "dpo", "--max_steps", str(args.steps),
+                             "--batch_size", "8", "--eval_fraction", str(args.eval_fraction), "--save_every", "0",
+                             "--drift_rows", "8", "--no_progress", "--device", "cpu", "--dtype", "float32"],
+                       d / "train.log", args.threads)
     print(f"  train: {res['train']}", flush=True)
+    (d / "result.json").write_text(json.dumps(res) + "\n")
     return res
 
 
@@ -85,6 +91,8 @@ def main():
     ap.add_argument("--part_rows", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--eval_fraction", type=float, default=0.0005)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per command (OMP_NUM_THREADS) [default: torch's, one per core]")
     ap.add_argument("--no_reference", action="store_true",
                     help="tokenize-only precompute and ORPO training: the memory behaviour without the scoring "
                     "time (the tiny model scores ~1-5k rows/s on 2 busy cores)")

@@ -267,8 +267,8 @@ def _mapped(table: pa.Table) -> pa.Table:
     try:
         with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
             w.write_table(table)
-        with pa.memory_map(name) as m:
-            return pa.ipc.open_file(m).read_all()
+        from prefpipe.data.mapped import map_ipc_file  # a mapping whose pages can be released (see there)
+        return map_ipc_file(name)
     finally:
         os.unlink(name)
 

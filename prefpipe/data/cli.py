@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import click
 
 from prefpipe.data.settings import CheckSettings
@@ -15,14 +17,20 @@ def data():
     """Inspect preference data."""
 
 
-def _quantiles(xs: list[int]) -> str:
-    if not xs:
+def _quantiles(hist: dict[int, int]) -> str:
+    """min, median, p95, max of the values a histogram {value: count} holds, by nearest rank."""
+    if not hist:
         return "-"
-    s = sorted(xs)
+    values = sorted(hist)
+    n = sum(hist.values())
 
-    def q(f):  # nearest-rank quantile
-        return s[min(len(s) - 1, max(0, int(round(f * (len(s) - 1)))))]
-    return f"{s[0]:>6} {q(0.5):>7} {q(0.95):>6} {s[-1]:>6}"
+    def q(f):  # the value at 0-based rank round(f * (n - 1)) of the sorted values
+        rank, seen = min(n - 1, max(0, int(round(f * (n - 1))))), 0
+        for v in values:
+            seen += hist[v]
+            if seen > rank:
+                return v
+    return f"{values[0]:>6} {q(0.5):>7} {q(0.95):>6} {values[-1]:>6}"
 
 
 @data.command("check")
@@ -40,11 +48,13 @@ def check(data_path, **kwargs):
     quiet_transformers()
     ds = Dataset(data_path, s.columns, turn_marker=s.turn_marker, split=s.data_split, config=s.data_config)
     pt = PairTokenizer(load_tokenizer(s.model), settings)
+    # Memory stays flat in the rows: lengths are histograms, labels counts, and skips only the first per reason.
     stats = TokenStats(keep_lengths=True)
-    examples, labels = {}, []
+    examples, labels = {}, Counter()
     for batch in ds.batches():
         cols = pt.tokenize(batch, stats, ds.paired)
-        labels += cols.get("label", [])
+        labels.update(bool(x) for x in cols.get("label", []))
+        stats.skip_records = list({r["reason"]: r for r in reversed(stats.skip_records)}.values())
         for rec in batch:
             examples.setdefault(_shape(rec), rec)
     click.echo(f"data:       {data_path} ({len(ds.sources)} file{'s' if len(ds.sources) != 1 else ''})")
@@ -61,7 +71,7 @@ def check(data_path, **kwargs):
         if name in stats.lengths:
             click.echo(f"  {name:10} {_quantiles(stats.lengths[name])}")
     if labels:
-        _label_balance(labels)
+        _label_balance(labels[True], labels[False])
     for shape, rec in examples.items():
         _show_example(pt, rec, shape, ds.paired)
     if stats.skipped:
@@ -79,12 +89,10 @@ def _visible(text: str) -> str:
     return text.replace("\n", "\\n")
 
 
-def _label_balance(labels: list[bool]):
+def _label_balance(n_d: int, n_u: int):
     """KTO's desirable/undesirable counts and the --desirable_weight that balances them."""
     from prefpipe.train.objective import kto_balancing_weight
 
-    n_d = sum(bool(x) for x in labels)
-    n_u = len(labels) - n_d
     line = f"labels:     {n_d} desirable, {n_u} undesirable"
     if n_d and n_u:
         line += (f" (ratio {n_d / n_u:.2f}); --desirable_weight {kto_balancing_weight(n_d, n_u)} balances them "

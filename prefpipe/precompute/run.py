@@ -41,7 +41,7 @@ from prefpipe.data import identity
 from prefpipe.data.cache import (KINDS, MANIFEST, SCHEMA_VERSION, part_digest, part_name, read_manifest,
                                  read_part_metadata, write_manifest, write_part)
 from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns, Dataset
-from prefpipe.data.tokenize import TokenizeSettings, TokenStats
+from prefpipe.data.tokenize import SeenHashes, TokenizeSettings, TokenStats
 from prefpipe.dist import Procs, join
 from prefpipe.errors import UserError
 from prefpipe.fileio import LOCK_FILE, OutputLock, check_writable, is_lock_file
@@ -132,8 +132,14 @@ def _scan_parts(out: Path, expected: dict) -> dict[int, dict]:
             raise UserError(f"--out already holds a cache part from a different run ({'; '.join(diff[:6])}); use "
                             "another --out, or --overwrite to replace it", file=str(f))
         if _part_is_sound(f, meta):
-            found[index] = meta["part"]
+            found[index] = _part_counts(meta["part"])
     return found
+
+
+def _part_counts(part: dict) -> dict:
+    """A part's metadata entry without its skip records: what the manifest sums. The records stay in the part's
+    file (the summary reads its first skip per reason from there), so a run's memory does not grow with skips."""
+    return {k: v for k, v in part.items() if k != "skip_records"}
 
 
 def _part_is_sound(f: Path, meta: dict) -> bool:
@@ -214,8 +220,8 @@ def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: boo
     counts["response_tokens"] += sum(got)
 
 
-def _tokenize_block(pt, records, ds, kind, seen: set | None) -> tuple[dict, TokenStats]:
-    stats = TokenStats(_seen=seen if seen is not None else set())
+def _tokenize_block(pt, records, ds, kind, seen: SeenHashes | None) -> tuple[dict, TokenStats]:
+    stats = TokenStats(_seen=seen if seen is not None else SeenHashes())
     cols = pt.tokenize(records, stats, ds.paired)
     if kind == "unpaired":
         cols = kto_pairs.examples_from(cols, ds.paired)
@@ -385,7 +391,7 @@ def _score_parts(cfg, procs: Procs, ds, kind, pt, backend, meta, out: Path, done
     """Every block this process owns and has not finished, scored and written as its part; then the totals over
     all processes (every process must call this: it ends in collectives)."""
     bar, on_progress = _progress(cfg, procs, ds, backend)
-    seen: set[str] = set()
+    seen = SeenHashes()  # 8 bytes a row: see its docstring
     prev_records = None
     n_parts, written, reused, tokens, failure = 0, {}, 0, 0, None
     try:
@@ -393,12 +399,12 @@ def _score_parts(cfg, procs: Procs, ds, kind, pt, backend, meta, out: Path, done
             n_parts += 1
             if procs.owns(index) and index not in done:
                 part = _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out)
-                written[index] = part
+                written[index] = _part_counts(part)
                 tokens += part["tokens_scored"]
                 if not hasattr(backend, "set_progress"):
                     on_progress(0, part["tokens_scored"])
             else:
-                seen.update(r.content_hash for r in records)
+                seen.add([r.content_hash for r in records])
                 reused += procs.owns(index)
             if procs.owns(index):
                 bar.update(len(records))

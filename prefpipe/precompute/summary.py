@@ -55,11 +55,16 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 def inspect_lines(cache) -> list[str]:
     """Metadata, then per-token reference log-prob and length statistics computed with polars.
 
-    Statistics are computed one row of the report at a time from a narrow frame (the lengths from the list
-    offsets, the reference columns as they are), never from the whole table, so a memory-mapped cache
-    (`read_cache(..., memory_map=True)`) is inspected in memory that does not grow with its token ids."""
+    Statistics are computed one row of the report at a time, each from one column of values built a chunk (cache
+    part) at a time: the lengths from the list offsets, the reference columns as they are. The mapped pages of
+    each chunk are released once it is read (`prefpipe.data.mapped.release_pages`), so a memory-mapped cache
+    (`read_cache(..., memory_map=True)`) is inspected in memory that holds one statistic's values (8 bytes a row),
+    never the table's token ids."""
+    import numpy as np
     import polars as pl
     import pyarrow.compute as pc
+
+    from prefpipe.data.mapped import release_pages
 
     meta = cache.metadata
     lines = [f"cache: {cache.path}", "metadata:"]
@@ -75,31 +80,41 @@ def inspect_lines(cache) -> list[str]:
     resp = [(r.ids.removesuffix("_ids"), r) for r in cache.spec.responses]
     qs = (0.0, 0.5, 0.95, 1.0)
 
-    def frame(*names) -> pl.DataFrame:
-        """The columns `names`, an id column given as its per-row length."""
-        return pl.DataFrame({n: pl.from_arrow(pc.list_value_length(t.column(n)) if n.endswith("_ids")
-                                              else t.column(n)) for n in names})
+    def values(names: tuple, fn) -> np.ndarray:
+        """`fn` of the columns `names` (an id column given as its per-row lengths), one chunk at a time."""
+        out = []
+        for b in t.select(list(names)).to_batches():
+            cols = [(pc.list_value_length(b.column(n)) if n.endswith("_ids") else b.column(n))
+                    .to_numpy(zero_copy_only=False) for n in names]
+            out.append(np.array(fn(*cols)))  # a copy: views of the mapping would map its pages again
+            release_pages()
+        return np.concatenate(out) if out else np.empty(0)
 
-    def row(label: str, names: tuple, expr) -> str:
-        df = frame(*names)
-        vals = df.select([expr.mean().alias("mean"), expr.std().alias("std"),
-                          *[expr.quantile(q, "nearest").alias(str(q)) for q in qs]]).row(0)
+    def row(label: str, names: tuple, fn) -> str:
+        v = values(names, fn)
+        s = pl.Series("v", v)
+        vals = [s.mean(), s.std()]
+        # Sorted once, in place, and flagged so: polars then reads each quantile off it instead of sorting a copy
+        # per quantile (four copies of the column at once).
+        v.sort()
+        s = pl.Series("v", v).set_sorted()
+        vals += [s.quantile(q, "nearest") for q in qs]
         return f"  {label:24}" + "".join(f"{'-' if v is None else f'{v:.4g}':>11}" for v in vals)
 
     header = f"  {'':24}" + "".join(f"{h:>11}" for h in ("mean", "std", "min", "median", "p95", "max"))
     lines += ["token lengths:", header]
     for name, ids in [("prompt", "prompt_ids")] + [(name, r.ids) for name, r in resp]:
-        lines.append(row(name, (ids,), pl.col(ids)))
+        lines.append(row(name, (ids,), lambda n: n))
     if cache.has_reference and height:
         lines += ["reference log-prob per response token:", header]
         for name, r in resp:
-            lines.append(row(name, (r.ref, r.ids), pl.col(r.ref) / pl.col(r.ids)))
+            lines.append(row(name, (r.ref, r.ids), lambda ref, n: ref / n))
         lines += ["reference summed log-prob:", header]
         for name, r in resp:
-            lines.append(row(name, (r.ref,), pl.col(r.ref)))
+            lines.append(row(name, (r.ref,), lambda ref: ref))
         if cache.kind == "paired":
             (a, ra), (b, rb) = resp
-            lines.append(row(f"{a} - {b}", (ra.ref, rb.ref), pl.col(ra.ref) - pl.col(rb.ref)))
+            lines.append(row(f"{a} - {b}", (ra.ref, rb.ref), lambda x, y: x - y))
     if cache.has_reference:
         lines += _per_token_lines(cache, t, resp, header, qs)
     if cache.kind == "unpaired" and height:
@@ -110,21 +125,31 @@ def inspect_lines(cache) -> list[str]:
 
 def _per_token_lines(cache, t, resp, header: str, qs) -> list[str]:
     """Whether the cache holds per-token reference log-probs (`--per_token`) and, if so, the distribution of the
-    single-token values and how far their float32 sums are from the float64 sum columns. One response's columns
-    at a time, so memory follows one column, not the table."""
+    single-token values and how far their float32 sums are from the float64 sum columns. One response's column
+    at a time, read a chunk at a time with the mapped pages released after each: memory holds that response's
+    single-token values (the quantiles need them all), not the table."""
+    import numpy as np
     import polars as pl
+
+    from prefpipe.data.mapped import release_pages
 
     present = cache.has_per_token and all(r.tokens in t.column_names for _, r in resp)
     lines = [f"per-token reference log-probs: {'yes' if present else 'no'}"]
     if not present or not t.num_rows:
         return lines
     lines += ["reference log-prob of single tokens:", header]
+    gap = 0.0
     for name, r in resp:
-        col = pl.from_arrow(t.column(r.tokens).combine_chunks().flatten()).cast(pl.Float64)
+        tokens = []
+        for b in t.select([r.tokens, r.ref]).to_batches():
+            tokens.append(np.array(b.column(r.tokens).flatten().to_numpy(zero_copy_only=False)))  # a copy
+            frame = pl.DataFrame({"tok": pl.from_arrow(b.column(r.tokens)), "ref": pl.from_arrow(b.column(r.ref))})
+            chunk_gap = frame.select((pl.col("tok").cast(pl.List(pl.Float64)).list.sum() - pl.col("ref"))
+                                     .abs().max()).item()
+            gap = max(gap, chunk_gap or 0.0)
+            release_pages()
+        col = pl.Series(np.concatenate(tokens)).cast(pl.Float64)
         vals = [col.mean(), col.std(), *[col.quantile(q, "nearest") for q in qs]]
         lines.append(f"  {name:24}" + "".join(f"{'-' if v is None else f'{v:.4g}':>11}" for v in vals))
-    gap = max(pl.DataFrame({"tok": pl.from_arrow(t.column(r.tokens)), "ref": pl.from_arrow(t.column(r.ref))})
-              .select((pl.col("tok").cast(pl.List(pl.Float64)).list.sum() - pl.col("ref")).abs().max()).item() or 0.0
-              for _, r in resp)
     lines.append(f"  largest |sum of per-token values - summed column|: {gap:.3g}")
     return lines

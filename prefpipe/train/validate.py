@@ -77,7 +77,8 @@ def measure_drift(scorer, data, rows: list[int], batch_size: int, pad_id: int, d
     from prefpipe.scoring import rows_budget, score_sequences
 
     spec = KINDS[data.kind]
-    t = data.table.take(rows)
+    from prefpipe.data.mapped import take_rows
+    t = take_rows(data.table, rows)  # Table.take would read the whole (mapped) cache for these few rows
     prompts = t.column("prompt_ids").to_pylist() * len(spec.responses)
     responses = [x for r in spec.responses for x in t.column(r.ids).to_pylist()]
     refs = [x for r in spec.responses for x in t.column(r.ref).to_pylist()]
