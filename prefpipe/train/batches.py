@@ -35,6 +35,7 @@ from functools import lru_cache
 import pyarrow as pa
 import torch
 
+from prefpipe.data.mapped import take_rows
 from prefpipe.errors import UserError
 from prefpipe.logprobs import pad_batch
 
@@ -229,7 +230,7 @@ def make_batch(data: TrainData, rows: list[int], shape: str, pad_id: int, device
                use_cached_reference: bool, pack: bool = False) -> Batch:
     """The micro-batch of table rows `rows` in `shape` (a `loss_names` batch shape, or a loss name); `pack`
     lays its sequences end to end in one row instead of padding them."""
-    return collate_rows(data.table.take(pa.array(rows, type=pa.int64())), batch_shape(shape), pad_id,
+    return collate_rows(take_rows(data.table, rows), batch_shape(shape), pad_id,
                         use_cached_reference, device, pack)
 
 
@@ -306,7 +307,7 @@ class RowsDataset(torch.utils.data.Dataset):
         return self.__getitems__([i])
 
     def __getitems__(self, rows: list[int]) -> pa.Table:
-        return self.table.take(pa.array(rows, type=pa.int64()))
+        return take_rows(self.table, rows)  # Table.take would join every part of a mapped cache first
 
     def collate(self, t: pa.Table) -> Batch:
         return collate_rows(t, self.shape, self.pad_id, self.cached, pack=self.pack)
