@@ -1,11 +1,12 @@
 """prefpipe against TRL's `DPOTrainer(precompute_ref_log_probs=True)`: reference precompute tokens/s and training
 step time on the same data, model, tokens and settings (outside CI; not run in the tests).
 
-TRL lives in a virtual environment of its own so it cannot change prefpipe's (torch 2.13.0 resolves to the CPU
-build on a machine without CUDA; pin it first so TRL's install does not pull another):
+TRL lives in a virtual environment of its own, outside the repository, so it cannot change prefpipe's. Pin torch
+first, then TRL installs against it (what was run for bench/RESULTS.md; on that CUDA-less machine pip resolved
+torch 2.13.0 to its CPU build, no nvidia-* wheels: check that yours does too before a multi-GB download):
 
-    python -m venv /work/trl-venv
-    /work/trl-venv/bin/pip install torch==2.13.0        # on a CUDA-less box: --index-url .../whl/cpu if needed
+    python3 -m venv /work/trl-venv
+    /work/trl-venv/bin/pip install torch==2.13.0
     /work/trl-venv/bin/pip install trl==1.16.0
     PYTHONPATH=. python bench/compare_trl.py --trl_python /work/trl-venv/bin/python --pairs 100 --steps 8 --reps 3
 
@@ -33,8 +34,11 @@ Reported, per side: precompute tokens/s of the scoring pass alone (prefpipe: its
 TRL: its `_precompute_ref_logps` pass, collation and the Arrow cache it writes included) and of the whole set-up
 (prefpipe: the `precompute` command in-process, model load, tokenization and Parquet writing included; TRL: model
 load plus the `DPOTrainer` constructor, which tokenizes and precomputes); training step time (median over the
-steps after the first) and training tokens/s (real tokens of those steps over their time); peak RSS of the
-process. Each tool keeps its defaults where they are a tool's design rather than a setting both share:
+steps after the first: prefpipe's logged `step_time_s`, TRL's time between `on_step_end` callbacks) and training
+tokens/s (real tokens of those steps over their time); peak RSS of the process (both phases). The two samplers draw
+different pairs for a step, so tokens/s is the fairer training figure. The TRL process also reports the largest
+difference between its reference sums and the prefpipe cache written just before (the same work, float32
+round-off apart). Each tool keeps its defaults where they are a tool's design rather than a setting both share:
 prefpipe packs a step's sequences padding-free and scores length-sorted batches of `--batch_tokens`, each
 prompt once; TRL pads (its padding-free mode is off since its DPO refactor) and precomputes in batches of the
 training batch size, in data order.
