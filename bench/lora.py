@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import build_model, current_rss_mb, machine, make_data, rss_mb  # noqa: E402
+from train_step import add_shared_args, current_rss_mb, machine, prepare, rss_mb, run_worker  # noqa: E402
 
 MODES = ("full-cached", "full-live", "lora-cached", "lora-live")
 
@@ -64,62 +63,24 @@ def worker(args):
         "above_import_mb": rss_mb() - base, "cuda_peak_gb": run.get("peak_memory_gb")}), flush=True)
 
 
-def run_worker(args, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--model_dir", args.model_dir, "--cache_dir", args.cache_dir,
-           "--workdir", args.workdir, "--batch_size", str(args.batch_size), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--dtype", args.dtype, "--device", args.device, "--lora_r",
-           str(args.lora_r)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"worker {mode} failed:\n{proc.stderr[-4000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--batch_size", type=int, default=2, help="pairs per step")
-    ap.add_argument("--prompt_words", type=int, default=16)
-    ap.add_argument("--response_words", type=int, default=48)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
+    add_shared_args(ap)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the four modes")
     ap.add_argument("--lora_r", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker [default: torch's]")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--cache_dir", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker:
         return worker(args)
 
-    from prefpipe.modeling import quiet_transformers
-    from prefpipe.precompute.run import PrecomputeConfig, run_precompute
-    quiet_transformers()
     t0 = time.perf_counter()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="prefpipe-bench-lora-") as tmp:
-        tmp = Path(tmp)
-        args.workdir, args.model_dir, args.cache_dir = str(tmp), str(tmp / "model"), str(tmp / "cache")
-        n_params = build_model(tmp / "model", args)
-        make_data(tmp / "pairs.jsonl", args.batch_size * args.steps, args)
-        run_precompute(PrecomputeConfig(model=args.model_dir, data=str(tmp / "pairs.jsonl"), out=args.cache_dir,
-                                        dtype=args.dtype, device=args.device, max_length=4096,
-                                        max_prompt_length=1024, progress=False))
+        n_params = prepare(args, Path(tmp))
         results = {m: [] for m in MODES}
         for _ in range(args.repeats):
             for mode in MODES:
-                results[mode].append(run_worker(args, mode))
+                results[mode].append(run_worker(args, mode, __file__, ("--lora_r", str(args.lora_r))))
 
     def med(mode, key):
         vals = [r[key] for r in results[mode] if r[key] is not None]

@@ -115,12 +115,12 @@ def worker(args):
         "cuda_peak_gb": run.get("peak_memory_gb")}), flush=True)
 
 
-def run_worker(args, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--model_dir", args.model_dir, "--cache_dir", args.cache_dir,
+def run_worker(args, mode: str, script: str = __file__, extra: tuple = ()) -> dict:
+    """Run `script --worker mode` (this file, or `bench/lora.py`) in a fresh process with the shared options and
+    `extra` arguments; its RESULT line as a dict."""
+    cmd = [sys.executable, script, "--worker", mode, "--model_dir", args.model_dir, "--cache_dir", args.cache_dir,
            "--workdir", args.workdir, "--batch_size", str(args.batch_size), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--dtype", args.dtype, "--device", args.device]
-    if args.gradient_checkpointing:
-        cmd.append("--gradient_checkpointing")
+           "--warmup", str(args.warmup), "--dtype", args.dtype, "--device", args.device, *extra]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -128,6 +128,39 @@ def run_worker(args, mode: str) -> dict:
         sys.exit(f"worker {mode} failed:\n{proc.stderr[-4000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+def add_shared_args(ap: argparse.ArgumentParser):
+    """The options this bench and `bench/lora.py` share: model size, data, steps, and the worker plumbing."""
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--batch_size", type=int, default=2, help="pairs per step")
+    ap.add_argument("--prompt_words", type=int, default=23, help="median prompt words (log-normal)")
+    ap.add_argument("--response_words", type=int, default=27, help="median response words (log-normal)")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker [default: torch's]")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    for hidden in ("--worker", "--model_dir", "--cache_dir", "--workdir"):
+        ap.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+
+
+def prepare(args, tmp: Path) -> int:
+    """The model, the log-normal pairs and their precomputed cache under `tmp` (their paths go into `args`, for
+    the workers); returns the model's parameter count."""
+    from prefpipe.modeling import quiet_transformers
+    from prefpipe.precompute.run import PrecomputeConfig, run_precompute
+    quiet_transformers()
+    args.workdir, args.model_dir, args.cache_dir = str(tmp), str(tmp / "model"), str(tmp / "cache")
+    n_params = build_model(tmp / "model", args)
+    make_data(tmp / "pairs.jsonl", args.batch_size * args.steps, args)
+    run_precompute(PrecomputeConfig(model=args.model_dir, data=str(tmp / "pairs.jsonl"), out=args.cache_dir,
+                                    dtype=args.dtype, device=args.device, max_length=4096,
+                                    max_prompt_length=1024, progress=False))
+    return n_params
 
 
 def machine(args) -> str:
@@ -142,47 +175,22 @@ def machine(args) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--batch_size", type=int, default=2, help="pairs per step")
-    ap.add_argument("--prompt_words", type=int, default=23, help="median prompt words (log-normal)")
-    ap.add_argument("--response_words", type=int, default=27, help="median response words (log-normal)")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
+    add_shared_args(ap)
     ap.add_argument("--repeats", type=int, default=2, help="alternating cached/live subprocess pairs")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker [default: torch's]")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--gradient_checkpointing", action="store_true")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--cache_dir", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker:
         return worker(args)
 
-    from prefpipe.modeling import quiet_transformers
-    from prefpipe.precompute.run import PrecomputeConfig, run_precompute
-    quiet_transformers()
     t0 = time.perf_counter()
+    extra = ("--gradient_checkpointing",) if args.gradient_checkpointing else ()
     with tempfile.TemporaryDirectory(prefix="prefpipe-bench-") as tmp:
-        tmp = Path(tmp)
-        args.workdir = str(tmp)
-        args.model_dir = str(tmp / "model")
-        n_params = build_model(tmp / "model", args)
-        make_data(tmp / "pairs.jsonl", args.batch_size * args.steps, args)
-        args.cache_dir = str(tmp / "cache")
-        run_precompute(PrecomputeConfig(model=args.model_dir, data=str(tmp / "pairs.jsonl"), out=args.cache_dir,
-                                        dtype=args.dtype, device=args.device, max_length=4096,
-                                        max_prompt_length=1024, progress=False))
+        n_params = prepare(args, Path(tmp))
         results = {"cached": [], "live": []}
         for _ in range(args.repeats):
             for mode in ("cached", "live"):
-                results[mode].append(run_worker(args, mode))
+                results[mode].append(run_worker(args, mode, extra=extra))
 
     def med(mode, key):
         vals = [r[key] for r in results[mode] if r[key] is not None]
