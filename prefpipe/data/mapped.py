@@ -48,6 +48,15 @@ def release_pages() -> None:
             pass
 
 
+def chunks(table: pa.Table, names: Sequence[str]):
+    """The columns `names` of `table`, one record batch (one cache part) at a time. The mapped pages a batch
+    touched are released when the caller asks for the next one, so copy what you keep (views of the mapping
+    would map its pages again)."""
+    for batch in table.select(list(names)).to_batches():
+        yield batch
+        release_pages()
+
+
 def take_rows(table: pa.Table, rows: Sequence[int] | np.ndarray | pa.Array) -> pa.Table:
     """`table.take(rows)`: the rows in the order given (repeats allowed), as one chunk of fresh buffers, reading
     only the chunks that hold them; then `release_pages`. An index outside the table raises IndexError, as

@@ -89,10 +89,10 @@ class TokenizeSettings:
 class SeenHashes:
     """The content hashes of every row counted so far, for the duplicate count, in 8 bytes a row.
 
-    A row repeats an earlier one when their `Record.content_hash` values are equal: the first 64 bits (16 hex
-    digits) of a sha256 of the row's normalised content. The count is therefore exact up to a hash collision, the
-    same as comparing the hash strings themselves: two different rows share a 64-bit hash with probability about
-    n^2 / 2^65 over n rows (3e-8 at a million rows), in which case one of them is counted as a duplicate it is not.
+    A row repeats an earlier one when their `Record.content_hash` values are equal (the reader's: the first 64 bits
+    of a sha256 of the row's normalised content). Each value is kept as a 64-bit key hashed from it, so the count
+    is exact up to a hash collision: two different rows share a key with probability about n^2 / 2^64 over n rows
+    (about 5e-8 at a million rows), in which case one of them is counted as a duplicate it is not.
 
     The hashes are kept as one sorted numpy uint64 array rather than a set of strings (about 100 bytes a row, 100 MB
     at a million rows): 8 MB at a million rows. Adding a block merges it in, O(rows so far) per block."""
@@ -107,12 +107,8 @@ class SeenHashes:
 
     @staticmethod
     def _key(h: str) -> int:
-        try:
-            if len(h) == 16:
-                return int(h, 16)
-        except ValueError:
-            pass
-        # Not a content hash as the reader makes it (a hand-built Record): 64 bits of a hash of the string instead.
+        # 64 bits of a hash of the string, whatever it holds (the reader's 16 hex digits, or a hand-built
+        # Record's own value): equal strings give equal keys, different ones collide as rarely as said above.
         return int.from_bytes(hashlib.blake2b(h.encode(), digest_size=8).digest(), "big")
 
     def add(self, hashes: Sequence[str]) -> int:

@@ -61,10 +61,9 @@ def inspect_lines(cache) -> list[str]:
     (`read_cache(..., memory_map=True)`) is inspected in memory that holds one statistic's values (8 bytes a row),
     never the table's token ids."""
     import numpy as np
-    import polars as pl
     import pyarrow.compute as pc
 
-    from prefpipe.data.mapped import release_pages
+    from prefpipe.data.mapped import chunks
 
     meta = cache.metadata
     lines = [f"cache: {cache.path}", "metadata:"]
@@ -78,28 +77,13 @@ def inspect_lines(cache) -> list[str]:
     lines.append(f"rows: {height}")
     # Labels are the id columns' stems ("kl_completion", not the descriptor's "kl"): the report reads as before.
     resp = [(r.ids.removesuffix("_ids"), r) for r in cache.spec.responses]
-    qs = (0.0, 0.5, 0.95, 1.0)
-
-    def values(names: tuple, fn) -> np.ndarray:
-        """`fn` of the columns `names` (an id column given as its per-row lengths), one chunk at a time."""
-        out = []
-        for b in t.select(list(names)).to_batches():
-            cols = [(pc.list_value_length(b.column(n)) if n.endswith("_ids") else b.column(n))
-                    .to_numpy(zero_copy_only=False) for n in names]
-            out.append(np.array(fn(*cols)))  # a copy: views of the mapping would map its pages again
-            release_pages()
-        return np.concatenate(out) if out else np.empty(0)
 
     def row(label: str, names: tuple, fn) -> str:
-        v = values(names, fn)
-        s = pl.Series("v", v)
-        vals = [s.mean(), s.std()]
-        # Sorted once, in place, and flagged so: polars then reads each quantile off it instead of sorting a copy
-        # per quantile (four copies of the column at once).
-        v.sort()
-        s = pl.Series("v", v).set_sorted()
-        vals += [s.quantile(q, "nearest") for q in qs]
-        return f"  {label:24}" + "".join(f"{'-' if v is None else f'{v:.4g}':>11}" for v in vals)
+        """`fn` of the columns `names` (an id column given as its per-row lengths), built a chunk at a time."""
+        out = [np.array(fn(*[(pc.list_value_length(b.column(n)) if n.endswith("_ids") else b.column(n))
+                             .to_numpy(zero_copy_only=False) for n in names]))  # a copy, see `chunks`
+               for b in chunks(t, names)]
+        return _stat_line(label, np.concatenate(out) if out else np.empty(0))
 
     header = f"  {'':24}" + "".join(f"{h:>11}" for h in ("mean", "std", "min", "median", "p95", "max"))
     lines += ["token lengths:", header]
@@ -116,14 +100,27 @@ def inspect_lines(cache) -> list[str]:
             (a, ra), (b, rb) = resp
             lines.append(row(f"{a} - {b}", (ra.ref, rb.ref), lambda x, y: x - y))
     if cache.has_reference:
-        lines += _per_token_lines(cache, t, resp, header, qs)
+        lines += _per_token_lines(cache, t, resp, header)
     if cache.kind == "unpaired" and height:
         n_des = pc.sum(t.column("label")).as_py() or 0
         lines.append(f"labels: {n_des} desirable, {height - n_des} undesirable")
     return lines
 
 
-def _per_token_lines(cache, t, resp, header: str, qs) -> list[str]:
+def _stat_line(label: str, v) -> str:
+    """One report row: mean, std, min, median, p95 and max (nearest rank) of the numpy array `v`, which it sorts
+    in place: polars then reads each quantile off the sorted column instead of sorting a copy per quantile."""
+    import polars as pl
+
+    s = pl.Series("v", v)
+    vals = [s.mean(), s.std()]
+    v.sort()
+    s = pl.Series("v", v).set_sorted()
+    vals += [s.quantile(q, "nearest") for q in (0.0, 0.5, 0.95, 1.0)]
+    return f"  {label:24}" + "".join(f"{'-' if x is None else f'{x:.4g}':>11}" for x in vals)
+
+
+def _per_token_lines(cache, t, resp, header: str) -> list[str]:
     """Whether the cache holds per-token reference log-probs (`--per_token`) and, if so, the distribution of the
     single-token values and how far their float32 sums are from the float64 sum columns. One response's column
     at a time, read a chunk at a time with the mapped pages released after each: memory holds that response's
@@ -131,7 +128,7 @@ def _per_token_lines(cache, t, resp, header: str, qs) -> list[str]:
     import numpy as np
     import polars as pl
 
-    from prefpipe.data.mapped import release_pages
+    from prefpipe.data.mapped import chunks
 
     present = cache.has_per_token and all(r.tokens in t.column_names for _, r in resp)
     lines = [f"per-token reference log-probs: {'yes' if present else 'no'}"]
@@ -141,15 +138,12 @@ def _per_token_lines(cache, t, resp, header: str, qs) -> list[str]:
     gap = 0.0
     for name, r in resp:
         tokens = []
-        for b in t.select([r.tokens, r.ref]).to_batches():
+        for b in chunks(t, (r.tokens, r.ref)):
             tokens.append(np.array(b.column(r.tokens).flatten().to_numpy(zero_copy_only=False)))  # a copy
             frame = pl.DataFrame({"tok": pl.from_arrow(b.column(r.tokens)), "ref": pl.from_arrow(b.column(r.ref))})
             chunk_gap = frame.select((pl.col("tok").cast(pl.List(pl.Float64)).list.sum() - pl.col("ref"))
                                      .abs().max()).item()
             gap = max(gap, chunk_gap or 0.0)
-            release_pages()
-        col = pl.Series(np.concatenate(tokens)).cast(pl.Float64)
-        vals = [col.mean(), col.std(), *[col.quantile(q, "nearest") for q in qs]]
-        lines.append(f"  {name:24}" + "".join(f"{'-' if v is None else f'{v:.4g}':>11}" for v in vals))
+        lines.append(_stat_line(name, np.concatenate(tokens).astype(np.float64)))
     lines.append(f"  largest |sum of per-token values - summed column|: {gap:.3g}")
     return lines
