@@ -146,19 +146,31 @@ def packed_sequence_logprobs(model, input_ids: torch.Tensor, prompt_lens: torch.
     if input_ids.shape[0] != 1 or int(seq_lens.sum()) != input_ids.shape[1]:
         raise ValueError(f"a packed row must be [1, sum(seq_lens)]; got {list(input_ids.shape)} for "
                          f"{int(seq_lens.sum())} tokens")
-    decoder, head = _decoder_and_head(model)
     seg, pos = packed_positions(seq_lens)
-    with blocks_only(model):
-        hidden = decoder(input_ids=input_ids, position_ids=pos[None], use_cache=False,
-                         **_varlen_kwargs(model, seq_lens)).last_hidden_state[0]
     # target p of sequence i is scored when p >= prompt_lens[i]; p >= 1 then, so p-1 lies in the same sequence
-    tgt_mask = (pos >= prompt_lens[seg])[1:]
-    h = hidden[:-1][tgt_mask]
-    targets = input_ids[0, 1:][tgt_mask]
-    rows = seg[1:][tgt_mask]
-    counts = (seq_lens - prompt_lens).clamp(min=0)
-    return _summed(model, head, h, targets, rows, counts, temperature, chunk_tokens, return_token_logprobs,
-                   extras)
+    src = torch.nonzero((pos >= prompt_lens[seg])[1:]).squeeze(-1)
+    return row_logprobs(model, input_ids, pos[None], _varlen_kwargs(model, seq_lens), src, src + 1, seg[src + 1],
+                        (seq_lens - prompt_lens).clamp(min=0), temperature=temperature, chunk_tokens=chunk_tokens,
+                        return_token_logprobs=return_token_logprobs, extras=extras)
+
+
+def row_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: dict, src: torch.Tensor,
+                 tgt: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, *, temperature: float = 1.0,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, return_token_logprobs: bool = False, extras: tuple = ()):
+    """One decoder forward over a packed row, then the scored positions through the LM head: the tail of every
+    unpadded layout (padding-free training, prompt-once scoring).
+
+    `input_ids` and `position_ids` are `[1, T]`; `attention` holds the keyword arguments that keep the row's
+    sequences apart (`prefpipe.attention` blocks, or flash-attention's varlen boundaries; empty for
+    transformers' mask from the position ids). The hidden state at `src[j]` predicts token `tgt[j]`, which
+    belongs to output row `rows[j]` (`[N]` each, `rows` sorted); `counts [S]` is each output row's number of
+    scored tokens. Returns what `sequence_logprobs` returns for S rows."""
+    decoder, head = _decoder_and_head(model)
+    with blocks_only(model):
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                         **attention).last_hidden_state[0]
+    return _summed(model, head, hidden[src], input_ids[0, tgt], rows, counts, temperature, chunk_tokens,
+                   return_token_logprobs, extras)
 
 
 def _varlen_kwargs(model, seq_lens: torch.Tensor) -> dict:

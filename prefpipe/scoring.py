@@ -19,8 +19,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from prefpipe.attention import BLOCKS_KWARG, blocks_only, prefix_blocks, uses_blocks
-from prefpipe.logprobs import pad_batch, sequence_logprobs
+from prefpipe.attention import BLOCKS_KWARG, prefix_blocks, uses_blocks
+from prefpipe.logprobs import pad_batch, row_logprobs, sequence_logprobs
 
 # Float32 logits materialised per LM-head chunk; 32 Mi values = 128 MB, whatever the vocabulary.
 LOGIT_BUDGET = 32 * 2 ** 20
@@ -166,22 +166,6 @@ def _packed_row(prompts, firsts, seconds, batch: list[int], device):
     return as_long([ids]), as_long([pos]), prefix_blocks(layout), as_long(src), as_long(tgt), as_long(seq)
 
 
-def packed_logprobs(model, row, *, chunk_tokens: int, temperature: float = 1.0):
-    """Per-token log-probs of a `_packed_row`: (token log-probs [N] float32, seq [N]), in the row's order."""
-    from prefpipe.logprobs import _decoder_and_head, _token_logprobs
-
-    ids, pos, blocks, src, tgt, seq = row
-    decoder, head = _decoder_and_head(model)
-    with blocks_only(model):
-        hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, **{BLOCKS_KWARG: blocks}).last_hidden_state
-    h = hidden[0][src]
-    targets = ids[0][tgt]
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    pieces = [_token_logprobs(h[s:s + chunk_tokens], targets[s:s + chunk_tokens], head.weight, head.bias,
-                              temperature, softcap) for s in range(0, h.shape[0], chunk_tokens)]
-    return (torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)), seq
-
-
 def score_pairs(model, prompts: list[list[int]], firsts: list[list[int]], seconds: list[list[int]], *,
                 batch_tokens: int, chunk_tokens: int | None = None, per_token: bool = False,
                 progress: Callable[[int, int], None] | None = None, device=None) -> Scores:
@@ -210,16 +194,16 @@ def score_pairs(model, prompts: list[list[int]], firsts: list[list[int]], second
     lengths = [len(p) + len(a) + len(b) for p, a, b in zip(prompts, firsts, seconds)]
     with torch.inference_mode():
         for batch in token_batches(lengths, batch_tokens):
-            lp, seq = packed_logprobs(model, _packed_row(prompts, firsts, seconds, batch, device),
-                                      chunk_tokens=chunk_tokens)
-            out = torch.zeros(2 * len(batch), dtype=torch.float64, device=lp.device).index_add(0, seq, lp.double())
-            got = torch.bincount(seq, minlength=2 * len(batch)).tolist()
-            parts = lp.cpu().split(got) if per_token else None  # seq is sorted: firsts and seconds alternate
-            for k, i in enumerate(batch):
+            ids, pos, blocks, src, tgt, seq = _packed_row(prompts, firsts, seconds, batch, device)
+            lens = torch.tensor([len(r[i]) for i in batch for r in (firsts, seconds)], device=device)
+            s, c, *toks = row_logprobs(model, ids, pos, {BLOCKS_KWARG: blocks}, src, tgt, seq, lens,
+                                       chunk_tokens=chunk_tokens, return_token_logprobs=per_token)
+            s, c = s.tolist(), c.tolist()
+            for k, i in enumerate(batch):  # output row 2k is pair i's first response, 2k + 1 its second
                 for j, dest in ((0, i), (1, n + i)):
-                    sums[dest], counts[dest] = out[2 * k + j].float().item(), got[2 * k + j]
-                    if parts is not None:
-                        tokens[dest] = parts[2 * k + j]
+                    sums[dest], counts[dest] = s[2 * k + j], c[2 * k + j]
+                    if per_token:
+                        tokens[dest] = toks[0][2 * k + j].cpu()
             if progress is not None:
                 progress(2 * len(batch), sum(2 * len(prompts[i]) + len(firsts[i]) + len(seconds[i]) for i in batch))
     return Scores(sums, counts, tokens)
