@@ -102,6 +102,18 @@ def _label_balance(n_d: int, n_u: int):
     click.echo(line)
 
 
+def _joined(tok, prompt_ids: list[int], response_ids: list[int]) -> str:
+    """The decode of prompt + response ids as one sequence (what the model sees: decoding them apart would hide a
+    token that carries a leading space), with ⟦|⟧ where the response's ids start."""
+    full = tok.decode(prompt_ids + response_ids, skip_special_tokens=False)
+    head = tok.decode(prompt_ids, skip_special_tokens=False)
+    # A decoder strips the leading space of a sequence's first token, so the prompt's own decode is a prefix of
+    # the joined one; when a decoder does not work that way, the marker is left out rather than misplaced.
+    if full.startswith(head):
+        return _visible(head) + "⟦|⟧" + _visible(full[len(head):])
+    return _visible(full)
+
+
 def _show_example(pt, rec, shape: str, paired: bool):
     """One kept row of a shape as the model will see it: decoded ids (special tokens shown), ⟦prompt⟧ before the
     prompt and ⟦|⟧ where the response starts."""
@@ -111,10 +123,8 @@ def _show_example(pt, rec, shape: str, paired: bool):
     if not cols["row_id"]:
         return  # skipped: the skip report names it
     click.echo(f"example ({shape}, {rec.source} row {rec.row}; \\n is a newline):")
-    prompt = _visible(pt.tok.decode(cols["prompt_ids"][0], skip_special_tokens=False))
     for name in ("chosen", "rejected") if paired else ("completion",):
-        resp = _visible(pt.tok.decode(cols[f"{name}_ids"][0], skip_special_tokens=False))
-        click.echo(f"  {name + ':':11} ⟦prompt⟧{prompt}⟦|⟧{resp}")
+        click.echo(f"  {name + ':':11} ⟦prompt⟧{_joined(pt.tok, cols['prompt_ids'][0], cols[name + '_ids'][0])}")
     if shape == "plain text":
         click.echo("  plain-text prompt and response are joined with no separator: the model sees exactly "
                    "prompt+response, so end each prompt with its own separator (a newline or a space)")

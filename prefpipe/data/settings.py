@@ -21,6 +21,7 @@ class CheckSettings:
                            help="Implicit-prompt transcripts: the prompt ends after the last shared marker.")
     max_length: int = same_as(TokenizeSettings, "max_length")
     max_prompt_length: int | None = same_as(TokenizeSettings, "max_prompt_length")
+    chat_date: str = same_as(TokenizeSettings, "chat_date")
 
     def tokenize_settings(self) -> TokenizeSettings:
-        return TokenizeSettings(self.max_length, self.max_prompt_length)
+        return TokenizeSettings(self.max_length, self.max_prompt_length, self.chat_date)

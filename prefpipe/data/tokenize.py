@@ -2,11 +2,16 @@
 
 Rules, recorded in the cache metadata so a mismatch is detectable:
 
-- **Boundary: separate.** The prompt and each response are tokenized on their own and their ids concatenated.
-  A prompt that ends in a space keeps that space in its own last token; the response's first token is what the
-  response text alone tokenizes to. Joint tokenization could merge the two across the boundary, which would
-  make "the response tokens" ill-defined; separate tokenization never does, and the chosen and rejected
-  sequences share exactly the same prompt ids.
+- **Boundary: separate, each response in context.** The prompt and each response are tokenized on their own and
+  their ids concatenated, so the chosen and rejected sequences share exactly the same prompt ids and "the response
+  tokens" are well defined. A prompt that ends in a space keeps that space in its own last token (joint
+  tokenization could merge it into the response's first token). The response's ids are those of the response
+  *in context*, not of the response as the first text of a document: tokenizers whose normalizer or pre-tokenizer
+  marks the start of a text (SentencePiece-style "▁" prepending: Llama 2, Mistral, Phi-3, TinyLlama; Metaspace
+  with ``prepend_scheme`` "first" or "always") would otherwise give every response a leading "▁", a space that is
+  not in the text. Such tokenizers are detected once (`context_anchors`), and their responses are tokenized after
+  a short anchor text whose ids are then removed, so ``decode(prompt_ids + response_ids) == prompt + response``.
+  Byte-level BPE and WordPiece-style tokenizers mark nothing and are tokenized plainly.
 - **BOS once.** Texts are tokenized with ``add_special_tokens=False``; the tokenizer's own leading special ids
   (its BOS, if it adds one) are then prepended to the prompt unless the text already produced them, as a chat
   template that writes ``{{ bos_token }}`` does (Llama 3's ``<|begin_of_text|>``, Gemma's ``<bos>``, Mistral's
@@ -15,7 +20,9 @@ Rules, recorded in the cache metadata so a mismatch is detectable:
 - **EOS.** Plain-text responses get the EOS id appended, so the model learns to stop, unless the text already ends
   with it. Conversational responses are rendered with the chat template, which writes its own end-of-turn token;
   nothing is appended, also when the EOS differs from that token (Gemma's ``<eos>`` vs ``<end_of_turn>``).
-- **Chat rendering.** The prompt is ``apply_chat_template(prompt, add_generation_prompt=True)``, so it ends with
+- **Chat rendering.** Templates are rendered with one recorded date (`TokenizeSettings.chat_date`) passed as
+  ``date_string`` and behind ``strftime_now``, so a Llama 3.x template's "Today Date" line does not change with
+  the day of the run; the date is part of the tokenization metadata and so of the cache identity. The prompt is ``apply_chat_template(prompt, add_generation_prompt=True)``, so it ends with
   the assistant header; a response is the text that ``apply_chat_template(prompt + response)`` adds after that
   prefix, so it starts with the assistant's text. A template that refuses a row (for example
   ``raise_exception('System role not supported')`` on a system message) stops the run with a `UserError` naming
@@ -43,6 +50,7 @@ Rules, recorded in the cache metadata so a mismatch is detectable:
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -52,7 +60,12 @@ from prefpipe.data.formats import Record
 from prefpipe.errors import UserError
 from prefpipe.options import OptionError, opt
 
-BOUNDARY_RULE = "separate"
+BOUNDARY_RULE = "separate, responses in context"
+# Anchor texts tried in turn; the first whose ids stay a prefix of the anchored response wins (see
+# `PairTokenizer._encode_responses`). A newline rarely merges with what follows; "a" covers responses that start
+# with whitespace, which a newline may merge with.
+ANCHORS = ("\n", "a", "1")
+DEFAULT_CHAT_DATE = "2024-07-26"
 SKIP_REASONS = {
     "empty_response": "a response is empty text",
     "chosen_equals_rejected": "chosen and rejected are identical",
@@ -68,8 +81,15 @@ class TokenizeSettings:
     max_length: int = opt(1024, help="Total token budget per sequence; longer responses lose their end.")
     max_prompt_length: int | None = opt(None, help="Prompt token budget; longer prompts lose their beginning.",
                                         default_text="max_length // 2")
+    chat_date: str = opt(DEFAULT_CHAT_DATE, metavar="YYYY-MM-DD",
+                         help="The date chat templates render (Llama 3.x's 'Today Date' line): fixed, so the ids do "
+                              "not depend on the day of the run. Part of the cache identity.")
 
     def __post_init__(self):
+        try:
+            datetime.date.fromisoformat(self.chat_date)
+        except (TypeError, ValueError):
+            raise OptionError(self, ("chat_date",), f"{{}} must be a date as YYYY-MM-DD (got {self.chat_date!r})")
         if self.max_length < 2:
             raise OptionError(self, ("max_length",), f"{{}} must be >= 2 (got {self.max_length})")
         if self.max_prompt_length is None:
@@ -149,6 +169,47 @@ class TokenStats:
                 "duplicates": self.duplicates}
 
 
+def chat_template_kwargs(chat_date: str) -> dict:
+    """What every chat-template rendering gets, so that a template that prints a date prints `chat_date`:
+    ``date_string``, the variable Llama 3.x templates read before they ask the clock, in their "%d %b %Y" form.
+    (transformers passes template variables as plain data, so the clock itself, ``strftime_now``, cannot be
+    replaced; `check_template_date` refuses templates that read it directly.)"""
+    day = datetime.date.fromisoformat(chat_date)
+    months = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+    return {"date_string": f"{day.day:02d} {months[day.month - 1]} {day.year}"}  # %b without the locale
+
+
+def check_template_date(template: str | None) -> None:
+    """Refuse a chat template that writes today's date without reading ``date_string``: its ids would change with
+    the day of the run while nothing in the cache identity does."""
+    if template and "strftime_now" in template and "date_string" not in template:
+        raise UserError("the chat template reads today's date (strftime_now) and does not take date_string, so "
+                        "the token ids would depend on the day of the run; edit the template to print "
+                        "date_string (prefpipe passes --chat_date as date_string), or pre-render the data as "
+                        "plain text")
+
+
+def context_anchors(tok) -> list[tuple[str, list[int]]]:
+    """The anchors (text, ids) after which this tokenizer's responses are tokenized, or [] when it tokenizes a text
+    the same at the start of a document as after other text (byte-level BPE, WordPiece-style), so that plain
+    tokenization already gives the ids in context.
+
+    Detection: a probe word tokenized alone and after an anchor (anchor ids removed) differ exactly when the
+    tokenizer marks the start of a text, as SentencePiece-style normalizers that prepend "▁" do."""
+    def ids(text):
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    anchors = [(a, ids(a)) for a in ANCHORS]
+    for probe in ("Natalia", "x", "The"):
+        for a, a_ids in anchors:
+            joined = ids(a + probe)
+            if joined[:len(a_ids)] == a_ids:
+                if joined[len(a_ids):] != ids(probe):
+                    return anchors
+                break
+    return []
+
+
 def _not_an_extension(prompt: str, full: str) -> str:
     """One line saying where the two renderings part and what the user can do about it."""
     i = next((k for k, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
@@ -177,11 +238,37 @@ class PairTokenizer:
                     self.prefix = list(probe_with[:i])
                     break
         self.eos = tokenizer.eos_token_id
+        self.anchors = context_anchors(tokenizer)
+        self.template_kwargs = chat_template_kwargs(settings.chat_date)
+        check_template_date(getattr(tokenizer, "chat_template", None))
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
         return [list(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def _encode_responses(self, texts: list[str]) -> list[list[int]]:
+        """Response ids in context (module docstring): plain for tokenizers that mark nothing at the start of a
+        text; otherwise each text after the first anchor whose ids stay a prefix of the result (an anchor can merge
+        with a response's first characters; the next one is tried), the anchor's ids removed."""
+        if not self.anchors:
+            return self._encode(texts)
+        out: list = [None] * len(texts)
+        todo = list(range(len(texts)))
+        for a, a_ids in self.anchors:
+            joined = self._encode([a + texts[i] for i in todo])
+            left = []
+            for i, ids in zip(todo, joined):
+                if ids[:len(a_ids)] == a_ids:
+                    out[i] = ids[len(a_ids):]
+                else:
+                    left.append(i)
+            todo = left
+            if not todo:
+                break
+        for i, ids in zip(todo, self._encode([texts[i] for i in todo])):
+            out[i] = ids  # every anchor merged: the text's own tokenization, the best left
+        return out
 
     def encode_prompts(self, texts: list[str]) -> list[list[int]]:
         """Prompt ids by the BOS-once rule, untruncated: what generation and the demo's SFT feed the model."""
@@ -204,7 +291,7 @@ class PairTokenizer:
 
     def _apply_template(self, messages: list[dict], rec: Record, col: str, **kwargs) -> str:
         try:
-            return self.tok.apply_chat_template(messages, tokenize=False, **kwargs)
+            return self.tok.apply_chat_template(messages, tokenize=False, **self.template_kwargs, **kwargs)
         except Exception as e:  # noqa: BLE001 - the model's own Jinja code run on the user's messages
             # Templates refuse rows on purpose (raise_exception) or fail on shapes they do not expect; either way
             # the fix is in the data or the template, so the user gets the template's message, not a traceback.
@@ -242,7 +329,7 @@ class PairTokenizer:
             texts.append((rec, p, rs))
 
         prompt_ids = self.encode_prompts([p for _, p, _ in texts])
-        resp_ids = [self._encode([rs[k] for _, _, rs in texts]) for k in range(len(resp_fields))]
+        resp_ids = [self._encode_responses([rs[k] for _, _, rs in texts]) for k in range(len(resp_fields))]
         L = self.settings.max_length
         for i, (rec, _, _) in enumerate(texts):
             pids = prompt_ids[i]

@@ -211,8 +211,11 @@ def render_prompts(tokenizer, questions: list[str], s: GenSettings) -> list[str]
     if s.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("--chat needs a tokenizer with a chat template; this one has none")
+        from prefpipe.data.tokenize import chat_template_kwargs, check_template_date
+        check_template_date(tokenizer.chat_template)
+        dated = chat_template_kwargs(s.chat_date)
         return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                              add_generation_prompt=True) for q in questions]
+                                              add_generation_prompt=True, **dated) for q in questions]
     if "{question}" not in s.prompt_template:
         raise UserError(f"--prompt_template must contain {{question}} (got {s.prompt_template!r})")
     return [s.prompt_template.replace("{question}", q) for q in questions]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefpipe.options import DTYPES, check_choices, opt
+from prefpipe.data.tokenize import TokenizeSettings
+from prefpipe.options import DTYPES, check_choices, opt, same_as
 
 GEN_PROMPT_TEMPLATE = "Question: {question}\nAnswer: "
 ENGINES = ("auto", "hf", "vllm")
@@ -30,6 +31,7 @@ class GenSettings:
     """Maps one-to-one to `prefpipe eval --gen` options."""
     prompt_template: str = opt(GEN_PROMPT_TEMPLATE, help="How a question becomes a prompt ({question}).")
     chat: bool = opt(False, help="Render each question as a user turn with the chat template instead.")
+    chat_date: str = same_as(TokenizeSettings, "chat_date")
     max_new_tokens: int = opt(256, help="Generation budget per question.")
     batch_size: int = opt(64, help="Questions per generate() call; pairs per forward with --cache.")
     engine: str = opt("auto", choices=ENGINES,

@@ -23,6 +23,7 @@ class PrecomputeConfig:
     device: str = same_as(BackendOptions, "device")
     max_length: int = same_as(TokenizeSettings, "max_length")
     max_prompt_length: int | None = same_as(TokenizeSettings, "max_prompt_length")
+    chat_date: str = same_as(TokenizeSettings, "chat_date")
     batch_tokens: int = same_as(BackendOptions, "batch_tokens")
     prompt_once: bool = same_as(BackendOptions, "prompt_once")
     load_in_4bit: bool = same_as(BackendOptions, "load_in_4bit")
@@ -63,7 +64,7 @@ class PrecomputeConfig:
             raise OptionError(self, ("verify",), f"{{}} must be >= 0 (got {self.verify})")
 
     def settings(self) -> TokenizeSettings:
-        return TokenizeSettings(self.max_length, self.max_prompt_length)
+        return TokenizeSettings(self.max_length, self.max_prompt_length, self.chat_date)
 
     def backend_options(self, device: str | None = None) -> BackendOptions:
         return BackendOptions(model=self.model, dtype=self.dtype, device=device or self.device,

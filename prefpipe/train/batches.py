@@ -76,13 +76,13 @@ def load_train_data(src, tokenizer, kto: bool) -> TrainData:
 def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
     from prefpipe.data.cache import schema_for
     from prefpipe.data.formats import Dataset
-    from prefpipe.data.tokenize import PairTokenizer, TokenizeSettings, TokenStats
+    from prefpipe.data.tokenize import PairTokenizer, TokenStats
     from prefpipe.data import kto_pairs
 
     ds = Dataset(src.data, src.columns, turn_marker=src.turn_marker, split=src.data_split, config=src.data_config)
     if not kto and not ds.paired:
         raise UserError("unpaired (prompt/completion/label) data trains only with --loss_type kto", file=src.data)
-    pt = PairTokenizer(tokenizer, TokenizeSettings(src.max_length, src.max_prompt_length))
+    pt = PairTokenizer(tokenizer, src.tokenize_settings())
     stats = TokenStats()
     cols: dict[str, list] = {}
     for records in ds.batches():

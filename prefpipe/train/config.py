@@ -198,6 +198,7 @@ class SourceConfig:
     turn_marker: str = same_as(CheckSettings, "turn_marker")
     max_length: int = same_as(TokenizeSettings, "max_length")
     max_prompt_length: int | None = same_as(TokenizeSettings, "max_prompt_length")
+    chat_date: str = same_as(TokenizeSettings, "chat_date")
 
     def __post_init__(self):
         check_choices(self)
@@ -206,8 +207,10 @@ class SourceConfig:
                               "precompute) and {} (tokenized here: reference-free losses or --reference live)")
         if self.max_drift < 0 or self.drift_rows < 0:
             raise OptionError(self, ("max_drift", "drift_rows"), "{} and {} must be >= 0")
-        object.__setattr__(self, "max_prompt_length",
-                           TokenizeSettings(self.max_length, self.max_prompt_length).max_prompt_length)
+        object.__setattr__(self, "max_prompt_length", self.tokenize_settings().max_prompt_length)
+
+    def tokenize_settings(self) -> TokenizeSettings:
+        return TokenizeSettings(self.max_length, self.max_prompt_length, self.chat_date)
 
 
 @dataclass(frozen=True)
