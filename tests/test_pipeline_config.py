@@ -108,3 +108,21 @@ def test_cli_options_override_the_file(tmp_path, run_cli, monkeypatch):
     r = run_cli("pipeline", "--config", bad)
     assert r.exit_code == 2
     assert "key 'epochs' must be an integer" in r.output and "Traceback" not in r.output
+
+
+def test_chat_date_is_one_top_level_key_for_every_phase(tmp_path):
+    """The date chat templates render must be the same when the pipeline precomputes, trains, evaluates and
+    decides whether a cache is reusable, so it is one top-level key."""
+    from prefpipe.pipeline.config import gen_settings, precompute_config, train_config
+    from prefpipe.pipeline.run import expected_identity
+
+    cfg = resolve(str(write(tmp_path, BASE + 'chat_date = "2025-01-31"\n')), {})
+    assert precompute_config(cfg, "out", "d.jsonl", kto=False, overwrite=False).chat_date == "2025-01-31"
+    assert train_config(cfg, ("orpo",), cache=None, data="d.jsonl").source.chat_date == "2025-01-31"
+    assert gen_settings(cfg).chat_date == "2025-01-31"
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    ident = expected_identity("m", str(tmp_path / "d.jsonl"), cfg, kto=False,
+                              fingerprints={"model": "x", "tokenizer": "y"})
+    assert ident["tokenization"]["chat_date"] == "2025-01-31"
+    with pytest.raises(UserError, match="belongs in the top level"):
+        resolve(str(write(tmp_path, BASE + '[precompute]\nchat_date = "2025-01-31"\n', "bad.toml")), {})

@@ -35,6 +35,7 @@ from prefpipe.errors import UserError
 from prefpipe.evaluation.settings import GenSettings
 from prefpipe.options import Option, OptionError, build, canonical_choice, cli_style, opt, options, same_as, toml_style
 from prefpipe.precompute.config import PrecomputeConfig
+from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.train.config import TrainConfig
 
 
@@ -56,6 +57,7 @@ class PipelineSettings:
     dtype: str = same_as(TrainConfig, "dtype", help="Compute dtype for every phase.")
     device: str = same_as(TrainConfig, "device")
     progress: bool = same_as(TrainConfig, "progress", help="Progress bars.")
+    chat_date: str = same_as(TokenizeSettings, "chat_date")
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ FIXED = {"out", "kto", "no_reference", "overwrite"}
 _TOP = options(PipelineSettings)
 _PRECOMPUTE = options(PrecomputeConfig, skip={o.name for o in _TOP} | FIXED)
 _TRAIN = options(TrainConfig, skip={o.name for o in _TOP + _PRECOMPUTE} | FIXED) + options(PipelineTrain)
-GEN_OPTIONS = options(GenSettings, skip={"device", "dtype"})  # device and dtype: the top-level keys
+GEN_OPTIONS = options(GenSettings, skip={"device", "dtype", "chat_date"})  # the top-level keys
 KEYS: list[Key] = ([Key(o.name, "", o) for o in _TOP] + [Key(o.name, "precompute", o) for o in _PRECOMPUTE]
                    + [Key(o.name, "train", o) for o in _TRAIN]
                    + [Key("eval_" + o.name, "eval", o) for o in options(PipelineEval) + GEN_OPTIONS])
@@ -155,7 +157,7 @@ def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data:
 
 def gen_settings(cfg: PipelineConfig) -> GenSettings:
     values = {o.name: cfg.values["eval_" + o.name] for o in GEN_OPTIONS}
-    return build(GenSettings, {**values, "device": cfg.device, "dtype": cfg.dtype})
+    return build(GenSettings, {**values, "device": cfg.device, "dtype": cfg.dtype, "chat_date": cfg.chat_date})
 
 
 def columns_of(cfg: PipelineConfig) -> Columns:

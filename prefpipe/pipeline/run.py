@@ -75,7 +75,8 @@ def expected_identity(model: str, data: str, cfg: PipelineConfig, *, kto: bool,
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
     dtype = identity.engine_dtype(dtype, "nf4" if cfg.values.get("load_in_4bit") else None)
     return identity.expected(model=fp["model"], tokenizer=fp["tokenizer"],
-                             tokenization=TokenizeSettings(cfg.max_length, cfg.max_prompt_length).metadata(),
+                             tokenization=TokenizeSettings(cfg.max_length, cfg.max_prompt_length,
+                                                           cfg.chat_date).metadata(),
                              data=data_fingerprint(data, columns_of(cfg), cfg.data_split, cfg.data_config), columns=asdict(columns_of(cfg)),
                              turn_marker=cfg.turn_marker, kind="unpaired" if kto else "paired", has_reference=True,
                              backend=cfg.backend, dtype=dtype, part_rows=cfg.part_rows,
