@@ -1,6 +1,7 @@
 """The losses against closed forms and per-element float64 recomputation with `math` (never the code's output)."""
 
 import math
+import re
 import random
 from decimal import Decimal, getcontext
 
@@ -38,7 +39,7 @@ def test_dpo_step0_is_ln2_and_acc_zero():
 
 def test_kto_step0_is_half_and_z0_zero():
     pi = t(-10.0, -20.0, -5.0, -7.5)
-    z0 = kto_reference_point(pi, pi.clone())
+    z0 = torch.tensor(kto_reference_point(float((pi - pi.clone()).sum()), pi.numel()))
     assert float(z0) == 0.0
     out = kto_loss(pi, pi.clone(), torch.tensor([True, False, True, False]), z0)
     assert out.losses.tolist() == [0.5] * 4
@@ -107,7 +108,7 @@ def test_hinge_hand_values():
 
 def test_kto_hand_value_with_weights_and_z0():
     pi_kl, ref_kl = t(-10.0, -11.0, -9.0), t(-10.5, -12.0, -9.0)  # differences 0.5, 1, 0 -> z0 = 0.5
-    z0 = kto_reference_point(pi_kl, ref_kl)
+    z0 = torch.tensor(kto_reference_point(float((pi_kl - ref_kl).sum()), 3))
     assert float(z0) == pytest.approx(0.5, abs=1e-7)
     pi, ref = t(-8.0, -20.0, -6.0), t(-10.0, -19.0, -6.0)  # h = 2, -1, 0
     des = torch.tensor([True, False, False])
@@ -123,7 +124,7 @@ def test_kto_hand_value_with_weights_and_z0():
 
 
 def test_kto_z0_is_clamped_at_zero_and_single_kind_batches_work():
-    assert float(kto_reference_point(t(-12.0, -13.0), t(-10.0, -10.0))) == 0.0
+    assert kto_reference_point(-5.0, 2) == 0.0  # differences -2 and -3: a negative mean is clamped
     out = kto_loss(t(-1.0, -2.0), t(-1.0, -2.5), torch.tensor([False, False]), torch.tensor(0.0))
     m = out.mean_metrics()
     assert m["r_chosen"] is None and "margin" not in m and m["r_rejected"] == pytest.approx(0.025)
@@ -464,14 +465,58 @@ def test_f_divergences_replace_the_log_ratios_inside_delta():
         pytest.approx(run_loss("dpo", f64_inputs(), beta=0.5, f_divergence="forward_kl").losses.tolist(), rel=1e-12)
 
 
-def test_f_divergence_is_refused_by_losses_that_ignore_it():
+def _train_cfg(losses, **knobs):
+    from prefpipe.train.config import LossConfig, SourceConfig, TrainConfig
+    return TrainConfig(SourceConfig(model="m", data="d"), "out", tuple(losses), loss=LossConfig(**knobs))
+
+
+def test_a_knob_that_no_loss_of_the_call_reads_is_refused():
+    """One rule for every knob (it used to hold for --f_divergence only: `--loss_type ipo --simpo_gamma 2` trained
+    ipo and ignored the knob)."""
     from prefpipe.errors import UserError
     from prefpipe.train.config import LossConfig
-    with pytest.raises(UserError, match="--f_divergence js applies to the dpo loss only"):
-        LossConfig("ipo", f_divergence="js")
+    for losses, knob, value in ((("ipo",), "simpo_gamma", 2.0), (("ipo",), "f_divergence", "js"),
+                                (("dpo",), "desirable_weight", 2.0), (("orpo", "sft"), "label_smoothing", 0.1),
+                                (("0.5*dpo+1*sft",), "cpo_alpha", 0.5), (("hinge",), "ld_alpha", 0.5)):
+        with pytest.raises(UserError, match=f"--{knob} is read by no loss of this call"):
+            _train_cfg(losses, **{knob: value})
+    # read by one loss of the call: accepted, and the losses that do not read it run as without it
+    cfg = _train_cfg(("dpo", "ipo"), label_smoothing=0.1, f_divergence="js")
+    assert [r.run_name for r in cfg.runs()] == ["dpo-beta0.1", "ipo-beta0.1"]
+    _train_cfg(("0.5*dpo+1*sft",), f_divergence="js")  # a combination with dpo in it reads it
+    _train_cfg(("kto",), desirable_weight=1.33)
     with pytest.raises(UserError, match="--f_alpha needs --f_divergence alpha"):
         LossConfig("dpo", f_alpha=0.5)
-    LossConfig("0.5*dpo+1*sft", f_divergence="js")  # a combination with dpo in it reads it
+
+
+def test_unread_knob_on_the_command_line_is_one_line_before_anything_loads(run_cli, tmp_path):
+    from conftest import one_line_error
+    r = run_cli("train", "--model", tmp_path / "no-model", "--data", tmp_path / "no.jsonl", "--out", tmp_path / "o",
+                "--loss_type", "ipo", "--simpo_gamma", "2")
+    one_line_error(r, "--simpo_gamma is read by no loss of this call (ipo)")
+
+
+def test_knob_ranges_come_from_the_registry():
+    from prefpipe.errors import UserError
+    from prefpipe.train.config import LossConfig
+    from prefpipe.train.loss_names import KNOBS
+    for name, bad in (("label_smoothing", 0.5), ("discopop_tau", 0.0), ("dpop_lambda", -1.0), ("cpo_alpha", -1.0),
+                      ("desirable_weight", 0.0), ("undesirable_weight", -2.0), ("orpo_lambda", -0.1),
+                      ("ld_alpha", 1.5), ("simpo_gamma", float("nan"))):
+        assert not KNOBS[name].valid(bad)
+        with pytest.raises(UserError, match=f"--{name} must be {re.escape(KNOBS[name].rule)}"):
+            LossConfig(**{name: bad})
+
+
+def test_every_entry_says_what_its_accuracy_and_margin_mean():
+    """The report reads these from the entry; an entry that logs `acc` must name it, one that does not must not."""
+    from prefpipe.train.loss_names import LOSSES, VARIANTS
+    for spec in list(LOSSES.values()) + list(VARIANTS.values()):
+        logs_acc = "acc" in spec.metrics
+        assert bool(spec.acc_kind) == logs_acc and bool(spec.acc_label) == logs_acc, spec.name
+    assert LOSSES["robust"].acc_kind == LOSSES["dpo"].acc_kind  # same meaning: one ranking basis
+    assert LOSSES["ipo"].acc_kind != LOSSES["dpo"].acc_kind
+    assert LOSSES["0.5*ipo+1*sft"].acc_kind == LOSSES["ipo"].acc_kind
 
 
 # Which way each loss moves each log-prob at step 0: -1 means the loss falls when that log-prob rises.

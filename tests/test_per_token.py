@@ -185,12 +185,14 @@ def test_ld_alpha_options():
     from prefpipe.options import OptionError
     from prefpipe.train.config import LossConfig
     cfg = LossConfig(ld_alpha=0.5)
-    assert cfg.variant == "ld_dpo" and cfg.needs_per_token_reference and cfg.run_name == "dpo-beta0.1-ld0.5"
-    assert LossConfig().variant == "dpo" and not LossConfig().needs_per_token_reference
+    assert cfg.spec.name == "ld_dpo" and cfg.needs_per_token_reference and cfg.run_name == "dpo-beta0.1-ld0.5"
+    assert LossConfig().spec.name == "dpo" and not LossConfig().needs_per_token_reference
     with pytest.raises(OptionError, match="--ld_alpha"):
         LossConfig(ld_alpha=1.5)
-    with pytest.raises(OptionError, match="--ld_alpha"):
-        LossConfig(loss_type="ipo", ld_alpha=0.5)
+    assert LossConfig(loss_type="ipo", ld_alpha=0.5).run_name == "ipo-beta0.1"  # ipo does not read it
+    from prefpipe.train.config import SourceConfig, TrainConfig
+    with pytest.raises(OptionError, match="--ld_alpha is read by no loss of this call"):
+        TrainConfig(SourceConfig(model="m", data="d"), "out", ("ipo",), loss=LossConfig(ld_alpha=0.5))
     with pytest.raises(OptionError, match="--wpo"):
         LossConfig(loss_type="sft", wpo=True)
     assert LossConfig(wpo=True).run_name == "dpo-beta0.1-wpo"

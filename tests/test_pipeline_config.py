@@ -126,3 +126,14 @@ def test_chat_date_is_one_top_level_key_for_every_phase(tmp_path):
     assert ident["tokenization"]["chat_date"] == "2025-01-31"
     with pytest.raises(UserError, match="belongs in the top level"):
         resolve(str(write(tmp_path, BASE + '[precompute]\nchat_date = "2025-01-31"\n', "bad.toml")), {})
+
+
+def test_a_loss_knob_no_pipeline_loss_reads_is_refused_by_its_key(tmp_path):
+    from prefpipe.pipeline.config import train_config
+    with pytest.raises(UserError, match="key 'simpo_gamma' is read by no loss of this call"):
+        resolve(str(write(tmp_path, BASE + 'loss_type = ["dpo", "ipo"]\n[train]\nsimpo_gamma = 2.0\n')), {})
+    # read by one of the pipeline's losses: accepted; the call that trains the others gets the default
+    cfg = resolve(str(write(tmp_path, BASE + 'loss_type = ["dpo", "kto"]\n[train]\ndesirable_weight = 1.3\n',
+                            "ok.toml")), {})
+    assert train_config(cfg, ("kto",), cache="c", data=None).loss.desirable_weight == 1.3
+    assert train_config(cfg, ("dpo",), cache="c", data=None).loss.desirable_weight == 1.0

@@ -146,10 +146,14 @@ def precompute_config(cfg: PipelineConfig, out: str, data: str, *, kto: bool, ov
 
 
 def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data: str | None,
-                 betas: tuple | None = None, lr: float | None = None) -> TrainConfig:
-    """One `run_training` call's settings: the keys, with the losses, betas and source the pipeline chose."""
+                 betas: tuple | None = None, lr: float | None = None, all_knobs: bool = False) -> TrainConfig:
+    """One `run_training` call's settings: the keys, with the losses, betas and source the pipeline chose. A
+    pipeline's loss knobs are checked against all its losses (`all_knobs`, in `_check`); a call for some of them
+    gets the others' knobs at their defaults."""
+    from prefpipe.train.loss_names import KNOBS, unread_knobs
+    unread = {} if all_knobs else {k: KNOBS[k].default for k in unread_knobs(losses, cfg.values)}
     values = {**cfg.values, "cache": cache, "data": data, "out": cfg.runs_dir, "loss_type": list(losses),
-              "beta": list(betas or cfg.betas)}
+              "beta": list(betas or cfg.betas), **unread}
     if lr:
         values["lr"] = lr
     return build(TrainConfig, values)
@@ -301,7 +305,7 @@ def _check(cfg: PipelineConfig):
         pc = precompute_config(cfg, cfg.path_or("cache", "cache"), cfg.data, kto=False, overwrite=False)
         # The cache metadata and pipeline.json record the prompt budget actually used (None: max_length // 2).
         cfg.values["max_prompt_length"] = pc.max_prompt_length
-        train_config(cfg, cfg.losses, cache=cfg.path_or("cache", "cache"), data=None).runs()  # checks every name
+        train_config(cfg, cfg.losses, cache=cfg.path_or("cache", "cache"), data=None, all_knobs=True)
         from prefpipe.pipeline.run import split_losses
         _, unpaired = split_losses(cfg.losses)
         if unpaired:

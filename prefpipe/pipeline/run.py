@@ -37,7 +37,7 @@ from prefpipe.errors import UserError
 from prefpipe.pipeline.config import PipelineConfig
 from prefpipe.rundir import RunsDir
 from prefpipe.fileio import OutputLock, atomic_write_text, check_writable, is_lock_file, remove_tree
-from prefpipe.train.loss_names import LOSSES, resolve_loss_type
+from prefpipe.train.loss_names import LOSSES, entry_for, resolve_loss_type
 
 
 @dataclass
@@ -219,7 +219,7 @@ def _run_pipeline(cfg: PipelineConfig, log) -> dict:
     paired, unpaired = split_losses(cfg.losses)
     kto = bool(unpaired)
     paired_needs_ref = any(LOSSES[lt].needs_reference for lt in paired)
-    if "dpo" in paired and cfg.values.get("ld_alpha") is not None:
+    if any(entry_for(lt, cfg.values).needs_per_token_reference for lt in paired):
         cfg.values["per_token"] = True  # LD-DPO trains on per-token reference log-probs (precompute --per_token)
     fingerprints = model_fingerprints(cfg.model)  # the weights are hashed once per process (see fingerprint.py)
     wanted = ([("paired", cfg.data, False)] if paired_needs_ref else []) + \

@@ -2,106 +2,85 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, replace
 
 from prefpipe.data.formats import Columns
 from prefpipe.data.settings import CheckSettings
 from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.options import DTYPES, OptionError, check_choices, group, opt, same_as
-from prefpipe.train.loss_names import F_DIVERGENCES, LOSS_TYPES, LOSSES, resolve_loss_type, run_label
+from prefpipe.train.loss_names import (KNOBS, LOSS_TYPES, LOSSES, PAIRS, Knob, LossSpec, entry_for, resolve_loss_type,
+                                       run_label, unread_knobs)
 from prefpipe.train.schedule import SCHEDULERS
 from prefpipe.train.tracking import REPORT_TO_CHOICES
 
 REFERENCES = ("cached", "live")
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    """One run's objective: `--loss_type`, one `--beta`, and every loss's own knobs (`--label_smoothing`, KTO
-    weights, `--orpo_lambda`, ...). A knob a loss does not read is ignored, except `--f_divergence`/`--f_alpha`,
-    which refuse a loss that would ignore them."""
-    loss_type: str = opt("dpo", option=False)  # set per run from TrainConfig.loss_types; canonical after init
-    beta: float = opt(0.1, option=False)  # set per run from TrainConfig.betas
-    label_smoothing: float = opt(0.0, help="Probability eps that a preference label is flipped. dpo: conservative "
-                                 "DPO; robust: robust DPO; aot, aot_unpaired: smoothed like cDPO; exo_pair: the "
-                                 "target (1-eps, eps), 0 meaning 1e-3.")
-    f_divergence: str = opt("reverse_kl", choices=F_DIVERGENCES, help="dpo only: the f-divergence of f-DPO "
-                            "(reverse_kl is plain DPO).")
-    f_alpha: float = opt(1.0, help="dpo with --f_divergence alpha: alpha (1: reverse KL, 0: forward KL).")
-    discopop_tau: float = opt(0.05, help="discopop: temperature tau of the log-ratio modulation.")
-    dpop_lambda: float = opt(50.0, help="dpop: weight lambda of the penalty on a chosen log-prob below the "
-                             "reference's.")
-    simpo_gamma: float = opt(0.5, help="simpo: target reward margin gamma.")
-    cpo_alpha: float = opt(1.0, help="cpo: weight of the chosen responses' NLL.")
-    desirable_weight: float = opt(1.0, help="kto: lambda_D.")
-    undesirable_weight: float = opt(1.0, help="kto: lambda_U.")
-    orpo_lambda: float = opt(1.0, help="orpo: weight of the odds-ratio term.")
-    ld_alpha: float | None = opt(None, metavar="ALPHA", help="dpo: LD-DPO, weight in [0, 1] of the tokens "
-                                 "beyond the shorter response's length (1: plain DPO). Needs a --per_token cache "
-                                 "(or --reference live). One value per call; the run is named "
-                                 "<loss>-beta<beta>-ld<alpha>.", default_text="off")
-    wpo: bool = opt(False, help="Weight each pair's loss by the policy's WPO weights w_c * w_r (paired losses "
-                    "that forward both responses); the run is named <...>-wpo.")
+class _LossMethods:
+    """What `LossConfig` (generated below from the registry's knobs) does besides holding values."""
 
     def __post_init__(self):
         check_choices(self)
         object.__setattr__(self, "loss_type", canonical_loss_type(self, "loss_type", self.loss_type))
-        if self.beta <= 0:
+        if not self.beta > 0:
             raise OptionError(self, ("beta",), f"{{}} must be positive (got {self.beta})")
-        self._check_family()
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise OptionError(self, ("label_smoothing",), f"{{}} must be in [0, 0.5) (got {self.label_smoothing})")
-        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
-            raise OptionError(self, ("desirable_weight", "undesirable_weight"), "{} and {} must be positive")
-        if self.orpo_lambda < 0:
-            raise OptionError(self, ("orpo_lambda",), f"{{}} must be >= 0 (got {self.orpo_lambda})")
-        self._check_per_token_options()
-
-    def _check_per_token_options(self):
-        from prefpipe.train.loss_names import PAIRS
-        if self.ld_alpha is not None:
-            if not 0.0 <= self.ld_alpha <= 1.0:
-                raise OptionError(self, ("ld_alpha",), f"{{}} must be in [0, 1] (got {self.ld_alpha:g})")
-            if self.loss_type != "dpo":
-                raise OptionError(self, ("ld_alpha",), f"{{}} (LD-DPO) is a dpo option; {self.loss_type} does "
-                                  "not take it: train it in a call without it")
+        for knob in KNOBS.values():
+            v = getattr(self, knob.name)
+            if v is None or v == knob.default:
+                continue
+            if knob.kind is float and not knob.valid(v):
+                raise OptionError(self, (knob.name,), f"{{}} must be {knob.rule} (got {v:g})")
+            if knob.needs and getattr(self, knob.needs[0]) != knob.needs[1]:
+                raise OptionError(self, (knob.name, knob.needs[0]), f"{{}} needs {{}} {knob.needs[1]}")
         if self.wpo and LOSSES[self.loss_type].batch != PAIRS:
             raise OptionError(self, ("wpo",), f"{{}} weights pairs whose two responses are forwarded; "
                               f"{self.loss_type} does not forward them")
+        # The entry this run trains, resolved once (a knob may select a variant: dpo + ld_alpha is ld_dpo).
+        object.__setattr__(self, "_spec", entry_for(self.loss_type, self.knobs()))
+
+    def knobs(self) -> dict:
+        return {name: getattr(self, name) for name in KNOBS}
 
     @property
-    def variant(self) -> str:
-        """The registry entry this config trains: `ld_dpo` for dpo with --ld_alpha, else the loss type."""
-        return "ld_dpo" if self.ld_alpha is not None and self.loss_type == "dpo" else self.loss_type
-
-    @property
-    def needs_per_token_reference(self) -> bool:
-        """Trains on per-token reference log-probs (a `--per_token` cache, or the live reference)."""
-        return self.variant == "ld_dpo"
-
-    def _check_family(self):
-        params = LOSSES[self.loss_type].params
-        if self.f_divergence != "reverse_kl" and "f_divergence" not in params:
-            raise OptionError(self, ("f_divergence",), f"{{}} {self.f_divergence} applies to the dpo loss only "
-                              f"(got --loss_type {self.loss_type})")
-        if self.f_alpha != 1.0 and self.f_divergence != "alpha":
-            raise OptionError(self, ("f_alpha", "f_divergence"), "{} needs {} alpha")
-        if self.discopop_tau <= 0:
-            raise OptionError(self, ("discopop_tau",), f"{{}} must be positive (got {self.discopop_tau})")
-        if self.dpop_lambda < 0 or self.cpo_alpha < 0:
-            raise OptionError(self, ("dpop_lambda", "cpo_alpha"), "{} and {} must be >= 0")
+    def spec(self) -> LossSpec:
+        return self._spec
 
     @property
     def needs_reference(self) -> bool:
-        return LOSSES[self.loss_type].needs_reference
+        return self.spec.needs_reference
+
+    @property
+    def needs_per_token_reference(self) -> bool:
+        return self.spec.needs_per_token_reference
 
     @property
     def run_name(self) -> str:
         """The run's directory under `--out`: `<loss>-beta<beta>`, or just `<loss>` for a loss without beta. A
-        combination's `<loss>` is its canonical name without `*` (`0.8dpo+0.2bco_pair+1sft-beta0.1`)."""
+        combination's `<loss>` is its canonical name without `*` (`0.8dpo+0.2bco_pair+1sft-beta0.1`); a run that
+        trains LD-DPO ends in `-ld<alpha>`, one with WPO weights in `-wpo`."""
         label = run_label(self.loss_type)
         name = f"{label}-beta{self.beta:g}" if LOSSES[self.loss_type].uses_beta else label
-        return name + (f"-ld{self.ld_alpha:g}" if self.ld_alpha is not None else "") + ("-wpo" if self.wpo else "")
+        ld = f"-ld{self.ld_alpha:g}" if self.spec.needs_per_token_reference else ""
+        return name + ld + ("-wpo" if self.wpo else "")
+
+
+def _knob_field(k: Knob):
+    kind = k.kind | None if k.default is None else k.kind
+    return k.name, kind, opt(k.default, help=k.help, choices=k.choices, metavar=k.metavar,
+                             default_text=k.default_text)
+
+
+# One run's objective: `--loss_type`, one `--beta`, every loss's knobs (declared with their losses in
+# `loss_names.KNOBS`; a knob none of the call's losses reads is refused by TrainConfig) and `--wpo`.
+LossConfig = dataclasses.make_dataclass("LossConfig", [
+    ("loss_type", str, opt("dpo", option=False)),  # set per run from TrainConfig.loss_types; canonical after init
+    ("beta", float, opt(0.1, option=False)),  # set per run from TrainConfig.betas
+    *(_knob_field(k) for k in KNOBS.values()),
+    ("wpo", bool, opt(False, help="Weight each pair's loss by the policy's WPO weights w_c * w_r (paired losses "
+                      "that forward both responses); the run is named <...>-wpo.")),
+], bases=(_LossMethods,), frozen=True)
+LossConfig.__module__ = __name__  # so that it pickles (torchrun, DataLoader workers) and reads as ours
 
 
 _LOSS_HELP = ("One of " + ", ".join(LOSS_TYPES) + " (sigmoid: dpo), or a weighted sum in one value such as "
@@ -288,6 +267,10 @@ class TrainConfig:
         for b in self.betas:
             if b <= 0:
                 raise OptionError(self, ("betas",), f"every {{}} must be positive (got {b:g})")
+        unread = unread_knobs(self.loss_types, self.loss.knobs())
+        if unread:
+            raise OptionError(self.loss, (unread[0],), f"{{}} is read by no loss of this call "
+                              f"({', '.join(self.loss_types)}): drop it, or add a loss that takes it")
         self.runs()  # a loss option that does not fit one of the losses stops here, before any work
 
     def runs(self) -> list[LossConfig]:

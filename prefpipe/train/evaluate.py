@@ -14,7 +14,7 @@ def evaluate(ctx, policy, ref_scorer, loss_cfg, use_cached_ref: bool, at_step: i
     """The eval record `{"split": "eval", "step", "loss", metrics..., "examples"}`: exact means over the eval rows
     of every process. A pre-step (KTO's z0) runs over the whole split."""
     procs, device = ctx.procs, ctx.device
-    loss = get_loss(loss_cfg.loss_type)
+    loss = get_loss(loss_cfg.spec)
     pad_id = ctx.tokenizer.pad_token_id
     parts = [(make_batch(ctx.data, rows, loss.spec.batch, pad_id, device, use_cached_ref,
                          pack=getattr(policy, "packed", False)), real)

@@ -11,14 +11,15 @@ Notation: `pi_c, pi_r` policy log-probs of chosen and rejected, `ref_c, ref_r` t
 `r = pi_r - ref_r`, `delta = c - r`.
 
 Which losses exist, and what each is called with, is the registry in `prefpipe.train.loss_names` (torch-free, so
-`prefpipe --help` can list the choices); `get_loss(name)` pairs an entry with its function here.
+`prefpipe --help` can list the choices); `get_loss(entry)` pairs an entry with its function here.
 
 Adding a loss: (1) write its pure function here, from per-example tensors to a `LossOutput`, with a docstring
 giving the shapes, the formula and the paper; (2) add one `LossSpec` to `SPECS` in `loss_names.py` naming the
-function, its tensor inputs, the `LossConfig` fields it reads (a new knob also needs a `LossConfig` field and its
-CLI option), the batch shape, its metric names and, if it needs one, a pre-step; (3) add a test in
-tests/test_losses.py against a hand-derived or float64 value. The CLI choice, the reference check, the run name
-(with or without beta), batch building, the loop and the report all follow from the entry.
+function, its tensor inputs, its parameters (`beta` and its knobs: a new knob is one `Knob` declared beside the
+entry and listed in `KNOBS`, which gives it its `LossConfig` field, flag, pipeline key and range check), the
+batch shape, its metric names, what its `acc` and margin mean, and, if it needs one, a pre-step; (3) add a test
+in tests/test_losses.py against a hand-derived or float64 value. The CLI choice, the reference check, the run
+name (with or without beta), batch building, the loop and the report all follow from the entry.
 """
 
 from __future__ import annotations
@@ -119,14 +120,12 @@ def hinge_loss(pi_c, pi_r, ref_c, ref_r, beta: float = 0.1) -> LossOutput:
     return LossOutput(losses, _reward_metrics(beta * (pi_c - ref_c), beta * (pi_r - ref_r)))
 
 
-def kto_reference_point(pi_kl, ref_kl) -> torch.Tensor:
-    """KTO's z0 for one batch: `max(0, mean(pi(y'|x) - ref(y'|x)))` over mismatched pairs, without gradient.
-
-    Shapes: `[B]` summed log-probs of each prompt with its pinned mismatched completion y'. The training loop
-    does not call this on a micro-batch: it sums `pi_kl - ref_kl` over the whole global batch on all processes
-    and applies the same formula, so z0 does not depend on how the batch is split.
-    """
-    return torch.clamp((pi_kl - ref_kl).detach().double().mean(), min=0.0).to(pi_kl.dtype)
+def kto_reference_point(kl_sum: float, n: float) -> float:
+    """KTO's z0: `max(0, mean(pi(y'|x) - ref(y'|x)))` over the mismatched pairs of a whole global batch, given
+    the sum of `pi(y'|x) - ref(y'|x)` (summed log-probs of each prompt with its pinned mismatched completion y',
+    without gradient) and the number of pairs. The training loop sums over every micro-batch on all processes
+    first (`objective.kto_z0`), so z0 does not depend on how the batch is split."""
+    return max(0.0, kl_sum / n)
 
 
 def kto_loss(pi, ref, desirable, z0, beta: float = 0.1, desirable_weight: float = 1.0,
@@ -477,13 +476,10 @@ class Loss:
         return self.fn(*(inputs[k] for k in self.spec.inputs), **{p: getattr(cfg, p) for p in self.spec.params})
 
 
-def get_loss(name: str) -> Loss | Combination:
-    """The callable of `name`: a registered loss, an alias, a combination (any text `LOSSES` accepts), or a
-    variant an option selects (`VARIANTS`: LD-DPO)."""
-    from prefpipe.train.loss_names import VARIANTS
-    if name in VARIANTS:
-        return Loss(VARIANTS[name], globals()[VARIANTS[name].fn])
-    spec = LOSSES[name]
+def get_loss(entry: LossSpec | str) -> Loss | Combination:
+    """The callable of a registry entry (a run's `LossConfig.spec`), or of a name `LOSSES` accepts (a registered
+    loss, an alias, a combination)."""
+    spec = LOSSES[entry] if isinstance(entry, str) else entry
     return Combination(spec) if spec.parts else Loss(spec, globals()[spec.fn])
 
 

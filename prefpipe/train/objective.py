@@ -33,7 +33,7 @@ def kl_terms(batch, policy_scorer, ref_scorer, autocast) -> torch.Tensor:
 
 def kto_z0(parts, policy_scorer, ref_scorer, autocast, procs, device) -> tuple[dict, dict]:
     """KTO's reference point over every real example of `parts` ((batch, real) pairs) on all processes:
-    `max(0, global mean of pi(y'|x) - ref(y'|x))`, the formula of `losses.kto_reference_point` on global sums.
+    `losses.kto_reference_point` of the global sum and count of pi(y'|x) - ref(y'|x).
     Batches marked not real still run their forwards (FSDP ranks run in lockstep) and are left out."""
     s, n = 0.0, 0
     for b, real in parts:
@@ -41,7 +41,7 @@ def kto_z0(parts, policy_scorer, ref_scorer, autocast, procs, device) -> tuple[d
         if real:
             s, n = s + float(kl.double().sum()), n + kl.numel()
     s, n = procs.sum([s, float(n)], device)
-    z0 = torch.tensor(max(0.0, s / n), dtype=torch.float32, device=device)
+    z0 = torch.tensor(L.kto_reference_point(s, n), dtype=torch.float32, device=device)
     return {"z0": z0}, {"kl": float(z0)}  # the same on every process: it comes from global sums
 
 
@@ -75,7 +75,7 @@ def _policy_extras(loss: L.Loss, loss_cfg) -> tuple:
     want = set()
     if any(i.endswith("_tok") for i in loss.spec.inputs):
         want.add("tokens")
-    if getattr(loss_cfg, "wpo", False):
+    if loss_cfg.wpo:
         want |= {"tokens", "log_sum_sq"}
     return tuple(sorted(want))
 
@@ -94,12 +94,12 @@ def _token_inputs(batch, tokens: torch.Tensor, ref_tok: torch.Tensor | None) -> 
 
 def batch_loss(batch, policy_module, ref_scorer, loss_cfg, autocast, extra: dict | None = None) -> L.LossOutput:
     """Run the policy on `batch` (every response in one forward, packed or padded) and apply the registry entry of
-    `loss_cfg` (its `variant`: `ld_dpo` for dpo with --ld_alpha), with `extra` inputs from its pre-step. With
+    `loss_cfg` (its `spec`: `ld_dpo` for dpo with --ld_alpha), with `extra` inputs from its pre-step. With
     `loss_cfg.wpo` each pair's loss is then multiplied by the policy's WPO weights `w_c * w_r`.
 
     `policy_module` is called with gradients enabled if they are; `ref_scorer` is None for the cached reference
     (or a reference-free loss)."""
-    loss = L.get_loss(getattr(loss_cfg, "variant", loss_cfg.loss_type))
+    loss = L.get_loss(loss_cfg.spec)
     wanted = _policy_extras(loss, loss_cfg)
     args, kwargs = batch.forward_inputs()
     with autocast:
@@ -117,7 +117,7 @@ def batch_loss(batch, policy_module, ref_scorer, loss_cfg, autocast, extra: dict
         inputs.update(_token_inputs(batch, per_token["tokens"], ref_tok))
     inputs.update(extra or {})
     result = loss(inputs, loss_cfg)
-    if getattr(loss_cfg, "wpo", False):
+    if loss_cfg.wpo:
         w = L.wpo_weights(per_token["tokens"], per_token["log_sum_sq"], counts)
         result = L.wpo_weighted(result, w[:batch.n], w[batch.n:])
     return result

@@ -22,7 +22,7 @@ def train_step(policy, optimizer, scheduler, batches: list, loss_cfg, procs, *, 
     clipping). Returns the step's exact global means (`loss`, the entry's metrics, `margin`), `examples`,
     `tokens`, `grad_norm` (before clipping), `lr` (the rate this step used), and what the pre-step logs (`kl`).
     """
-    loss = get_loss(loss_cfg.loss_type)
+    loss = get_loss(loss_cfg.spec)
     autocast = autocast if autocast is not None else nullcontext()
     device = batches[0].ids.device
     extra, logged = run_prestep(loss, [(b, True) for b in batches], policy.scorer, ref_scorer, autocast, procs,
