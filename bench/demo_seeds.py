@@ -1,4 +1,4 @@
-"""The README's demo numbers: `prefpipe demo --seed S` for several seeds, then mean ± sd of the held-out gains.
+"""The demo numbers in bench/RESULTS.md: `prefpipe demo --seed S` for several seeds, then mean ± sd of the gains.
 
     python bench/demo_seeds.py --seeds 0,1,2,3,4 --out /tmp/demo-seeds        # runs them one after another
     python bench/demo_seeds.py --results DIR1/demo_result.json DIR2/...      # only aggregates finished runs

@@ -1,6 +1,6 @@
 """The demo's pieces at tiny sizes: task, word-level tokenizer, SFT loop, on-policy pairs, generation eval, config.
 
-The full demo takes minutes and is not run here; its measured numbers are in the README.
+The full demo takes minutes and is not run here; its measured numbers are in bench/RESULTS.md.
 """
 
 import json
