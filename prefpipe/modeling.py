@@ -53,7 +53,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    from prefpipe.data.fingerprint import model_ref
+    from prefpipe.model_paths import model_ref
     model = model_ref(str(model))  # a mistyped path fails here, not after the hub client's retries
     model = _tokenizer_dir(model)
     try:
@@ -68,7 +68,7 @@ def load_tokenizer(model: str):
 
 def _tokenizer_dir(model: str) -> str:
     """An adapter directory without tokenizer files uses its base's tokenizer."""
-    from prefpipe.data.fingerprint import adapter_base, is_adapter_dir
+    from prefpipe.model_paths import adapter_base, is_adapter_dir
     while is_adapter_dir(model) and not any((Path(model) / f).exists() for f in TOKENIZER_FILES):
         model = adapter_base(model)
     return model
@@ -88,7 +88,7 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.dev
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prefpipe.data.fingerprint import is_adapter_dir, model_ref
+    from prefpipe.model_paths import is_adapter_dir, model_ref
     model = model_ref(str(model))
     quant = four_bit_config(device, compute_dtype or dtype) if load_in_4bit else None
     if is_adapter_dir(model):
@@ -116,7 +116,7 @@ def _load_merged_adapter(adapter_dir: str, dtype: torch.dtype, device):
     """Base + adapter, merged in float32 on `device`, then cast to `dtype`."""
     from peft import PeftModel
 
-    from prefpipe.data.fingerprint import adapter_base
+    from prefpipe.model_paths import adapter_base
     base = load_model(adapter_base(adapter_dir), torch.float32, device)
     try:
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

@@ -197,7 +197,7 @@ def test_empty_prompt_is_kept_with_bos_and_skipped_without(run_cli, tiny_model, 
 @pytest.mark.parametrize("spec", ["models/nope", "./nope", "../nope", "~/prefpipe-no-such-model", "a/b/c",
                                   "ABSOLUTE"])
 def test_mistyped_model_path_fails_at_once(run_cli, tmp_path, monkeypatch, spec):
-    from prefpipe.data.fingerprint import resolve_model_dir
+    from prefpipe.model_paths import resolve_model_dir
     from prefpipe.modeling import load_model, load_tokenizer
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()  # `models/nope` reads as a path because `models/` is here
@@ -217,7 +217,7 @@ def test_model_file_instead_of_directory(tmp_path, tiny_model):
 
 
 def test_home_relative_model_directory_is_found(tmp_path, monkeypatch, tiny_model):
-    from prefpipe.data.fingerprint import resolve_model_dir
+    from prefpipe.model_paths import resolve_model_dir
     from prefpipe.modeling import load_tokenizer
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "tiny").symlink_to(tiny_model, target_is_directory=True)
@@ -228,7 +228,7 @@ def test_home_relative_model_directory_is_found(tmp_path, monkeypatch, tiny_mode
 def test_uncached_hub_id_offline_says_how_to_fetch_it(run_cli, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from prefpipe.data.fingerprint import resolve_model_dir
+    from prefpipe.model_paths import resolve_model_dir
     from prefpipe.modeling import load_model, load_tokenizer
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network, whatever the env
     monkeypatch.chdir(tmp_path)

@@ -281,7 +281,7 @@ def test_accumulation_and_checkpointing_leave_the_trajectory_unchanged(tmp_path,
 
 
 def test_kto_balance_warning_by_hand():
-    from prefpipe.train.objective import kto_balance_warning
+    from prefpipe.data.kto_pairs import kto_balance_warning
     # 1 desirable, 3 undesirable, unit weights: 1*1/(1*3) = 0.33 < 1; lambda_D = 3 makes it exactly 1.
     w = kto_balance_warning([True, False, False, False], 1.0, 1.0)
     assert "= 0.33" in w and "--desirable_weight 3.0" in w

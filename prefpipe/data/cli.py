@@ -91,7 +91,7 @@ def _visible(text: str) -> str:
 
 def _label_balance(n_d: int, n_u: int):
     """KTO's desirable/undesirable counts and the --desirable_weight that balances them."""
-    from prefpipe.train.objective import kto_balancing_weight
+    from prefpipe.data.kto_pairs import kto_balancing_weight
 
     line = f"labels:     {n_d} desirable, {n_u} undesirable"
     if n_d and n_u:

@@ -146,7 +146,7 @@ def kto_desirable_weight(kto_path: Path) -> float:
     up to `pairs_per_question` rejected answers per chosen one; unweighted, KTO lowered every completion's
     log-probability (the model ended up writing only '#') and held-out accuracy fell by 40-60 points.
     """
-    from prefpipe.train.objective import kto_balancing_weight
+    from prefpipe.data.kto_pairs import kto_balancing_weight
 
     labels = [json.loads(line)["label"] for line in kto_path.read_text().splitlines() if line.strip()]
     n_d = sum(labels)

@@ -54,7 +54,8 @@ class CacheCheck:
 
 def model_fingerprints(model: str) -> dict:
     """The model's weights fingerprint and its tokenizer's, computed once per pipeline and handed to each check."""
-    from prefpipe.data.fingerprint import model_fingerprint, resolve_model_dir, tokenizer_fingerprint
+    from prefpipe.data.fingerprint import model_fingerprint, tokenizer_fingerprint
+    from prefpipe.model_paths import resolve_model_dir
     from prefpipe.modeling import load_tokenizer
 
     tok = load_tokenizer(str(resolve_model_dir(model)))
@@ -246,7 +247,7 @@ def _run_pipeline(cfg: PipelineConfig, log) -> dict:
 
     evals = {}
     if cfg.eval_gen and cfg.eval_baseline:
-        from prefpipe.data.fingerprint import resolve_model_dir
+        from prefpipe.model_paths import resolve_model_dir
         ref = Run(runs_dir.reference.path, resolve_model_dir(cfg.model), "reference", None, None)
         evals["reference"] = {"gen": eval_generation(ref, cfg.eval_gen, gen_settings(cfg))}
         log(f"eval reference (the SFT model): downstream accuracy {evals['reference']['gen']['accuracy']:.3f}")

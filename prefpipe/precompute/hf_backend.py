@@ -46,7 +46,7 @@ class HFBackend:
         install_block_attention(self.model)  # a model handed in directly; load_model has done it already
         self.chunk_tokens = head_chunk_tokens(self.model)
         self.progress = None  # optional callable(sequences, tokens), called after each forward
-        self.prompt_once = bool(getattr(options, "prompt_once", True))
+        self.prompt_once = options.prompt_once
         if self.prompt_once:
             why = prompt_once_supported(self.model, self.device)
             if why is not None:

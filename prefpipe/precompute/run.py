@@ -323,7 +323,7 @@ def _check_out(out: Path):
 
 
 def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
-    from prefpipe.data.fingerprint import resolve_model_dir
+    from prefpipe.model_paths import resolve_model_dir
     from prefpipe.data.tokenize import PairTokenizer
     from prefpipe.modeling import load_tokenizer, quiet_transformers
 

@@ -81,7 +81,7 @@ def _rescore(model, seqs: list[dict], device) -> list[tuple[float, int]]:
 
 
 def _identity(cache_meta: dict, model: str) -> dict:
-    from prefpipe.data.fingerprint import resolve_model_dir
+    from prefpipe.model_paths import resolve_model_dir
     from prefpipe.data.identity import model_mismatch, tokenizer_mismatch
     from prefpipe.modeling import load_tokenizer
 

@@ -115,7 +115,7 @@ class VLLMBackend:
             raise UserError(f"--tensor_parallel_size must be positive (got {options.tensor_parallel_size})")
         if not 0.0 < options.gpu_memory_utilization <= 1.0:
             raise UserError(f"--gpu_memory_utilization must be in (0, 1] (got {options.gpu_memory_utilization})")
-        if getattr(options, "load_in_4bit", False):
+        if options.load_in_4bit:
             raise UserError("--load_in_4bit quantizes the transformers model of --backend hf; vLLM has its own "
                             "quantization settings, which prefpipe does not pass through")
         _refuse_adapter_dir(options.model)
@@ -127,7 +127,7 @@ class VLLMBackend:
 
         import torch
 
-        from prefpipe.data.fingerprint import resolve_model_dir
+        from prefpipe.model_paths import resolve_model_dir
         from prefpipe.modeling import resolve_dtype
 
         self.on_gpu = torch.cuda.is_available()

@@ -220,17 +220,11 @@ class Batch:
         return Batch(**fields, ref={k: move(v) for k, v in self.ref.items()})
 
 
-def batch_shape(shape_or_loss: str) -> str:
-    """A batch shape of `loss_names`; a loss name stands for its entry's shape."""
-    from prefpipe.train.loss_names import BATCH_SHAPES, LOSSES
-    return shape_or_loss if shape_or_loss in BATCH_SHAPES else LOSSES[shape_or_loss].batch
-
-
 def make_batch(data: TrainData, rows: list[int], shape: str, pad_id: int, device,
                use_cached_reference: bool, pack: bool = False) -> Batch:
     """The micro-batch of table rows `rows` in `shape` (a `loss_names` batch shape, or a loss name); `pack`
     lays its sequences end to end in one row instead of padding them."""
-    return collate_rows(take_rows(data.table, rows), batch_shape(shape), pad_id,
+    return collate_rows(take_rows(data.table, rows), shape, pad_id,
                         use_cached_reference, device, pack)
 
 

@@ -110,7 +110,7 @@ def run_training(cfg: TrainConfig) -> dict:
 
 def _prepare(cfg: TrainConfig, runs: list, procs, device, compute_dtype, log) -> Context:
     """Load the data once for the sweep and check it: kinds, reference columns, tokenizer and model."""
-    from prefpipe.data.fingerprint import resolve_model_dir
+    from prefpipe.model_paths import resolve_model_dir
     from prefpipe.modeling import load_model, load_tokenizer
 
     paired = {LOSSES[r.loss_type].paired for r in runs}
@@ -123,7 +123,7 @@ def _prepare(cfg: TrainConfig, runs: list, procs, device, compute_dtype, log) ->
     for note in data.notes:
         log(note)
     if data.kind == "unpaired":
-        from prefpipe.train.objective import kto_balance_warning
+        from prefpipe.data.kto_pairs import kto_balance_warning
         warning = kto_balance_warning(data.table.column("label").to_pylist(), cfg.loss.desirable_weight,
                                       cfg.loss.undesirable_weight)
         if warning:
