@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from prefpipe.attention import BLOCKS_KWARG, blocks_only, packed_blocks, uses_blocks
+from prefpipe.scores import Scores
 
 # Rows of logits materialised at once: [chunk, vocab] float32. 4096 x 152k x 4 B is about 2.5 GB, so callers that
 # care about memory on large vocabularies pass smaller chunks; the default suits the vocabularies of tests/benches.
@@ -82,8 +83,8 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         temperature: logits are divided by it before the log-softmax.
         chunk_tokens: response positions pushed through the LM head at once. Only response positions are ever
             projected, in float32, so peak memory is `chunk_tokens x vocab` rather than `B x T x vocab`.
-        return_token_logprobs: also return the per-token log-probs as a list of `[n_i]` tensors.
-        extras: names of extra per-token outputs, returned last as a dict of `[B, max n_i]` float32 tensors,
+        return_token_logprobs: also return the per-token log-probs (`Scores.tokens`, a list of `[n_i]` tensors).
+        extras: names of extra per-token outputs, returned in `Scores.extras` as `[B, max n_i]` float32 tensors,
             zero after each row's count: "tokens", the per-token log-probs *with* gradient (LD-DPO's tails), and
             "log_sum_sq", `log sum_v p_v^2` of each scored position's distribution, without gradient (WPO). The
             second comes from the same float32 chunk as the log-softmax, so it costs no extra logits memory.
@@ -91,7 +92,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             sequences laid end to end, `attention_mask` is None, and rows of the result are the sequences.
 
     Returns:
-        `(sums [B] float32, counts [B] long)`: sum over response positions p (prompt_len <= p < len) of
+        `Scores(sums [B] float32, counts [B] long, ...)`: sum over response positions p (prompt_len <= p < len) of
         `log_softmax(logits[p-1] / temperature)[ids[p]]`, and the number of such positions. With gradients
         enabled each chunk is recomputed in backward (activation checkpointing), so training never stores
         `[N, vocab]` logits either.
@@ -138,8 +139,7 @@ def packed_sequence_logprobs(model, input_ids: torch.Tensor, prompt_lens: torch.
     token attends across sequences.
     Whether a given model honours that is checked once per run (`parallel.packing_problem`), not here.
 
-    Returns the same `(sums [S], counts [S])` (and per-token list, and `extras`) as the padded call on the same
-    sequences.
+    Returns the same `Scores` as the padded call on the same sequences.
     """
     if bool((prompt_lens < 1).any()):
         raise ValueError("every row needs at least one prompt token")
@@ -215,9 +215,8 @@ def _summed(model, head, h, targets, rows, counts, temperature, chunk_tokens, re
     # hundred, more than the per-token disagreement between engines; one rounding back to float32 costs 1 ulp.
     n_rows = counts.shape[0]
     sums = torch.zeros(n_rows, dtype=torch.float64, device=h.device).index_add(0, rows, tok_lp.double()).float()
-    out = (sums, counts)
-    if return_token_logprobs:
-        out += (list(tok_lp.detach().split(counts.tolist())),)
+    tokens = list(tok_lp.detach().split(counts.tolist())) if return_token_logprobs else None
+    extra = None
     if extras:
         extra = {}
         if "tokens" in extras:
@@ -225,5 +224,4 @@ def _summed(model, head, h, targets, rows, counts, temperature, chunk_tokens, re
         if want_sq:
             sq = torch.cat(sq_pieces) if sq_pieces else tok_lp.new_zeros(0)
             extra["log_sum_sq"] = _padded(sq, rows, counts)
-        out += (extra,)
-    return out
+    return Scores(sums, counts, tokens, extra)

@@ -15,23 +15,16 @@ Decisions a user may want to know:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
 from prefpipe.attention import BLOCKS_KWARG, prefix_blocks, uses_blocks
 from prefpipe.logprobs import pad_batch, row_logprobs, sequence_logprobs
+from prefpipe.scores import Scores
 
 # Float32 logits materialised per LM-head chunk; 32 Mi values = 128 MB, whatever the vocabulary.
 LOGIT_BUDGET = 32 * 2 ** 20
-
-
-class Scores(NamedTuple):
-    """Per input sequence, in input order: summed response log-prob (a float32 value), scored response tokens,
-    and (only with `per_token=True`) the float32 per-token log-probs as a CPU tensor each."""
-    sums: list[float]
-    counts: list[int]
-    tokens: list[torch.Tensor] | None = None
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -118,16 +111,15 @@ def score_sequences(model, prompts: list[list[int]], responses: list[list[int]],
             ids, mask = pad_batch([seqs[i] for i in batch], pad_id=pad_id, device=device)
             plens = torch.tensor([len(prompts[i]) for i in batch], dtype=torch.long, device=device)
             toks = None
-            if not lm and per_token:
-                s, c, ex = model(ids, mask, plens, extras=("tokens",))
-                toks = [row[:n] for row, n in zip(ex["tokens"].float(), c.tolist())]
-            elif not lm:
-                s, c = model(ids, mask, plens)
-            elif per_token:
-                s, c, toks = sequence_logprobs(model, ids, mask, plens, chunk_tokens=chunk_tokens,
-                                               return_token_logprobs=True)
+            if not lm:
+                out = model(ids, mask, plens, extras=("tokens",) if per_token else ())
+                if per_token:
+                    toks = [row[:n] for row, n in zip(out.extras["tokens"].float(), out.counts.tolist())]
             else:
-                s, c = sequence_logprobs(model, ids, mask, plens, chunk_tokens=chunk_tokens)
+                out = sequence_logprobs(model, ids, mask, plens, chunk_tokens=chunk_tokens,
+                                        return_token_logprobs=per_token)
+                toks = out.tokens
+            s, c = out.sums, out.counts
             for k, (i, sv, cv) in enumerate(zip(batch, s.tolist(), c.tolist())):
                 sums[i], counts[i] = sv, cv
                 if toks is not None:
@@ -196,14 +188,14 @@ def score_pairs(model, prompts: list[list[int]], firsts: list[list[int]], second
         for batch in token_batches(lengths, batch_tokens):
             ids, pos, blocks, src, tgt, seq = _packed_row(prompts, firsts, seconds, batch, device)
             lens = torch.tensor([len(r[i]) for i in batch for r in (firsts, seconds)], device=device)
-            s, c, *toks = row_logprobs(model, ids, pos, {BLOCKS_KWARG: blocks}, src, tgt, seq, lens,
-                                       chunk_tokens=chunk_tokens, return_token_logprobs=per_token)
-            s, c = s.tolist(), c.tolist()
+            out = row_logprobs(model, ids, pos, {BLOCKS_KWARG: blocks}, src, tgt, seq, lens,
+                               chunk_tokens=chunk_tokens, return_token_logprobs=per_token)
+            s, c = out.sums.tolist(), out.counts.tolist()
             for k, i in enumerate(batch):  # output row 2k is pair i's first response, 2k + 1 its second
                 for j, dest in ((0, i), (1, n + i)):
                     sums[dest], counts[dest] = s[2 * k + j], c[2 * k + j]
                     if per_token:
-                        tokens[dest] = toks[0][2 * k + j].cpu()
+                        tokens[dest] = out.tokens[2 * k + j].cpu()
             if progress is not None:
                 progress(2 * len(batch), sum(2 * len(prompts[i]) + len(firsts[i]) + len(seconds[i]) for i in batch))
     return Scores(sums, counts, tokens)

@@ -95,11 +95,11 @@ def test_load_model_switches_sdpa_and_keeps_padded_scores(tiny_model):
     AttentionInterface.register(SEGMENTED, spy)
     try:
         with torch.no_grad():
-            want, _ = sequence_logprobs(plain, ids, mask, plens)
-            got, _ = sequence_logprobs(lm, ids, mask, plens)
+            want = sequence_logprobs(plain, ids, mask, plens).sums
+            got = sequence_logprobs(lm, ids, mask, plens).sums
             assert calls and all(c is None for c in calls)
             calls.clear()
-            packed, _ = sequence_logprobs(lm, torch.tensor([sum(seqs, [])]), None, plens,
+            packed, _, *_ = sequence_logprobs(lm, torch.tensor([sum(seqs, [])]), None, plens,
                                           seq_lens=torch.tensor([5, 2, 4]))
     finally:
         AttentionInterface.register(SEGMENTED, real)

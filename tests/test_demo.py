@@ -113,7 +113,7 @@ def test_sft_learns_the_format(sft_model):
                          [r["answer"] for r in train[:32]])
     ids, mask = pad_batch([p + a for p, a in ex], tok.pad_token_id)
     with torch.no_grad():
-        s, c = sequence_logprobs(fresh, ids, mask, torch.tensor([len(p) for p, _ in ex]))
+        s, c, *_ = sequence_logprobs(fresh, ids, mask, torch.tensor([len(p) for p, _ in ex]))
     first = float(-s.sum() / c.sum())
     assert first == pytest.approx(math.log(len(tok)), abs=0.35)
     assert summary["final_loss"] < 0.5 * first

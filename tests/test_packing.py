@@ -46,8 +46,8 @@ def test_packed_scores_equal_each_sequence_alone(tiny_lm):
     rows[2] = (rows[2][0], [])
     ids, plens, lens = packed_inputs(rows)
     with torch.no_grad():
-        sums, counts, per_tok = sequence_logprobs(tiny_lm, ids, None, plens, seq_lens=lens,
-                                                  return_token_logprobs=True)
+        sums, counts, per_tok, _ = sequence_logprobs(tiny_lm, ids, None, plens, seq_lens=lens,
+                                                     return_token_logprobs=True)
         want = [float(plain_logp(tiny_lm, p, r)) for p, r in rows]
     assert counts.tolist() == [len(r) for _, r in rows]
     assert [t.numel() for t in per_tok] == counts.tolist()
@@ -68,15 +68,20 @@ def test_packed_gradients_equal_padded(tiny_model):
     for packed in (False, True):
         lm.zero_grad()
         if packed:
-            sums, _ = sequence_logprobs(lm, ids, None, plens, seq_lens=lens, chunk_tokens=7)
+            sums = sequence_logprobs(lm, ids, None, plens, seq_lens=lens, chunk_tokens=7).sums
         else:
             pids, mask = pad_batch([p + r for p, r in rows], 0)
-            sums, _ = sequence_logprobs(lm, pids, mask, plens, chunk_tokens=7)
+            sums = sequence_logprobs(lm, pids, mask, plens, chunk_tokens=7).sums
         (sums * torch.linspace(0.5, 1.5, len(rows))).sum().backward()
         grads.append({k: p.grad.clone() for k, p in lm.named_parameters()})
+    # Compared at each tensor's scale: the two layouts sum the same float32 products in other orders (other matmul
+    # shapes), so elements near zero differ by round-off of the tensor's large elements (~5e-7 of its largest
+    # on an AMD EPYC, where an element-wise atol of 1e-6 failed on correct code); a real difference (a token
+    # attending across sequences, a lost chunk) moves gradients by far more than 1e-5 of their scale.
     for k in grads[0]:
         a, b = grads[0][k], grads[1][k]
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (k, float((a - b).abs().max()))
+        worst = float((a - b).abs().max())
+        assert worst <= 1e-5 * float(a.abs().max()), (k, worst, float(a.abs().max()))
 
 
 def test_collate_packs_chosen_then_rejected_and_kto_partners(tiny_model, tmp_path_factory):

@@ -206,8 +206,8 @@ def test_wpo_weight_matches_a_float64_recomputation(tiny_lm, lm64):
     pairs = [([1, 5, 9], [4, 7, 2, 8]), ([3, 3], [6]), ([2, 10, 11, 12], [13, 14, 15])]
     ids, mask = pad_batch([p + r for p, r in pairs], pad_id=0)
     plens = torch.tensor([len(p) for p, _ in pairs])
-    sums, counts, ex = sequence_logprobs(tiny_lm, ids, mask, plens, chunk_tokens=2,
-                                         extras=("tokens", "log_sum_sq"))
+    sums, counts, _, ex = sequence_logprobs(tiny_lm, ids, mask, plens, chunk_tokens=2,
+                                            extras=("tokens", "log_sum_sq"))
     got = wpo_weights(ex["tokens"], ex["log_sum_sq"], counts)
     for i, (p, r) in enumerate(pairs):
         seq = torch.tensor([p + r])

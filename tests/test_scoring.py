@@ -67,7 +67,7 @@ def test_input_order_is_kept(lm):
     assert rev.sums[::-1] == pytest.approx(fwd.sums, rel=1e-6, abs=1e-5)
     assert rev.counts[::-1] == fwd.counts == [len(r) for r in responses]
     assert fwd.tokens is None
-    assert score_sequences(lm, [], [], batch_tokens=10) == ([], [], None)
+    assert score_sequences(lm, [], [], batch_tokens=10) == ([], [], None, None)
 
 
 def test_bit_identical_to_the_batching_precompute_always_used(lm):
@@ -85,7 +85,7 @@ def test_bit_identical_to_the_batching_precompute_always_used(lm):
         for batch in length_batches([len(s) for s in seqs], budget):
             ids, mask = pad_batch([seqs[i] for i in batch], 0)
             plens = torch.tensor([len(prompts[i]) for i in batch])
-            s, _ = sequence_logprobs(lm, ids, mask, plens, chunk_tokens=chunk)
+            s = sequence_logprobs(lm, ids, mask, plens, chunk_tokens=chunk).sums
             for i, v in zip(batch, s.tolist()):
                 want[i] = v
     assert got.sums == want

@@ -129,7 +129,7 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
         del order[:settings.batch_size]
         ids, mask = pad_batch([p + a for p, a in batch], tokenizer.pad_token_id, device)
         prompt_lens = torch.tensor([len(p) for p, _ in batch], device=device)
-        sums, counts = sequence_logprobs(model, ids, mask, prompt_lens)
+        sums, counts = sequence_logprobs(model, ids, mask, prompt_lens)[:2]
         loss = -sums.sum() / counts.sum()
         for g in opt.param_groups:
             g["lr"] = settings.lr * lr_factor(step, settings.steps, settings.warmup_steps, "cosine")

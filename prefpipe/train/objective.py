@@ -16,16 +16,16 @@ def _live(ref_scorer, inputs: tuple[tuple, dict], autocast, tokens: bool = False
     args, kwargs = inputs
     with autocast:
         if not tokens:
-            return ref_scorer(*args, **kwargs)[0], None
-        sums, _, extra = ref_scorer(*args, **kwargs, extras=("tokens",))
-        return sums, extra["tokens"].float()
+            return ref_scorer(*args, **kwargs).sums, None
+        out = ref_scorer(*args, **kwargs, extras=("tokens",))
+        return out.sums, out.extras["tokens"].float()
 
 
 def kl_terms(batch, policy_scorer, ref_scorer, autocast) -> torch.Tensor:
     """KTO: `pi(y'|x) - ref(y'|x)` per example for the pinned mismatched completions, without gradient."""
     args, kwargs = batch.forward_inputs(kl=True)
     with torch.no_grad(), autocast:
-        pi_kl, _ = policy_scorer(*args, **kwargs)
+        pi_kl = policy_scorer(*args, **kwargs).sums
     ref_kl = batch.ref[UNPAIRED.response("kl").ref] if ref_scorer is None else _live(
         ref_scorer, (args, kwargs), autocast)[0]
     return pi_kl.float() - ref_kl
@@ -104,8 +104,8 @@ def batch_loss(batch, policy_module, ref_scorer, loss_cfg, autocast, extra: dict
     args, kwargs = batch.forward_inputs()
     with autocast:
         out = policy_module(*args, **kwargs, **({"extras": wanted} if wanted else {}))
-    sums, counts = out[0].float(), out[1].float()
-    per_token = {k: v.float() for k, v in out[2].items()} if wanted else {}
+    sums, counts = out.sums.float(), out.counts.float()
+    per_token = {k: v.float() for k, v in out.extras.items()} if wanted else {}
     ref, ref_tok, by_token = None, None, "pi_c_tok" in loss.spec.inputs
     if loss.spec.needs_reference and ref_scorer is None:
         ref = batch.cached_reference()

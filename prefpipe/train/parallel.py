@@ -44,10 +44,10 @@ def process_device(device: torch.device) -> torch.device:
 
 
 class Scorer(nn.Module):
-    """`forward(ids, mask, prompt_lens) -> (sums, counts)`: the shared `sequence_logprobs` on `self.lm`.
+    """`forward(ids, mask, prompt_lens) -> Scores`: the shared `sequence_logprobs` on `self.lm`.
     `seq_lens=` switches to the packed layout (`ids` one row, `mask` None). With `extras` (see
-    `sequence_logprobs`: "tokens", "log_sum_sq") it returns `(sums, counts, {name: [B, n]})`, still from this one
-    forward, so DDP and FSDP see the per-token outputs too."""
+    `sequence_logprobs`: "tokens", "log_sum_sq") `Scores.extras` holds them (`{name: [B, n]}`), still from this
+    one forward, so DDP and FSDP see the per-token outputs too."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
@@ -183,8 +183,8 @@ def packing_problem(scorer: nn.Module, lm: nn.Module, device) -> str | None:
     pl = torch.tensor(plens, device=device)
     try:
         with torch.no_grad():
-            want, _ = scorer(ids, mask, pl)
-            got, _ = scorer(packed, None, pl, seq_lens=torch.tensor(lengths, device=device))
+            want = scorer(ids, mask, pl).sums
+            got = scorer(packed, None, pl, seq_lens=torch.tensor(lengths, device=device)).sums
     except (TypeError, ValueError, RuntimeError) as e:  # e.g. a decoder that takes no position_ids
         return f"a packed forward failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     worst = float(((got.double() - want.double()).abs() / torch.tensor([n - p for n, p in zip(lengths, plens)],
