@@ -220,7 +220,36 @@ def read_manifest(cache_dir: str | Path) -> dict:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"cache schema version {manifest.get('schema_version')} is not supported "
                         f"(this prefpipe reads version {SCHEMA_VERSION}); rerun precompute", file=str(mpath))
+    _check_identity(manifest, d, mpath)
     return manifest
+
+
+def _check_identity(manifest: dict, d: Path, mpath: Path):
+    """Refuse a manifest whose identity fields (`identity.FIELDS`) are not those its parts were written with.
+
+    Every reader believes the manifest's metadata (inspect, train, the pipeline's reuse, eval, verify, all through
+    `read_manifest`), and the part values' digests do not cover it. Each part's manifest entry records the identity
+    digest of the metadata the manifest was written from, so an unchanged manifest costs no file reads; on a
+    mismatch the part's own metadata (its Parquet key-value metadata) names the edited field and its true value."""
+    from prefpipe.data import identity
+
+    meta = manifest.get("metadata") or {}
+    digest = identity.key(identity.identity_of(meta))
+    for part in manifest.get("parts") or []:
+        recorded = part.get("identity")
+        if recorded == digest:
+            continue
+        part_meta = read_part_metadata(d / part["file"]) if "file" in part else None
+        edited = identity.edited_field(meta, part_meta) if part_meta is not None else None
+        if edited is not None:
+            field, mine, theirs = edited
+            raise UserError(f"manifest field {field} is {json.dumps(mine)}, but its parts were written with "
+                            f"{json.dumps(theirs)} (edited by hand?); restore it, or rerun the precompute that "
+                            "wrote this cache to rewrite the manifest from its parts", file=str(mpath))
+        if part_meta is None and recorded is not None:  # a part rewritten without its metadata (polars)
+            raise UserError(f"manifest identity fields do not match the identity digest recorded for its parts "
+                            f"(manifest {digest[:12]}, parts {recorded[:12]}; edited by hand?); restore them, or "
+                            "rerun the precompute that wrote this cache", file=str(mpath))
 
 
 def read_cache(cache_dir: str | Path, columns: list[str] | None = None, *, memory_map: bool = False) -> Cache:
