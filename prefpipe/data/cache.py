@@ -39,7 +39,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prefpipe.errors import UserError
-from prefpipe.fileio import atomic_write_bytes, fsync_and_replace, temp_path
+from prefpipe.fileio import atomic_write_bytes, atomic_write_with, guarded_write
+
+# What a failed cache write leaves (parts are whole or absent, and resume keeps every finished one).
+PARTS_KEPT = "the cache's finished parts are kept: free space, then rerun the same command to continue"
 
 SCHEMA_VERSION = 1
 META_KEY = b"prefpipe"
@@ -123,9 +126,8 @@ def write_part(path: str | Path, columns: dict, kind: str, metadata: dict, with_
     schema = schema_for(kind, with_reference, per_token)
     table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
     table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    tmp = temp_path(path)
-    pq.write_table(table, tmp, compression="zstd")
-    fsync_and_replace(tmp, path)
+    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"),
+                      kept=PARTS_KEPT)
     return table.num_rows
 
 
@@ -178,7 +180,8 @@ def write_manifest(cache_dir: str | Path, metadata: dict, parts: list[dict]):
     """`parts`: one {"file", "rows", "content_sha256", "identity"} per part; read_cache checks each part's values
     against its digest, so a part changed or copied in after the cache was finished is refused."""
     manifest = {"schema_version": SCHEMA_VERSION, "metadata": metadata, "parts": parts}
-    atomic_write_bytes(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode(),
+                       kept=PARTS_KEPT.replace("to continue", "to write the manifest"))
 
 
 @dataclass
@@ -294,12 +297,14 @@ def _mapped(table: pa.Table) -> pa.Table:
 
     fd, name = tempfile.mkstemp(prefix="prefpipe-cache-", suffix=".arrow")
     try:
-        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        with guarded_write(name, "the cache is unchanged; set TMPDIR to a directory with space (the cache is "
+                                 "mapped from files there)"), os.fdopen(fd, "wb") as f, \
+                pa.ipc.new_file(f, table.schema) as w:
             w.write_table(table)
         from prefpipe.data.mapped import map_ipc_file  # a mapping whose pages can be released (see there)
         return map_ipc_file(name)
     finally:
-        os.unlink(name)
+        Path(name).unlink(missing_ok=True)
 
 
 def _conform(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
