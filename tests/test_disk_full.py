@@ -95,7 +95,7 @@ def test_train_on_a_full_disk_says_what_is_kept(tiny_model, tmp_path, tiny_disk,
     r = run_cli("train", "--model", tiny_model, "--cache", cache, "--out", disk / "runs", "--max_steps", "2",
                 "--batch_size", "4", "--device", "cpu")
     err = error_line(r, "final", "No space left on device", "--resume")
-    assert "earlier checkpoints are kept" in err
+    assert "saved checkpoints are kept" in err
     assert leftovers(disk) == [] and not any(disk.rglob("final"))
     metrics = [p for p in disk.rglob("metrics.jsonl")]
     assert metrics and all(json.loads(line) for line in metrics[0].read_text().splitlines())

@@ -31,12 +31,12 @@ def remove_leftovers(parent: Path):
 def save_model_dir(dest: Path, lm, tokenizer, config: dict, state_dict: dict | None = None,
                    trainer_state: dict | None = None):
     """Write `dest` atomically: model + tokenizer + config (+ trainer state). Leader only."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     kept = (f"{'the previous ' + dest.name if dest.exists() else 'no ' + dest.name} is left there and the run's "
-            "earlier checkpoints are kept: free space, then rerun with --resume")
+            "saved checkpoints are kept: free space, then rerun with --resume")
     with guarded_write(dest, kept, tmp=tmp):
+        dest.parent.mkdir(parents=True, exist_ok=True)
         lm.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
