@@ -102,3 +102,17 @@ def test_parts_without_metadata_are_checked_against_the_recorded_digest(cache, t
     (dest / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="manifest identity fields do not match the identity digest"):
         read_cache(dest)
+
+
+def test_rerunning_the_precompute_rewrites_an_edited_manifest_from_its_parts(cache, tmp_path, tiny_model):
+    """What the refusal advises: the same precompute reuses every part and writes the manifest again."""
+    from prefpipe.precompute.run import PrecomputeConfig, run_precompute
+    data, cache = cache
+    dest, _ = edited(cache, tmp_path / "c", "tokenization.max_length", 128)
+    with pytest.raises(UserError):
+        read_cache(dest)
+    summary = run_precompute(PrecomputeConfig(model=str(tiny_model), data=str(data), out=str(dest), dtype="float32",
+                                              device="cpu", progress=False, max_length=96, max_prompt_length=32,
+                                              part_rows=5))
+    assert summary["parts_written"] == 0 and summary["parts_reused"] == summary["parts"]
+    assert read_cache(dest).metadata["tokenization"]["max_length"] == 96
