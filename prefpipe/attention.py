@@ -11,8 +11,9 @@ How: `install(model)` switches a model whose attention is `"sdpa"` to the implem
 forwards, generation and everything else behave exactly as before. Called with `prefpipe_blocks=` (a keyword argument
 that the decoder hands down to every attention layer; `packed_blocks` and `prefix_blocks` build its value), it
 runs one causal sdpa per block and needs no mask: inside `blocks_only`, transformers builds none. Layers with a sliding window, attention sinks,
-soft-capping or a position bias use the mask path instead, since their extras are not modelled here;
-`blocks_only` keeps the mask (block-diagonal, from the position ids) for models with sliding windows. A model
+soft-capping or a position bias use the mask path instead, since their extras are not modelled here, except a
+sliding window no shorter than the longest block, which changes nothing (`window_binds`); `blocks_only` keeps the
+mask (block-diagonal, from the position ids) for a window that does bind. A model
 whose decoder does not hand the keyword down would attend across sequences: both callers check each model on
 a probe before use (`prefpipe.train.parallel.packing_problem`, `prefpipe.scoring.prompt_once_supported`).
 
@@ -41,9 +42,15 @@ def _forward(module, query, key, value, attention_mask, dropout: float = 0.0, sc
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     blocks = prefpipe_blocks
-    if blocks is None or query.shape[0] != 1 or any(kwargs.get(k) is not None for k in _NOT_MODELLED):
+    window = kwargs.pop("sliding_window", None)
+    binds = window is not None and blocks is not None and window < longest_span(blocks)
+    if blocks is None or query.shape[0] != 1 or binds or any(kwargs.get(k) is not None for k in _NOT_MODELLED):
+        if binds and any(p0 != p1 for _, _, p0, p1 in blocks):
+            # The mask path cannot express a shared prompt; prompt_once_supported refuses such models up front.
+            raise RuntimeError(f"sliding window {window} is shorter than a prompt-once sequence of "
+                               f"{longest_span(blocks)} tokens")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+                                      sliding_window=window, **kwargs)
     kwargs.pop("is_causal", None)
     outs = []
     for start, end, p0, p1 in blocks:
@@ -78,15 +85,29 @@ def _register():
     AttentionMaskInterface.register(SEGMENTED, _mask)
 
 
+def longest_span(blocks) -> int:
+    """The most keys any query of `blocks` attends to: its block's length plus its shared prefix's."""
+    return max((end - start + p1 - p0 for start, end, p0, p1 in blocks), default=0)
+
+
+def window_binds(config, longest: int | None) -> bool:
+    """Whether a sliding-window layer of `config` would cut the context of a sequence of `longest` tokens (None:
+    of unknown length). Query q sees key k when q - k < W (transformers' `sliding_window_overlay`), so a window
+    of W tokens changes nothing for sequences of at most W tokens: such a model scores them like a full-attention
+    one, and its windows are no reason to leave the block path (Phi-3's 2047 under `--max_length 1024`)."""
+    window = getattr(config, "sliding_window", None)
+    if not window and "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+        return False
+    return not window or longest is None or window < longest
+
+
 @contextmanager
-def blocks_only(model):
-    """Around a decoder call that passes blocks: no attention mask is built, unless some layer would still read
-    it (a model with sliding-window layers). The mask is built once per forward, before the layers, so
-    activation checkpointing's recomputation (which reuses it) needs no context."""
+def blocks_only(model, blocks=None):
+    """Around a decoder call that passes `blocks`: no attention mask is built, unless some layer would still read
+    it (a sliding window shorter than the longest block, `window_binds`). The mask is built once per forward,
+    before the layers, so activation checkpointing's recomputation (which reuses it) needs no context."""
     config = getattr(model, "config", None)
-    windows = getattr(config, "sliding_window", None) or "sliding_attention" in (
-        getattr(config, "layer_types", None) or ())
-    if not uses_blocks(model) or windows:
+    if not uses_blocks(model) or window_binds(config, longest_span(blocks) if blocks else None):
         yield
         return
     token = _NO_MASK.set(True)

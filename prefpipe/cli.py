@@ -8,6 +8,7 @@ import click
 
 from prefpipe import __version__
 from prefpipe.errors import UserError
+from prefpipe.warn import quiet_third_party
 
 
 class Group(click.Group):
@@ -18,6 +19,7 @@ class Group(click.Group):
         # The subcommand's arguments, kept to re-parse its options after an interrupt (click consumes them).
         protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args  # click < 8.2
         args = [*protected, *ctx.args]
+        quiet_third_party()
         try:
             return super().invoke(ctx)
         except UserError as e:

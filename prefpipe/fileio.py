@@ -4,12 +4,21 @@ A write goes to a temporary name in the same directory (``.NAME.tmp-PID``), is f
 over the destination. A killed run therefore leaves either the old file or the new one, never a half-written file
 that looks complete. The PID in the temporary name lets a later run tell a dead writer's leftover from a live
 writer's file.
+
+A write that fails for a reason the user fixes (a full disk, a quota, a read-only filesystem, permissions:
+`DISK_ERRNOS`) removes its temporary file and raises a `UserError` naming the file and what was kept, so the
+command ends in one line and the output is left as it was before the write.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
 
 def temp_path(path: Path) -> Path:
@@ -24,18 +33,90 @@ def fsync_and_replace(tmp: Path, path: Path):
     os.replace(tmp, path)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes):
+def disk_errno(exc: BaseException) -> int | None:
+    """The `DISK_ERRNOS` code behind a failed write, or None. Libraries report it in different shapes: an OSError
+    (Python, pyarrow), an OSError as the context of a RuntimeError (`torch.save` into a file object), or a Rust
+    I/O error's "os error N" in the message (safetensors, tokenizers)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+            return exc.errno
+        m = re.search(r"os error (\d+)", str(exc))
+        if m and int(m.group(1)) in DISK_ERRNOS:
+            return int(m.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _remove(path: Path):
+    import shutil
+
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass  # cleanup must not hide the write's own error; a later run removes a dead writer's leftover
+
+
+@contextmanager
+def guarded_write(path: str | Path, kept: str | None = None, *, tmp: Path | None = None):
+    """Run a write of `path` (through the temporary file or directory `tmp`, removed if the write fails). A disk
+    problem becomes one `UserError` line: the file, the OS's reason, and `kept`, what the user still has (default:
+    the file's previous version, or nothing)."""
+    path = Path(path)
+    had = path.exists()
+    try:
+        yield
+    except BaseException as e:
+        if tmp is not None:
+            _remove(tmp)
+        code = disk_errno(e) if isinstance(e, Exception) else None
+        if code is None:
+            raise
+        from prefpipe.errors import UserError
+        if kept is None:
+            kept = "its previous version is unchanged" if had else "nothing was left there"
+        raise UserError(f"could not be written ({os.strerror(code)}); {kept}", file=str(path)) from e
+
+
+def atomic_write_with(path: str | Path, write, kept: str | None = None):
+    """Write `path` atomically with `write(tmp)`, a writer that takes a path (pyarrow, matplotlib)."""
     path = Path(path)
     tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with guarded_write(path, kept, tmp=tmp):
+        write(tmp)
+        fsync_and_replace(tmp, path)
 
 
-def atomic_write_text(path: str | Path, text: str):
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_bytes(path: str | Path, data: bytes, kept: str | None = None):
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write_with(path, write, kept)
+
+
+def atomic_write_text(path: str | Path, text: str, kept: str | None = None):
+    atomic_write_bytes(path, text.encode("utf-8"), kept)
+
+
+def append_whole(f, data: bytes):
+    """Append `data` to the unbuffered binary file `f` (``open(p, "ab", buffering=0)``) whole or not at all: a
+    write cut short (a full disk) is truncated away, so a line-oriented log never ends in half a line."""
+    start = f.seek(0, os.SEEK_END)
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[f.write(view):]
+    except BaseException:
+        try:
+            os.ftruncate(f.fileno(), start)
+        except OSError:
+            pass
+        raise
 
 
 def remove_tree(path: str | Path):

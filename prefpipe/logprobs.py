@@ -166,7 +166,7 @@ def row_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, att
     belongs to output row `rows[j]` (`[N]` each, `rows` sorted); `counts [S]` is each output row's number of
     scored tokens. Returns what `sequence_logprobs` returns for S rows."""
     decoder, head = _decoder_and_head(model)
-    with blocks_only(model):
+    with blocks_only(model, attention.get(BLOCKS_KWARG)):
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                          **attention).last_hidden_state[0]
     return _summed(model, head, hidden[src], input_ids[0, tgt], rows, counts, temperature, chunk_tokens,

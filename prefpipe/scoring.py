@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from prefpipe.attention import BLOCKS_KWARG, prefix_blocks, uses_blocks
+from prefpipe.attention import BLOCKS_KWARG, prefix_blocks, uses_blocks, window_binds
 from prefpipe.logprobs import pad_batch, row_logprobs, sequence_logprobs
 from prefpipe.scores import Scores
 
@@ -201,19 +201,24 @@ def score_pairs(model, prompts: list[list[int]], firsts: list[list[int]], second
     return Scores(sums, counts, tokens)
 
 
-def prompt_once_supported(model, device=None) -> str | None:
+def prompt_once_supported(model, device=None, longest: int | None = None) -> str | None:
     """None when `score_pairs` gives this model the same scores as separate forwards; otherwise why not.
 
     The model needs prefpipe's block attention (`prefpipe.attention.install`, which `load_model` applies to sdpa
-    models; eager, flash and flex attention score each response separately), no sliding-window attention (its
-    layers keep transformers' own mask, which cannot express a shared prompt), and a short probe's per-token
-    log-probs must agree with `score_sequences` (a model that ignores the blocks or the position ids fails
-    here)."""
+    models; eager, flash and flex attention score each response separately), no sliding window shorter than
+    `longest`, the longest sequence it will score (such layers keep transformers' own mask, which cannot express
+    a shared prompt; a longer window changes nothing: `prefpipe.attention.window_binds`), and a short probe's
+    per-token log-probs must agree with `score_sequences` (a model that ignores the blocks or the position ids
+    fails here)."""
     cfg = model.config
     if not uses_blocks(model):
         return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} is not prefpipe's block attention"
-    if getattr(cfg, "sliding_window", None) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
-        return "sliding-window attention"
+    if window_binds(cfg, longest):
+        window = getattr(cfg, "sliding_window", None)
+        if not window:
+            return "sliding-window attention (window size not in the config)"
+        return f"sliding-window attention ({window}-token window" + (
+            f", shorter than --max_length {longest})" if longest else "; sequence length unknown)")
     vocab = model.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     draw = lambda k: torch.randint(1, vocab, (k,), generator=g).tolist()  # noqa: E731

@@ -39,7 +39,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prefpipe.errors import UserError
-from prefpipe.fileio import atomic_write_bytes, fsync_and_replace, temp_path
+from prefpipe.fileio import atomic_write_bytes, atomic_write_with, guarded_write
+
+# What a failed cache write leaves (parts are whole or absent, and resume keeps every finished one).
+PARTS_KEPT = "the cache's finished parts are kept: free space, then rerun the same command to continue"
 
 SCHEMA_VERSION = 1
 META_KEY = b"prefpipe"
@@ -123,9 +126,8 @@ def write_part(path: str | Path, columns: dict, kind: str, metadata: dict, with_
     schema = schema_for(kind, with_reference, per_token)
     table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
     table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    tmp = temp_path(path)
-    pq.write_table(table, tmp, compression="zstd")
-    fsync_and_replace(tmp, path)
+    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"),
+                      kept=PARTS_KEPT)
     return table.num_rows
 
 
@@ -178,7 +180,8 @@ def write_manifest(cache_dir: str | Path, metadata: dict, parts: list[dict]):
     """`parts`: one {"file", "rows", "content_sha256", "identity"} per part; read_cache checks each part's values
     against its digest, so a part changed or copied in after the cache was finished is refused."""
     manifest = {"schema_version": SCHEMA_VERSION, "metadata": metadata, "parts": parts}
-    atomic_write_bytes(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode(),
+                       kept=PARTS_KEPT.replace("to continue", "to write the manifest"))
 
 
 @dataclass
@@ -220,7 +223,36 @@ def read_manifest(cache_dir: str | Path) -> dict:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"cache schema version {manifest.get('schema_version')} is not supported "
                         f"(this prefpipe reads version {SCHEMA_VERSION}); rerun precompute", file=str(mpath))
+    _check_identity(manifest, d, mpath)
     return manifest
+
+
+def _check_identity(manifest: dict, d: Path, mpath: Path):
+    """Refuse a manifest whose identity fields (`identity.FIELDS`) are not those its parts were written with.
+
+    Every reader believes the manifest's metadata (inspect, train, the pipeline's reuse, eval, verify, all through
+    `read_manifest`), and the part values' digests do not cover it. Each part's manifest entry records the identity
+    digest of the metadata the manifest was written from, so an unchanged manifest costs no file reads; on a
+    mismatch the part's own metadata (its Parquet key-value metadata) names the edited field and its true value."""
+    from prefpipe.data import identity
+
+    meta = manifest.get("metadata") or {}
+    digest = identity.key(identity.identity_of(meta))
+    for part in manifest.get("parts") or []:
+        recorded = part.get("identity")
+        if recorded == digest:
+            continue
+        part_meta = read_part_metadata(d / part["file"]) if "file" in part else None
+        edited = identity.edited_field(meta, part_meta) if part_meta is not None else None
+        if edited is not None:
+            field, mine, theirs = edited
+            raise UserError(f"manifest field {field} is {json.dumps(mine)}, but its parts were written with "
+                            f"{json.dumps(theirs)} (edited by hand?); restore it, or rerun the precompute that "
+                            "wrote this cache to rewrite the manifest from its parts", file=str(mpath))
+        if part_meta is None and recorded is not None:  # a part rewritten without its metadata (polars)
+            raise UserError(f"manifest identity fields do not match the identity digest recorded for its parts "
+                            f"(manifest {digest[:12]}, parts {recorded[:12]}; edited by hand?); restore them, or "
+                            "rerun the precompute that wrote this cache", file=str(mpath))
 
 
 def read_cache(cache_dir: str | Path, columns: list[str] | None = None, *, memory_map: bool = False) -> Cache:
@@ -265,12 +297,14 @@ def _mapped(table: pa.Table) -> pa.Table:
 
     fd, name = tempfile.mkstemp(prefix="prefpipe-cache-", suffix=".arrow")
     try:
-        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        with guarded_write(name, "the cache is unchanged; set TMPDIR to a directory with space (the cache is "
+                                 "mapped from files there)"), os.fdopen(fd, "wb") as f, \
+                pa.ipc.new_file(f, table.schema) as w:
             w.write_table(table)
         from prefpipe.data.mapped import map_ipc_file  # a mapping whose pages can be released (see there)
         return map_ipc_file(name)
     finally:
-        os.unlink(name)
+        Path(name).unlink(missing_ok=True)
 
 
 def _conform(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:

@@ -32,26 +32,47 @@ _NAMES = {"columns": "column mapping", "turn_marker": "turn marker", "part_rows"
           "prefpipe_version": "prefpipe version", "schema_version": "cache schema version"}
 
 
+# Where each identity key lives in a cache's metadata (dotted), so a difference between two metadata dicts can name
+# the field a person would edit. `dtype` is read together with `backend.quantization` (see engine_dtype).
+FIELDS = {"model": "model.fingerprint", "tokenizer": "tokenizer.fingerprint", "tokenization": "tokenization",
+          "data": "data.fingerprint", "columns": "data.columns", "turn_marker": "data.turn_marker", "kind": "kind",
+          "has_reference": "has_reference", "per_token": "per_token", "backend": "backend.name",
+          "dtype": "backend.dtype", "part_rows": "layout.part_rows", "prefpipe_version": "prefpipe_version",
+          "schema_version": "schema_version"}
+
+
+def _field(meta: dict, dotted: str):
+    for name in dotted.split("."):
+        meta = meta.get(name) if isinstance(meta, dict) else None
+    return meta
+
+
 def identity_of(meta: dict) -> dict:
     """The resume-level identity recorded in a cache's (or a part's) metadata; `reuse(...)` narrows it."""
-    data = meta.get("data") or {}
-    backend = meta.get("backend") or {}
-    return {
-        "model": (meta.get("model") or {}).get("fingerprint"),
-        "tokenizer": (meta.get("tokenizer") or {}).get("fingerprint"),
-        "tokenization": meta.get("tokenization"),
-        "data": data.get("fingerprint"),
-        "columns": data.get("columns"),
-        "turn_marker": data.get("turn_marker"),
-        "kind": meta.get("kind"),
-        "has_reference": meta.get("has_reference", True),
-        "per_token": bool(meta.get("per_token", False)),
-        "backend": backend.get("name"),
-        "dtype": engine_dtype(backend.get("dtype"), backend.get("quantization")),
-        "part_rows": (meta.get("layout") or {}).get("part_rows"),
-        "prefpipe_version": meta.get("prefpipe_version"),
-        "schema_version": meta.get("schema_version"),
-    }
+    out = {k: _field(meta, f) for k, f in FIELDS.items()}
+    out["has_reference"] = meta.get("has_reference", True)
+    out["per_token"] = bool(out["per_token"])
+    out["dtype"] = engine_dtype(out["dtype"], _field(meta, "backend.quantization"))
+    return out
+
+
+def edited_field(manifest_meta: dict, part_meta: dict) -> tuple[str, object, object] | None:
+    """The first identity field in which a manifest's metadata differs from a part's (which the manifest was
+    written from): (dotted field, manifest's value, part's value), or None when their identities agree. A
+    dict-valued field (tokenization, data.columns) is named down to the key that differs."""
+    a, b = identity_of(manifest_meta), identity_of(part_meta)
+    for k in RESUME_KEYS:
+        if a[k] == b[k]:
+            continue
+        field = FIELDS[k]
+        if isinstance(a[k], dict) and isinstance(b[k], dict):
+            sub = sorted(x for x in set(a[k]) | set(b[k]) if a[k].get(x) != b[k].get(x))[0]
+            return f"{field}.{sub}", a[k].get(sub), b[k].get(sub)
+        if k == "dtype" and _field(manifest_meta, field) == _field(part_meta, field):
+            field = "backend.quantization"
+            return field, _field(manifest_meta, field), _field(part_meta, field)
+        return field, a[k], b[k]
+    return None
 
 
 def engine_dtype(dtype: str | None, quantization: str | None) -> str | None:

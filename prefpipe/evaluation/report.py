@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefpipe.errors import UserError
-from prefpipe.fileio import atomic_write_text
+from prefpipe.fileio import atomic_write_text, atomic_write_with
 from prefpipe.rundir import RunsDir
 from prefpipe.train.loss_names import LOSS_TYPES, LOSSES
 
@@ -401,9 +401,7 @@ def _draw_panel(ax, panel: Panel, n: int):
 
 
 def _save(fig, path: Path):
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def plot_curves(runs: list[RunData], path: Path):

@@ -32,6 +32,9 @@ class BackendOptions:
     gpu_memory_utilization: float = opt(0.85, help="vllm: fraction of GPU memory the engine may take.")
     max_model_len: int | None = opt(None, help="vllm: engine context length.", default_text="--max_length")
     chunk_rows: int = opt(256, help="vllm: requests per engine call (bounds prompt-logprob memory).")
+    # Not an option: precompute's --max_length, the longest sequence a backend is given (hf: whether a sliding
+    # window can bind, `prefpipe.attention.window_binds`); None when unknown.
+    max_length: int | None = None
 
 
 class Backend(Protocol):

@@ -72,4 +72,5 @@ class PrecomputeConfig:
                               load_in_4bit=self.load_in_4bit,
                               tensor_parallel_size=self.tensor_parallel_size,
                               gpu_memory_utilization=self.gpu_memory_utilization,
-                              max_model_len=self.max_model_len or self.max_length, chunk_rows=self.chunk_rows)
+                              max_model_len=self.max_model_len or self.max_length, chunk_rows=self.chunk_rows,
+                              max_length=self.max_length)

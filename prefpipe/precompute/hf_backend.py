@@ -13,8 +13,10 @@ Decisions a user may want to know:
   completion and its mismatched partner) follow one copy of the prompt, with position ids and block attention
   (`prefpipe.attention`) that keep them apart, so the prompt runs once per row (`prefpipe.scoring.score_pairs`);
   pairs are laid end to end without padding. Scores equal the separate forwards to float round-off. Models
-  whose attention is not sdpa (eager, flash, flex, custom kernels), sliding-window models, and models that fail
-  a probe at start get a warning and score each response in its own forward, as `--no_prompt_once` does. The cache's `backend.prompt_once` records which path scored it.
+  whose attention is not sdpa (eager, flash, flex, custom kernels), models with a sliding window shorter than
+  `--max_length` (a longer one never binds), and models that fail a probe at start get a one-line warning and
+  score each response in its own forward, as `--no_prompt_once` does. The cache's `backend.prompt_once` records
+  which path scored it.
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ class HFBackend:
         self.progress = None  # optional callable(sequences, tokens), called after each forward
         self.prompt_once = options.prompt_once
         if self.prompt_once:
-            why = prompt_once_supported(self.model, self.device)
+            why = prompt_once_supported(self.model, self.device, options.max_length)
             if why is not None:
-                import warnings
-                warnings.warn(f"--prompt_once: {why}; scoring each response in its own forward instead")
+                from prefpipe.warn import warn
+                warn(f"--prompt_once: {why}; scoring each response in its own forward instead")
                 self.prompt_once = False
 
     def set_progress(self, callback):

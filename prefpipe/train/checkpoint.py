@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from prefpipe.fileio import guarded_write
 from prefpipe.rundir import CONFIG as CONFIG_FILE, TRAINER_STATE as STATE_FILE
 
 
@@ -30,14 +31,18 @@ def remove_leftovers(parent: Path):
 def save_model_dir(dest: Path, lm, tokenizer, config: dict, state_dict: dict | None = None,
                    trainer_state: dict | None = None):
     """Write `dest` atomically: model + tokenizer + config (+ trainer state). Leader only."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / STATE_FILE)
+    kept = (f"{'the previous ' + dest.name if dest.exists() else 'no ' + dest.name} is left there and the run's "
+            "saved checkpoints are kept: free space, then rerun with --resume")
+    with guarded_write(dest, kept, tmp=tmp):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        lm.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if trainer_state is not None:
+            with open(tmp / STATE_FILE, "wb") as f:  # a file object: a failed write keeps its OSError as context
+                torch.save(trainer_state, f)
     if dest.exists():  # a rerun's final/ or a re-saved step: move the old one aside, then drop it
         old = dest.parent / f".tmp-old-{dest.name}-{os.getpid()}"
         os.replace(dest, old)

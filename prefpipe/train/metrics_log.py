@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefpipe.fileio import atomic_write_text
+from prefpipe.fileio import append_whole, atomic_write_text, guarded_write
 
 
 class MetricsLog:
@@ -18,19 +18,21 @@ class MetricsLog:
         """Drop lines past `step` (written by a killed run after its last checkpoint), then append."""
         if self.leader:
             truncate_metrics(self.path, step)
-            self.file = open(self.path, "a")
+            self.file = open(self.path, "ab", buffering=0)
 
     def write(self, record: dict):
         if not self.leader:
             return
         if self.tracker is not None:
             self.tracker.log(record)
-        if self.file is None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        line = (json.dumps(record) + "\n").encode()
+        with guarded_write(self.path, "the lines before this record are kept (the run's checkpoints too): free "
+                                      "space, then rerun with --resume"):
+            if self.file is None:
+                with open(self.path, "ab", buffering=0) as f:
+                    append_whole(f, line)
+            else:
+                append_whole(self.file, line)
 
     def close(self):
         if self.file is not None:
