@@ -99,8 +99,8 @@ def test_load_model_switches_sdpa_and_keeps_padded_scores(tiny_model):
             got = sequence_logprobs(lm, ids, mask, plens).sums
             assert calls and all(c is None for c in calls)
             calls.clear()
-            packed, _, *_ = sequence_logprobs(lm, torch.tensor([sum(seqs, [])]), None, plens,
-                                          seq_lens=torch.tensor([5, 2, 4]))
+            packed = sequence_logprobs(lm, torch.tensor([sum(seqs, [])]), None, plens,
+                                       seq_lens=torch.tensor([5, 2, 4])).sums
     finally:
         AttentionInterface.register(SEGMENTED, real)
     assert len(calls) == lm.config.num_hidden_layers and all(c == packed_blocks([5, 2, 4]) for c in calls)

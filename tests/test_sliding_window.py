@@ -91,9 +91,9 @@ def test_packed_rows_match_padded_forwards_whatever_the_window(tmp_path, window)
     seqs = [p + r for p, r in zip(prompts, firsts)]
     plens = torch.tensor([len(p) for p in prompts])
     ids, mask = pad_batch(seqs, 0)
-    padded, _ = sequence_logprobs(model, ids, mask, plens)
-    packed, _ = packed_sequence_logprobs(model, torch.tensor([sum(seqs, [])]), plens,
-                                         torch.tensor([len(s) for s in seqs]))
+    padded = sequence_logprobs(model, ids, mask, plens).sums
+    packed = packed_sequence_logprobs(model, torch.tensor([sum(seqs, [])]), plens,
+                                      torch.tensor([len(s) for s in seqs])).sums
     assert float((packed - padded).abs().max()) < 1e-4
 
 
