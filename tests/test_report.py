@@ -62,8 +62,10 @@ def test_report_writes_plots_and_names_the_winner(tmp_path, run_cli):
     assert r.exit_code == 0, r.output
     assert is_png(d / "curves.png") and is_png(d / "beta.png")
     md = (d / "summary.md").read_text()
-    assert "**Best run: dpo-beta0.3** (downstream accuracy 70.0%; the SFT model scores 50.0%, a change of " \
-           "+20.0 points)" in md
+    # Wilson 95% of 140/200 by hand: (0.7 + z²/400 ± z sqrt(0.21/200 + z²/160000)) / (1 + z²/200) = 63.3%, 75.9%
+    assert "**Best run: dpo-beta0.3** (downstream accuracy 70.0%, 140/200, 95% CI 63.3–75.9%; the SFT model " \
+           "scores 50.0%, a change of +20.0 points); within noise of the runner-up orpo (65.0%, 130/200; " \
+           "Fisher exact p = " in md
     rows = [line for line in md.splitlines() if line.startswith("| ")][1:]
     assert rows[0].startswith("| SFT model (reference) |")
     order = [row.split("|")[1].strip() for row in rows[1:]]
@@ -124,7 +126,7 @@ def test_ranking_prefers_downstream_then_held_out_then_eval_then_last_step(tmp_p
     assert (res["best"], res["basis"]) == (best, basis)
     assert res["value"] == pytest.approx(value)
     md = (d / "summary.md").read_text()
-    assert f"**Best run: {best}** ({basis} {100 * value:.1f}%)." in md
+    assert f"**Best run: {best}** ({basis} {100 * value:.1f}%" in md
 
 
 def test_ranking_reads_result_json_eval_and_leaves_out_runs_without_the_basis(tmp_path):
