@@ -30,7 +30,8 @@ def wilson_interval(k: int, n: int, z: float = Z) -> tuple[float, float]:
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at k = 0 (k = n) the bound is exactly 0 (1); rounding would leave it a hair off
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
