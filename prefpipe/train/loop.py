@@ -204,15 +204,14 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
 def _run_steps(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, rd, mlog: MetricsLog, ref_scorer,
                use_cached_ref: bool, resolved: dict) -> tuple[dict | None, dict | None]:
     """Steps `tr.step + 1 .. plan.total`, each logged, with evaluations and checkpoints on schedule."""
-    from tqdm import tqdm
+    from prefpipe.progress_bar import progress_bar
     cfg, procs, loop = ctx.cfg, ctx.procs, ctx.cfg.loop
     dataset = RowsDataset(ctx.data, LOSSES[loss.loss_type].batch, ctx.tokenizer.pad_token_id, use_cached_ref,
                           pack=tr.policy.packed)
     sampler = StepSampler(plan.order, tr.step, plan.total, loop.batch_size, loop.grad_accum, procs.world,
                           procs.rank)
     micro_batches = iter(train_loader(dataset, sampler, workers=1 if ctx.device.type == "cuda" else 0))
-    bar = tqdm(total=plan.total, initial=tr.step, desc=loss.run_name, disable=not (procs.leader and cfg.progress),
-               dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(plan.total, loss.run_name, "step", show=procs.leader and cfg.progress, initial=tr.step)
     last = last_eval = None
     try:
         while tr.step < plan.total:
