@@ -68,6 +68,8 @@ def test_report_writes_plots_and_names_the_winner(tmp_path, run_cli):
            "Fisher exact p = " in md
     rows = [line for line in md.splitlines() if line.startswith("| ")][1:]
     assert rows[0].startswith("| SFT model (reference) |")
+    lo, hi = wilson_by_hand(100, 200)  # the SFT model's own accuracy has its interval too
+    assert rows[0].endswith(f"| 50.0% | 100 / 200 | {100 * lo:.1f}–{100 * hi:.1f}% |") and f"{100 * lo:.1f}" == "43.1"
     order = [row.split("|")[1].strip() for row in rows[1:]]
     assert order == ["**dpo-beta0.3** ★", "orpo", "sft", "kto-beta0.1", "dpo-beta0.1",
                      "dpo-beta0.05"]

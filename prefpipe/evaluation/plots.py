@@ -261,6 +261,10 @@ def plot_curves(runs: list[RunData], path: Path):
 
 def plot_beta(runs: list[RunData], reference: dict | None, path: Path, ranking: Ranking | None = None):
     """Write beta.png; return the figure."""
+    import textwrap
+
     ranking = ranking or rank(runs)
-    return draw(beta_panels(runs, reference, ranking.best), headline(ranking), path,
+    grid = beta_panels(runs, reference, ranking.best)
+    width = max(70, 45 * max((len(row) for row in grid), default=1))  # the headline, in lines the figure can hold
+    return draw(grid, textwrap.fill(headline(ranking), width), path,
                 "nothing to plot against β: no run uses β and none has a held-out or downstream evaluation")

@@ -103,7 +103,8 @@ def summary_markdown(runs: list[RunData], reference: dict | None, ranking: Ranki
         head += ["downstream acc", "correct / n", "95% CI"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if reference is not None and has_gen:
-        row = ["SFT model (reference)", "–", "–", "0", "–", "–", "–"] + ["–"] * (2 * has_eval + 3 * has_pref)
+        dashes = ["–"] * (2 * has_eval + 3 * has_pref)
+        row = ["SFT model (reference)", "–", "–", "0", "–", "–", "–"] + dashes
         row += [pct(reference["accuracy"]), f"{reference['correct']} / {reference['n']}",
                 _ci(reference.get("correct"), reference.get("n"))]
         lines.append("| " + " | ".join(row) + " |")
@@ -144,8 +145,9 @@ def write_report(runs_dir: str | Path, only: list[str] | None = None) -> dict:
     `best` is the winning run's name, or None on a tie at the top (or when no run has an accuracy); `basis` names
     the number ranked on and `value` is the top value (a float, nan when nothing was ranked); `tied` lists the
     runs sharing it; `noise` (None without a runner-up with counts) says whether the lead over the runner-up is
-    more than noise (prefpipe.evaluation.stats). `only` names the run directories to include (the pipeline passes its own runs, so that runs
-    left in RUNS_DIR by an earlier, different config do not appear); `prefpipe report` includes every run."""
+    more than noise (prefpipe.evaluation.stats). `only` names the run directories to include (the pipeline
+    passes its own runs, so that runs left in RUNS_DIR by an earlier, different config do not appear);
+    `prefpipe report` includes every run."""
     d = RunsDir(runs_dir)
     runs, reference = load_runs(d.path, only)
     ranking = rank(runs)
