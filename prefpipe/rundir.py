@@ -3,7 +3,8 @@ and the tests all go through it.
 
     RUNS_DIR/
       summary.json              every run that `prefpipe train` finished here (merged across train calls, so a
-                                second sweep into the same RUNS_DIR adds its runs instead of replacing the file)
+                                second sweep into the same RUNS_DIR adds its runs instead of replacing the file),
+                                each with the model, cache and data it trained from; "caches" lists them all
       pipeline.json             `prefpipe pipeline` only: caches used, settings, evaluations, timings
       reference/eval_gen.json   the SFT model's own downstream accuracy (pipeline with eval_gen)
       cache-<id>/ cache-kto-<id>/ cache-eval-<id>/   `prefpipe pipeline`'s own caches (paired, KTO, eval_data),
@@ -140,7 +141,9 @@ def merge_summary(runs_dir: RunsDir, summary: dict):
     """Write `summary` to RUNS_DIR/summary.json, keeping the runs an earlier train call recorded there.
 
     A run of the same name is replaced (it was retrained); the others stay first, in their old order, and this
-    call's runs follow. The other keys describe the latest call.
+    call's runs follow. Each run names its own sources ("source"); the file's only other key, "caches", lists
+    every cache those runs trained from, in order, so a file written by two train calls (the pipeline's pairs,
+    then its KTO examples) names both. `summary`'s other keys describe one call and are not written.
 
     The read and the write happen under RUNS_DIR's output lock (`prefpipe train` holds it for its whole call;
     taking it again in the same process is a no-op), so no other prefpipe command's runs are lost between them."""
@@ -156,4 +159,7 @@ def merge_summary(runs_dir: RunsDir, summary: dict):
             kept = [r for r in old.get("runs", []) if isinstance(r, dict) and r.get("name") not in names]
         except (OSError, ValueError, AttributeError, KeyError, TypeError):
             pass  # no summary yet, or not one of ours: start afresh
-        atomic_write_text(runs_dir.summary, json.dumps({**summary, "runs": kept + summary["runs"]}, indent=2))
+        runs = kept + summary["runs"]
+        caches = list(dict.fromkeys(r["source"]["cache"] for r in runs
+                                    if isinstance(r.get("source"), dict) and r["source"].get("cache")))
+        atomic_write_text(runs_dir.summary, json.dumps({"caches": caches, "runs": runs}, indent=2))

@@ -120,13 +120,29 @@ def test_sft_learns_the_format(sft_model):
     assert len(logs) == 1 and "sft step 100/100" in logs[0]
 
 
+def test_sft_and_sampling_show_bars_with_totals_and_etas(sft_model, capsys):
+    """The defaults a user runs (stderr a log file, not a terminal): each stage's bar shows n/N and the time left."""
+    d, model, tok, train, *_ = sft_model
+    from prefpipe.demo.pairs import PairSettings, sample_pairs
+    from prefpipe.demo.sft import SFTSettings, build_demo_model, train_sft
+    prompts = [PROMPT_TEMPLATE.format(question=r["question"]) for r in train[:5]]
+    answers = [r["answer"] for r in train[:5]]
+    fresh = build_demo_model(tok, hidden_size=32, intermediate_size=64, seed=1)
+    train_sft(fresh, tok, prompts, answers, SFTSettings(steps=3, batch_size=4, warmup_steps=1), log=lambda m: None)
+    err = capsys.readouterr().err
+    assert re.search(r"sft: .*3/3 \[\d\d:\d\d<\d\d:\d\d", err), err  # elapsed<remaining
+    sample_pairs(model, tok, prompts, answers, PairSettings(samples=2, max_new_tokens=4, batch_size=2))
+    err = capsys.readouterr().err
+    assert re.search(r"pairs: sampling x 2: .*5/5 \[\d\d:\d\d<\d\d:\d\d", err), err
+
+
 def test_pairs_are_judged_by_the_final_number(sft_model):
     d, model, tok, train, held, *_ = sft_model
     from prefpipe.demo.pairs import PairSettings, kto_view, sample_pairs
     qs = train[:40]
     prompts = [PROMPT_TEMPLATE.format(question=r["question"]) for r in qs]
     rows, stats = sample_pairs(model, tok, prompts, [r["answer"] for r in qs],
-                               PairSettings(samples=6, max_new_tokens=20, pairs_per_question=2), log=lambda m: None)
+                               PairSettings(samples=6, max_new_tokens=20, pairs_per_question=2))
     assert stats["samples"] == 240 and stats["pairs"] == len(rows) > 0
     gold = {PROMPT_TEMPLATE.format(question=r["question"]): gold_answer(r["answer"]) for r in qs}
 

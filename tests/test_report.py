@@ -62,10 +62,14 @@ def test_report_writes_plots_and_names_the_winner(tmp_path, run_cli):
     assert r.exit_code == 0, r.output
     assert is_png(d / "curves.png") and is_png(d / "beta.png")
     md = (d / "summary.md").read_text()
-    assert "**Best run: dpo-beta0.3** (downstream accuracy 70.0%; the SFT model scores 50.0%, a change of " \
-           "+20.0 points)" in md
+    # Wilson 95% of 140/200 by hand: (0.7 + z²/400 ± z sqrt(0.21/200 + z²/160000)) / (1 + z²/200) = 63.3%, 75.9%
+    assert "**Best run: dpo-beta0.3** (downstream accuracy 70.0%, 140/200, 95% CI 63.3–75.9%; the SFT model " \
+           "scores 50.0%, a change of +20.0 points); within noise of the runner-up orpo (65.0%, 130/200; " \
+           "Fisher exact p = " in md
     rows = [line for line in md.splitlines() if line.startswith("| ")][1:]
     assert rows[0].startswith("| SFT model (reference) |")
+    lo, hi = wilson_by_hand(100, 200)  # the SFT model's own accuracy has its interval too
+    assert rows[0].endswith(f"| 50.0% | 100 / 200 | {100 * lo:.1f}–{100 * hi:.1f}% |") and f"{100 * lo:.1f}" == "43.1"
     order = [row.split("|")[1].strip() for row in rows[1:]]
     assert order == ["**dpo-beta0.3** ★", "orpo", "sft", "kto-beta0.1", "dpo-beta0.1",
                      "dpo-beta0.05"]
@@ -124,7 +128,7 @@ def test_ranking_prefers_downstream_then_held_out_then_eval_then_last_step(tmp_p
     assert (res["best"], res["basis"]) == (best, basis)
     assert res["value"] == pytest.approx(value)
     md = (d / "summary.md").read_text()
-    assert f"**Best run: {best}** ({basis} {100 * value:.1f}%)." in md
+    assert f"**Best run: {best}** ({basis} {100 * value:.1f}%" in md
 
 
 def test_ranking_reads_result_json_eval_and_leaves_out_runs_without_the_basis(tmp_path):
@@ -263,3 +267,135 @@ def test_orpo_accuracy_is_not_on_a_reward_accuracy_axis(tmp_path):
         labels = {line.get_label() for line in ax.get_lines()}
         if ax.get_title() != "held-out reward accuracy":
             assert not {"orpo (no β)", "sft (no β)"} & labels, ax.get_title()
+
+
+# ---------------------------------------------------------------- uncertainty of the ranking
+
+Z95 = 1.959963984540054  # the 97.5% point of the standard normal
+
+
+def wilson_by_hand(k, n):
+    p = k / n
+    centre = (p + Z95 ** 2 / (2 * n)) / (1 + Z95 ** 2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n ** 2)) / (1 + Z95 ** 2 / n)
+    return centre - half, centre + half
+
+
+def test_wilson_interval_and_exact_tests_match_hand_values():
+    from prefpipe.evaluation.stats import fisher_exact, mcnemar_exact, wilson_interval
+    for k, n in ((5, 20), (4, 20), (18, 20), (140, 200)):
+        assert wilson_interval(k, n) == pytest.approx(wilson_by_hand(k, n), abs=1e-12)
+    assert wilson_interval(5, 20) == pytest.approx((0.1119, 0.4687), abs=1e-4)  # published tables
+    assert wilson_interval(0, 20)[0] == 0 and wilson_interval(0, 20)[1] > 0.1  # not Wald's zero width
+    assert mcnemar_exact(14, 0) == pytest.approx(2 * 0.5 ** 14)
+    assert mcnemar_exact(1, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(6, 1) == pytest.approx(2 * (1 + 7) / 2 ** 7)  # P(X <= 1 | Bin(7, 1/2)), both tails
+    assert fisher_exact(3, 4, 1, 4) == pytest.approx(34 / 70)  # Fisher's tea tasting, two-sided
+    assert fisher_exact(5, 20, 4, 20) == pytest.approx(1.0)
+
+
+def gen_run(d, name, right: int, n: int = 20, verdicts=True, beta=0.1):
+    """A dpo run whose downstream evaluation got questions 0 .. right-1 of n right."""
+    make_run(d, name, "dpo", beta)
+    (d / name / rundir.EVAL_GEN).write_text(json.dumps({"accuracy": right / n, "correct": right, "n": n,
+                                                        "data": "heldout.jsonl"}))
+    if verdicts:
+        (d / name / rundir.EVAL_GEN_ROWS).write_text("".join(
+            json.dumps({"row": i + 1, "question": f"q{i}", "correct": i < right}) + "\n" for i in range(n)))
+
+
+@pytest.mark.parametrize("verdicts, test", [(True, "exact McNemar"), (False, "Fisher exact")])
+def test_five_of_twenty_against_four_is_within_noise(tmp_path, verdicts, test):
+    d = tmp_path / "runs"
+    gen_run(d, "dpo-beta0.1", 5, verdicts=verdicts)
+    gen_run(d, "dpo-beta0.3", 4, verdicts=verdicts, beta=0.3)
+    res = write_report(d)
+    lo, hi = wilson_by_hand(5, 20)
+    assert res["best"] == "dpo-beta0.1"  # still the best estimate ...
+    assert res["noise"]["within_noise"] and res["noise"]["test"] == test  # ... but not told apart
+    assert res["noise"]["p"] == pytest.approx(1.0)  # one discordant question; or Fisher on 5/20 vs 4/20
+    assert (f"**Best run: dpo-beta0.1** (downstream accuracy 25.0%, 5/20, 95% CI {100 * lo:.1f}–{100 * hi:.1f}%); "
+            f"within noise of the runner-up dpo-beta0.3 (20.0%, 4/20; {test} p = 1.000)." in res["markdown"])
+    lo4, hi4 = wilson_by_hand(4, 20)
+    assert f"| 20.0% | 4 / 20 | {100 * lo4:.1f}–{100 * hi4:.1f}% |" in res["markdown"]
+
+
+def test_eighteen_of_twenty_against_four_is_a_clear_win(tmp_path):
+    d = tmp_path / "runs"
+    gen_run(d, "dpo-beta0.1", 4)
+    gen_run(d, "dpo-beta0.3", 18, beta=0.3)
+    res = write_report(d)
+    # paired: questions 4..17 only the best got right, none only the runner-up: p = 2 / 2^14
+    assert res["noise"]["p"] == pytest.approx(2 * 0.5 ** 14) and not res["noise"]["within_noise"]
+    assert "ahead of the runner-up dpo-beta0.1 (20.0%, 4/20) beyond noise (exact McNemar p = 0.00012)" \
+        in res["markdown"]
+    assert "within noise" not in res["headline"]
+    d2 = tmp_path / "unpaired"
+    gen_run(d2, "dpo-beta0.1", 4, verdicts=False)
+    gen_run(d2, "dpo-beta0.3", 18, verdicts=False, beta=0.3)
+    res = write_report(d2)
+    assert res["noise"]["test"] == "Fisher exact" and res["noise"]["p"] < 1e-3
+    assert "beyond noise" in res["headline"]
+
+
+# ---------------------------------------------------------------- what the plots are built from
+
+def test_short_runs_are_not_smoothed_and_the_title_says_so(tmp_path):
+    from prefpipe.evaluation.plots import curve_panels, curves_title
+    make_run(tmp_path, "dpo-beta0.1", "dpo", 0.1, steps=10)
+    runs = load_runs(tmp_path)[0]
+    fig = plot_curves(runs, tmp_path / "curves.png")
+    title = fig._suptitle.get_text()
+    assert "tenth" not in title and "moving average" not in title and "unsmoothed" in title
+    acc = next(s for s in curve_panels(runs)[1][0].series if s.label == "dpo-beta0.1")
+    assert acc.ys == pytest.approx([0.05 * s for s in range(1, 11)])  # as logged
+    make_run(tmp_path, "dpo-beta0.3", "dpo", 0.3, steps=40)
+    runs = load_runs(tmp_path)[0]
+    grid = curve_panels(runs)
+    assert curves_title(grid) == "Training curves (solid: train, mean of the last 1–4 steps (a tenth of each " \
+                                 "run); dashed: in-training eval)"
+    acc = next(s for s in grid[1][0].series if s.label == "dpo-beta0.3")
+    raw = [min(1, 0.05 * s) for s in range(1, 41)]
+    assert acc.ys == pytest.approx([sum(raw[max(0, i - 3):i + 1]) / len(raw[max(0, i - 3):i + 1])
+                                    for i in range(40)])
+
+
+def kto_with_one_sided_batches(d, name="kto-beta0.1", steps=10, last_margin=None):
+    """A KTO run whose even steps (and the last one, unless `last_margin`) had one label only: no margin."""
+    make_run(d, name, "kto", 0.1, steps=steps, gen_acc=0.3, evals=())
+    recs = [json.loads(line) for line in (d / name / rundir.METRICS).read_text().splitlines()]
+    for rec in recs:
+        if rec["split"] == "train" and (rec["step"] % 2 == 0 or rec["step"] == steps):
+            rec["margin"] = rec["r_chosen"] = None
+    recs[steps - 1]["margin"] = last_margin
+    (d / name / rundir.METRICS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = json.loads((d / name / rundir.RESULT).read_text())
+    (d / name / rundir.RESULT).write_text(json.dumps({**res, "final": recs[steps - 1]}))
+
+
+def test_kto_margin_has_no_gap_where_a_batch_had_one_label(tmp_path):
+    from prefpipe.evaluation.plots import curve_panels
+    kto_with_one_sided_batches(tmp_path)
+    runs = load_runs(tmp_path)[0]
+    margin = next(s for s in curve_panels(runs)[2][0].series if s.label == "kto-beta0.1")
+    assert margin.xs == [1, 3, 5, 7, 9]  # the steps with a margin, joined
+    assert margin.ys == pytest.approx([0.02 * s for s in (1, 3, 5, 7, 9)])  # margin / β = 0.02 * step
+    lines = lines_by_label(plot_curves(runs, tmp_path / "curves.png"))
+    drawn = next(line for ax, line in lines["kto-beta0.1"] if "margin" in ax.get_ylabel())
+    assert not any(math.isnan(y) for y in drawn.get_ydata())
+
+
+def test_beta_png_has_no_empty_panel(tmp_path):
+    from prefpipe.evaluation.plots import beta_panels
+    for name, beta, acc in (("dpo-beta1", 1.0, 0.4), ("dpo-beta3", 3.0, 0.5)):
+        make_run(tmp_path, name, "dpo", beta, gen_acc=acc, evals=())
+    kto_with_one_sided_batches(tmp_path)  # its last train step has no margin: nothing for a KTO margin panel
+    make_run(tmp_path, "orpo", "orpo", 0.1, gen_acc=0.45, evals=())
+    runs = load_runs(tmp_path)[0]
+    grid = beta_panels(runs, None, None)
+    panels = [p for row in grid for p in row]
+    assert all(p is not None and p.series for p in panels)
+    assert [p.title for p in panels] == ["downstream accuracy", "dpo, hinge: last train step",
+                                         "kto: last train step", "dpo, hinge: last train step"]
+    fig = plot_beta(runs, None, tmp_path / "beta.png")
+    assert len(fig.axes) == len(panels) and all(ax.get_lines() for ax in fig.axes)

@@ -258,11 +258,28 @@ def test_beta_sweep_writes_three_runs_from_one_cache_read(tmp_path, tiny_model, 
         # float32 sums of ~50 nats differ by ~1e-5 between batchings; at beta = 1 that moves ln 2 by ~5e-6
         assert log[0]["examples"] == 4 and log[0]["loss"] == pytest.approx(LN2, abs=1e-5)
         assert res.output.count(r["name"]) >= 1
-    assert summary["validation"]["tokenizer"] == "match" and summary["validation"]["model"] == "match"
-    assert summary["validation"]["drift"]["mean_abs_per_token"] < 1e-5
+    for r in summary["runs"]:  # each run records the checks of the data it trained on
+        assert r["validation"]["tokenizer"] == "match" and r["validation"]["model"] == "match"
+        assert r["validation"]["drift"]["mean_abs_per_token"] < 1e-5
     # a larger beta scales the implicit rewards: the step-2 margins differ between runs
     m2 = [metrics(tmp_path / r["dir"])[1]["margin"] for r in summary["runs"]]
     assert len({round(m, 6) for m in m2}) == 3
+
+
+def test_summary_json_names_every_cache_its_runs_trained_from(tmp_path, tmp_path_factory, tiny_model, small_caches):
+    """Two train calls into one RUNS_DIR (as the pipeline makes: pairs, then KTO examples)."""
+    train(tmp_path, tiny_model, cache=small_caches["paired"], max_steps=1)
+    train(tmp_path, tiny_model, cache=small_caches["kto"], loss_types=("kto",), max_steps=1)
+    train(tmp_path, tiny_model, data=pairs_data(tmp_path_factory, 8), loss_types=("orpo",), max_steps=1)
+    summary = json.loads((tmp_path / rundir.SUMMARY).read_text())
+    assert summary["caches"] == [str(small_caches["paired"]), str(small_caches["kto"])]
+    assert "cache" not in summary  # one call's cache would pass for every run's
+    sources = {r["name"]: r["source"] for r in summary["runs"]}
+    assert sources["dpo-beta0.1"] == {"model": str(tiny_model), "cache": str(small_caches["paired"]), "data": None,
+                                      "reference": "cached"}
+    assert sources["kto-beta0.1"]["cache"] == str(small_caches["kto"])
+    assert sources["orpo"]["cache"] is None and sources["orpo"]["reference"] == "none"
+    assert json.loads((tmp_path / "kto-beta0.1" / rundir.RESULT).read_text())["source"] == sources["kto-beta0.1"]
 
 
 def test_accumulation_and_checkpointing_leave_the_trajectory_unchanged(tmp_path, tiny_model, pair_cache):
@@ -345,7 +362,7 @@ def test_model_mismatch_is_an_error_unless_allowed_and_drift_is_logged(tmp_path,
     assert not (tmp_path / "a" / "dpo-beta0.1").exists()
     res = run_cli(*base, "--out", tmp_path / "b", "--allow_reference_mismatch")
     assert res.exit_code == 0, res.output
-    drift = json.loads((tmp_path / "b" / rundir.SUMMARY).read_text())["validation"]["drift"]
+    drift = json.loads((tmp_path / "b" / rundir.SUMMARY).read_text())["runs"][0]["validation"]["drift"]
     assert drift["mean_abs_per_token"] > 0.1  # a different random model: whole nats per token
     assert "step-0 drift" in res.stderr and "warning" in res.stderr
 

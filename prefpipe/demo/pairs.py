@@ -47,24 +47,16 @@ def pairs_for_question(prompt: str, gold: str, samples: list[str], k: int) -> li
             for i in range(min(k, len(wrong)))]
 
 
-def sample_pairs(model, tokenizer, prompts: list[str], answers: list[str], s: PairSettings,
-                 log=print) -> tuple[list[dict], dict]:
+def sample_pairs(model, tokenizer, prompts: list[str], answers: list[str],
+                 s: PairSettings) -> tuple[list[dict], dict]:
     """Paired rows {prompt, chosen, rejected} and counts of what the sampling found."""
-    from prefpipe.evaluation.generate import around_bars, encode_prompts, hf_generate, progress_bar
+    from prefpipe.evaluation.generate import encode_prompts, hf_generate
+    from prefpipe.progress_bar import progress_bar
 
     ids = encode_prompts(tokenizer, prompts)
-    done = [0]
-    bar = progress_bar(len(prompts), f"pairs: sampling x {s.samples}", "question")
-    log = around_bars(log)
-
-    def progress(n):
-        done[0] += n
-        bar.update(n)
-        if done[0] % 500 < n or done[0] == len(prompts):
-            log(f"sampled {done[0]}/{len(prompts)} questions x {s.samples}")
-    with bar:
+    with progress_bar(len(prompts), f"pairs: sampling x {s.samples}", "question") as bar:
         gens = hf_generate(model, tokenizer, ids, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                           num_samples=s.samples, temperature=s.temperature, seed=s.seed, progress=progress)
+                           num_samples=s.samples, temperature=s.temperature, seed=s.seed, progress=bar.update)
     rows, n_right, n_total, mixed, all_right = [], 0, 0, 0, 0
     for prompt, answer, samples in zip(prompts, answers, gens):
         gold = gold_answer(answer)

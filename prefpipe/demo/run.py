@@ -128,7 +128,7 @@ def make_pairs(s: DemoSettings, out: Path, sft_dir: Path, train: list[dict], log
     tok = load_tokenizer(str(sft_dir))
     start = time.perf_counter()
     rows, stats = sample_pairs(model, tok, [PROMPT_TEMPLATE.format(question=r["question"]) for r in questions],
-                               [r["answer"] for r in questions], s.pairs, log=lambda m: log(f"pairs: {m}"))
+                               [r["answer"] for r in questions], s.pairs)
     stats = {**stats, "key": key, "wall_s": round(time.perf_counter() - start, 1)}
     _write_jsonl(data / "pairs.jsonl", rows)
     _write_jsonl(data / "kto.jsonl", kto_view(rows))

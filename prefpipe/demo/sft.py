@@ -111,7 +111,7 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
     torch.manual_seed(settings.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
                             betas=(0.9, 0.98))
-    from prefpipe.evaluation.generate import around_bars, progress_bar
+    from prefpipe.progress_bar import around_bars, progress_bar
 
     model.train()
     order: list[int] = []
@@ -138,11 +138,9 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        bar.set_postfix_str(f"loss {losses[-1]:.4f}", refresh=False)
+        recent = losses[-100:]
+        bar.set_postfix_str(f"loss {sum(recent) / len(recent):.4f}", refresh=False)  # last 100 steps: less jumpy
         bar.update(1)
-        if (step + 1) % 100 == 0 or step + 1 == settings.steps:
-            recent = sum(losses[-100:]) / len(losses[-100:])
-            log(f"sft step {step + 1}/{settings.steps}  loss {recent:.4f}  {time.perf_counter() - start:.0f}s")
         if settings.target_accuracy is not None and check is not None and (step + 1) % settings.check_every == 0:
             accuracy = greedy_accuracy(model, tokenizer, *check)
             model.train()
@@ -151,6 +149,10 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
                     f"reached the target {settings.target_accuracy}; stopping")
                 break
     bar.close()
+    if accuracy is None or accuracy < (settings.target_accuracy or 0):  # a stop at the target said so already
+        recent = losses[-100:]
+        log(f"sft step {step + 1}/{settings.steps} done  loss {sum(recent) / len(recent):.4f}  "
+            f"{time.perf_counter() - start:.0f}s")
     model.eval()
     return {"steps": step + 1, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
             "check_accuracy": accuracy,

@@ -238,7 +238,8 @@ def score_generations(rows: list[dict], generations: list[str]) -> tuple[dict, l
 def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path | None = None,
                     log=None) -> dict:
     """Greedy exact-match accuracy of `run` on `gen_file`; writes eval_gen.json and eval_gen.jsonl."""
-    from prefpipe.evaluation.generate import encode_prompts, hf_generate, pick_engine, progress_bar, vllm_generate
+    from prefpipe.evaluation.generate import encode_prompts, hf_generate, pick_engine, vllm_generate
+    from prefpipe.progress_bar import progress_bar
 
     rows = read_questions(gen_file, s)
     engine = pick_engine(s.engine)
@@ -251,7 +252,7 @@ def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path
         gens = vllm_generate(str(run.model_dir), tok, prompt_ids, max_new_tokens=s.max_new_tokens, dtype=s.dtype)
     else:
         model, tok, _ = _load(run.model_dir, s.device, s.dtype)
-        with progress_bar(len(prompt_ids), f"generate {run.name}", "question") as bar:
+        with progress_bar(len(prompt_ids), f"generate {run.name}", "question", show=None) as bar:
             gens = hf_generate(model, tok, prompt_ids, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
                                progress=bar.update)
     summary, records = score_generations(rows, [g[0] for g in gens])

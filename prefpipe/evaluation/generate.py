@@ -18,27 +18,6 @@ from prefpipe.errors import UserError
 from prefpipe.logprobs import pad_batch
 
 
-def progress_bar(total: int, desc: str, unit: str = "it"):
-    """A tqdm bar with a total and an ETA on stderr; off when stderr is not a terminal (logs, CI, tests)."""
-    import sys
-
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=None, dynamic_ncols=True, mininterval=0.5,
-                file=sys.stderr)
-
-
-def around_bars(log):
-    """`log`, writing its line above any progress bar instead of through it."""
-    import sys
-
-    from tqdm import tqdm
-
-    def write(msg):
-        with tqdm.external_write_mode(file=sys.stderr):
-            log(msg)
-    return write
-
-
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     from prefpipe.data.tokenize import PairTokenizer
     return PairTokenizer(tokenizer).encode_prompts(prompts)

@@ -370,12 +370,11 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
 
 def _progress(cfg: PrecomputeConfig, procs: Procs, ds, backend):
     """The bar (rows, with a total) and the callback that shows tokens and tokens/s on it."""
-    from tqdm import tqdm
-
     from prefpipe.precompute.progress import rows_to_process
+    from prefpipe.progress_bar import progress_bar
     show = cfg.progress and procs.leader
-    bar = tqdm(total=rows_to_process(ds.sources, cfg.part_rows, procs.owns) if show else None, disable=not show,
-               unit="row", dynamic_ncols=True, mininterval=0.5, desc="precompute")
+    bar = progress_bar(rows_to_process(ds.sources, cfg.part_rows, procs.owns) if show else None, "precompute", "row",
+                       show=show)
     tokens, t_scoring = [0], time.perf_counter()
 
     def on_progress(_seqs, n_tokens):

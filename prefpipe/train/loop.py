@@ -6,7 +6,8 @@ model), `metrics_log.py`; the loss comes from the registry in `loss_names.py` / 
 
 Output files, all under `cfg.out` (RUNS_DIR):
 
-    summary.json              {"model", "cache", "data", "reference", "validation", "runs": [RUN, ...]}
+    summary.json              {"caches": [every cache the runs below trained from], "runs": [RUN, ...]}
+                              (merged across train calls: each RUN names its own sources)
     <loss>-beta<beta>/        one directory per run, `orpo/` and `sft/` for the losses without beta
                               (layout in prefpipe/train/checkpoint.py)
 
@@ -15,7 +16,10 @@ RUN (also written alone to `<run>/result.json`):
     {"name": "dpo-beta0.1", "dir": "dpo-beta0.1", "loss_type": "dpo", "beta": 0.1, "steps": 120,
      "final": {train metrics of the last step}, "eval": {the last evaluation} or null,
      "model_dir": "dpo-beta0.1/final", "metrics": "dpo-beta0.1/metrics.jsonl", "wall_s": 81.2,
-     "peak_memory_gb": null or CUDA peak allocated}
+     "peak_memory_gb": null or CUDA peak allocated,
+     "source": {"model", "cache", "data", "reference": "cached" | "live" | "none"}, "validation": {...}}
+
+`run_training` returns this call's summary: {"model", "cache", "data", "reference", "validation", "runs"}.
 
 `validation`: {"tokenizer": "match" | "not checked (--data)", "model": "match" | "mismatch (allowed)" |
 "not checked", "drift": {"mean_abs_per_token", "worst_row_per_token", "rows", "tokens", "max_drift"} or null}.
@@ -200,15 +204,14 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
 def _run_steps(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, rd, mlog: MetricsLog, ref_scorer,
                use_cached_ref: bool, resolved: dict) -> tuple[dict | None, dict | None]:
     """Steps `tr.step + 1 .. plan.total`, each logged, with evaluations and checkpoints on schedule."""
-    from tqdm import tqdm
+    from prefpipe.progress_bar import progress_bar
     cfg, procs, loop = ctx.cfg, ctx.procs, ctx.cfg.loop
     dataset = RowsDataset(ctx.data, LOSSES[loss.loss_type].batch, ctx.tokenizer.pad_token_id, use_cached_ref,
                           pack=tr.policy.packed)
     sampler = StepSampler(plan.order, tr.step, plan.total, loop.batch_size, loop.grad_accum, procs.world,
                           procs.rank)
     micro_batches = iter(train_loader(dataset, sampler, workers=1 if ctx.device.type == "cuda" else 0))
-    bar = tqdm(total=plan.total, initial=tr.step, desc=loss.run_name, disable=not (procs.leader and cfg.progress),
-               dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(plan.total, loss.run_name, "step", show=procs.leader and cfg.progress, initial=tr.step)
     last = last_eval = None
     try:
         while tr.step < plan.total:
@@ -246,6 +249,13 @@ def _describe(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, ref_score
             f"process(es), {ctx.device}, compute {str(ctx.compute_dtype)[6:]}")
 
 
+def _source(cfg: TrainConfig, loss: LossConfig) -> dict:
+    """What this run trained from: its entry in summary.json keeps it when a later train call adds other runs."""
+    src = cfg.source
+    return {"model": src.model, "cache": src.cache, "data": src.data,
+            "reference": src.reference if loss.needs_reference else "none"}
+
+
 def _finish(ctx: Context, loss: LossConfig, rd, plan: Plan, last: dict | None, last_eval: dict | None,
             wall_s: float) -> dict:
     """Write `<run>/result.json` (the run's entry in summary.json) and return it."""
@@ -254,7 +264,7 @@ def _finish(ctx: Context, loss: LossConfig, rd, plan: Plan, last: dict | None, l
               "steps": plan.total, "final": last, "eval": last_eval, "model_dir": f"{loss.run_name}/{rundir.FINAL}",
               "metrics": f"{loss.run_name}/{rundir.METRICS}", "wall_s": wall_s,
               "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda"
-              else None}
+              else None, "source": _source(ctx.cfg, loss), "validation": dict(ctx.validation)}
     if ctx.procs.leader:
         atomic_write_text(rd.result, json.dumps(result, indent=2))
     ctx.procs.barrier()
