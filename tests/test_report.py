@@ -155,6 +155,23 @@ def test_orpo_accuracy_is_not_ranked_against_reward_accuracy(tmp_path):
     assert write_report(d2)["basis"] == "in-training eval ORPO accuracy"
 
 
+def test_losses_whose_accuracy_means_the_same_are_ranked_and_drawn_together(tmp_path):
+    """The meaning of a loss's acc comes from its registry entry, so a dpo + robust sweep (both reward accuracy)
+    ranks both runs and shares one plot column; ipo's per-token accuracy is another basis. (With the report's own
+    table of five losses, robust had no entry: it was left out of the ranking and drawn on its own.)"""
+    from prefpipe.evaluation.plots import curve_panels
+    from prefpipe.evaluation.runs import load_runs as loaded
+    d = tmp_path / "runs"
+    make_run(d, "dpo-beta0.1", "dpo", 0.1, evals=({"acc": 0.7},))
+    make_run(d, "robust-beta0.1", "robust", 0.1, evals=({"acc": 0.8},))
+    make_run(d, "ipo-beta0.1", "ipo", 0.1, evals=({"acc": 0.95},))
+    res = write_report(d)
+    assert (res["best"], res["basis"], res["value"]) == ("robust-beta0.1", "in-training eval reward accuracy", 0.8)
+    assert "Not ranked (no in-training eval reward accuracy): ipo-beta0.1." in res["markdown"]
+    titles = [col[0].title for col in zip(*curve_panels(loaded(d)[0]))]
+    assert titles == ["dpo, robust", "ipo"]
+
+
 def test_a_tie_at_the_top_has_no_winner(tmp_path, run_cli):
     d = tmp_path / "runs"
     make_run(d, "dpo-beta0.1", "dpo", 0.1, gen_acc=0.7)
@@ -395,7 +412,7 @@ def test_beta_png_has_no_empty_panel(tmp_path):
     grid = beta_panels(runs, None, None)
     panels = [p for row in grid for p in row]
     assert all(p is not None and p.series for p in panels)
-    assert [p.title for p in panels] == ["downstream accuracy", "dpo, hinge: last train step",
-                                         "kto: last train step", "dpo, hinge: last train step"]
+    assert [p.title for p in panels] == ["downstream accuracy", "dpo: last train step",
+                                         "kto: last train step", "dpo: last train step"]
     fig = plot_beta(runs, None, tmp_path / "beta.png")
     assert len(fig.axes) == len(panels) and all(ax.get_lines() for ax in fig.axes)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefpipe.evaluation.ranking import Ranking, headline, rank
 from prefpipe.fileio import atomic_write_with
-from prefpipe.evaluation.runs import ACC_KIND, DOWNSTREAM, FAMILIES, HELD_OUT, MARGIN_LABEL, RunData, num, run_order
+from prefpipe.evaluation.runs import DOWNSTREAM, HELD_OUT, RunData, meaning, num, run_order
 from prefpipe.train.loss_names import LOSS_TYPES
 
 
@@ -39,12 +39,12 @@ class Panel:
     xticks: list | None = None  # β values (log scale when there are several)
 
 
-def family(loss_type: str) -> tuple:
-    return next((f for f in FAMILIES if loss_type in f), (loss_type,))
-
-
 def _families(runs: list[RunData]) -> list[tuple]:
-    return list(dict.fromkeys(family(r.loss_type) for r in sorted(runs, key=run_order)))
+    """The runs' loss types grouped by what their accuracy and margin mean (`runs.meaning`), in run order."""
+    groups: dict = {}
+    for r in sorted(runs, key=run_order):
+        groups.setdefault(meaning(r.loss_type), []).append(r.loss_type)
+    return [tuple(dict.fromkeys(g)) for g in groups.values()]
 
 
 def smooth(ys: list[float], window: int) -> list[float]:
@@ -104,9 +104,7 @@ def curve_panels(runs: list[RunData]) -> list[list[Panel | None]]:
     columns = []
     for fam in _families(runs):
         members = [r for r in runs if r.loss_type in fam]
-        acc_label = next((ACC_KIND[lt][1] for lt in fam if lt in ACC_KIND), "accuracy")
-        margin_label = next((MARGIN_LABEL[lt] for lt in fam if lt in MARGIN_LABEL),
-                            "margin" if all(r.beta_free for r in members) else "margin / β")
+        acc_label, margin_label = meaning(fam[0]).acc_label, meaning(fam[0]).margin_label
         loss = Panel(", ".join(fam), "loss ÷ its step-1 value")
         acc = Panel("", acc_label, chance=True)
         margin = Panel("", margin_label)
@@ -176,9 +174,9 @@ def beta_panels(runs: list[RunData], reference: dict | None, best: RunData | Non
             continue
         source, rec = _train_value(members)
         lt = members[0].loss_type
-        accs.append(Panel(f"{', '.join(fam)}: {source}", ACC_KIND.get(lt, ("", "accuracy"))[1], "β",
+        accs.append(Panel(f"{', '.join(fam)}: {source}", meaning(lt).acc_label, "β",
                           _beta_lines(members, lambda r: num(rec(r).get("acc")), best), chance=True, xticks=betas))
-        margins.append(Panel(f"{', '.join(fam)}: {source}", MARGIN_LABEL.get(lt, "margin / β"), "β",
+        margins.append(Panel(f"{', '.join(fam)}: {source}", meaning(lt).margin_label, "β",
                              _beta_lines(members, lambda r: _margin(r, rec(r)), best), xticks=betas))
     rows = [[p for p in row if p.series] for row in (top, accs, margins)]
     return [row for row in rows if row]

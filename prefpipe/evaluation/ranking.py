@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from prefpipe.evaluation.runs import ACC_KIND, DOWNSTREAM, HELD_OUT, RunData, num, run_order
+from prefpipe.evaluation.runs import DOWNSTREAM, HELD_OUT, KINDS, RunData, meaning, num, run_order
 from prefpipe.evaluation.stats import Comparison, compare, wilson_interval
 
 
@@ -49,9 +49,8 @@ def candidates(run: RunData) -> list[tuple[tuple, str, float, tuple[int, int] | 
                     _counts(run.gen.get("correct"), run.gen.get("n"))))
     if run.pref is not None:
         out.append(((1, 0), HELD_OUT, num(run.pref.get("acc")), _counts(run.pref.get("wins"), run.pref.get("rows"))))
-    kind = ACC_KIND.get(run.loss_type, (f"{run.loss_type} accuracy",))[0]
-    kinds = list(dict.fromkeys(k for k, _ in ACC_KIND.values()))
-    kind_rank = kinds.index(kind) if kind in kinds else len(kinds)
+    kind = meaning(run.loss_type).kind
+    kind_rank = KINDS.index(kind) if kind in KINDS else len(KINDS)
     if run.last_eval is not None:
         out.append(((2, kind_rank), f"in-training eval {kind}", num(run.last_eval.get("acc")),
                     _record_counts(run.last_eval)))

@@ -12,18 +12,29 @@ from prefpipe.errors import UserError
 from prefpipe.rundir import RunsDir
 from prefpipe.train.loss_names import LOSS_TYPES, LOSSES
 
-# Losses whose logged acc and margin mean the same thing share a column of curves.png.
-FAMILIES = (("dpo", "hinge"), ("ipo",), ("kto",), ("orpo", "sft"))
-# What each loss's training `acc` is: (short name for the ranking basis, axis label).
-ACC_KIND = {"dpo": ("reward accuracy", "reward accuracy"),
-            "hinge": ("reward accuracy", "reward accuracy"),
-            "ipo": ("per-token reward accuracy", "reward accuracy (per-token log-ratios)"),
-            "kto": ("KTO accuracy", "KTO accuracy (h on the right side of z0)"),
-            "orpo": ("ORPO accuracy", "ORPO accuracy (a_c > a_r, per-token log-probs)")}
-MARGIN_LABEL = {"dpo": "margin / β (log-ratio, nats)", "hinge": "margin / β (log-ratio, nats)",
-                "ipo": "margin / β (per-token log-ratio)", "kto": "margin / β (log-ratio, nats)",
-                "orpo": "a_c − a_r (per-token log-prob)"}
 DOWNSTREAM, HELD_OUT = "downstream accuracy", "held-out reward accuracy"
+
+
+@dataclass(frozen=True)
+class Meaning:
+    """What a loss's logged `acc` and `margin` mean, from its registry entry: `kind` names the ranking basis, the
+    labels are axis labels. Runs whose losses mean the same share a ranking level and a column of the plots."""
+    kind: str
+    acc_label: str
+    margin_label: str
+
+
+def meaning(loss_type: str) -> Meaning:
+    try:
+        s = LOSSES[loss_type]
+    except KeyError:  # a run of a loss this prefpipe does not know
+        return Meaning(f"{loss_type} accuracy", "accuracy", "margin")
+    return Meaning(s.acc_kind or f"{loss_type} (no accuracy)", s.acc_label or "accuracy",
+                   s.margin_label or "margin")
+
+
+# The ranking order of the in-training bases: the registry's order of first appearance.
+KINDS = tuple(dict.fromkeys(meaning(lt).kind for lt in LOSS_TYPES))
 
 
 @dataclass(eq=False)  # a run is itself: `in` and `is` mean the same run
