@@ -182,7 +182,7 @@ def check_data_kinds(cfg: PipelineConfig, paired: tuple):
 
     def is_paired(data: str) -> bool:
         return Dataset(data, columns_of(cfg), turn_marker=cfg.turn_marker, split=cfg.data_split,
-                       config=cfg.data_config).paired
+                       config=cfg.data_config).validate().paired
     if paired and not is_paired(cfg.data):
         raise UserError(f"{', '.join(paired)} train{'s' if len(paired) == 1 else ''} on pairs (prompt, chosen, "
                         "rejected), but data holds unpaired examples (prompt, completion, label); use loss_type "
