@@ -232,6 +232,11 @@ def _readme_has_configs(root: Path) -> bool:
     return any(line.startswith("configs:") for line in header.splitlines())
 
 
+def is_hub_id(text: str) -> bool:
+    """`ORG/NAME` that is no local path and names no data file: a hub dataset id."""
+    return not Path(text).expanduser().exists() and bool(HUB_ID.match(text)) and not text.endswith(DATA_SUFFIXES)
+
+
 def hf_kind(data: str | Path, split: str = DEFAULT_SPLIT, config: str | None = None) -> str | None:
     """`"disk"` (save_to_disk), `"repo"` (repository folder), `"hub"` (hub id) or None (plain files)."""
     text = str(data)
@@ -242,7 +247,7 @@ def hf_kind(data: str | Path, split: str = DEFAULT_SPLIT, config: str | None = N
         if _readme_has_configs(p) or split != DEFAULT_SPLIT or config is not None or _names_several_splits(p):
             return "repo"
         return None
-    if not p.exists() and HUB_ID.match(text) and not text.endswith(DATA_SUFFIXES):
+    if is_hub_id(text):
         return "hub"
     if (split != DEFAULT_SPLIT or config is not None) and (p.exists() or any(ch in text for ch in "*?[")):
         raise UserError(f"a split ({split!r}) or config ({config!r}) applies to Hugging Face datasets (a "
