@@ -95,7 +95,7 @@ def test_bad_rows_in_several_files_name_their_files_and_an_unreadable_file_is_on
     with pytest.raises(UserError) as e:
         Dataset(str(d)).validate()
     err = e.value
-    assert err.file == str(d) and err.message.startswith("4 bad rows")
+    assert err.file == str(d) and err.message.startswith("4 bad rows or files")
     entries = err.message.split(": ", 1)[1].split("; ")
     assert entries[0].startswith(f"file {d / 'a.jsonl'}, row 2, column 'prompt': ")
     assert entries[1].startswith(f"file {d / 'b.parquet'}: not a readable Parquet file")
@@ -159,3 +159,16 @@ def test_the_pass_streams_and_keeps_only_the_listed_errors(tmp_path):
     peak_big, message = _validate_peak(big)
     assert message.startswith("8000 bad rows") and message.endswith("; and 7980 more")
     assert peak_big < 1.3 * peak_small, (peak_small, peak_big)
+
+
+def test_files_are_named_per_entry_when_a_later_file_is_bad_beyond_the_list(tmp_path):
+    """The 21st bad row lies in another file: the list (all in a.jsonl) must still name files, not claim one."""
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = make_pairs(MAX_BAD_ROWS + 1, seed=10)
+    (d / "a.jsonl").write_text("{x\n" * MAX_BAD_ROWS + json.dumps(rows[0]) + "\n")
+    (d / "b.jsonl").write_text(json.dumps(rows[1]) + "\n{x\n")
+    with pytest.raises(UserError) as e:
+        Dataset(str(d)).validate()
+    assert e.value.file == str(d) and e.value.message.endswith("; and 1 more")
+    assert e.value.message.count(f"file {d / 'a.jsonl'}, row ") == MAX_BAD_ROWS

@@ -12,8 +12,8 @@ Four shapes are detected from the column names and the type of the first readabl
 Every row is validated against the detected shape; a bad row raises `UserError` naming file, row and column.
 `Dataset.validate()` checks every row in one streaming pass before any compute and raises one `UserError` that
 lists all bad rows (the first `MAX_BAD_ROWS`, and how many more); the commands that read data run it before they
-load a model. Rows are numbered from 1 (for JSONL the row is the line number). Reading is batched, so memory does not grow
-with the number of rows (a ``.json`` array file is the exception: it is one document and is parsed whole).
+load a model. Rows are numbered from 1 (for JSONL the row is the line number). Reading is batched, so memory does
+not grow with the number of rows (a ``.json`` array file is the exception: it is one document and is parsed whole).
 
 Files and what is made of them:
 
@@ -499,13 +499,16 @@ def iter_raw(source: Source, batch_rows: int = 1024, bad: OnBadRow = None) -> It
         reader = _iter_json
     else:
         reader = _iter_jsonl
-    empty, seen_bad = True, []
-    report = None if bad is None else (lambda e: (seen_bad.append(True), bad(e)))
-    for batch in reader(source if source.table is not None else source.path, batch_rows, report):
+    empty, seen_bad = True, [False]
+
+    def report(e: UserError):
+        seen_bad[0] = True
+        bad(e)
+    for batch in reader(source if source.table is not None else source.path, batch_rows, bad and report):
         if batch:
             empty = False
             yield batch
-    if empty and not seen_bad:
+    if empty and not seen_bad[0]:
         raise UserError("file is empty (no rows)", file=source.where)
 
 
@@ -673,24 +676,27 @@ class BadRows:
     """The bad rows of one pass: the first `limit` errors kept, the rest counted (memory stays flat)."""
 
     def __init__(self, limit: int = MAX_BAD_ROWS):
-        self.limit, self.shown, self.count = limit, [], 0
+        self.limit, self.shown, self.count, self.files = limit, [], 0, set()
 
     def add(self, e: UserError):
         self.count += 1
+        if len(self.files) < 2:
+            self.files.add(e.file)
         if len(self.shown) < self.limit:
             self.shown.append(e)
 
     def error(self, data: str) -> UserError | None:
-        """None, the one bad row's own error, or one error listing them all (by file when there are several)."""
+        """None, the one bad row's own error, or one error listing them all (each with its file when they lie in
+        several files)."""
         if self.count <= 1:
             return self.shown[0] if self.shown else None
-        files = {e.file for e in self.shown}
-        one = files.pop() if len(files) == 1 else None
+        one = next(iter(self.files)) if len(self.files) == 1 else None
         listed = "; ".join(UserError(e.message, file=None if one else e.file, row=e.row, column=e.column).format()
                            for e in self.shown)
         rest = f"; and {self.count - len(self.shown)} more" if self.count > len(self.shown) else ""
         shown = f", the first {len(self.shown)} shown" if rest else ""
-        return UserError(f"{self.count} bad rows (every row is checked before any model is loaded{shown}): "
+        what = "bad rows" if all(e.row is not None for e in self.shown) else "bad rows or files"
+        return UserError(f"{self.count} {what} (every row is checked before any model is loaded{shown}): "
                          f"{listed}{rest}", file=one or data)
 
 
