@@ -58,12 +58,40 @@ def load_tokenizer(model: str):
     model = _tokenizer_dir(model)
     try:
         tok = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer ({str(e).splitlines()[0]})", file=model)
+    except Exception as e:  # noqa: BLE001 - the `tokenizers` library raises bare Exception for files it rejects
+        raise UserError(f"cannot load a tokenizer ({_library_message(e)})", file=_rejected_file(model)) from None
     if tok.pad_token_id is None:
         # Padding is masked out everywhere; any id works, and EOS is the usual choice.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _library_message(e: Exception) -> str:
+    """The library's own words on one line; a bare KeyError's text ('added_tokens') needs its type to mean much."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text}" if isinstance(e, (LookupError, TypeError, AttributeError)) else text
+
+
+def _rejected_file(model: str) -> str:
+    """The tokenizer file a failed load most likely tripped on: a JSON file that does not parse, else a
+    `tokenizer.json` that the `tokenizers` library refuses, else the directory (or hub id) itself."""
+    import json
+
+    d = Path(model)
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        try:
+            json.loads((d / name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return str(d / name)
+    if (d / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        try:
+            Tokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception:  # noqa: BLE001 - see load_tokenizer
+            return str(d / "tokenizer.json")
+    return model
 
 
 def _tokenizer_dir(model: str) -> str:

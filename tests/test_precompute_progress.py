@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import make_pairs, write_jsonl
-from prefpipe.data.formats import Dataset, resolve_sources
-from prefpipe.precompute.progress import count_rows, rows_to_process
+from prefpipe.data.formats import Dataset
+from prefpipe.precompute.progress import rows_to_process
 
 
 def _data_dir(tmp_path):
@@ -20,22 +20,29 @@ def _data_dir(tmp_path):
 
 def test_counts_rows_per_file_and_the_share_of_each_process(tmp_path):
     d = _data_dir(tmp_path)
-    sources = resolve_sources(d)
-    assert [count_rows(s) for s in sources] == [7, 11]
+    counts = Dataset(str(d)).validate().row_counts
+    assert counts == [7, 11]
     # part_rows 4: a.jsonl gives parts 0,1 (4+3 rows), b.parquet parts 2,3,4 (4+4+3 rows).
-    assert rows_to_process(sources, 4, lambda i: True) == 18
-    assert rows_to_process(sources, 4, lambda i: i % 2 == 0) == 4 + 4 + 3
-    assert rows_to_process(sources, 4, lambda i: i % 2 == 1) == 3 + 4
-    assert rows_to_process(sources, 4, lambda i: i % 3 == 2) == 4
+    assert rows_to_process(counts, 4, lambda i: True) == 18
+    assert rows_to_process(counts, 4, lambda i: i % 2 == 0) == 4 + 4 + 3
+    assert rows_to_process(counts, 4, lambda i: i % 2 == 1) == 3 + 4
+    assert rows_to_process(counts, 4, lambda i: i % 3 == 2) == 4
 
     # The same layout as the reader's parts.
     parts = [len(b) for b in Dataset(str(d), batch_rows=4).batches()]
     assert parts == [4, 3, 4, 4, 3]
 
 
-def test_a_json_array_source_leaves_the_total_unknown(tmp_path):
-    (tmp_path / "x.json").write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"}]')
-    assert rows_to_process(resolve_sources(tmp_path / "x.json"), 4, lambda i: True) is None
+def test_every_form_is_counted_by_the_reader_itself(tmp_path):
+    """The counts come from the validation pass's reader: a JSON array and a gzipped file count their rows (not
+    their compressed bytes' newlines), as scoring will read them."""
+    import gzip
+    import json
+    rows = make_pairs(5, seed=3)
+    (tmp_path / "x.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "y.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n\n" for r in rows).encode()))
+    for name in ("x.json", "y.jsonl.gz"):
+        assert Dataset(str(tmp_path / name)).validate().row_counts == [5], name
 
 
 def test_the_precompute_bar_shows_the_total(tmp_path, tiny_model, pairs_file, run_cli):

@@ -47,6 +47,7 @@ def check(data_path, **kwargs):
     max_length, max_prompt_length = settings.max_length, settings.max_prompt_length
     quiet_transformers()
     ds = Dataset(data_path, s.columns, turn_marker=s.turn_marker, split=s.data_split, config=s.data_config)
+    ds.validate()  # every bad row at once, as precompute and train report them
     pt = PairTokenizer(load_tokenizer(s.model), settings)
     # Memory stays flat in the rows: lengths are histograms, labels counts, and skips only the first per reason.
     stats = TokenStats(keep_lengths=True)

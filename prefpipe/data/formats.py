@@ -1,6 +1,6 @@
 """Loading preference data from JSONL, JSON, Parquet, directories and globs.
 
-Four shapes are detected from the column names and the type of the first row's values:
+Four shapes are detected from the column names and the type of the first readable row's values:
 
 - ``paired``: ``prompt``, ``chosen``, ``rejected`` as strings;
 - ``conversational``: ``prompt`` a list of ``{role, content}`` messages, ``chosen``/``rejected`` lists of
@@ -10,8 +10,10 @@ Four shapes are detected from the column names and the type of the first row's v
 - ``unpaired`` (KTO): ``prompt``, ``completion``, ``label`` (bool).
 
 Every row is validated against the detected shape; a bad row raises `UserError` naming file, row and column.
-Rows are numbered from 1 (for JSONL the row is the line number). Reading is batched, so memory does not grow
-with the number of rows (a ``.json`` array file is the exception: it is one document and is parsed whole).
+`Dataset.validate()` checks every row in one streaming pass before any compute and raises one `UserError` that
+lists all bad rows (the first `MAX_BAD_ROWS`, and how many more); the commands that read data run it before they
+load a model. Rows are numbered from 1 (for JSONL the row is the line number). Reading is batched, so memory does
+not grow with the number of rows (a ``.json`` array file is the exception: it is one document and is parsed whole).
 
 Files and what is made of them:
 
@@ -75,12 +77,14 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prefpipe.errors import UserError
 from prefpipe.options import opt
 
 FORMATS = ("paired", "conversational", "implicit", "unpaired")
+# How many bad rows one error lists (the rest are counted): enough to show a pattern, short enough to read.
+MAX_BAD_ROWS = 20
 TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json")
 DATA_SUFFIXES = (*TEXT_SUFFIXES, *(x + ".gz" for x in TEXT_SUFFIXES), ".parquet")
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -93,6 +97,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # followed by a separator or a digit), grouped by the split they mean.
 SPLIT_WORDS = {"train": ("train", "training"), "test": ("test", "testing", "eval", "evaluation"),
                "validation": ("validation", "valid", "val", "dev")}
+
+
+OnBadRow = Callable[[UserError], None] | None
 
 
 @dataclass(frozen=True)
@@ -225,6 +232,11 @@ def _readme_has_configs(root: Path) -> bool:
     return any(line.startswith("configs:") for line in header.splitlines())
 
 
+def is_hub_id(text: str) -> bool:
+    """`ORG/NAME` that is no local path and names no data file: a hub dataset id."""
+    return not Path(text).expanduser().exists() and bool(HUB_ID.match(text)) and not text.endswith(DATA_SUFFIXES)
+
+
 def hf_kind(data: str | Path, split: str = DEFAULT_SPLIT, config: str | None = None) -> str | None:
     """`"disk"` (save_to_disk), `"repo"` (repository folder), `"hub"` (hub id) or None (plain files)."""
     text = str(data)
@@ -235,7 +247,7 @@ def hf_kind(data: str | Path, split: str = DEFAULT_SPLIT, config: str | None = N
         if _readme_has_configs(p) or split != DEFAULT_SPLIT or config is not None or _names_several_splits(p):
             return "repo"
         return None
-    if not p.exists() and HUB_ID.match(text) and not text.endswith(DATA_SUFFIXES):
+    if is_hub_id(text):
         return "hub"
     if (split != DEFAULT_SPLIT or config is not None) and (p.exists() or any(ch in text for ch in "*?[")):
         raise UserError(f"a split ({split!r}) or config ({config!r}) applies to Hugging Face datasets (a "
@@ -348,7 +360,7 @@ def hf_source(data: str, kind: str, split: str = DEFAULT_SPLIT, config: str | No
     return Source(Path(data), name, key=_hf_key(data, kind, split, config), table=table)
 
 
-def _iter_hf(source: Source, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
+def _iter_hf(source: Source, batch_rows: int, bad: OnBadRow) -> Iterator[list[tuple[int, dict]]]:
     n = 0
     for tbl in source.table.with_format("arrow").iter(batch_size=batch_rows):
         rows = tbl.to_pylist()
@@ -390,10 +402,14 @@ def _parse_line(path: Path, n: int, b: bytes) -> dict:
     return obj
 
 
-def _iter_jsonl(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
+def _iter_jsonl(path: Path, batch_rows: int, bad: OnBadRow) -> Iterator[list[tuple[int, dict]]]:
     batch: list[tuple[int, dict]] = []
     for n, line in _lines(path):
-        batch.append((n, _parse_line(path, n, line)))
+        try:
+            batch.append((n, _parse_line(path, n, line)))
+        except UserError as e:
+            _bad_row(bad, e)
+            continue
         if len(batch) >= batch_rows:
             yield batch
             batch = []
@@ -422,7 +438,7 @@ def _is_json_lines(path: Path) -> bool:
     return False
 
 
-def _iter_json(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
+def _iter_json(path: Path, batch_rows: int, bad: OnBadRow) -> Iterator[list[tuple[int, dict]]]:
     try:
         with _open(path) as f:
             doc = json.load(f)
@@ -441,12 +457,13 @@ def _iter_json(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
         chunk = []
         for i, obj in enumerate(doc[start:start + batch_rows], start=start + 1):
             if not isinstance(obj, dict):
-                raise UserError(f"expected a JSON object, got {type(obj).__name__}", file=str(path), row=i)
+                _bad_row(bad, UserError(f"expected a JSON object, got {type(obj).__name__}", file=str(path), row=i))
+                continue
             chunk.append((i, obj))
         yield chunk
 
 
-def _iter_parquet(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]]]:
+def _iter_parquet(path: Path, batch_rows: int, bad: OnBadRow) -> Iterator[list[tuple[int, dict]]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -461,8 +478,18 @@ def _iter_parquet(path: Path, batch_rows: int) -> Iterator[list[tuple[int, dict]
         n += len(rows)
 
 
-def iter_raw(source: Source, batch_rows: int = 1024) -> Iterator[list[tuple[int, dict]]]:
-    """Yield batches of `(row_number, dict)` from one file, failing with a `UserError` on an empty file."""
+def _bad_row(bad: OnBadRow, e: UserError):
+    if bad is None:
+        raise e
+    bad(e)
+
+
+def iter_raw(source: Source, batch_rows: int = 1024, bad: OnBadRow = None) -> Iterator[list[tuple[int, dict]]]:
+    """Yield batches of `(row_number, dict)` from one file, failing with a `UserError` on an empty file.
+
+    A row that is no JSON object (bad syntax, bad bytes, an array element that is no object) raises its
+    `UserError`, or with `bad` is handed to it and left out, reading on. Damage that ends the file (a broken gzip
+    stream, an unreadable Parquet file or JSON document) raises either way."""
     name = source.path.name
     if source.table is not None:
         reader = _iter_hf
@@ -472,12 +499,16 @@ def iter_raw(source: Source, batch_rows: int = 1024) -> Iterator[list[tuple[int,
         reader = _iter_json
     else:
         reader = _iter_jsonl
-    empty = True
-    for batch in reader(source if source.table is not None else source.path, batch_rows):
+    empty, seen_bad = True, [False]
+
+    def report(e: UserError):
+        seen_bad[0] = True
+        bad(e)
+    for batch in reader(source if source.table is not None else source.path, batch_rows, bad and report):
         if batch:
             empty = False
             yield batch
-    if empty:
+    if empty and not seen_bad[0]:
         raise UserError("file is empty (no rows)", file=source.where)
 
 
@@ -492,8 +523,8 @@ def _is_transcript(v: Any) -> bool:
     return _is_messages(v) and v[0].get("role") != "assistant"
 
 
-def detect_format(row: dict, columns: Columns, file: str) -> str:
-    """Pick one of `FORMATS` from the first row's keys and value types."""
+def detect_format(row: dict, columns: Columns, file: str, row_number: int = 1) -> str:
+    """Pick one of `FORMATS` from the first readable row's keys and value types (`row_number` names it)."""
     keys = set(k for k, v in row.items() if v is not None) | set(row)
     c = columns
     if c.completion in keys and c.label in keys:
@@ -508,7 +539,7 @@ def detect_format(row: dict, columns: Columns, file: str) -> str:
         "cannot detect the format: expected prompt/chosen/rejected (paired), chosen/rejected (implicit prompt) "
         f"or prompt/completion/label (unpaired); missing {', '.join(repr(m) for m in missing)}; found {found}. "
         "Use --prompt_col/--chosen_col/--rejected_col/--completion_col/--label_col to map other names",
-        file=file, row=1, column=missing[0])
+        file=file, row=row_number, column=missing[0])
 
 
 def _check_text(v: Any, file: str, row: int, col: str) -> str:
@@ -596,8 +627,8 @@ def _with_system(fmt: str, raw: dict, prompt: Any, responses: list, file: str, r
     return msgs, [[{"role": "assistant", "content": r}] for r in responses]
 
 
-def _make_record(fmt: str, raw: dict, source: Source, row: int, columns: Columns, turn_marker: str) -> Record:
-    file = source.where
+def _row_content(fmt: str, raw: dict, file: str, row: int, columns: Columns, turn_marker: str) -> dict:
+    """One row checked against the shape `fmt` and normalised: what its record holds (and its hashes cover)."""
     c = columns
     if fmt == "unpaired":
         prompt = raw.get(c.prompt)
@@ -611,28 +642,29 @@ def _make_record(fmt: str, raw: dict, source: Source, row: int, columns: Columns
         if not isinstance(label, bool):
             raise UserError(f"label must be a boolean (true = desirable), got {json.dumps(label, default=str)}",
                             file=file, row=row, column=c.label)
-        content = {"prompt": prompt, "completion": completion, "label": label}
-        rec = Record("", source.name, row, prompt, completion=completion, label=label)
+        return {"prompt": prompt, "completion": completion, "label": label}
+    if fmt == "implicit":
+        prompt, chosen, rejected = split_implicit(raw.get(c.chosen), raw.get(c.rejected), file, row, c, turn_marker)
+    elif fmt == "conversational":
+        prompt = _check_messages(raw.get(c.prompt), file, row, c.prompt, responses=False)
+        chosen = _check_response(raw.get(c.chosen), True, file, row, c.chosen)
+        rejected = _check_response(raw.get(c.rejected), True, file, row, c.rejected)
     else:
-        if fmt == "implicit":
-            prompt, chosen, rejected = split_implicit(raw.get(c.chosen), raw.get(c.rejected), file, row, c,
-                                                      turn_marker)
-        elif fmt == "conversational":
-            prompt = _check_messages(raw.get(c.prompt), file, row, c.prompt, responses=False)
-            chosen = _check_response(raw.get(c.chosen), True, file, row, c.chosen)
-            rejected = _check_response(raw.get(c.rejected), True, file, row, c.rejected)
-        else:
-            prompt = raw.get(c.prompt)
-            if isinstance(prompt, list):
-                raise UserError("prompt is a message list but the file was detected as plain-text paired data "
-                                "(from its first row)", file=file, row=row, column=c.prompt)
-            prompt = _check_text(prompt, file, row, c.prompt)
-            chosen = _check_text(raw.get(c.chosen), file, row, c.chosen)
-            rejected = _check_text(raw.get(c.rejected), file, row, c.rejected)
-        if c.system:
-            prompt, (chosen, rejected) = _with_system(fmt, raw, prompt, [chosen, rejected], file, row, c.system)
-        content = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        rec = Record("", source.name, row, prompt, chosen=chosen, rejected=rejected)
+        prompt = raw.get(c.prompt)
+        if isinstance(prompt, list):
+            raise UserError("prompt is a message list but the file was detected as plain-text paired data "
+                            "(from its first row)", file=file, row=row, column=c.prompt)
+        prompt = _check_text(prompt, file, row, c.prompt)
+        chosen = _check_text(raw.get(c.chosen), file, row, c.chosen)
+        rejected = _check_text(raw.get(c.rejected), file, row, c.rejected)
+    if c.system:
+        prompt, (chosen, rejected) = _with_system(fmt, raw, prompt, [chosen, rejected], file, row, c.system)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _make_record(fmt: str, raw: dict, source: Source, row: int, columns: Columns, turn_marker: str) -> Record:
+    content = _row_content(fmt, raw, source.where, row, columns, turn_marker)
+    rec = Record("", source.name, row, **content)
     blob = json.dumps(content, sort_keys=True, ensure_ascii=False)
     rec.content_hash = hashlib.sha256(blob.encode()).hexdigest()[:16]
     # Source name + row number + content: unique even for duplicate rows, and stable across runs and machines.
@@ -640,9 +672,38 @@ def _make_record(fmt: str, raw: dict, source: Source, row: int, columns: Columns
     return rec
 
 
+class BadRows:
+    """The bad rows of one pass: the first `limit` errors kept, the rest counted (memory stays flat)."""
+
+    def __init__(self, limit: int = MAX_BAD_ROWS):
+        self.limit, self.shown, self.count, self.files = limit, [], 0, set()
+
+    def add(self, e: UserError):
+        self.count += 1
+        if len(self.files) < 2:
+            self.files.add(e.file)
+        if len(self.shown) < self.limit:
+            self.shown.append(e)
+
+    def error(self, data: str) -> UserError | None:
+        """None, the one bad row's own error, or one error listing them all (each with its file when they lie in
+        several files)."""
+        if self.count <= 1:
+            return self.shown[0] if self.shown else None
+        one = next(iter(self.files)) if len(self.files) == 1 else None
+        listed = "; ".join(UserError(e.message, file=None if one else e.file, row=e.row, column=e.column).format()
+                           for e in self.shown)
+        rest = f"; and {self.count - len(self.shown)} more" if self.count > len(self.shown) else ""
+        shown = f", the first {len(self.shown)} shown" if rest else ""
+        what = "bad rows" if all(e.row is not None for e in self.shown) else "bad rows or files"
+        return UserError(f"{self.count} {what} (every row is checked before any model is loaded{shown}): "
+                         f"{listed}{rest}", file=one or data)
+
+
 @dataclass
 class Dataset:
-    """A lazily read preference dataset. Iterate `batches()` to get validated `Record` lists.
+    """A lazily read preference dataset. Iterate `batches()` to get validated `Record` lists; `validate()` first
+    checks every row in one streaming pass and reports all bad rows at once.
 
     `split` and `config` choose the part of a Hugging Face dataset (module docstring); files have neither."""
     data: str
@@ -658,11 +719,20 @@ class Dataset:
             self.sources, self.skipped_files = [hf_source(str(self.data), self.hf_kind, self.split, self.config)], []
         else:
             self.sources, self.skipped_files = scan_sources(self.data)
-        first = next(iter_raw(self.sources[0], batch_rows=1))[0][1]
-        self.format = detect_format(first, self.columns, self.sources[0].where)
+        self.row_counts: list[int] | None = None  # rows per source, once `validate()` has counted them
+        row, first = self._first_row()
+        self.format = detect_format(first, self.columns, self.sources[0].where, row)
         if self.columns.system and self.columns.system not in first:
             raise UserError(f"no system column {self.columns.system!r} (found {', '.join(map(repr, first))})",
-                            file=self.sources[0].where, row=1, column=self.columns.system)
+                            file=self.sources[0].where, row=row, column=self.columns.system)
+
+    def _first_row(self) -> tuple[int, dict]:
+        """The first source's first readable row: the format is detected from it. Unreadable rows before it are
+        the validation pass's to report (with every other bad row); a source with none is reported here."""
+        bad = BadRows()
+        for batch in iter_raw(self.sources[0], batch_rows=1, bad=bad.add):
+            return batch[0]
+        raise bad.error(self.sources[0].where)
 
     @property
     def paired(self) -> bool:
@@ -672,6 +742,32 @@ class Dataset:
         for source in self.sources:
             for raw in iter_raw(source, self.batch_rows):
                 yield [_make_record(self.format, r, source, n, self.columns, self.turn_marker) for n, r in raw]
+
+    def validate(self, limit: int = MAX_BAD_ROWS) -> Dataset:
+        """Read every row once, streaming, and check it as `batches()` would (syntax, shape, types); raise one
+        `UserError` listing the bad rows (the first `limit`, and how many more), or count the rows per source
+        (`row_counts`, which the precompute progress bar totals) and return the dataset. A file that cannot be
+        read on is one entry, and the pass goes on with the next file."""
+        bad = BadRows(limit)
+        counts = []
+        for source in self.sources:
+            n = 0
+            try:
+                for raw in iter_raw(source, self.batch_rows, bad=bad.add):
+                    n += len(raw)
+                    for row, r in raw:
+                        try:
+                            _row_content(self.format, r, source.where, row, self.columns, self.turn_marker)
+                        except UserError as e:
+                            bad.add(e)
+            except UserError as e:
+                bad.add(e)
+            counts.append(n)
+        error = bad.error(str(self.data))
+        if error is not None:
+            raise error
+        self.row_counts = counts
+        return self
 
     def fingerprint(self) -> str:
         return data_fingerprint(self.data, self.columns, self.split, self.config)

@@ -14,8 +14,9 @@ Rules a user needs to know:
   same as a top-level ``lr = 1e-6`` (a key under the wrong table is an error). In ``[eval]`` the keys drop their
   ``eval_`` prefix: ``[eval] gen = "test.jsonl"`` is ``--eval_gen test.jsonl``.
 - ``loss_type`` and ``beta`` take a list or a single value; on the command line, repeat the option.
-- Relative paths in the file are relative to the file's directory (``model`` only when that path exists, so that
-  hub ids keep working); on the command line they are relative to the working directory.
+- Relative paths in the file are relative to the file's directory (``model``, and data given as ``ORG/NAME``, only
+  when that path exists, so that hub ids keep working); on the command line they are relative to the working
+  directory.
 - An unknown key, a key in two places, a key under the wrong table, or a value of the wrong type is an error naming
   the file and the key (with the closest known key as a suggestion). A value the settings reject (``lr = 0``) is an
   error naming the key and the file, or the option when it was given on the command line.
@@ -30,7 +31,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefpipe.data.formats import Columns
+from prefpipe.data.formats import Columns, is_hub_id
 from prefpipe.errors import UserError
 from prefpipe.evaluation.settings import GenSettings
 from prefpipe.options import Option, OptionError, build, canonical_choice, cli_style, opt, options, same_as, toml_style
@@ -256,7 +257,7 @@ def read_toml(path: str | Path) -> dict:
         v = flat[name]
         if v is not None and not Path(v).is_absolute():
             candidate = base / v
-            if name != "model" or candidate.exists():
+            if candidate.exists() or not (name == "model" or (name.endswith("data") and is_hub_id(v))):
                 flat[name] = str(candidate)
     return flat
 

@@ -179,12 +179,13 @@ def split_losses(losses) -> tuple[tuple, tuple]:
 
 
 def check_data_kinds(cfg: PipelineConfig, paired: tuple):
-    """Stop before any compute when a data file cannot serve what is asked of it (only its first row is read)."""
+    """Stop before any compute when a data file has bad rows (every row is checked) or cannot serve what is asked
+    of it."""
     from prefpipe.data.formats import Dataset
 
     def is_paired(data: str) -> bool:
         return Dataset(data, columns_of(cfg), turn_marker=cfg.turn_marker, split=cfg.data_split,
-                       config=cfg.data_config).paired
+                       config=cfg.data_config).validate().paired
     if paired and not is_paired(cfg.data):
         raise UserError(f"{', '.join(paired)} train{'s' if len(paired) == 1 else ''} on pairs (prompt, chosen, "
                         "rejected), but data holds unpaired examples (prompt, completion, label); use loss_type "
@@ -205,7 +206,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     RUNS_DIR is checked (creatable, writable) before any model is loaded and locked for the whole pipeline, so a
     second pipeline or train into it is refused; the train calls made here take the same lock again (a no-op)."""
     check_writable(cfg.runs_dir, "runs_dir")
-    # Reads one row per file: a refusal comes before runs_dir holds anything.
+    # Reads data and eval_data once, every row: a refusal comes before runs_dir holds anything.
     check_data_kinds(cfg, split_losses(cfg.losses)[0])
     with OutputLock(cfg.runs_dir, "runs_dir"):
         return _run_pipeline(cfg, log)

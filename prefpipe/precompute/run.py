@@ -330,6 +330,7 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
     quiet_transformers()
     ds = Dataset(cfg.data, cfg.columns, turn_marker=cfg.turn_marker, batch_rows=cfg.part_rows, split=cfg.data_split,
                  config=cfg.data_config)
+    ds.validate()  # every row, before any model is loaded: a bad row deep in the file costs no scoring
     kind = "unpaired" if (cfg.kto or not ds.paired) else "paired"
     if cfg.no_reference and kind == "unpaired":
         raise UserError("--no_reference writes an ORPO cache of pairs; KTO (--kto or unpaired data) needs "
@@ -373,8 +374,8 @@ def _progress(cfg: PrecomputeConfig, procs: Procs, ds, backend):
     from prefpipe.precompute.progress import rows_to_process
     from prefpipe.progress_bar import progress_bar
     show = cfg.progress and procs.leader
-    bar = progress_bar(rows_to_process(ds.sources, cfg.part_rows, procs.owns) if show else None, "precompute", "row",
-                       show=show)
+    bar = progress_bar(rows_to_process(ds.row_counts, cfg.part_rows, procs.owns) if show else None, "precompute",
+                       "row", show=show)
     tokens, t_scoring = [0], time.perf_counter()
 
     def on_progress(_seqs, n_tokens):

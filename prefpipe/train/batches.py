@@ -80,6 +80,7 @@ def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
     from prefpipe.data import kto_pairs
 
     ds = Dataset(src.data, src.columns, turn_marker=src.turn_marker, split=src.data_split, config=src.data_config)
+    ds.validate()  # every bad row at once, before the policy is loaded
     if not kto and not ds.paired:
         raise UserError("unpaired (prompt/completion/label) data trains only with --loss_type kto", file=src.data)
     pt = PairTokenizer(tokenizer, src.tokenize_settings())
