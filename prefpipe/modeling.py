@@ -12,23 +12,15 @@ is the adapter directory's own when it has one, else the base's.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from prefpipe.attention import install as install_block_attention
 from prefpipe.errors import UserError
+from prefpipe.tokenizer import TOKENIZER_FILES, load_tokenizer, quiet_transformers  # noqa: F401 (their old home)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def quiet_transformers():
-    """Silence transformers' per-load progress bars and advisory warnings in CLI output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as tlog
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -48,33 +40,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    from prefpipe.data.fingerprint import model_ref
-    model = model_ref(str(model))  # a mistyped path fails here, not after the hub client's retries
-    model = _tokenizer_dir(model)
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer ({str(e).splitlines()[0]})", file=model)
-    if tok.pad_token_id is None:
-        # Padding is masked out everywhere; any id works, and EOS is the usual choice.
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _tokenizer_dir(model: str) -> str:
-    """An adapter directory without tokenizer files uses its base's tokenizer."""
-    from prefpipe.data.fingerprint import adapter_base, is_adapter_dir
-    while is_adapter_dir(model) and not any((Path(model) / f).exists() for f in TOKENIZER_FILES):
-        model = adapter_base(model)
-    return model
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
