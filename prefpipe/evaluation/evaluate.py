@@ -32,6 +32,7 @@ from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_text
 from prefpipe.rundir import CONFIG, FINAL, RunDir
 from prefpipe.evaluation.answers import extract_answer, gold_answer
+from prefpipe.wording import plural
 
 @dataclass
 class Run:
@@ -110,13 +111,13 @@ TIE_NATS = 1e-4
 def pref_line(res: dict) -> str:
     """The one-line report of `eval_preference`, saying so when every pair ties (a model equal to the reference)."""
     n = res["rows"]
-    line = (f"{res['run']}: held-out reward accuracy {res['acc']:.4f} ({res['wins']} of {n} pairs strictly "
+    line = (f"{res['run']}: held-out reward accuracy {res['acc']:.4f} ({res['wins']} of {plural(n, 'pair')} strictly "
             f"preferred), margin {res['margin']:.4f} (beta {res['beta']:g})")
     if n and res["ties"] == n:
         line += (f"; all {n} pairs tie (the policy scores exactly as the cached reference: is this the reference "
                  "model itself?)")
     elif res["ties"]:
-        line += f"; {res['ties']} ties"
+        line += f"; {plural(res['ties'], 'tie')}"
     return line
 
 

@@ -38,6 +38,7 @@ from prefpipe.pipeline.config import PipelineConfig
 from prefpipe.rundir import RunsDir
 from prefpipe.fileio import OutputLock, atomic_write_text, check_writable, is_lock_file, remove_tree
 from prefpipe.train.loss_names import LOSSES, resolve_loss_type
+from prefpipe.wording import plural
 
 
 @dataclass
@@ -98,7 +99,7 @@ def check_cache(path: str, expected: dict, *, recompute: bool) -> CacheCheck:
         diff = sorted({x for m in metas for x in identity.differences(expected, identity.identity_of(m),
                                                                      resume=True)})
         if metas and not diff:
-            return CacheCheck(path, "resume", f"an unfinished cache of this run: {len(parts)} parts done")
+            return CacheCheck(path, "resume", f"an unfinished cache of this run: {plural(len(parts), 'part')} done")
         return CacheCheck(path, "recompute", "an unfinished cache from a different run"
                           + (f" ({'; '.join(diff)})" if diff else ""))
     try:

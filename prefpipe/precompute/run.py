@@ -48,6 +48,7 @@ from prefpipe.fileio import LOCK_FILE, OutputLock, check_writable, is_lock_file
 from prefpipe.data import kto_pairs
 from prefpipe.precompute.backend import BackendOptions, make_backend
 from prefpipe.precompute.config import PrecomputeConfig  # noqa: F401 (callers import it from here)
+from prefpipe.wording import plural
 
 COUNT_KEYS = ("rows_read", "rows_kept", "rows_written", "rows_skipped", "prompt_truncated", "response_truncated",
               "duplicates", "tokens_scored", "response_tokens", "kl_truncated", "kl_borrowed")
@@ -269,7 +270,7 @@ def _finalise(out: Path, meta: dict, n_parts: int, parts: dict[int, dict]) -> di
         counts.pop("kl_truncated")
         counts.pop("kl_borrowed")
     if counts["rows_written"] == 0:
-        raise UserError(f"no rows left to write: all {counts['rows_read']} rows were skipped "
+        raise UserError(f"no rows left to write: all {plural(counts['rows_read'], 'row')} were skipped "
                         f"({', '.join(f'{k}: {v}' for k, v in counts['skipped'].items())})", file=meta["data"]["path"])
     run = identity.key(identity.identity_of(meta))  # every part matched it in _scan_parts, or was written now
     write_manifest(out, {**meta, "created_at": _now(), "counts": counts},

@@ -64,6 +64,7 @@ from prefpipe.train.tracking import open_trackers
 from prefpipe.train.parallel import choose_packing, process_device, start, wrap_reference
 from prefpipe.train.setup import Context, Plan, Trainer, build_trainer, check_drift, find_start, plan_run
 from prefpipe.train.step import train_step
+from prefpipe.wording import plural
 
 __all__ = ["Context", "run_training", "train_one"]
 
@@ -240,10 +241,12 @@ def _run_steps(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, rd, mlog
 
 def _describe(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, ref_scorer, use_cached_ref: bool):
     ref = "live" if ref_scorer is not None else "cached" if use_cached_ref else "none"
-    ctx.log(f"{loss.run_name}: {plan.total} steps of {plan.global_batch} rows ({plan.order.steps_per_epoch} "
-            f"steps per epoch; {len(ctx.train_rows) % plan.global_batch} rows sit out each epoch), "
-            f"{len(ctx.eval_rows)} eval rows, reference {ref}, {tr.policy.mode} on {ctx.procs.world} "
-            f"process(es), {ctx.device}, compute {str(ctx.compute_dtype)[6:]}")
+    idle = len(ctx.train_rows) % plan.global_batch
+    ctx.log(f"{loss.run_name}: {plural(plan.total, 'step')} of {plural(plan.global_batch, 'row')} "
+            f"({plural(plan.order.steps_per_epoch, 'step')} per epoch; {plural(idle, 'row')} "
+            f"sit{'s' if idle == 1 else ''} out each epoch), {plural(len(ctx.eval_rows), 'eval row')}, "
+            f"reference {ref}, {tr.policy.mode} on {ctx.procs.world} process(es), "
+            f"{ctx.device}, compute {str(ctx.compute_dtype)[6:]}")
 
 
 def _finish(ctx: Context, loss: LossConfig, rd, plan: Plan, last: dict | None, last_eval: dict | None,
