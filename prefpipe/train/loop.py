@@ -219,8 +219,8 @@ def _run_steps(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, rd, mlog
                            autocast=ctx.autocast(), max_grad_norm=cfg.optim.max_grad_norm)
             tr.step += 1
             if m["loss"] is None or not math.isfinite(m["loss"]):
-                raise UserError(f"{loss.run_name}: the loss is {m['loss']} at step {tr.step}; lower --lr, or "
-                                "train in float32")
+                fix = "lower --lr" if ctx.compute_dtype == torch.float32 else "lower --lr, or --dtype float32"
+                raise UserError(f"{loss.run_name}: the loss is {m['loss']} at step {tr.step}; {fix}")
             dt = time.perf_counter() - t0
             last = {"split": "train", "step": tr.step, "epoch": round(tr.step / plan.order.steps_per_epoch, 4),
                     **m, "tokens_per_s": m["tokens"] / dt, "step_time_s": dt}
