@@ -259,3 +259,16 @@ def test_non_finite_loss_in_a_float32_run_does_not_suggest_float32(run_cli, tiny
     err = r.stderr.strip().splitlines()[-1]  # after the run's log lines
     # The run is float32 already: the advice is --lr alone (it said "or train in float32").
     assert err.startswith("prefpipe: error: sft: the loss is nan at step ") and err.endswith("; lower --lr"), err
+
+
+@pytest.mark.parametrize("dtype, advice", [("float32", ""), ("bfloat16", "; try --dtype float32")])
+def test_precompute_non_finite_advice_fits_the_dtype(dtype, advice):
+    from prefpipe.errors import UserError
+    from prefpipe.precompute.run import _check_scores
+
+    class Backend:
+        def provenance(self):
+            return {"name": "hf", "dtype": dtype}
+    with pytest.raises(UserError) as e:
+        _check_scores([float("nan")], [2], [[5, 6]], [7], backend=Backend())
+    assert str(e.value) == f"the model gave a non-finite log-prob (nan) for row 7{advice}"

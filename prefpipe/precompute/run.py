@@ -181,13 +181,15 @@ def _clean(out: Path, *, parts: bool):
 
 # ---------------------------------------------------------------- one block
 
-def _check_scores(sums, counts, responses, row_ids, tokens=None):
+def _check_scores(sums, counts, responses, row_ids, tokens=None, backend=None):
     import math
     for i, (s, c, r, rid) in enumerate(zip(sums, counts, responses, row_ids)):
         if c != len(r) or (tokens is not None and len(tokens[i]) != c):
             raise RuntimeError(f"backend scored {c} tokens of a {len(r)}-token response (row {rid})")
         if not math.isfinite(s):
-            raise UserError(f"the model gave a non-finite log-prob ({s}) for row {rid}; try --dtype float32")
+            dtype = backend.provenance().get("dtype") if backend is not None else None
+            fix = "" if dtype == "float32" else "; try --dtype float32"  # advice a float32 run cannot take
+            raise UserError(f"the model gave a non-finite log-prob ({s}) for row {rid}{fix}")
 
 
 def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: bool = False):
@@ -212,7 +214,7 @@ def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: boo
         sums, got, tokens = backend.score(prompts * k, responses, per_token=True)
     else:
         (sums, got), tokens = backend.score(prompts * k, responses), None
-    _check_scores(sums, got, responses, cols["row_id"] * k, tokens)
+    _check_scores(sums, got, responses, cols["row_id"] * k, tokens, backend)
     for j, r in enumerate(spec.responses):
         cols[r.ref] = sums[j * n:(j + 1) * n]
         if tokens is not None:
