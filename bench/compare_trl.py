@@ -99,7 +99,7 @@ def prefpipe_ids(model: Path, data: Path, max_length: int):
     """prefpipe's tokenization of every row: (prompt_ids, chosen_ids, rejected_ids) lists, truncation counts."""
     from prefpipe.data.formats import Columns, Dataset
     from prefpipe.data.tokenize import PairTokenizer, TokenizeSettings, TokenStats
-    from prefpipe.modeling import load_tokenizer
+    from prefpipe.tokenizer import load_tokenizer
     pt = PairTokenizer(load_tokenizer(str(model)), TokenizeSettings(max_length, max_length // 2))
     out, stats = ([], [], []), TokenStats()
     for records in Dataset(str(data), Columns()).batches():

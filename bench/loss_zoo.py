@@ -48,7 +48,7 @@ def prepare(seed: int, out: Path, threads: int | None = None):
     import torch
 
     from prefpipe.demo.run import DemoSettings, make_pairs, make_sft, make_task, write_config
-    from prefpipe.modeling import quiet_transformers
+    from prefpipe.tokenizer import quiet_transformers
 
     quiet_transformers()
     torch.set_flush_denormal(True)

@@ -151,7 +151,7 @@ def add_shared_args(ap: argparse.ArgumentParser):
 def prepare(args, tmp: Path) -> int:
     """The model, the log-normal pairs and their precomputed cache under `tmp` (their paths go into `args`, for
     the workers); returns the model's parameter count."""
-    from prefpipe.modeling import quiet_transformers
+    from prefpipe.tokenizer import quiet_transformers
     from prefpipe.precompute.run import PrecomputeConfig, run_precompute
     quiet_transformers()
     args.workdir, args.model_dir, args.cache_dir = str(tmp), str(tmp / "model"), str(tmp / "cache")

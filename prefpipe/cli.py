@@ -46,7 +46,8 @@ def _interrupted(group: click.Group, ctx: click.Context, args: list[str]):
     click.echo(f"{lead}prefpipe: {interrupted_message(name, params)}", err=True)
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+# No width cap of its own: click wraps `-h` at the terminal's width (80 columns, or $COLUMNS, without a terminal).
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": sys.maxsize})
 @click.version_option(__version__, prog_name="prefpipe")
 def cli():
     """Preference optimisation (DPO, IPO, hinge, KTO, ORPO) with reference log-probs precomputed once.
@@ -77,7 +78,8 @@ _register()
 
 
 def main():
-    cli(prog_name="prefpipe")
+    # own_process: this process is the command's alone (not a test's CliRunner), so `data check` may hide torch
+    cli(prog_name="prefpipe", obj={"own_process": True})
 
 
 if __name__ == "__main__":

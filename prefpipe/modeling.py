@@ -1,6 +1,6 @@
 """Loading models and tokenizers the way both phases need them.
 
-Both loaders pass ``--model`` through `prefpipe.data.fingerprint.model_ref` first, so a mistyped local path, or a
+Both loaders pass ``--model`` through `prefpipe.model_paths.model_ref` first, so a mistyped local path, or a
 hub id that is not cached while offline, fails at once with one line instead of after the hub client's retries.
 
 A PEFT adapter directory (``adapter_config.json`` naming ``base_model_name_or_path``) is a model too: the base is
@@ -12,7 +12,6 @@ is the adapter directory's own when it has one, else the base's.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -21,14 +20,6 @@ from prefpipe.attention import install as install_block_attention
 from prefpipe.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def quiet_transformers():
-    """Silence transformers' per-load progress bars and advisory warnings in CLI output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as tlog
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -48,61 +39,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    from prefpipe.model_paths import model_ref
-    model = model_ref(str(model))  # a mistyped path fails here, not after the hub client's retries
-    model = _tokenizer_dir(model)
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-    except Exception as e:  # noqa: BLE001 - the `tokenizers` library raises bare Exception for files it rejects
-        raise UserError(f"cannot load a tokenizer ({_library_message(e)})", file=_rejected_file(model)) from None
-    if tok.pad_token_id is None:
-        # Padding is masked out everywhere; any id works, and EOS is the usual choice.
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _library_message(e: Exception) -> str:
-    """The library's own words on one line; a bare KeyError's text ('added_tokens') needs its type to mean much."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return f"{type(e).__name__}: {text}" if isinstance(e, (LookupError, TypeError, AttributeError)) else text
-
-
-def _rejected_file(model: str) -> str:
-    """The tokenizer file a failed load most likely tripped on: a JSON file that does not parse, else a
-    `tokenizer.json` that the `tokenizers` library refuses, else the directory (or hub id) itself."""
-    import json
-
-    d = Path(model)
-    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
-        try:
-            json.loads((d / name).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError):
-            return str(d / name)
-    if (d / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-        try:
-            Tokenizer.from_file(str(d / "tokenizer.json"))
-        except Exception:  # noqa: BLE001 - see load_tokenizer
-            return str(d / "tokenizer.json")
-    return model
-
-
-def _tokenizer_dir(model: str) -> str:
-    """An adapter directory without tokenizer files uses its base's tokenizer."""
-    from prefpipe.model_paths import adapter_base, is_adapter_dir
-    while is_adapter_dir(model) and not any((Path(model) / f).exists() for f in TOKENIZER_FILES):
-        model = adapter_base(model)
-    return model
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,

@@ -16,6 +16,14 @@ Rules the renderers follow, so that users see what they always saw:
   The pipeline, where a flag must be able to override the file both ways, offers `--x/--no_x` for each.
 - A validator raises `OptionError(self, ("lr",), "{} must be positive")`; the message names the option as the
   user wrote it: `--lr` on the command line, `key 'lr'` and the file for a TOML value.
+- Every value given for a float option is a finite number: NaN is refused everywhere, and so is an infinity
+  unless the field says `opt(allow_inf=True)` (where infinity means "no limit"). `build` checks this for every
+  settings dataclass before its `__post_init__` runs, so a validator never sees NaN (which passes `lr <= 0`).
+- A string option declared with `opt(escapes=True)` (prompt templates, markers) turns a typed `\\n` and `\\t`
+  into a newline and a tab (`\\\\` into one backslash): a shell passes `'Q: {question}\\nA: '` as a backslash
+  and an n, and a template with a literal backslash-n silently changes every prompt.
+- `-h` wraps at the terminal's width; a string default holding a newline, a tab or leading/trailing space is
+  shown as its Python repr (`'\\n\\nAssistant:'`), so the help shows where it starts and ends.
 
 Adding an option: add one field with `opt(default, help=...)` (plus `choices=` from the module that owns the
 list) to the settings dataclass of the command that uses it, and read it where it is needed. The command line
@@ -27,12 +35,16 @@ the same option, declare its field there with `same_as(Owner, "name")` instead o
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from prefpipe.errors import UserError
+from prefpipe.wording import did_you_mean
 
 # The compute dtypes every model-loading command accepts (auto: bf16 on GPUs that support it, float32 on CPU).
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -40,14 +52,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def opt(default: Any = MISSING, *, help: str = "", choices=None, name: str | None = None, required: bool = False,
         path: bool = False, metavar: str | None = None, default_text: str | None = None, option: bool = True,
-        off_help: str | None = None, factory: Any = MISSING):
+        off_help: str | None = None, factory: Any = MISSING, allow_inf: bool = False, escapes: bool = False):
     """A dataclass field that is also an option. `default_text` describes a None default ("max_length // 2");
     `path` marks a file or directory (relative to a TOML file's directory there); `option=False` keeps a field
     out of every CLI and TOML table (it is set by code); `off_help` is the help of `--no_x` for a bool that
-    defaults to true."""
+    defaults to true; `allow_inf` lets a float option be infinite (NaN never is); `escapes` decodes a typed
+    `\\n`/`\\t` in a string option (see the module docstring)."""
     md = {"help": help, "choices": tuple(choices) if choices is not None else None, "name": name,
           "required": required, "path": path, "metavar": metavar, "default_text": default_text, "option": option,
-          "off_help": off_help}
+          "off_help": off_help, "allow_inf": allow_inf, "escapes": escapes}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=md)
     return field(default=default, metadata=md)
@@ -84,6 +97,7 @@ class Option:
     metavar: str | None
     default_text: str | None
     off_help: str | None
+    escapes: bool = False
 
     def shown_default(self) -> str | None:
         """The default as `-h` shows it, or None when there is nothing to show."""
@@ -92,8 +106,16 @@ class Option:
         if self.default is MISSING or self.default is None or self.default == "" or self.kind == "bool":
             return None
         if self.multiple:
-            return ", ".join(str(x) for x in self.default)
-        return str(self.default)
+            return ", ".join(_shown(x) for x in self.default)
+        return _shown(self.default)
+
+
+def _shown(value) -> str:
+    """A default as help text: a string whose whitespace would vanish in the help (a newline, a tab, a leading or
+    trailing space) as its repr, anything else as str."""
+    if isinstance(value, str) and (not value.isprintable() or value != value.strip()):
+        return repr(value)
+    return str(value)
 
 
 def _kind(hint) -> tuple[str, bool]:
@@ -124,12 +146,14 @@ def options(cls, skip=()) -> list[Option]:
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         md = f.metadata
         out.append(Option(name, kind, multiple, default, md["required"] or default is MISSING, md["help"],
-                          md["choices"], md["path"], md["metavar"], md["default_text"], md["off_help"]))
+                          md["choices"], md["path"], md["metavar"], md["default_text"], md["off_help"],
+                          md.get("escapes", False)))
     return out
 
 
 def build(cls, values: dict):
-    """`cls(...)` from {option name: value}; groups are built from the same dict, absent options keep defaults."""
+    """`cls(...)` from {option name: value}; groups are built from the same dict, absent options keep defaults.
+    Every given value passes `as_given` first (the rules every option follows), before `cls`'s own checks."""
     hints = typing.get_type_hints(cls)
     kw = {}
     for f in dataclasses.fields(cls):
@@ -139,8 +163,30 @@ def build(cls, values: dict):
         name = f.metadata.get("name") or f.name
         if f.metadata.get("option", False) and name in values:
             v = values[name]
-            kw[f.name] = tuple(v) if isinstance(v, list) else v
+            kw[f.name] = as_given(cls, f, tuple(v) if isinstance(v, list) else v)
     return cls(**kw)
+
+
+def as_given(owner, f: dataclasses.Field, value):
+    """`value` for field `f` of `owner` after the rules of every option: a float is a number (not NaN) and finite
+    unless `allow_inf`; a string option with `escapes` has its typed escapes decoded. Raises `OptionError`."""
+    for x in (value if isinstance(value, tuple) else (value,)):
+        if isinstance(x, float) and math.isnan(x):
+            raise OptionError(owner, (f.name,), "{} must be a number (got nan)")
+        if isinstance(x, float) and math.isinf(x) and not f.metadata.get("allow_inf"):
+            raise OptionError(owner, (f.name,), f"{{}} must be finite (got {x})")
+    if f.metadata.get("escapes") and isinstance(value, str):
+        return decode_escapes(value)
+    return value
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def decode_escapes(text: str) -> str:
+    """`\\n` and `\\t` typed as two characters to a newline and a tab, `\\\\` to one backslash; any other backslash
+    stays as it is."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def canonical_choice(value, choices):
@@ -167,7 +213,7 @@ def check_choices(obj):
             c = canonical_choice(item, choices) if item is not None else None
             if item is not None and c is None:
                 raise OptionError(obj, (f.name,), "{} must be one of " + ", ".join(map(str, choices)) +
-                                  f" (got {item!r})")
+                                  f" (got {item!r}){did_you_mean(item, choices)}")
             fixed.append(c if item is not None else item)
         object.__setattr__(obj, f.name, tuple(fixed) if isinstance(v, tuple) else fixed[0])
 
@@ -204,17 +250,34 @@ class OptionError(UserError):
 
 # ---------------------------------------------------------------- click
 
-def _click_type(o: Option):
+@functools.cache
+def _choice_class():
     import click
 
+    class Choice(click.Choice):
+        """click's case-insensitive choice, whose error also names the closest choice."""
+
+        def convert(self, value, param, ctx):
+            try:
+                return super().convert(value, param, ctx)
+            except click.BadParameter as e:
+                hint = did_you_mean(str(value).lower(), self.choices)
+                raise click.BadParameter(e.message.rstrip(".") + hint, ctx, param) from None
+    return Choice
+
+
+def _click_type(o: Option):
     if o.choices:
-        return click.Choice(o.choices, case_sensitive=False)
+        return _choice_class()(o.choices, case_sensitive=False)
     return {"int": int, "float": float, "str": str}[o.kind]
 
 
-def _help(o: Option, always_show_default: bool) -> str:
-    text = o.help
-    if o.default_text or (always_show_default and o.shown_default() is not None):
+ESCAPES_HELP = "Type \\n and \\t for a newline and a tab."
+
+
+def _help(o: Option) -> str:
+    text = o.help + (" " + ESCAPES_HELP if o.escapes else "")
+    if o.shown_default() is not None:
         text += f" [default: {o.shown_default()}]"
     return text
 
@@ -229,13 +292,12 @@ def click_option(o: Option):
             return click.option(f"--no_{o.name}", f"no_{o.name}", is_flag=True, help=o.off_help or o.help)
         return click.option(flag, o.name, is_flag=True, help=o.help)
     if o.required:
-        return click.option(flag, o.name, required=True, type=_click_type(o), metavar=o.metavar, help=o.help)
+        return click.option(flag, o.name, required=True, type=_click_type(o), metavar=o.metavar, help=_help(o))
     default = o.default
     if o.multiple:
         default = tuple(default) if default is not None else ()
     return click.option(flag, o.name, type=_click_type(o), multiple=o.multiple, default=default,
-                        show_default=o.shown_default() is not None and not o.default_text, metavar=o.metavar,
-                        help=_help(o, False))
+                        show_default=False, metavar=o.metavar, help=_help(o))
 
 
 def override_option(o: Option, name: str | None = None):
@@ -244,7 +306,7 @@ def override_option(o: Option, name: str | None = None):
     import click
 
     name = name or o.name
-    help = _help(o, True)
+    help = _help(o)
     if o.kind == "bool":
         return click.option(f"--{name}/--no_{name}", name, default=None, help=f"{help} [default: {o.default}]")
     return click.option(f"--{name}", name, type=_click_type(o), multiple=o.multiple, default=None,

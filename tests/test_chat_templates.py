@@ -190,7 +190,7 @@ def build(root, name):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from prefpipe.modeling import load_tokenizer
+    from prefpipe.tokenizer import load_tokenizer
     template, specials, bos, eos, pad, adds_bos = MODELS[name]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -46,7 +46,7 @@ def test_check_counts_truncation(run_cli, tiny_model, tmp_path):
     r = check(run_cli, tiny_model, write_jsonl(tmp_path / "d.jsonl", rows), "--max_length", "32",
               "--max_prompt_length", "16")
     assert r.exit_code == 0
-    assert "truncated:  1 prompts" in r.output and "1 rows with a response cut" in r.output
+    assert "truncated:  1 prompt (from the left), 1 row with a response cut" in r.output
 
 
 def test_missing_column(run_cli, tiny_model, tmp_path):

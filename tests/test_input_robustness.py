@@ -198,7 +198,8 @@ def test_empty_prompt_is_kept_with_bos_and_skipped_without(run_cli, tiny_model, 
                                   "ABSOLUTE"])
 def test_mistyped_model_path_fails_at_once(run_cli, tmp_path, monkeypatch, spec):
     from prefpipe.model_paths import resolve_model_dir
-    from prefpipe.modeling import load_model, load_tokenizer
+    from prefpipe.modeling import load_model
+    from prefpipe.tokenizer import load_tokenizer
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()  # `models/nope` reads as a path because `models/` is here
     spec = str(tmp_path / "nope") if spec == "ABSOLUTE" else spec
@@ -211,14 +212,14 @@ def test_mistyped_model_path_fails_at_once(run_cli, tmp_path, monkeypatch, spec)
 
 
 def test_model_file_instead_of_directory(tmp_path, tiny_model):
-    from prefpipe.modeling import load_tokenizer
+    from prefpipe.tokenizer import load_tokenizer
     with pytest.raises(UserError, match="not a model directory"):
         load_tokenizer(str(tiny_model / "config.json"))
 
 
 def test_home_relative_model_directory_is_found(tmp_path, monkeypatch, tiny_model):
     from prefpipe.model_paths import resolve_model_dir
-    from prefpipe.modeling import load_tokenizer
+    from prefpipe.tokenizer import load_tokenizer
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "tiny").symlink_to(tiny_model, target_is_directory=True)
     assert resolve_model_dir("~/tiny").resolve() == tiny_model.resolve()
@@ -229,7 +230,8 @@ def test_uncached_hub_id_offline_says_how_to_fetch_it(run_cli, tmp_path, monkeyp
     import huggingface_hub.constants
 
     from prefpipe.model_paths import resolve_model_dir
-    from prefpipe.modeling import load_model, load_tokenizer
+    from prefpipe.modeling import load_model
+    from prefpipe.tokenizer import load_tokenizer
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network, whatever the env
     monkeypatch.chdir(tmp_path)
     hub_id = "prefpipe-tests/no-such-model"

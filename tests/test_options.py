@@ -68,7 +68,9 @@ def expected_entry(f) -> tuple[str, str | None]:
         return f"--{name}", f.metadata["default_text"]
     if d is dataclasses.MISSING or d is None or d == "":
         return f"--{name}", None
-    shown = ", ".join(map(str, d)) if isinstance(d, tuple) else str(d)
+    def text(x):  # a string whose whitespace the help would swallow is shown quoted, with \n for a newline
+        return repr(x) if isinstance(x, str) and (x != x.strip() or "\n" in x or "\t" in x) else str(x)
+    shown = ", ".join(map(text, d)) if isinstance(d, tuple) else text(d)
     return f"--{name}", shown
 
 
@@ -104,7 +106,8 @@ def test_help_spot_checks(run_cli):
     for flag in ("--kto", "--no_reference", "--overwrite", "--no_progress", "--shard", "--verify"):
         assert flag in pre
     ev = help_entries(run_cli("eval", "-h").output)
-    assert "[default: Question: {question} Answer: ]" in ev["--prompt_template"]
+    assert "[default: 'Question: {question}\\nAnswer: ']" in ev["--prompt_template"]
+    assert "[default: '\\n\\nAssistant:']" in train["--turn_marker"]
 
 
 def test_pipeline_has_every_train_and_precompute_option_with_the_same_default(run_cli):

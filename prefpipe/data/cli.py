@@ -8,6 +8,8 @@ import click
 
 from prefpipe.data.settings import CheckSettings
 from prefpipe.options import build, cli_options, from_cli, options
+from prefpipe.tokenizer import tokenizer_only_process
+from prefpipe.wording import plural
 
 OPTIONS = options(CheckSettings)
 
@@ -36,13 +38,16 @@ def _quantiles(hist: dict[int, int]) -> str:
 @data.command("check")
 @click.argument("data_path", metavar="DATA")
 @cli_options(OPTIONS)
-def check(data_path, **kwargs):
+@click.pass_context
+def check(ctx, data_path, **kwargs):
     """Detect DATA's format, tokenize it, and report lengths, truncation, skips and duplicates."""
+    s = build(CheckSettings, from_cli(OPTIONS, kwargs))
+    if (ctx.obj or {}).get("own_process"):
+        tokenizer_only_process()  # no model is loaded here: transformers need not import torch
     from prefpipe.data.formats import Dataset
     from prefpipe.data.tokenize import SKIP_REASONS, PairTokenizer, TokenStats
-    from prefpipe.modeling import load_tokenizer, quiet_transformers
+    from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
-    s = build(CheckSettings, from_cli(OPTIONS, kwargs))
     settings = s.tokenize_settings()
     max_length, max_prompt_length = settings.max_length, settings.max_prompt_length
     quiet_transformers()
@@ -58,14 +63,16 @@ def check(data_path, **kwargs):
         stats.skip_records = list({r["reason"]: r for r in reversed(stats.skip_records)}.values())
         for rec in batch:
             examples.setdefault(_shape(rec), rec)
-    click.echo(f"data:       {data_path} ({len(ds.sources)} file{'s' if len(ds.sources) != 1 else ''})")
+    click.echo(f"data:       {data_path} ({plural(len(ds.sources), 'file')})")
     for f in ds.skipped_files:
         click.echo(f"            skipped {f} (not a data file)")
     click.echo(f"format:     {ds.format}")
     click.echo(f"rows:       {stats.rows_read} read, {stats.rows_kept} kept, {sum(stats.skipped.values())} skipped")
-    click.echo(f"truncated:  {stats.prompt_truncated} prompts (from the left), {stats.response_truncated} rows with "
-               f"a response cut (from the right); max_length={max_length}, max_prompt_length={max_prompt_length}")
-    click.echo(f"duplicates: {stats.duplicates} rows repeat an earlier row's content (kept)")
+    click.echo(f"truncated:  {plural(stats.prompt_truncated, 'prompt')} (from the left), "
+               f"{plural(stats.response_truncated, 'row')} with a response cut (from the right); "
+               f"max_length={max_length}, max_prompt_length={max_prompt_length}")
+    repeat = "row repeats" if stats.duplicates == 1 else "rows repeat"
+    click.echo(f"duplicates: {stats.duplicates} {repeat} an earlier row's content (kept)")
     click.echo("token lengths:")
     click.echo(f"  {'':10} {'min':>6} {'median':>7} {'p95':>6} {'max':>6}")
     for name in ("prompt", "chosen", "rejected", "completion"):

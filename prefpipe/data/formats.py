@@ -81,6 +81,7 @@ from typing import Any, Callable, Iterator
 
 from prefpipe.errors import UserError
 from prefpipe.options import opt
+from prefpipe.wording import did_you_mean
 
 FORMATS = ("paired", "conversational", "implicit", "unpaired")
 # How many bad rows one error lists (the rest are counted): enough to show a pattern, short enough to read.
@@ -537,7 +538,8 @@ def detect_format(row: dict, columns: Columns, file: str, row_number: int = 1) -
     found = ", ".join(repr(k) for k in list(row)[:20]) + (" ..." if len(row) > 20 else "") if row else "none"
     raise UserError(
         "cannot detect the format: expected prompt/chosen/rejected (paired), chosen/rejected (implicit prompt) "
-        f"or prompt/completion/label (unpaired); missing {', '.join(repr(m) for m in missing)}; found {found}. "
+        f"or prompt/completion/label (unpaired); missing {', '.join(repr(m) + did_you_mean(m, row) for m in missing)}; "
+        f"found {found}. "
         "Use --prompt_col/--chosen_col/--rejected_col/--completion_col/--label_col to map other names",
         file=file, row=row_number, column=missing[0])
 

@@ -17,7 +17,7 @@ class CheckSettings:
                           "repository folder, a cached hub id): the split to read.")
     data_config: str | None = opt(None, help="Hugging Face datasets: the configuration (subset) to read.")
     columns: Columns = group(Columns)
-    turn_marker: str = opt(DEFAULT_TURN_MARKER,
+    turn_marker: str = opt(DEFAULT_TURN_MARKER, escapes=True,
                            help="Implicit-prompt transcripts: the prompt ends after the last shared marker.")
     max_length: int = same_as(TokenizeSettings, "max_length")
     max_prompt_length: int | None = same_as(TokenizeSettings, "max_prompt_length")

@@ -111,7 +111,8 @@ def make_sft(s: DemoSettings, out: Path, train: list[dict], log) -> Path:
 def make_pairs(s: DemoSettings, out: Path, sft_dir: Path, train: list[dict], log) -> dict:
     """Sample on-policy pairs unless pairs from this very SFT model (by fingerprint) are already there."""
     from prefpipe.data.fingerprint import model_fingerprint
-    from prefpipe.modeling import load_model, load_tokenizer, resolve_device
+    from prefpipe.modeling import load_model, resolve_device
+    from prefpipe.tokenizer import load_tokenizer
     from prefpipe.demo.pairs import kto_view, sample_pairs
     from prefpipe.demo.task import PROMPT_TEMPLATE
 
@@ -201,7 +202,7 @@ batch_size = 512
 def run_demo(s: DemoSettings, log=print) -> dict:
     import torch
 
-    from prefpipe.modeling import quiet_transformers
+    from prefpipe.tokenizer import quiet_transformers
     from prefpipe.pipeline.config import resolve
     from prefpipe.pipeline.run import run_pipeline
 

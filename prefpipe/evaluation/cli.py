@@ -18,16 +18,16 @@ GEN = options(GenSettings)
 @cli_options(TARGETS + GEN)
 def eval_cmd(**kwargs):
     """Evaluate a trained policy: held-out implicit rewards (--cache) and/or downstream accuracy (--gen)."""
-
     from prefpipe.errors import UserError
-    from prefpipe.fileio import atomic_write_text, check_writable
-    from prefpipe.rundir import RunDir
-    from prefpipe.evaluation.evaluate import eval_generation, eval_preference, pref_line, resolve_run
 
-    t = build(EvalTargets, from_cli(TARGETS, kwargs))
+    t = build(EvalTargets, from_cli(TARGETS, kwargs))  # bad options stop here, before torch is imported
     s = build(GenSettings, from_cli(GEN, kwargs))
     if not t.cache and not t.gen:
         raise UserError("give --cache (held-out pairs) and/or --gen (GSM8K-style questions)")
+    from prefpipe.evaluation.evaluate import eval_generation, eval_preference, pref_line, resolve_run
+    from prefpipe.fileio import atomic_write_text, check_writable
+    from prefpipe.rundir import RunDir
+
     r = resolve_run(t.model)
     out = t.out if t.out else r.path
     check_writable(out, "--out" if t.out else "the results directory")  # before any model is loaded

@@ -32,6 +32,7 @@ from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_text
 from prefpipe.rundir import CONFIG, FINAL, RunDir
 from prefpipe.evaluation.answers import extract_answer, gold_answer
+from prefpipe.wording import plural
 
 @dataclass
 class Run:
@@ -92,7 +93,8 @@ def _trained_beta(model_dir: Path) -> tuple[float | None, str | None]:
 
 
 def _load(model_dir: Path, device: str, dtype: str):
-    from prefpipe.modeling import load_model, load_tokenizer, quiet_transformers, resolve_device, resolve_dtype
+    from prefpipe.modeling import load_model, resolve_device, resolve_dtype
+    from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     dev = resolve_device(device)
@@ -110,13 +112,13 @@ TIE_NATS = 1e-4
 def pref_line(res: dict) -> str:
     """The one-line report of `eval_preference`, saying so when every pair ties (a model equal to the reference)."""
     n = res["rows"]
-    line = (f"{res['run']}: held-out reward accuracy {res['acc']:.4f} ({res['wins']} of {n} pairs strictly "
+    line = (f"{res['run']}: held-out reward accuracy {res['acc']:.4f} ({res['wins']} of {plural(n, 'pair')} strictly "
             f"preferred), margin {res['margin']:.4f} (beta {res['beta']:g})")
     if n and res["ties"] == n:
         line += (f"; all {n} pairs tie (the policy scores exactly as the cached reference: is this the reference "
                  "model itself?)")
     elif res["ties"]:
-        line += f"; {res['ties']} ties"
+        line += f"; {plural(res['ties'], 'tie')}"
     return line
 
 
@@ -244,7 +246,7 @@ def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path
     rows = read_questions(gen_file, s)
     engine = pick_engine(s.engine)
     start = time.perf_counter()
-    from prefpipe.modeling import load_tokenizer, quiet_transformers
+    from prefpipe.tokenizer import load_tokenizer, quiet_transformers
     quiet_transformers()
     tok = load_tokenizer(str(run.model_dir))
     prompt_ids = encode_prompts(tok, render_prompts(tok, [r["question"] for r in rows], s))

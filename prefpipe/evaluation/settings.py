@@ -29,7 +29,8 @@ class EvalTargets:
 @dataclass(frozen=True)
 class GenSettings:
     """Maps one-to-one to `prefpipe eval --gen` options."""
-    prompt_template: str = opt(GEN_PROMPT_TEMPLATE, help="How a question becomes a prompt ({question}).")
+    prompt_template: str = opt(GEN_PROMPT_TEMPLATE, escapes=True,
+                                help="How a question becomes a prompt ({question}).")
     chat: bool = opt(False, help="Render each question as a user turn with the chat template instead.")
     chat_date: str = same_as(TokenizeSettings, "chat_date")
     max_new_tokens: int = opt(256, help="Generation budget per question.")

@@ -30,7 +30,7 @@ def given_options(ctx: click.Context, kwargs: dict) -> dict:
     return out
 
 
-@click.command(context_settings={"max_content_width": 110})
+@click.command()
 @click.option("--config", "config_path", default=None, metavar="RUN.toml",
               help="TOML file with any of the options below; options given here override it.")
 @key_options
@@ -44,9 +44,10 @@ def pipeline(ctx, config_path, **kwargs):
     prefpipe demo                     (the embedded end-to-end demo)
     """
     from prefpipe.pipeline.config import resolve
+
+    cfg = resolve(config_path, given_options(ctx, kwargs))  # bad keys stop here, before torch is imported
     from prefpipe.pipeline.run import run_pipeline
 
-    cfg = resolve(config_path, given_options(ctx, kwargs))
     summary = run_pipeline(cfg, log=_log)
     click.echo(json.dumps({"runs_dir": cfg.runs_dir, "best": summary["report"]["best"],
                            "timing_s": summary["timing_s"]}))

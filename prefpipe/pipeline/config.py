@@ -303,6 +303,7 @@ def _check(cfg: PipelineConfig):
         if b <= 0:
             raise UserError(f"every beta must be positive (got {b:g})", file=cfg.config_path)
     with _as_written(cfg):
+        build(PipelineSettings, cfg.values), build(PipelineTrain, cfg.values)  # options.as_given: kto_lr = nan
         pc = precompute_config(cfg, cfg.path_or("cache", "cache"), cfg.data, kto=False, overwrite=False)
         # The cache metadata and pipeline.json record the prompt budget actually used (None: max_length // 2).
         cfg.values["max_prompt_length"] = pc.max_prompt_length

@@ -38,6 +38,7 @@ from prefpipe.pipeline.config import PipelineConfig
 from prefpipe.rundir import RunsDir
 from prefpipe.fileio import OutputLock, atomic_write_text, check_writable, is_lock_file, remove_tree
 from prefpipe.train.loss_names import LOSSES, entry_for, resolve_loss_type
+from prefpipe.wording import plural
 
 
 @dataclass
@@ -56,7 +57,7 @@ def model_fingerprints(model: str) -> dict:
     """The model's weights fingerprint and its tokenizer's, computed once per pipeline and handed to each check."""
     from prefpipe.data.fingerprint import model_fingerprint, tokenizer_fingerprint
     from prefpipe.model_paths import resolve_model_dir
-    from prefpipe.modeling import load_tokenizer
+    from prefpipe.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(resolve_model_dir(model)))
     return {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tok)["fingerprint"]}
@@ -100,7 +101,7 @@ def check_cache(path: str, expected: dict, *, recompute: bool) -> CacheCheck:
         diff = sorted({x for m in metas for x in identity.differences(expected, identity.identity_of(m),
                                                                      resume=True)})
         if metas and not diff:
-            return CacheCheck(path, "resume", f"an unfinished cache of this run: {len(parts)} parts done")
+            return CacheCheck(path, "resume", f"an unfinished cache of this run: {plural(len(parts), 'part')} done")
         return CacheCheck(path, "recompute", "an unfinished cache from a different run"
                           + (f" ({'; '.join(diff)})" if diff else ""))
     try:

@@ -19,10 +19,11 @@ def precompute(**kwargs):
     Rerunning the same command after an interruption continues from the finished parts. Under
     `torchrun --nproc_per_node=N` each rank scores its share of the parts and rank 0 writes the manifest.
     """
+    cfg = build(PrecomputeConfig, from_cli(OPTIONS, kwargs))  # a bad option stops here, before torch is imported
     from prefpipe.precompute.run import run_precompute
     from prefpipe.precompute.summary import format_summary
 
-    summary = run_precompute(build(PrecomputeConfig, from_cli(OPTIONS, kwargs)))
+    summary = run_precompute(cfg)
     if summary.get("leader", True):
         for line in format_summary(summary):
             click.echo(line)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from prefpipe.attention import install as install_block_attention
-from prefpipe.modeling import load_model, quiet_transformers, resolve_device, resolve_dtype
+from prefpipe.modeling import load_model, resolve_device, resolve_dtype
+from prefpipe.tokenizer import quiet_transformers
 from prefpipe.precompute.backend import BackendOptions
 from prefpipe.scoring import head_chunk_tokens, prompt_once_supported, score_pairs, score_sequences
 

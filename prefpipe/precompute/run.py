@@ -48,6 +48,7 @@ from prefpipe.fileio import LOCK_FILE, OutputLock, check_writable, is_lock_file
 from prefpipe.data import kto_pairs
 from prefpipe.precompute.backend import BackendOptions, make_backend
 from prefpipe.precompute.config import PrecomputeConfig  # noqa: F401 (callers import it from here)
+from prefpipe.wording import plural
 
 COUNT_KEYS = ("rows_read", "rows_kept", "rows_written", "rows_skipped", "prompt_truncated", "response_truncated",
               "duplicates", "tokens_scored", "response_tokens", "kl_truncated", "kl_borrowed")
@@ -180,13 +181,15 @@ def _clean(out: Path, *, parts: bool):
 
 # ---------------------------------------------------------------- one block
 
-def _check_scores(sums, counts, responses, row_ids, tokens=None):
+def _check_scores(sums, counts, responses, row_ids, tokens=None, backend=None):
     import math
     for i, (s, c, r, rid) in enumerate(zip(sums, counts, responses, row_ids)):
         if c != len(r) or (tokens is not None and len(tokens[i]) != c):
             raise RuntimeError(f"backend scored {c} tokens of a {len(r)}-token response (row {rid})")
         if not math.isfinite(s):
-            raise UserError(f"the model gave a non-finite log-prob ({s}) for row {rid}; try --dtype float32")
+            dtype = backend.provenance().get("dtype") if backend is not None else None
+            fix = "" if dtype == "float32" else "; try --dtype float32"  # advice a float32 run cannot take
+            raise UserError(f"the model gave a non-finite log-prob ({s}) for row {rid}{fix}")
 
 
 def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: bool = False):
@@ -211,7 +214,7 @@ def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: boo
         sums, got, tokens = backend.score(prompts * k, responses, per_token=True)
     else:
         (sums, got), tokens = backend.score(prompts * k, responses), None
-    _check_scores(sums, got, responses, cols["row_id"] * k, tokens)
+    _check_scores(sums, got, responses, cols["row_id"] * k, tokens, backend)
     for j, r in enumerate(spec.responses):
         cols[r.ref] = sums[j * n:(j + 1) * n]
         if tokens is not None:
@@ -269,7 +272,7 @@ def _finalise(out: Path, meta: dict, n_parts: int, parts: dict[int, dict]) -> di
         counts.pop("kl_truncated")
         counts.pop("kl_borrowed")
     if counts["rows_written"] == 0:
-        raise UserError(f"no rows left to write: all {counts['rows_read']} rows were skipped "
+        raise UserError(f"no rows left to write: all {plural(counts['rows_read'], 'row')} were skipped "
                         f"({', '.join(f'{k}: {v}' for k, v in counts['skipped'].items())})", file=meta["data"]["path"])
     run = identity.key(identity.identity_of(meta))  # every part matched it in _scan_parts, or was written now
     write_manifest(out, {**meta, "created_at": _now(), "counts": counts},
@@ -325,7 +328,7 @@ def _check_out(out: Path):
 def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
     from prefpipe.model_paths import resolve_model_dir
     from prefpipe.data.tokenize import PairTokenizer
-    from prefpipe.modeling import load_tokenizer, quiet_transformers
+    from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     ds = Dataset(cfg.data, cfg.columns, turn_marker=cfg.turn_marker, batch_rows=cfg.part_rows, split=cfg.data_split,

@@ -5,33 +5,34 @@ from __future__ import annotations
 import json
 
 from prefpipe.data.tokenize import SKIP_REASONS
+from prefpipe.wording import plural
 
 
 def format_summary(s: dict) -> list[str]:
     lines = []
     if not s["finalised"]:
-        lines.append(f"shard done: {s['parts_written']} parts written, {s['parts_reused']} already present; "
-                     f"the manifest is written by the process that finds all {s['parts']} parts present")
+        lines.append(f"shard done: {plural(s['parts_written'], 'part')} written, {s['parts_reused']} already present; "
+                     f"the manifest is written by the process that finds all {plural(s['parts'], 'part')} present")
     else:
         c = s["counts"]
-        unit = "examples" if s["kind"] == "unpaired" else "rows"
-        lines.append(f"cache:    {s['cache']} ({s['kind']}, {s['parts']} parts; {s['parts_written']} written now, "
-                     f"{s['parts_reused']} reused)")
-        lines.append(f"rows:     {c['rows_read']} read, {c['rows_kept']} kept, {c['rows_written']} {unit} written, "
-                     f"{c['rows_skipped']} skipped")
+        unit = "example" if s["kind"] == "unpaired" else "row"
+        lines.append(f"cache:    {s['cache']} ({s['kind']}, {plural(s['parts'], 'part')}; {s['parts_written']} written "
+                     f"now, {s['parts_reused']} reused)")
+        lines.append(f"rows:     {c['rows_read']} read, {c['rows_kept']} kept, {plural(c['rows_written'], unit)} "
+                     f"written, {c['rows_skipped']} skipped")
         for reason, n in c["skipped"].items():
             ex = s["skip_examples"].get(reason)
             where = f" (first: {ex['source']} row {ex['row']})" if ex else ""
             lines.append(f"  skipped {n:>6}  {reason}: {SKIP_REASONS.get(reason, '')}{where}")
-        lines.append(f"truncated: {c['prompt_truncated']} prompts, {c['response_truncated']} rows with a response "
-                     f"cut; duplicates kept: {c['duplicates']}")
+        lines.append(f"truncated: {plural(c['prompt_truncated'], 'prompt')}, {plural(c['response_truncated'], 'row')} "
+                     f"with a response cut; duplicates kept: {c['duplicates']}")
         files = s.get("skipped_files") or []
         if files:
             shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
             lines.append(f"files:    {len(files)} not data, skipped: {shown}")
         if "kl_truncated" in c:
-            lines.append(f"kto:      {c['kl_truncated']} partner completions cut to fit, "
-                         f"{c['kl_borrowed']} partners borrowed from the previous block")
+            lines.append(f"kto:      {plural(c['kl_truncated'], 'partner completion')} cut to fit, "
+                         f"{plural(c['kl_borrowed'], 'partner')} borrowed from the previous block")
     if s["has_reference"]:
         lines.append(f"scored:   {s['tokens_this_run']:,} tokens in {s['wall_s']:.1f} s wall "
                      f"({s['tokens_per_s']:,.0f} tokens/s, load and I/O included)")

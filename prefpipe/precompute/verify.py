@@ -83,7 +83,7 @@ def _rescore(model, seqs: list[dict], device) -> list[tuple[float, int]]:
 def _identity(cache_meta: dict, model: str) -> dict:
     from prefpipe.model_paths import resolve_model_dir
     from prefpipe.data.identity import model_mismatch, tokenizer_mismatch
-    from prefpipe.modeling import load_tokenizer
+    from prefpipe.tokenizer import load_tokenizer
 
     model_dir = str(resolve_model_dir(model))
     tok_diff = tokenizer_mismatch(cache_meta, load_tokenizer(model_dir))
@@ -99,7 +99,8 @@ def verify_cache(cache_dir: str, model: str, k: int, *, seed: int = 0, device: s
     import transformers
 
     from prefpipe.data.cache import read_cache
-    from prefpipe.modeling import load_model, quiet_transformers, resolve_device
+    from prefpipe.modeling import load_model, resolve_device
+    from prefpipe.tokenizer import quiet_transformers
 
     if k < 1:
         raise UserError(f"--verify needs a positive number of rows (got {k})")

@@ -38,6 +38,7 @@ import torch
 from prefpipe.data.mapped import take_rows
 from prefpipe.errors import UserError
 from prefpipe.logprobs import pad_batch
+from prefpipe.wording import plural
 
 
 @dataclass
@@ -106,7 +107,7 @@ def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
     schema = schema_for(kind, with_reference=False)
     table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
     skipped = sum(stats.skipped.values())
-    note = (f"data: {stats.rows_read} rows read from {src.data}, {stats.rows_kept} kept, {skipped} skipped"
+    note = (f"data: {plural(stats.rows_read, 'row')} read from {src.data}, {stats.rows_kept} kept, {skipped} skipped"
             + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(stats.skipped.items()))})" if skipped else ""))
     return TrainData(kind, table, False, src.data, None, (note,))
 

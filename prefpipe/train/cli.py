@@ -23,10 +23,10 @@ def train(**kwargs):
     """
     import os
 
+    cfg = build(TrainConfig, from_cli(OPTIONS, kwargs))  # a bad option stops here, before torch is imported
     from prefpipe.train.loop import run_training
     from prefpipe.train.summary import format_summary
 
-    cfg = build(TrainConfig, from_cli(OPTIONS, kwargs))
     summary = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(format_summary(summary))

@@ -168,8 +168,8 @@ class SourceConfig:
                          "frozen copy of --model scores every batch.")
     allow_reference_mismatch: bool = opt(False, help="Train against a cache made from another model; the step-0 "
                                          "drift is then only logged.")
-    max_drift: float = opt(0.1, help="Stop when the step-0 policy differs from the cached reference by more than "
-                           "this many nats per response token (mean absolute).")
+    max_drift: float = opt(0.1, allow_inf=True, help="Stop when the step-0 policy differs from the cached "
+                           "reference by more than this many nats per response token (mean absolute; inf: never).")
     drift_rows: int = opt(32, help="Rows scored for the step-0 drift check (0: skip it).")
     data_split: str = same_as(CheckSettings, "data_split")
     data_config: str | None = same_as(CheckSettings, "data_config")

@@ -68,6 +68,7 @@ from prefpipe.train.tracking import open_trackers
 from prefpipe.train.parallel import choose_packing, process_device, start, wrap_reference
 from prefpipe.train.setup import Context, Plan, Trainer, build_trainer, check_drift, find_start, plan_run
 from prefpipe.train.step import train_step
+from prefpipe.wording import plural
 
 __all__ = ["Context", "run_training", "train_one"]
 
@@ -82,7 +83,8 @@ def _logger(procs: Procs):
 
 def run_training(cfg: TrainConfig) -> dict:
     """Run every (loss type, beta) of `cfg` in turn from one loaded cache; write and return the summary."""
-    from prefpipe.modeling import quiet_transformers, resolve_device, resolve_dtype
+    from prefpipe.modeling import resolve_device, resolve_dtype
+    from prefpipe.tokenizer import quiet_transformers
 
     quiet_transformers()
     device = process_device(resolve_device(cfg.device))
@@ -115,7 +117,8 @@ def run_training(cfg: TrainConfig) -> dict:
 def _prepare(cfg: TrainConfig, runs: list, procs, device, compute_dtype, log) -> Context:
     """Load the data once for the sweep and check it: kinds, reference columns, tokenizer and model."""
     from prefpipe.model_paths import resolve_model_dir
-    from prefpipe.modeling import load_model, load_tokenizer
+    from prefpipe.modeling import load_model
+    from prefpipe.tokenizer import load_tokenizer
 
     paired = {LOSSES[r.loss_type].paired for r in runs}
     if len(paired) > 1:
@@ -221,8 +224,8 @@ def _run_steps(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, rd, mlog
                            autocast=ctx.autocast(), max_grad_norm=cfg.optim.max_grad_norm)
             tr.step += 1
             if m["loss"] is None or not math.isfinite(m["loss"]):
-                raise UserError(f"{loss.run_name}: the loss is {m['loss']} at step {tr.step}; lower --lr, or "
-                                "train in float32")
+                fix = "lower --lr" if ctx.compute_dtype == torch.float32 else "lower --lr, or --dtype float32"
+                raise UserError(f"{loss.run_name}: the loss is {m['loss']} at step {tr.step}; {fix}")
             dt = time.perf_counter() - t0
             last = {"split": "train", "step": tr.step, "epoch": round(tr.step / plan.order.steps_per_epoch, 4),
                     **m, "tokens_per_s": m["tokens"] / dt, "step_time_s": dt}
@@ -243,10 +246,12 @@ def _run_steps(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, rd, mlog
 
 def _describe(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, ref_scorer, use_cached_ref: bool):
     ref = "live" if ref_scorer is not None else "cached" if use_cached_ref else "none"
-    ctx.log(f"{loss.run_name}: {plan.total} steps of {plan.global_batch} rows ({plan.order.steps_per_epoch} "
-            f"steps per epoch; {len(ctx.train_rows) % plan.global_batch} rows sit out each epoch), "
-            f"{len(ctx.eval_rows)} eval rows, reference {ref}, {tr.policy.mode} on {ctx.procs.world} "
-            f"process(es), {ctx.device}, compute {str(ctx.compute_dtype)[6:]}")
+    idle = len(ctx.train_rows) % plan.global_batch
+    ctx.log(f"{loss.run_name}: {plural(plan.total, 'step')} of {plural(plan.global_batch, 'row')} "
+            f"({plural(plan.order.steps_per_epoch, 'step')} per epoch; {plural(idle, 'row')} "
+            f"sit{'s' if idle == 1 else ''} out each epoch), {plural(len(ctx.eval_rows), 'eval row')}, "
+            f"reference {ref}, {tr.policy.mode} on {ctx.procs.world} process(es), "
+            f"{ctx.device}, compute {str(ctx.compute_dtype)[6:]}")
 
 
 def _source(cfg: TrainConfig, loss: LossConfig) -> dict:

@@ -43,6 +43,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from prefpipe.wording import did_you_mean
+
 PAIRS = "pairs"  # pairs, chosen and rejected forwarded together
 CHOSEN = "chosen"  # pairs, only the chosen response forwarded
 EXAMPLES = "examples"  # KTO examples, each with its pinned mismatched partner
@@ -258,7 +260,7 @@ def _parse_terms(text: str) -> list[tuple[float, str]]:
         w_text, star, name = raw.rpartition("*")
         name = ALIASES.get(name.lower(), name.lower())  # names are case-insensitive: `DPO` is `dpo`
         if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}")
+            raise ValueError(f"unknown loss {name!r}{did_you_mean(name, [*LOSSES, *ALIASES])}")
         try:
             w = float(w_text) if star else 1.0
         except ValueError:

@@ -18,6 +18,7 @@ from prefpipe.train.batches import Order
 from prefpipe.train.config import LossConfig, OptimConfig, TrainConfig
 from prefpipe.train.parallel import Policy, load_optimizer_state, wrap_policy
 from prefpipe.train.schedule import lr_factor
+from prefpipe.wording import plural
 
 
 @dataclass
@@ -58,8 +59,9 @@ def plan_run(ctx: Context, loss: LossConfig) -> Plan:
     global_batch = loop.batch_size * loop.grad_accum * world
     order = Order(ctx.train_rows, global_batch, loop.seed)  # split_eval gives a compact array
     if order.steps_per_epoch == 0:
-        raise UserError(f"the training split has {len(ctx.train_rows)} rows, fewer than one global batch "
-                        f"({loop.batch_size} x {loop.grad_accum} accumulation x {world} processes = "
+        raise UserError(f"the training split has {plural(len(ctx.train_rows), 'row')}, fewer than one global "
+                        f"batch ({loop.batch_size} x {loop.grad_accum} accumulation x "
+                        f"{plural(world, 'process', 'processes')} = "
                         f"{global_batch}); lower --batch_size or --grad_accum")
     total = loop.max_steps or loop.epochs * order.steps_per_epoch
     resolved = cfg.resolved(loss)

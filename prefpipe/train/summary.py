@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prefpipe.wording import plural
+
 
 def _f(x, spec=".4f") -> str:
     return "-" if x is None else format(x, spec)
@@ -25,5 +27,5 @@ def format_summary(summary: dict) -> str:
     drift = (summary.get("validation") or {}).get("drift")
     if drift:
         lines.append(f"step-0 drift vs cached reference: {drift['mean_abs_per_token']:.3g} nats/token "
-                     f"({drift['rows']} rows)")
+                     f"({plural(drift['rows'], 'row')})")
     return "\n".join(lines)

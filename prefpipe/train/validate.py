@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from prefpipe.errors import UserError
+from prefpipe.wording import plural
 
 
 def check_tokenizer(data, tokenizer) -> str:
@@ -119,7 +120,8 @@ def judge_drift(drift: dict, max_drift: float, allow_mismatch: bool, origin: str
     worst_token = (f"; worst token {w['abs_diff']:.3g} (row {w['row_id']}, {w['response']}, position "
                    f"{w['position']})" if w else "")
     log(f"step-0 drift: {d:.3g} nats per response token between the policy and the cached reference "
-        f"({drift['rows']} rows, {drift['tokens']} tokens; worst row {drift['worst_row_per_token']:.3g}"
+        f"({plural(drift['rows'], 'row')}, {plural(drift['tokens'], 'token')}; "
+        f"worst row {drift['worst_row_per_token']:.3g}"
         f"{worst_token}; limit --max_drift {max_drift:g})")
     if d > max_drift:
         msg = (f"at step 0 the policy's log-probs differ from the cached reference by {d:.3g} nats per token "
