@@ -199,12 +199,12 @@ def test_pipeline_train_config_equals_prefpipe_train(run_cli, monkeypatch, tmp_p
     import prefpipe.train.summary as summary
     monkeypatch.setattr(summary, "format_summary", lambda s: "")
     args = ["--lr", "3e-6", "--reference", "live", "--keep_checkpoints", "2", "--label_smoothing", "0.1",
-            "--max_length", "300", "--loss_type", "ipo", "--beta", "0.3"]
+            "--max_length", "300", "--loss_type", "robust", "--beta", "0.3"]
     r = run_cli("train", "--model", "m", "--cache", "c", "--out", "runs", *args)
     assert r.exit_code == 0, r.output
     cfg = pconf.resolve(None, {"model": "m", "data": "d", "runs_dir": "runs", "lr": 3e-6, "reference": "live",
                                "keep_checkpoints": 2, "label_smoothing": 0.1, "max_length": 300,
-                               "loss_type": ["ipo"], "beta": [0.3]})
+                               "loss_type": ["robust"], "beta": [0.3]})
     assert pconf.train_config(cfg, cfg.losses, cache="c", data=None) == seen["cfg"]
     assert seen["cfg"].source.max_prompt_length == 150
 

@@ -430,7 +430,7 @@ def test_resume_from_a_checkpoint_that_predates_a_loss_option(tmp_path, tiny_mod
     (run / rundir.RESULT).unlink()
     ckpt = run / rundir.CHECKPOINTS / "step-000002" / "trainer_state.pt"
     state = load_trainer_state(ckpt.parent)
-    del state["identity"]["loss"]["wpo"], state["identity"]["loss"]["dpop_lambda"]
+    del state["identity"]["loss"]["wpo"], state["identity"]["loss"]["label_smoothing"]
     torch.save(state, ckpt)
     for p in (run / rundir.CHECKPOINTS).glob("step-00000[3-9]"):
         shutil.rmtree(p)
@@ -442,4 +442,4 @@ def test_resume_from_a_checkpoint_that_predates_a_loss_option(tmp_path, tiny_mod
         shutil.rmtree(p)
     with pytest.raises(UserError, match=r"different settings \(loss\)"):
         train(tmp_path, tiny_model, cache=pair_cache, max_steps=4, save_every=2, resume=True,
-              loss_kw={"dpop_lambda": 5.0})
+              loss_kw={"label_smoothing": 0.1})
