@@ -6,7 +6,8 @@ Rules a user needs to know:
   line wins over the file, and the file wins over the default.
 - Every option of ``prefpipe precompute`` and ``prefpipe train`` is a key, in ``[precompute]`` and ``[train]``
   (the keys are generated from PrecomputeConfig and TrainConfig), except those the pipeline sets itself per phase:
-  ``out``, ``kto``, ``no_reference`` and ``overwrite``. ``model``, ``data``, ``cache``, ``loss_type``, ``beta``,
+  ``out``, ``kto``, ``no_reference``, ``overwrite`` and ``resume`` (a rerun keeps or continues every run whose
+  settings match: prefpipe.pipeline.reruns). ``model``, ``data``, ``cache``, ``loss_type``, ``beta``,
   ``dtype``, ``device`` and ``progress`` are top-level keys and apply to every phase; the tokenization and column
   keys (``max_length``, ``prompt_col``, ...) live in ``[precompute]`` and apply to training too. ``[eval]`` holds
   the options of ``prefpipe eval --gen`` plus ``data``, ``cache``, ``gen`` and ``baseline``.
@@ -16,6 +17,10 @@ Rules a user needs to know:
 - ``loss_type`` and ``beta`` take a list or a single value; on the command line, repeat the option.
 - Relative paths in the file are relative to the file's directory (``model`` only when that path exists, so that
   hub ids keep working); on the command line they are relative to the working directory.
+- A key you set that has no effect in this combination (``kto_lr`` without a kto loss, ``[eval] prompt_template``
+  without ``gen``, a precompute key when no phase one runs, a loss knob no loss here reads, ...) is an error naming
+  the key and the file (the rule and its table: prefpipe.pipeline.effects). ``[eval] cache`` alone is evaluated
+  as it is.
 - An unknown key, a key in two places, a key under the wrong table, or a value of the wrong type is an error naming
   the file and the key (with the closest known key as a suggestion). A value the settings reject (``lr = 0``) is an
   error naming the key and the file, or the option when it was given on the command line.
@@ -34,6 +39,8 @@ from prefpipe.data.formats import Columns
 from prefpipe.errors import UserError
 from prefpipe.evaluation.settings import GenSettings
 from prefpipe.options import Option, OptionError, build, canonical_choice, cli_style, opt, options, same_as, toml_style
+from prefpipe.pipeline.effects import no_effect
+from prefpipe.pipeline.sweep import split_losses
 from prefpipe.precompute.config import PrecomputeConfig
 from prefpipe.train.config import TrainConfig
 
@@ -86,8 +93,9 @@ class Key:
         return None if d is MISSING else (list(d) if isinstance(d, tuple) else d)
 
 
-# Set by the pipeline for each phase and cache, so not keys.
-FIXED = {"out", "kto", "no_reference", "overwrite"}
+# Set by the pipeline for each phase and cache, so not keys (`resume`: a rerun always keeps or continues the runs
+# whose settings match, see prefpipe.pipeline.reruns).
+FIXED = {"out", "kto", "no_reference", "overwrite", "resume"}
 _TOP = options(PipelineSettings)
 _PRECOMPUTE = options(PrecomputeConfig, skip={o.name for o in _TOP} | FIXED)
 _TRAIN = options(TrainConfig, skip={o.name for o in _TOP + _PRECOMPUTE} | FIXED) + options(PipelineTrain)
@@ -147,7 +155,7 @@ def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data:
                  betas: tuple | None = None, lr: float | None = None) -> TrainConfig:
     """One `run_training` call's settings: the keys, with the losses, betas and source the pipeline chose."""
     values = {**cfg.values, "cache": cache, "data": data, "out": cfg.runs_dir, "loss_type": list(losses),
-              "beta": list(betas or cfg.betas)}
+              "beta": list(betas or cfg.betas), "resume": True}
     if lr:
         values["lr"] = lr
     return build(TrainConfig, values)
@@ -300,10 +308,22 @@ def _check(cfg: PipelineConfig):
         # The cache metadata and pipeline.json record the prompt budget actually used (None: max_length // 2).
         cfg.values["max_prompt_length"] = pc.max_prompt_length
         train_config(cfg, cfg.losses, cache=cfg.path_or("cache", "cache"), data=None).runs()  # checks every name
-        from prefpipe.pipeline.run import split_losses
         _, unpaired = split_losses(cfg.losses)
         if unpaired:
             train_config(cfg, unpaired, cache=cfg.path_or("kto_cache", "cache-kto"), data=None,
                          betas=tuple(cfg.kto_beta or cfg.betas), lr=cfg.kto_lr).runs()
     with _as_written(cfg, "eval_"):
         gen_settings(cfg)
+    _refuse_keys_without_effect(cfg)
+
+
+def _refuse_keys_without_effect(cfg: PipelineConfig):
+    found = no_effect(cfg.values, cfg.sources, cfg.losses)
+    if found is None:
+        return
+    name, why = found
+    if cfg.sources[name] == "option":
+        raise UserError(f"{cli_style(name)} has no effect here: {why}; leave it out")
+    key = KEY_BY_NAME[name]
+    written = f"{key.section}.{name[5:]}" if key.section == "eval" else name
+    raise UserError(f"key '{written}' has no effect here: {why}; remove it", file=cfg.config_path)
