@@ -1,19 +1,21 @@
 """The rule that no pipeline key is silently without effect: a key the user set (in the file or on the command
 line) that nothing in this combination reads is an error naming the key and the file, before any work.
 
-Each entry of `EFFECTS` names keys and the condition under which they are read; `check_effects` applies them all
-the same way. Defaults are never refused (a default is not a choice the user made).
+Each entry of `EFFECTS` names keys and the condition under which the pipeline reads them; `no_effect` applies them
+all the same way. Defaults are never refused (a default is not a choice the user made). The entries cover what the
+pipeline decides: which caches, phases, run groups and evaluations there are. A knob inside one phase follows
+that phase's own settings (`LossConfig`: a loss knob another loss reads is ignored, as in `prefpipe train`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
 from prefpipe.options import options
 from prefpipe.pipeline.sweep import needs_reference, split_losses
 from prefpipe.precompute.config import PrecomputeConfig
-from prefpipe.train.config import LossConfig, TrainConfig
+from prefpipe.train.config import TrainConfig
 from prefpipe.train.loss_names import LOSSES
 
 
@@ -48,9 +50,6 @@ class Combination:
     def reads(self, param: str, losses: tuple | None = None) -> bool:
         return any(param in LOSSES[lt].params for lt in (self.losses if losses is None else losses))
 
-    @property
-    def cached_reference(self) -> bool:
-        return self.values["reference"] == "cached" and needs_reference(self.losses)
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,6 @@ def _losses(c: Combination) -> str:
 # Keys that only the precompute phase reads (the tokenization and column keys are read by training too).
 PRECOMPUTE_ONLY = tuple(o.name for o in options(PrecomputeConfig) if o.name not in {t.name for t in options(
     TrainConfig)} and o.name not in {"out", "kto", "no_reference", "overwrite", "progress"})
-# LossConfig knobs that some loss reads (`LossSpec.params`); the others (`wpo`) are refused by train itself.
-LOSS_KNOBS = tuple(f.name for f in fields(LossConfig) if f.name not in ("loss_type", "beta")
-                   and any(f.name in s.params for s in LOSSES.values()))
 _GEN_ONLY = ("eval_prompt_template", "eval_chat", "eval_max_new_tokens", "eval_engine", "eval_limit",
              "eval_question_col", "eval_answer_col", "eval_baseline")
 
@@ -90,20 +86,6 @@ EFFECTS = [
     Effect(_GEN_ONLY, lambda c: bool(c.values["eval_gen"]), lambda c: "it applies to eval_gen, which is not set"),
     Effect(("eval_batch_size",), lambda c: bool(c.values["eval_gen"]) or c.eval_pref,
            lambda c: "no evaluation runs (eval_gen, eval_data and eval_cache are not set)"),
-    *[Effect((k,), lambda c, k=k: c.reads(k), lambda c: f"no loss here ({_losses(c)}) reads it")
-      for k in LOSS_KNOBS],
-    Effect(("reference",), lambda c: needs_reference(c.losses),
-           lambda c: f"no loss here ({_losses(c)}) needs a reference"),
-    Effect(("allow_reference_mismatch", "max_drift", "drift_rows"), lambda c: c.cached_reference,
-           lambda c: "it applies to training against cached reference log-probs (a loss that needs them, "
-           "reference = cached)"),
-    Effect(("lora_alpha", "lora_dropout", "lora_target_modules"), lambda c: c.values["lora_r"] > 0,
-           lambda c: "it applies to LoRA runs (lora_r > 0)"),
-    Effect(("keep_checkpoints",), lambda c: c.values["save_every"] > 0,
-           lambda c: "no checkpoints are saved (save_every is 0)"),
-    Effect(("eval_every",), lambda c: c.values["eval_fraction"] > 0,
-           lambda c: "no rows are held out for in-training evaluation (eval_fraction is 0)"),
-    Effect(("epochs",), lambda c: c.values["max_steps"] is None, lambda c: "max_steps is set and overrides it"),
 ]
 assert len({k for e in EFFECTS for k in e.keys}) == sum(len(e.keys) for e in EFFECTS), "a key in two effects"
 
