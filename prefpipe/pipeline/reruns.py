@@ -42,7 +42,7 @@ class RunCheck:
 def record(resolved: dict, source: str) -> dict:
     """The settings a rerun compares: `resolved` (TrainConfig.resolved of the run) and the source's digest."""
     settings = {**resolved, "loop": {k: v for k, v in resolved["loop"].items() if k not in NOT_OUTCOME}}
-    return {"settings": settings, "data_identity": source}
+    return json.loads(json.dumps({"settings": settings, "data_identity": source}))  # as read back: lists, not tuples
 
 
 def differences(old, new, prefix: str = "") -> list[str]:
