@@ -40,15 +40,16 @@ def test_unchanged_rerun_trains_nothing_and_a_changed_setting_replaces_only_its_
     toml, runs = setup(tmp_path, tiny_model)
     r = run_cli("pipeline", "--config", toml)
     assert r.exit_code == 0, r.output
-    assert "run dpo-beta0.1: training (no run there yet)" in r.output
+    first_output = r.output
     first = {name: weights(runs / name) for name in ("dpo-beta0.1", "kto-beta0.3")}
     metrics = (runs / "dpo-beta0.1" / rundir.METRICS).read_text()
 
     r = run_cli("pipeline", "--config", toml)
     assert r.exit_code == 0, r.output
     for name in first:
-        assert f"run {name}: keeping (finished with these settings; not trained again)" in r.output
         assert weights(runs / name) == first[name]  # not rewritten: same bytes, same mtime
+        assert f"run {name}: training (no run there yet)" in first_output
+        assert f"run {name}: keeping (finished with these settings; not trained again)" in r.output
     assert "replacing" not in r.output and "steps of" not in r.output  # no train call at all
     assert (runs / "dpo-beta0.1" / rundir.METRICS).read_text() == metrics
     summary = json.loads(RunsDir(runs).pipeline.read_text())
@@ -100,9 +101,9 @@ def test_an_interrupted_run_continues_from_its_checkpoint_to_the_uninterrupted_w
 
     r = run_cli("pipeline", "--config", toml)
     assert r.exit_code == 0, r.output
-    assert "run dpo-beta0.1: continuing (unfinished; from its checkpoint step-000002)" in r.output
-    assert "resuming after step 2" in r.output
+    assert "resuming after step 2" in r.output  # train's own line: it went on from the checkpoint
     assert (run / rundir.CHECKPOINTS / "step-000002" / "model.safetensors").stat().st_mtime_ns == kept_ckpt
+    assert "run dpo-beta0.1: continuing (unfinished; from its checkpoint step-000002)" in r.output
     resumed = load_file(run / rundir.FINAL / "model.safetensors")
     assert resumed.keys() == straight.keys()
     for k in straight:
@@ -123,10 +124,10 @@ def test_eval_cache_alone_is_evaluated(tiny_model, tmp_path, run_cli):
                                                 'kto_beta = [0.3]\n': ''})
     r = run_cli("pipeline", "--config", toml, "--eval_cache", cache)
     assert r.exit_code == 0, r.output
-    assert f"cache {cache}: reusing (eval_cache as given: its model and tokenizer fingerprints match)" in r.output
     summary = json.loads(RunsDir(runs).pipeline.read_text())
     pref = summary["evals"]["dpo-beta0.1"]["pref"]
     assert pref["rows"] == 4 and pref["cache"] == str(cache) and pref["acc"] == pref["wins"] / 4
+    assert f"cache {cache}: reusing (eval_cache as given: its model and tokenizer fingerprints match)" in r.output
     assert json.loads((runs / "dpo-beta0.1" / rundir.EVAL_PREF).read_text()) == pref
     assert "last training step" not in json.dumps(summary["report"])  # ranked on the held-out number
 
