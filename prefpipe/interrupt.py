@@ -22,8 +22,8 @@ def interrupted_message(command: str | None, params: dict) -> str:
         if command == "pipeline":
             return "interrupted; rerun the same command to continue: " + _rerun_keeps(_pipeline_runs_dir(params))
         if command == "demo":
-            return ("interrupted; rerun the same command to continue: the SFT model and the pairs are reused; "
-                    + _rerun_keeps(Path(params.get("out") or "prefpipe-demo") / "runs"))
+            return "interrupted; rerun the same command to continue: " + _rerun_keeps(
+                Path(params.get("out") or "prefpipe-demo") / "runs", "the SFT model, the pairs, ")
         if command == "precompute" and params.get("out"):
             return _precompute_message(Path(params["out"]))
     except (OSError, UserError):
@@ -41,8 +41,9 @@ def _pipeline_runs_dir(params: dict) -> Path:
     return Path(given or KEY_BY_NAME["runs_dir"].default)
 
 
-def _rerun_keeps(runs_dir: Path) -> str:
-    """What a pipeline rerun keeps (see prefpipe.pipeline.reruns), from the runs the pipeline recorded there."""
+def _rerun_keeps(runs_dir: Path, before: str = "") -> str:
+    """What a pipeline rerun keeps (see prefpipe.pipeline.reruns), from the runs the pipeline recorded there;
+    `before`: what else the command reuses."""
     from prefpipe.train.checkpoint import latest_checkpoint
 
     kept, continued, over = [], [], []
@@ -57,7 +58,7 @@ def _rerun_keeps(runs_dir: Path) -> str:
             continued.append(f"{rd.name} continues from its checkpoint {ckpt.name}")
         else:
             over.append(rd.name)
-    parts = ["finished caches and cache parts are reused"]
+    parts = [f"{before}finished caches and cache parts are reused"]
     parts += [f"finished runs are kept ({', '.join(kept)})"] if kept else []
     parts += continued
     parts += [f"{', '.join(over)} start{'s' if len(over) == 1 else ''} from step 0 (no checkpoint; save_every "
