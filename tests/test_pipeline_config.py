@@ -147,3 +147,12 @@ def test_keys_that_take_effect_pass_and_the_command_line_is_named_as_typed(tmp_p
     with pytest.raises(UserError) as e:
         resolve(None, {"model": "m", "data": "d", "kto_beta": [0.3]})
     assert str(e.value).startswith("--kto_beta has no effect here: no loss on single examples here uses beta")
+
+
+def test_ld_dpo_asks_phase_one_for_per_token_log_probs_without_editing_the_settings():
+    from prefpipe.pipeline.config import precompute_config
+    cfg = resolve(None, {"model": "m", "data": "d", "ld_alpha": 0.5})
+    assert precompute_config(cfg, "c", "d", kto=False, overwrite=False).per_token is True
+    assert cfg.values["per_token"] is False  # what the user set (the default), as pipeline.json records it
+    plain = resolve(None, {"model": "m", "data": "d"})
+    assert precompute_config(plain, "c", "d", kto=False, overwrite=False).per_token is False

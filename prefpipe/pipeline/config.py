@@ -136,6 +136,11 @@ class PipelineConfig:
         return tuple(canonical(t) for t in self.values["loss_type"])
 
     @property
+    def per_token(self) -> bool:
+        """Caches keep per-token reference log-probs: asked for, or needed by LD-DPO (dpo with ld_alpha)."""
+        return bool(self.values["per_token"]) or (self.values["ld_alpha"] is not None and "dpo" in self.losses)
+
+    @property
     def betas(self) -> tuple:
         return tuple(self.values["beta"])
 
@@ -148,7 +153,8 @@ class PipelineConfig:
 
 def precompute_config(cfg: PipelineConfig, out: str, data: str, *, kto: bool, overwrite: bool) -> PrecomputeConfig:
     """Phase one's settings for one cache: the keys, plus what the pipeline decides per cache."""
-    return build(PrecomputeConfig, {**cfg.values, "out": out, "data": data, "kto": kto, "overwrite": overwrite})
+    return build(PrecomputeConfig, {**cfg.values, "out": out, "data": data, "kto": kto, "overwrite": overwrite,
+                                    "per_token": cfg.per_token})
 
 
 def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data: str | None,

@@ -85,7 +85,7 @@ def expected_identity(model: str, data: str, cfg: PipelineConfig, *, kto: bool,
                              columns=asdict(columns_of(cfg)),
                              turn_marker=cfg.turn_marker, kind="unpaired" if kto else "paired", has_reference=True,
                              backend=cfg.backend, dtype=dtype, part_rows=cfg.part_rows,
-                             per_token=bool(cfg.values.get("per_token")))
+                             per_token=cfg.per_token)
 
 
 def check_cache(path: str, expected: dict, *, recompute: bool) -> CacheCheck:
@@ -249,8 +249,6 @@ def _caches(cfg: PipelineConfig, runs_dir: RunsDir, log) -> dict[str, CacheCheck
 
     paired, unpaired = split_losses(cfg.losses)
     paired_needs_ref = needs_reference(paired)
-    if "dpo" in paired and cfg.values.get("ld_alpha") is not None:
-        cfg.values["per_token"] = True  # LD-DPO trains on per-token reference log-probs (precompute --per_token)
     fingerprints = model_fingerprints(cfg.model)  # the weights are hashed once per process (see fingerprint.py)
     wanted = ([("paired", cfg.data, False)] if paired_needs_ref else []) + \
         ([("kto", cfg.kto_data or cfg.data, True)] if unpaired else []) + \
