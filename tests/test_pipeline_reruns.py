@@ -71,6 +71,12 @@ def test_unchanged_rerun_trains_nothing_and_a_changed_setting_replaces_only_its_
     assert "run dpo-beta0.2: training (no run there yet)" in r.output
     assert weights(runs / "dpo-beta0.1") == first["dpo-beta0.1"]
 
+    # --recompute rebuilds the caches: a run trained on the old bytes is trained again.
+    r = run_cli("pipeline", "--config", toml, "--kto_lr", "2e-3", "--recompute")
+    assert r.exit_code == 0, r.output
+    assert weights(runs / "dpo-beta0.1")[0] != first["dpo-beta0.1"][0]
+    assert "run dpo-beta0.1: replacing (its cache was computed again by this pipeline)" in r.output
+
 
 def _lines(run):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
