@@ -109,9 +109,11 @@ SECTIONS = ("precompute", "train", "eval")
 assert len(KEY_BY_NAME) == len(KEYS), "two pipeline keys with one name"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineConfig:
-    """The resolved settings: `values` holds every key of `KEYS`; `sources` says where each came from."""
+    """The resolved settings: `values` holds every key of `KEYS`; `sources` says where each came from. Nothing
+    edits them once `resolve` has made them: what a phase needs beyond them is derived (`per_token`) or passed
+    to the function that builds that phase's settings."""
     values: dict
     sources: dict = field(default_factory=dict)  # key -> "default" | "file" | "option"
     config_path: str | None = None
@@ -281,8 +283,7 @@ def resolve(config_path: str | None, options: dict) -> PipelineConfig:
             raise KeyError(name)
         values[name], sources[name] = coerce(KEY_BY_NAME[name], v), "option"
     cfg = PipelineConfig(values, sources, config_path)
-    _check(cfg)
-    return cfg
+    return PipelineConfig(_check(cfg), sources, config_path)
 
 
 @contextlib.contextmanager
@@ -299,8 +300,9 @@ def _as_written(cfg: PipelineConfig, prefix: str = ""):
         raise UserError(e.render(style), file=cfg.config_path if from_file else None) from None
 
 
-def _check(cfg: PipelineConfig):
-    """Build every phase's settings once now, so that a bad value stops the pipeline before any work."""
+def _check(cfg: PipelineConfig) -> dict:
+    """Build every phase's settings once now, so that a bad value stops the pipeline before any work; the values
+    with the prompt budget resolved (None: max_length // 2), which the caches and pipeline.json record."""
     where = f" (set it in {cfg.config_path} or with --%s)" if cfg.config_path else " (--%s)"
     if not cfg.values["model"]:
         raise UserError("no model given" + where % "model")
@@ -311,8 +313,6 @@ def _check(cfg: PipelineConfig):
             raise UserError(f"every beta must be positive (got {b:g})", file=cfg.config_path)
     with _as_written(cfg):
         pc = precompute_config(cfg, cfg.path_or("cache", "cache"), cfg.data, kto=False, overwrite=False)
-        # The cache metadata and pipeline.json record the prompt budget actually used (None: max_length // 2).
-        cfg.values["max_prompt_length"] = pc.max_prompt_length
         train_config(cfg, cfg.losses, cache=cfg.path_or("cache", "cache"), data=None).runs()  # checks every name
         _, unpaired = split_losses(cfg.losses)
         if unpaired:
@@ -321,6 +321,7 @@ def _check(cfg: PipelineConfig):
     with _as_written(cfg, "eval_"):
         gen_settings(cfg)
     _refuse_keys_without_effect(cfg)
+    return {**cfg.values, "max_prompt_length": pc.max_prompt_length}
 
 
 def _refuse_keys_without_effect(cfg: PipelineConfig):
