@@ -11,8 +11,9 @@ For each seed S, in OUT/seed-S:
    settings (`make_task`, `make_sft`, `make_pairs`, `write_config` from prefpipe/demo/run.py; each is cached by what
    made it, so a directory `prefpipe demo --out OUT/seed-S --seed S` already filled is reused as is). The demo's own
    six-run pipeline is not run: every loss it trains is in the sweep below.
-2. per loss L, one `prefpipe pipeline --config OUT/seed-S/run.toml --loss_type L --beta 1 --kto_beta 1
-   --runs_dir OUT/seed-S/zoo-runs --resume` (--eval_baseline on the first): the demo's config (lr 3e-4; the KTO-data
+2. per loss L, one `prefpipe pipeline --config OUT/seed-S/zoo-L.toml --loss_type L --beta 1 (--kto_beta 1 for
+   the KTO-data losses) --runs_dir OUT/seed-S/zoo-runs` (--eval_baseline on the first; a rerun keeps the finished
+   runs): the demo's config less the keys L does not read, which the pipeline refuses (lr 3e-4; the KTO-data
    losses kto and apo_zero_unpaired at the demo's kto_lr 1e-4 with desirable_weight = n_U/n_D, from the KTO cache),
    beta 1 for every loss that takes one. All calls share one runs dir, so one paired cache (and one KTO cache) serves
    every loss, as in a single sweep; one call per loss evaluates each run as soon as it is trained, so a sweep cut by
@@ -66,9 +67,24 @@ def prepare(seed: int, out: Path, threads: int | None = None):
     return write_config(s, out)
 
 
+def config_for(config: Path, lt: str) -> tuple[Path, list[str]]:
+    """The demo's config for `lt` alone, and its beta options: less the keys `lt` does not read (the KTO-data keys
+    for a paired loss, `beta` for a KTO-data one, both betas for a loss without beta), which the pipeline refuses."""
+    from prefpipe.train.loss_names import LOSSES
+
+    spec = LOSSES[lt]
+    drop = {"kto_data", "kto_beta", "kto_lr"} if spec.paired else {"beta"}
+    drop |= set() if spec.uses_beta else {"beta", "kto_beta"}
+    keep = [line for line in config.read_text().splitlines(keepends=True) if line.split("=")[0].strip() not in drop]
+    dest = config.with_name(f"zoo-{lt.replace('*', '')}.toml")
+    dest.write_text("".join(keep))
+    flags = [] if not spec.uses_beta else ["--beta", "{beta}"] if spec.paired else ["--kto_beta", "{beta}"]
+    return dest, flags
+
+
 def run_seed(seed: int, out: Path, losses: list[str], beta: float, threads: int | None, deadline: float | None):
     """One `prefpipe pipeline` call per loss into the same RUNS_DIR (the caches are made by the first and reused by
-    the others; --resume keeps runs already finished), each call's pipeline.json kept as zoo-runs/zoo-<loss>.json, so
+    the others; a rerun keeps runs already finished), each call's pipeline.json kept as zoo-runs/zoo-<loss>.json, so
     every finished loss is evaluated as soon as it is trained and a stopped sweep loses at most one run."""
     import os
 
@@ -83,9 +99,10 @@ def run_seed(seed: int, out: Path, losses: list[str], beta: float, threads: int 
         if deadline is not None and time.time() > deadline:
             print(f"[seed {seed}] deadline passed: {lt} and the losses after it not run", flush=True)
             return
-        cmd = [sys.executable, "-m", "prefpipe", "pipeline", "--config", str(config.resolve()),
-               "--runs_dir", str(runs_dir.resolve()), "--beta", str(beta), "--kto_beta", str(beta),
-               "--resume", "--no_progress", "--loss_type", lt]
+        lt_config, flags = config_for(config, lt)
+        cmd = [sys.executable, "-m", "prefpipe", "pipeline", "--config", str(lt_config.resolve()),
+               "--runs_dir", str(runs_dir.resolve()), *[f.format(beta=beta) for f in flags], "--no_progress",
+               "--loss_type", lt]
         if not (runs_dir / "zoo-reference.json").exists():
             cmd.append("--eval_baseline")
         print(f"[seed {seed}] {' '.join(cmd)}", flush=True)

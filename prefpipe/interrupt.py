@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from prefpipe.errors import UserError
 from prefpipe.rundir import RunDir
 
 
@@ -19,16 +20,50 @@ def interrupted_message(command: str | None, params: dict) -> str:
         if command == "train" and params.get("out"):
             return _train_message(Path(params["out"]))
         if command == "pipeline":
-            return ("interrupted; rerun the same command with --resume: a cache's finished parts are reused and "
-                    "interrupted runs continue from their last checkpoint (save_every)")
+            return "interrupted; rerun the same command to continue: " + _rerun_keeps(_pipeline_runs_dir(params))
         if command == "demo":
-            return ("interrupted; rerun the same command to continue: the SFT model, the pairs and the cache parts "
-                    "finished so far are reused")
+            return "interrupted; rerun the same command to continue: " + _rerun_keeps(
+                Path(params.get("out") or "prefpipe-demo") / "runs", "the SFT model, the pairs, ")
         if command == "precompute" and params.get("out"):
             return _precompute_message(Path(params["out"]))
-    except OSError:
-        pass  # the directory vanished or is unreadable: fall back to the plain message
+    except (OSError, UserError):
+        pass  # the directory vanished or is unreadable, or the config is: fall back to the plain message
     return "interrupted"
+
+
+def _pipeline_runs_dir(params: dict) -> Path:
+    """RUNS_DIR of the interrupted pipeline: the option, else the config file's key, else the default."""
+    from prefpipe.pipeline.config import KEY_BY_NAME, read_toml
+
+    if params.get("runs_dir"):
+        return Path(params["runs_dir"])
+    given = read_toml(params["config_path"]).get("runs_dir") if params.get("config_path") else None
+    return Path(given or KEY_BY_NAME["runs_dir"].default)
+
+
+def _rerun_keeps(runs_dir: Path, before: str = "") -> str:
+    """What a pipeline rerun keeps (see prefpipe.pipeline.reruns), from the runs the pipeline recorded there;
+    `before`: what else the command reuses."""
+    from prefpipe.train.checkpoint import latest_checkpoint
+
+    kept, continued, over = [], [], []
+    for p in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        rd = RunDir(p)
+        if not rd.pipeline_record.exists():
+            continue  # not a pipeline's run
+        ckpt = latest_checkpoint(rd.checkpoints)
+        if rd.result.exists() and rd.final.exists():
+            kept.append(rd.name)
+        elif ckpt is not None:
+            continued.append(f"{rd.name} continues from its checkpoint {ckpt.name}")
+        else:
+            over.append(rd.name)
+    parts = [f"{before}finished caches and cache parts are reused"]
+    parts += [f"finished runs are kept ({', '.join(kept)})"] if kept else []
+    parts += continued
+    parts += [f"{', '.join(over)} start{'s' if len(over) == 1 else ''} from step 0 (no checkpoint; save_every "
+              "saves them)"] if over else []
+    return "; ".join(parts) + "; each only while its settings are unchanged (a changed run is trained afresh)"
 
 
 def _current_run(out: Path) -> RunDir | None:

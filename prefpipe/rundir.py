@@ -19,6 +19,8 @@ and the tests all go through it.
                                 adapter in PEFT format, loadable with PeftModel.from_pretrained(base, final))
         final-merged/           a LoRA run with --merge: the adapter merged into a plain Hugging Face model
         result.json             the run's final metrics (its entry in summary.json)
+        pipeline_run.json       `prefpipe pipeline` only: the settings and data identity the run trains with,
+                                compared on a rerun to keep, continue or replace it (prefpipe.pipeline.reruns)
         eval_pref.json eval_gen.json eval_gen.jsonl     `prefpipe eval` / the pipeline's evaluations
 """
 
@@ -35,6 +37,7 @@ REPORT_FILES = {"curves": "curves.png", "beta": "beta.png", "summary": "summary.
 METRICS = "metrics.jsonl"
 CONFIG = "train_config.json"
 RESULT = "result.json"
+PIPELINE_RUN = "pipeline_run.json"
 FINAL = "final"
 FINAL_MERGED = "final-merged"
 CHECKPOINTS = "checkpoints"
@@ -72,6 +75,10 @@ class RunDir:
     @property
     def result(self) -> Path:
         return self.path / RESULT
+
+    @property
+    def pipeline_record(self) -> Path:
+        return self.path / PIPELINE_RUN
 
     @property
     def final(self) -> Path:

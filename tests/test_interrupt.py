@@ -110,28 +110,74 @@ def test_interrupted_precompute_counts_the_kept_parts_and_a_rerun_finishes(tmp_p
     assert f"{len(parts)} reused" in res.output  # the rerun kept the interrupted run's parts
 
 
-def test_interrupted_pipeline_points_to_resume(monkeypatch, run_cli):
-    import prefpipe.pipeline.config
+KEEPS = ("finished caches and cache parts are reused; finished runs are kept (dpo-beta0.1); dpo-beta0.2 continues "
+         "from its checkpoint step-000002; kto-beta0.3 starts from step 0 (no checkpoint; save_every saves them); "
+         "each only while its settings are unchanged (a changed run is trained afresh)")
+
+
+def _pipeline_runs(runs: Path):
+    """Run directories as an interrupted pipeline leaves them: one finished, one with a checkpoint, one without,
+    and a run `prefpipe train` made (no pipeline record), which a pipeline rerun does not count as its own."""
+    for name in ("dpo-beta0.1", "dpo-beta0.2", "kto-beta0.3", "made-by-train"):
+        (runs / name).mkdir(parents=True)
+        if name != "made-by-train":
+            (runs / name / rundir.PIPELINE_RUN).write_text("{}")
+    for name in ("dpo-beta0.1", "made-by-train"):
+        (runs / name / rundir.FINAL).mkdir()
+        (runs / name / rundir.RESULT).write_text("{}")
+    for step in (1, 2):
+        ckpt = runs / "dpo-beta0.2" / rundir.CHECKPOINTS / f"step-{step:06d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / rundir.TRAINER_STATE).write_bytes(b"")
+    (runs / "dpo-beta0.2" / rundir.CHECKPOINTS / "step-000003").mkdir()  # cut short: no trainer state
+
+
+def test_interrupted_pipeline_says_what_a_rerun_keeps(monkeypatch, run_cli, tmp_path):
     import prefpipe.pipeline.run
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(prefpipe.pipeline.config, "resolve", lambda *a, **k: None)
     monkeypatch.setattr(prefpipe.pipeline.run, "run_pipeline", interrupted)
-    res = run_cli("pipeline", "--config", "run.toml", "--beta", "0.2")
+    _pipeline_runs(tmp_path / "out")
+    toml = tmp_path / "run.toml"
+    toml.write_text('model = "m"\ndata = "d.jsonl"\nruns_dir = "out"\n')
+    res = run_cli("pipeline", "--config", toml, "--beta", "0.2")
     assert res.exit_code == 130
-    assert res.stderr.strip() == ("prefpipe: interrupted; rerun the same command with --resume: a cache's finished "
-                                  "parts are reused and interrupted runs continue from their last checkpoint "
-                                  "(save_every)")
+    assert res.stderr.strip() == "prefpipe: interrupted; rerun the same command to continue: " + KEEPS
+    # runs_dir on the command line wins over the file's, as in the run itself
+    res = run_cli("pipeline", "--config", toml, "--runs_dir", tmp_path / "elsewhere")
+    assert res.stderr.strip() == ("prefpipe: interrupted; rerun the same command to continue: finished caches and "
+                                  "cache parts are reused; each only while its settings are unchanged (a changed "
+                                  "run is trained afresh)")
 
 
-def test_interrupted_demo_says_a_rerun_reuses_its_stages(monkeypatch, run_cli):
+def test_interrupted_demo_says_what_a_rerun_keeps(monkeypatch, run_cli, tmp_path):
     import prefpipe.demo.run
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(prefpipe.demo.run, "run_demo", interrupted)
-    res = run_cli("demo", "--out", "somewhere")
+    _pipeline_runs(tmp_path / "demo" / "runs")
+    res = run_cli("demo", "--out", tmp_path / "demo")
     assert res.exit_code == 130
     assert res.stderr.strip() == ("prefpipe: interrupted; rerun the same command to continue: the SFT model, the "
-                                  "pairs and the cache parts finished so far are reused")
+                                  "pairs, " + KEEPS)
+
+
+@pytest.mark.slow
+def test_sigint_to_a_pipeline_names_the_checkpoint_a_rerun_continues_from(tmp_path, tiny_model):
+    write_jsonl(tmp_path / "pairs.jsonl", make_pairs(24, seed=5))
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model = "{tiny_model}"\ndata = "pairs.jsonl"\nruns_dir = "runs"\ndevice = "cpu"\n'
+                    'dtype = "float32"\nprogress = false\n[precompute]\nmax_length = 96\nmax_prompt_length = 48\n'
+                    '[train]\nmax_steps = 5000\nsave_every = 1\nbatch_size = 4\nlr = 1e-3\n')
+    run = tmp_path / "runs" / "dpo-beta0.1"
+    proc = _start("pipeline", "--config", toml)
+    _wait_for(lambda: (run / rundir.CHECKPOINTS / "step-000002").exists(), proc)
+    line = _interrupt(proc)
+    m = re.fullmatch(r"prefpipe: interrupted; rerun the same command to continue: finished caches and cache parts "
+                     r"are reused; dpo-beta0\.1 continues from its checkpoint (step-\d+); each only while its "
+                     r"settings are unchanged \(a changed run is trained afresh\)", line)
+    assert m, line
+    saved = sorted(p.name for p in (run / rundir.CHECKPOINTS).iterdir() if (p / rundir.TRAINER_STATE).exists())
+    assert m.group(1) == saved[-1] and saved[-1] >= "step-000002"

@@ -113,7 +113,7 @@ def test_help_spot_checks(run_cli):
 def test_pipeline_has_every_train_and_precompute_option_with_the_same_default(run_cli):
     """Every option of `prefpipe train` and `prefpipe precompute` is a pipeline key (and a `pipeline` flag), less
     the four the pipeline sets itself."""
-    fixed = {"out", "kto", "no_reference", "overwrite"}
+    fixed = {"out", "kto", "no_reference", "overwrite", "resume"}
     entries = help_entries(run_cli("pipeline", "-h").output)
     for cls in (TrainConfig, PrecomputeConfig):
         for f in leaf_fields(cls):
@@ -170,6 +170,7 @@ batch_size = 3
 lr_scheduler = "cosine"
 gradient_checkpointing = true
 [eval]
+gen = "{tmp_path}/q.jsonl"
 max_new_tokens = 7
 chat = true
 ''')
@@ -178,7 +179,7 @@ chat = true
         run_cli, monkeypatch, "--model", f"{tmp_path}/m", "--data", f"{tmp_path}/d.jsonl", "--beta", "0.2",
         "--beta", "0.4", "--device", "cpu", "--no_progress", "--part_rows", "100", "--prompt_col", "question",
         "--max_length", "256", "--lr", "2e-6", "--batch_size", "3", "--lr_scheduler", "cosine",
-        "--gradient_checkpointing", "--eval_max_new_tokens", "7", "--eval_chat")
+        "--gradient_checkpointing", "--eval_gen", f"{tmp_path}/q.jsonl", "--eval_max_new_tokens", "7", "--eval_chat")
     tc, pc, gs = _built(from_file)
     assert (tc, pc, gs) == _built(from_flags)
     # ... and they are the values written, not defaults that happen to agree.
@@ -200,7 +201,7 @@ def test_pipeline_train_config_equals_prefpipe_train(run_cli, monkeypatch, tmp_p
     monkeypatch.setattr(summary, "format_summary", lambda s: "")
     args = ["--lr", "3e-6", "--reference", "live", "--keep_checkpoints", "2", "--label_smoothing", "0.1",
             "--max_length", "300", "--loss_type", "robust", "--beta", "0.3"]
-    r = run_cli("train", "--model", "m", "--cache", "c", "--out", "runs", *args)
+    r = run_cli("train", "--model", "m", "--cache", "c", "--out", "runs", *args, "--resume")  # the pipeline resumes
     assert r.exit_code == 0, r.output
     cfg = pconf.resolve(None, {"model": "m", "data": "d", "runs_dir": "runs", "lr": 3e-6, "reference": "live",
                                "keep_checkpoints": 2, "label_smoothing": 0.1, "max_length": 300,
@@ -269,6 +270,7 @@ reference = "live"
 allow_reference_mismatch = true
 keep_checkpoints = 3
 [eval]
+gen = "q.jsonl"
 question_col = "q"
 ''')
     cfg = pconf.resolve(str(p), {})

@@ -152,7 +152,10 @@ def test_pipeline_reuses_then_builds_a_new_cache(tiny_model, tmp_path, run_cli):
     r = run_cli("pipeline", "--config", toml, "--max_length", "80")  # back to the second: reused, not rebuilt
     assert f"cache {second_cache}: reusing" in r.output and len(own_caches(runs)) == 2
 
-    r = run_cli("pipeline", "--config", toml, "--loss_type", "orpo", "--runs_dir", tmp_path / "orpo-runs")
+    # ORPO alone: no beta and no phase-one keys (part_rows), which would have no effect (and are refused)
+    orpo = tmp_path / "orpo.toml"
+    orpo.write_text(toml.read_text().replace("beta = [0.1]\n", "").replace("part_rows = 4\n", ""))
+    r = run_cli("pipeline", "--config", orpo, "--loss_type", "orpo", "--runs_dir", tmp_path / "orpo-runs")
     assert r.exit_code == 0, r.output
     assert "phase one skipped: orpo need no reference log-probs" in r.output
     assert not own_caches(tmp_path / "orpo-runs")

@@ -17,7 +17,8 @@ def write(tmp_path: Path, text: str, name="run.toml") -> Path:
 
 
 def test_defaults_file_and_options_in_order(tmp_path):
-    p = write(tmp_path, BASE + 'beta = [0.05, 0.2]\n[train]\nlr = 1e-5\nbatch_size = 4\n[eval]\nmax_new_tokens = 9\n')
+    p = write(tmp_path, BASE + 'beta = [0.05, 0.2]\n[train]\nlr = 1e-5\nbatch_size = 4\n[eval]\ngen = "q.jsonl"\n'
+                     'max_new_tokens = 9\n')
     cfg = resolve(str(p), {"lr": 3e-4, "loss_type": ["kto"]})
     assert cfg.lr == 3e-4 and cfg.sources["lr"] == "option"  # option beats file
     assert cfg.batch_size == 4 and cfg.sources["batch_size"] == "file"  # file beats default
@@ -29,9 +30,9 @@ def test_defaults_file_and_options_in_order(tmp_path):
 
 
 def test_single_values_for_list_keys_and_ints_as_floats(tmp_path):
-    p = write(tmp_path, BASE + 'loss_type = "orpo"\nbeta = 1\nlr = 1\n')
+    p = write(tmp_path, BASE + 'loss_type = "ipo"\nbeta = 1\nlr = 1\n')
     cfg = resolve(str(p), {})
-    assert cfg.losses == ("orpo",) and cfg.betas == (1.0,) and cfg.lr == 1.0
+    assert cfg.losses == ("ipo",) and cfg.betas == (1.0,) and cfg.lr == 1.0
 
 
 def test_relative_paths_follow_the_file(tmp_path):
@@ -95,10 +96,10 @@ def test_cli_options_override_the_file(tmp_path, run_cli, monkeypatch):
     monkeypatch.setattr(run_mod, "run_pipeline", fake_run)
     p = write(tmp_path, BASE + 'beta = [0.1, 0.3]\nrecompute = true\n[train]\nlr = 1e-5\nepochs = 3\n')
     r = run_cli("pipeline", "--config", p, "--lr", "2e-4", "--beta", "0.5", "--beta", "0.7", "--no_recompute",
-                "--loss_type", "orpo")
+                "--loss_type", "ipo")
     assert r.exit_code == 0, r.output
     cfg = seen["cfg"]
-    assert (cfg.lr, cfg.epochs, cfg.betas, cfg.recompute, cfg.losses) == (2e-4, 3, (0.5, 0.7), False, ("orpo",))
+    assert (cfg.lr, cfg.epochs, cfg.betas, cfg.recompute, cfg.losses) == (2e-4, 3, (0.5, 0.7), False, ("ipo",))
 
     r = run_cli("pipeline", "--config", p)
     assert r.exit_code == 0
@@ -137,3 +138,50 @@ def test_a_loss_knob_no_pipeline_loss_reads_is_refused_by_its_key(tmp_path):
                             "ok.toml")), {})
     assert train_config(cfg, ("kto",), cache="c", data=None).loss.desirable_weight == 1.3
     assert train_config(cfg, ("dpo",), cache="c", data=None).loss.desirable_weight == 1.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ('kto_lr = 1e-4\n', "key 'kto_lr' has no effect here: it applies to losses on single examples (kto, "
+     "apo_zero_unpaired), and loss_type has none; remove it"),
+    ('kto_data = "k.jsonl"\n', "key 'kto_data' has no effect here"),
+    ('[eval]\nprompt_template = "Q: {question}"\n', "key 'eval.prompt_template' has no effect here: it applies "
+     "to eval_gen, which is not set; remove it"),
+    ('[eval]\nbaseline = false\n', "key 'eval.baseline' has no effect here"),
+    ('[eval]\nbatch_size = 8\n', "key 'eval.batch_size' has no effect here: no evaluation runs"),
+    ('loss_type = "orpo"\n[precompute]\npart_rows = 10\n', "key 'part_rows' has no effect here: phase one "
+     "(precompute) does not run: no loss here (orpo) needs reference log-probs"),
+    ('loss_type = "orpo"\nrecompute = true\n', "key 'recompute' has no effect here: phase one"),
+    ('loss_type = "orpo"\ncache = "c"\n', "key 'cache' has no effect here: the paired cache holds reference "
+     "log-probs and no loss here (orpo) reads them"),
+    ('loss_type = "sft"\nbeta = 0.5\n', "key 'beta' has no effect here: no loss here (sft) reads it"),
+    ('loss_type = ["orpo", "kto"]\nbeta = 0.5\nkto_beta = 0.2\n', "key 'beta' has no effect here: no loss here "
+     "(orpo, kto) reads it (kto runs take kto_beta)"),
+])
+def test_a_key_without_effect_is_refused_naming_key_and_file(tmp_path, text, message):
+    p = write(tmp_path, BASE + text)
+    with pytest.raises(UserError) as e:
+        resolve(str(p), {})
+    assert message in str(e.value)
+    assert str(p) in str(e.value)
+
+
+def test_keys_that_take_effect_pass_and_the_command_line_is_named_as_typed(tmp_path):
+    # Each of these is read: a kto loss takes the kto keys, eval_data starts phase one for an ORPO-only sweep,
+    # eval_cache alone feeds held-out reward accuracy (eval_batch_size: its pairs per forward).
+    resolve(str(write(tmp_path, BASE + 'loss_type = ["dpo", "kto"]\nkto_lr = 1e-4\nkto_beta = 0.3\n')), {})
+    resolve(str(write(tmp_path, BASE + 'loss_type = "orpo"\n[precompute]\npart_rows = 10\n[eval]\n'
+                      'data = "e.jsonl"\n')), {})
+    resolve(str(write(tmp_path, BASE + '[eval]\ncache = "held-out"\nbatch_size = 8\n')), {})
+    resolve(None, {"model": "m", "data": "d"})  # defaults are never refused
+    with pytest.raises(UserError) as e:
+        resolve(None, {"model": "m", "data": "d", "kto_beta": [0.3]})
+    assert str(e.value).startswith("--kto_beta has no effect here: no loss on single examples here uses beta")
+
+
+def test_ld_dpo_asks_phase_one_for_per_token_log_probs_without_editing_the_settings():
+    from prefpipe.pipeline.config import precompute_config
+    cfg = resolve(None, {"model": "m", "data": "d", "ld_alpha": 0.5})
+    assert precompute_config(cfg, "c", "d", kto=False, overwrite=False).per_token is True
+    assert cfg.values["per_token"] is False  # what the user set (the default), as pipeline.json records it
+    plain = resolve(None, {"model": "m", "data": "d"})
+    assert precompute_config(plain, "c", "d", kto=False, overwrite=False).per_token is False

@@ -38,6 +38,9 @@ def given_options(ctx: click.Context, kwargs: dict) -> dict:
 def pipeline(ctx, config_path, **kwargs):
     """Precompute (only when no valid cache exists), train every (loss type, beta), evaluate, report.
 
+    A rerun keeps the runs that finished with the same settings and continues unfinished ones from their last
+    checkpoint; only runs whose settings changed are trained again.
+
     \b
     prefpipe pipeline --config run.toml
     prefpipe pipeline --config run.toml --beta 0.05 --beta 0.2 --recompute

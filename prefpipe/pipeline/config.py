@@ -6,7 +6,8 @@ Rules a user needs to know:
   line wins over the file, and the file wins over the default.
 - Every option of ``prefpipe precompute`` and ``prefpipe train`` is a key, in ``[precompute]`` and ``[train]``
   (the keys are generated from PrecomputeConfig and TrainConfig), except those the pipeline sets itself per phase:
-  ``out``, ``kto``, ``no_reference`` and ``overwrite``. ``model``, ``data``, ``cache``, ``loss_type``, ``beta``,
+  ``out``, ``kto``, ``no_reference``, ``overwrite`` and ``resume`` (a rerun keeps or continues every run whose
+  settings match: prefpipe.pipeline.reruns). ``model``, ``data``, ``cache``, ``loss_type``, ``beta``,
   ``dtype``, ``device`` and ``progress`` are top-level keys and apply to every phase; the tokenization and column
   keys (``max_length``, ``prompt_col``, ...) live in ``[precompute]`` and apply to training too. ``[eval]`` holds
   the options of ``prefpipe eval --gen`` plus ``data``, ``cache``, ``gen`` and ``baseline``.
@@ -17,6 +18,10 @@ Rules a user needs to know:
 - Relative paths in the file are relative to the file's directory (``model``, and data given as ``ORG/NAME``, only
   when that path exists, so that hub ids keep working); on the command line they are relative to the working
   directory.
+- A key you set that has no effect in this combination (``kto_lr`` without a kto loss, ``[eval] prompt_template``
+  without ``gen``, a precompute key when no phase one runs, a loss knob no loss here reads, ...) is an error naming
+  the key and the file (the rule and its table: prefpipe.pipeline.effects; loss knobs: the loss registry's
+  `unread_knobs`). ``[eval] cache`` alone is evaluated as it is.
 - An unknown key, a key in two places, a key under the wrong table, or a value of the wrong type is an error naming
   the file and the key (with the closest known key as a suggestion). A value the settings reject (``lr = 0``) is an
   error naming the key and the file, or the option when it was given on the command line.
@@ -35,6 +40,8 @@ from prefpipe.data.formats import Columns, is_hub_id
 from prefpipe.errors import UserError
 from prefpipe.evaluation.settings import GenSettings
 from prefpipe.options import Option, OptionError, build, canonical_choice, cli_style, opt, options, same_as, toml_style
+from prefpipe.pipeline.effects import no_effect
+from prefpipe.pipeline.sweep import split_losses
 from prefpipe.precompute.config import PrecomputeConfig
 from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.train.config import TrainConfig
@@ -89,8 +96,9 @@ class Key:
         return None if d is MISSING else (list(d) if isinstance(d, tuple) else d)
 
 
-# Set by the pipeline for each phase and cache, so not keys.
-FIXED = {"out", "kto", "no_reference", "overwrite"}
+# Set by the pipeline for each phase and cache, so not keys (`resume`: a rerun always keeps or continues the runs
+# whose settings match, see prefpipe.pipeline.reruns).
+FIXED = {"out", "kto", "no_reference", "overwrite", "resume"}
 _TOP = options(PipelineSettings)
 _PRECOMPUTE = options(PrecomputeConfig, skip={o.name for o in _TOP} | FIXED)
 _TRAIN = options(TrainConfig, skip={o.name for o in _TOP + _PRECOMPUTE} | FIXED) + options(PipelineTrain)
@@ -104,9 +112,11 @@ SECTIONS = ("precompute", "train", "eval")
 assert len(KEY_BY_NAME) == len(KEYS), "two pipeline keys with one name"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineConfig:
-    """The resolved settings: `values` holds every key of `KEYS`; `sources` says where each came from."""
+    """The resolved settings: `values` holds every key of `KEYS`; `sources` says where each came from. Nothing
+    edits them once `resolve` has made them: what a phase needs beyond them is derived (`per_token`) or passed
+    to the function that builds that phase's settings."""
     values: dict
     sources: dict = field(default_factory=dict)  # key -> "default" | "file" | "option"
     config_path: str | None = None
@@ -131,6 +141,14 @@ class PipelineConfig:
         return tuple(canonical(t) for t in self.values["loss_type"])
 
     @property
+    def per_token(self) -> bool:
+        """Caches keep per-token reference log-probs: asked for, or needed by a run's loss entry (LD-DPO: dpo
+        with ld_alpha)."""
+        from prefpipe.train.loss_names import entry_for
+        return bool(self.values["per_token"]) or any(entry_for(lt, self.values).needs_per_token_reference
+                                                     for lt in self.losses)
+
+    @property
     def betas(self) -> tuple:
         return tuple(self.values["beta"])
 
@@ -143,7 +161,8 @@ class PipelineConfig:
 
 def precompute_config(cfg: PipelineConfig, out: str, data: str, *, kto: bool, overwrite: bool) -> PrecomputeConfig:
     """Phase one's settings for one cache: the keys, plus what the pipeline decides per cache."""
-    return build(PrecomputeConfig, {**cfg.values, "out": out, "data": data, "kto": kto, "overwrite": overwrite})
+    return build(PrecomputeConfig, {**cfg.values, "out": out, "data": data, "kto": kto, "overwrite": overwrite,
+                                    "per_token": cfg.per_token})
 
 
 def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data: str | None,
@@ -154,7 +173,7 @@ def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data:
     from prefpipe.train.loss_names import KNOBS, unread_knobs
     unread = {} if all_knobs else {k: KNOBS[k].default for k in unread_knobs(losses, cfg.values)}
     values = {**cfg.values, "cache": cache, "data": data, "out": cfg.runs_dir, "loss_type": list(losses),
-              "beta": list(betas or cfg.betas), **unread}
+              "beta": list(betas or cfg.betas), "resume": True, **unread}
     if lr:
         values["lr"] = lr
     return build(TrainConfig, values)
@@ -274,8 +293,7 @@ def resolve(config_path: str | None, options: dict) -> PipelineConfig:
             raise KeyError(name)
         values[name], sources[name] = coerce(KEY_BY_NAME[name], v), "option"
     cfg = PipelineConfig(values, sources, config_path)
-    _check(cfg)
-    return cfg
+    return PipelineConfig(_check(cfg), sources, config_path)
 
 
 @contextlib.contextmanager
@@ -292,8 +310,9 @@ def _as_written(cfg: PipelineConfig, prefix: str = ""):
         raise UserError(e.render(style), file=cfg.config_path if from_file else None) from None
 
 
-def _check(cfg: PipelineConfig):
-    """Build every phase's settings once now, so that a bad value stops the pipeline before any work."""
+def _check(cfg: PipelineConfig) -> dict:
+    """Build every phase's settings once now, so that a bad value stops the pipeline before any work; the values
+    with the prompt budget resolved (None: max_length // 2), which the caches and pipeline.json record."""
     where = f" (set it in {cfg.config_path} or with --%s)" if cfg.config_path else " (--%s)"
     if not cfg.values["model"]:
         raise UserError("no model given" + where % "model")
@@ -305,13 +324,24 @@ def _check(cfg: PipelineConfig):
     with _as_written(cfg):
         build(PipelineSettings, cfg.values), build(PipelineTrain, cfg.values)  # options.as_given: kto_lr = nan
         pc = precompute_config(cfg, cfg.path_or("cache", "cache"), cfg.data, kto=False, overwrite=False)
-        # The cache metadata and pipeline.json record the prompt budget actually used (None: max_length // 2).
-        cfg.values["max_prompt_length"] = pc.max_prompt_length
         train_config(cfg, cfg.losses, cache=cfg.path_or("cache", "cache"), data=None, all_knobs=True)
-        from prefpipe.pipeline.run import split_losses
         _, unpaired = split_losses(cfg.losses)
         if unpaired:
             train_config(cfg, unpaired, cache=cfg.path_or("kto_cache", "cache-kto"), data=None,
                          betas=tuple(cfg.kto_beta or cfg.betas), lr=cfg.kto_lr).runs()
     with _as_written(cfg, "eval_"):
         gen_settings(cfg)
+    _refuse_keys_without_effect(cfg)
+    return {**cfg.values, "max_prompt_length": pc.max_prompt_length}
+
+
+def _refuse_keys_without_effect(cfg: PipelineConfig):
+    found = no_effect(cfg.values, cfg.sources, cfg.losses)
+    if found is None:
+        return
+    name, why = found
+    if cfg.sources[name] == "option":
+        raise UserError(f"{cli_style(name)} has no effect here: {why}; leave it out")
+    key = KEY_BY_NAME[name]
+    written = f"{key.section}.{name[5:]}" if key.section == "eval" else name
+    raise UserError(f"key '{written}' has no effect here: {why}; remove it", file=cfg.config_path)

@@ -16,9 +16,12 @@ Decisions a user needs to know:
 - **Which caches.** Paired losses that need a reference (dpo, ipo, hinge) share one paired cache; reference-free
   losses (orpo, sft) train from it too when it exists, and from the data directly when no loss needs it (an
   ORPO-only pipeline runs no phase one). kto has its own cache of single examples with pinned partners, made
-  from `kto_data` (or from `data`, two examples per pair). `eval_data` gets a third cache for held-out metrics.
-- **Reruns** retrain every run of the sweep, replacing the earlier run directories of the same names (other runs
-  in RUNS_DIR are left alone); with `resume = true` finished runs are kept and interrupted ones continue.
+  from `kto_data` (or from `data`, two examples per pair). `eval_data` gets a third cache for held-out metrics;
+  `eval_cache` alone (no `eval_data`) is evaluated as it is, once its model and tokenizer fingerprints are those
+  of `model`.
+- **Reruns** keep every finished run whose settings match, continue an unfinished one from its last checkpoint
+  and replace only the runs whose settings changed (`prefpipe.pipeline.reruns`); other runs in RUNS_DIR are left
+  alone.
 - **Outputs** (layout in prefpipe.rundir). RUNS_DIR holds the runs (`<loss>-beta<beta>/`, or `orpo/`, `sft/`),
   `summary.json` (every trained run, as `prefpipe train` writes it), `pipeline.json` (this pipeline's caches,
   settings, runs, evaluations and timings), `reference/eval_gen.json` for the SFT model, and the report's plots
@@ -34,10 +37,11 @@ from pathlib import Path
 
 from prefpipe.data.cache import MANIFEST, read_manifest, read_part_metadata
 from prefpipe.errors import UserError
-from prefpipe.pipeline.config import PipelineConfig
+from prefpipe.fileio import OutputLock, atomic_write_text, check_writable, is_lock_file
+from prefpipe.pipeline.config import PipelineConfig, columns_of, gen_settings, precompute_config, train_config
+from prefpipe.pipeline.reruns import check_run, prepare, record
+from prefpipe.pipeline.sweep import needs_reference, split_losses
 from prefpipe.rundir import RunsDir
-from prefpipe.fileio import OutputLock, atomic_write_text, check_writable, is_lock_file, remove_tree
-from prefpipe.train.loss_names import LOSSES, entry_for, resolve_loss_type
 from prefpipe.wording import plural
 
 
@@ -46,6 +50,7 @@ class CacheCheck:
     path: str
     action: str  # "reuse" | "compute" | "recompute" | "resume"
     reason: str
+    identity_key: str = ""  # the digest of the identity it serves (prefpipe.data.identity.key of reuse(...))
 
     def line(self) -> str:
         verb = {"reuse": "reusing", "compute": "computing", "recompute": "recomputing",
@@ -79,10 +84,11 @@ def expected_identity(model: str, data: str, cfg: PipelineConfig, *, kto: bool,
     return identity.expected(model=fp["model"], tokenizer=fp["tokenizer"],
                              tokenization=TokenizeSettings(cfg.max_length, cfg.max_prompt_length,
                                                            cfg.chat_date).metadata(),
-                             data=data_fingerprint(data, columns_of(cfg), cfg.data_split, cfg.data_config), columns=asdict(columns_of(cfg)),
+                             data=data_fingerprint(data, columns_of(cfg), cfg.data_split, cfg.data_config),
+                             columns=asdict(columns_of(cfg)),
                              turn_marker=cfg.turn_marker, kind="unpaired" if kto else "paired", has_reference=True,
                              backend=cfg.backend, dtype=dtype, part_rows=cfg.part_rows,
-                             per_token=bool(cfg.values.get("per_token")))
+                             per_token=cfg.per_token)
 
 
 def check_cache(path: str, expected: dict, *, recompute: bool) -> CacheCheck:
@@ -114,11 +120,6 @@ def check_cache(path: str, expected: dict, *, recompute: bool) -> CacheCheck:
     return CacheCheck(path, "reuse", "model, tokenizer, tokenization and data fingerprints match")
 
 
-def columns_of(cfg: PipelineConfig):
-    from prefpipe.pipeline.config import columns_of as build_columns
-    return build_columns(cfg)
-
-
 def plan_cache(cfg: PipelineConfig, runs_dir: RunsDir, role: str, data: str, *, kto: bool,
                fingerprints: dict) -> CacheCheck:
     """Where the `role` cache lives and what to do with it; raises before any compute when a cache the user named
@@ -130,6 +131,7 @@ def plan_cache(cfg: PipelineConfig, runs_dir: RunsDir, role: str, data: str, *, 
     named = cfg.values[setting]
     path = named if named is not None else str(runs_dir.cache(role, identity.key(identity.reuse(expected))))
     check = check_cache(path, expected, recompute=cfg.recompute)
+    check.identity_key = identity.key(identity.reuse(expected))
     if named is not None and check.action == "recompute" and not cfg.recompute:
         raise UserError(f"this cache does not match the run ({check.reason}) and is not replaced without "
                         f"--recompute: pass --recompute to rebuild it, or set {setting} to another path", file=path)
@@ -138,7 +140,6 @@ def plan_cache(cfg: PipelineConfig, runs_dir: RunsDir, role: str, data: str, *, 
 
 def ensure_cache(cfg: PipelineConfig, check: CacheCheck, data: str, *, kto: bool, log) -> CacheCheck:
     """Phase one for one cache, only when `check` (from `plan_cache`) says so."""
-    from prefpipe.pipeline.config import precompute_config
     from prefpipe.precompute.run import run_precompute
 
     path = check.path
@@ -153,30 +154,40 @@ def ensure_cache(cfg: PipelineConfig, check: CacheCheck, data: str, *, kto: bool
     return check
 
 
-def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data: str | None,
-                 betas: tuple | None = None, lr: float | None = None):
-    from prefpipe.pipeline.config import train_config as build_train_config
-    return build_train_config(cfg, losses, cache=cache, data=data, betas=betas, lr=lr)
+def given_eval_cache(cfg: PipelineConfig, fingerprints: dict) -> CacheCheck:
+    """`eval_cache` without `eval_data`: used as it is (there is no data to build it from), when it is a finished
+    paired cache with reference log-probs of `model` through its tokenizer; refused before any compute otherwise."""
+    from prefpipe.data import identity
+
+    path = cfg.eval_cache
+    if not (Path(path) / MANIFEST).exists():
+        raise UserError("eval_cache without eval_data must be a finished cache (no manifest.json here); set "
+                        "eval_data to build it", file=path)
+    found = identity.identity_of(read_manifest(Path(path))["metadata"])
+    expected = {**found, "model": fingerprints["model"], "tokenizer": fingerprints["tokenizer"], "kind": "paired",
+                "has_reference": True}
+    diff = identity.differences(expected, found)
+    if diff:
+        raise UserError(f"eval_cache cannot measure this pipeline's runs ({'; '.join(diff)}); point it at a "
+                        "paired cache made from model, or set eval_data to build one", file=path)
+    return CacheCheck(path, "reuse", "eval_cache as given: its model and tokenizer fingerprints match",
+                      identity.key(identity.reuse(found)))
 
 
-def train(cfg: PipelineConfig, tc, log) -> list[dict]:
-    """One `run_training` call; earlier runs of the same names are replaced unless `resume` is set."""
+def train(tc, check: CacheCheck, log) -> list[dict]:
+    """One `run_training` call for the runs of `tc` that need it (`prefpipe.pipeline.reruns`); the results of
+    all of them, in order. `check`: the cache the runs train from (or the data's identity), which a run found
+    from an earlier call must have been trained on: not one this pipeline has just computed."""
     from prefpipe.train.loop import run_training
 
-    if not cfg.resume:
-        for loss in tc.runs():
-            old = Path(tc.out) / loss.run_name
-            if old.exists():
-                log(f"replacing the earlier run {old}")
-                remove_tree(old)
-    return run_training(tc)["runs"]
-
-
-def split_losses(losses) -> tuple[tuple, tuple]:
-    """(losses trained on pairs, losses trained on KTO examples), canonical names, each in order once. The second
-    group (kto, apo_zero_unpaired) trains from the KTO cache with the `kto_*` settings."""
-    names = tuple(dict.fromkeys(resolve_loss_type(lt) for lt in losses))
-    return (tuple(n for n in names if LOSSES[n].paired), tuple(n for n in names if not LOSSES[n].paired))
+    runs_dir = RunsDir(tc.out)
+    records = [record(tc.resolved(loss), check.identity_key) for loss in tc.runs()]
+    rebuilt = check.action != "reuse"
+    checks = [check_run(runs_dir.run(loss.run_name), rec, rebuilt=rebuilt) for loss, rec in zip(tc.runs(), records)]
+    prepare(checks, records, log)
+    if all(c.action == "keep" for c in checks):
+        return [json.loads(c.run.result.read_text()) for c in checks]
+    return run_training(tc)["runs"]  # tc has resume set: kept runs are skipped, continued ones resume
 
 
 def check_data_kinds(cfg: PipelineConfig, paired: tuple):
@@ -196,11 +207,6 @@ def check_data_kinds(cfg: PipelineConfig, paired: tuple):
                         "file holds unpaired examples", file=cfg.eval_data)
 
 
-def gen_settings(cfg: PipelineConfig):
-    from prefpipe.pipeline.config import gen_settings as build_gen_settings
-    return build_gen_settings(cfg)
-
-
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     """Caches (when needed), training runs, evaluations, pipeline.json and the report.
 
@@ -214,63 +220,20 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
 
 
 def _run_pipeline(cfg: PipelineConfig, log) -> dict:
-    from prefpipe.evaluation.evaluate import Run, eval_generation, eval_preference, resolve_run
     from prefpipe.evaluation.report import write_report
 
     t0 = time.perf_counter()
     runs_dir = RunsDir(cfg.runs_dir)
-    paired, unpaired = split_losses(cfg.losses)
-    kto = bool(unpaired)
-    paired_needs_ref = any(LOSSES[lt].needs_reference for lt in paired)
-    if any(entry_for(lt, cfg.values).needs_per_token_reference for lt in paired):
-        cfg.values["per_token"] = True  # LD-DPO trains on per-token reference log-probs (precompute --per_token)
-    fingerprints = model_fingerprints(cfg.model)  # the weights are hashed once per process (see fingerprint.py)
-    wanted = ([("paired", cfg.data, False)] if paired_needs_ref else []) + \
-        ([("kto", cfg.kto_data or cfg.data, True)] if kto else []) + \
-        ([("eval", cfg.eval_data, False)] if cfg.eval_data else [])
-    # Every cache is checked before any is computed, so a refusal costs no compute.
-    planned = {role: plan_cache(cfg, runs_dir, role, data, kto=k, fingerprints=fingerprints)
-               for role, data, k in wanted}
-    if paired and not paired_needs_ref:
-        log(f"phase one skipped: {', '.join(paired)} need no reference log-probs; training reads {cfg.data}")
-    checks = {role: ensure_cache(cfg, planned[role], data, kto=k, log=log) for role, data, k in wanted}
-    cache = checks["paired"].path if "paired" in checks else None
+    checks = _caches(cfg, runs_dir, log)
     t_cache = time.perf_counter() - t0
-
-    results = []
-    if paired:
-        tc = train_config(cfg, paired, cache=cache if paired_needs_ref else None,
-                          data=None if paired_needs_ref else cfg.data)
-        results += train(cfg, tc, log)
-    if kto:
-        results += train(cfg, train_config(cfg, unpaired, cache=checks["kto"].path, data=None,
-                                           betas=tuple(cfg.kto_beta or cfg.betas), lr=cfg.kto_lr), log)
+    results = _train_runs(cfg, checks, log)
     t_train = time.perf_counter() - t0 - t_cache
-
-    evals = {}
-    if cfg.eval_gen and cfg.eval_baseline:
-        from prefpipe.model_paths import resolve_model_dir
-        ref = Run(runs_dir.reference.path, resolve_model_dir(cfg.model), "reference", None, None)
-        evals["reference"] = {"gen": eval_generation(ref, cfg.eval_gen, gen_settings(cfg))}
-        log(f"eval reference (the SFT model): downstream accuracy {evals['reference']['gen']['accuracy']:.3f}")
-    for r in results:
-        run = resolve_run(runs_dir.run(r["dir"]).path)
-        e = {}
-        if cfg.eval_data:
-            e["pref"] = eval_preference(run, checks["eval"].path, device=cfg.device,
-                                        dtype=cfg.dtype)
-            atomic_write_text(runs_dir.run(r["dir"]).eval_pref, json.dumps(e["pref"], indent=2))
-        if cfg.eval_gen:
-            e["gen"] = eval_generation(run, cfg.eval_gen, gen_settings(cfg))
-        evals[run.name] = e
-        shown = [f"held-out reward acc {e['pref']['acc']:.3f}"] if "pref" in e else []
-        shown += [f"downstream accuracy {e['gen']['accuracy']:.3f}"] if "gen" in e else []
-        if shown:
-            log(f"eval {run.name}: {', '.join(shown)}")
+    evals = _evaluate(cfg, runs_dir, results, checks.get("eval"), log)
     t_eval = time.perf_counter() - t0 - t_cache - t_train
 
     summary = {"config": cfg.config_path, "settings": cfg.values,
-               "caches": {k: {"path": c.path, "action": c.action, "reason": c.reason} for k, c in checks.items()},
+               "caches": {k: {"path": c.path, "action": c.action, "reason": c.reason} for k, c in checks.items()
+                          if k in ("paired", "kto", "eval")},
                "runs": results, "evals": evals,
                "timing_s": {"caches": round(t_cache, 1), "train": round(t_train, 1), "eval": round(t_eval, 1)}}
     runs_dir.path.mkdir(parents=True, exist_ok=True)
@@ -281,3 +244,77 @@ def _run_pipeline(cfg: PipelineConfig, log) -> dict:
     atomic_write_text(runs_dir.pipeline, json.dumps(summary, indent=2, default=str))
     log(f"report: {report['summary']} ({report['headline']})")
     return summary
+
+
+def _caches(cfg: PipelineConfig, runs_dir: RunsDir, log) -> dict[str, CacheCheck]:
+    """Every cache the pipeline uses, by role, computed where needed; "data": the identity of `data` when paired
+    runs train from it directly (no paired cache), which their records name instead of a cache."""
+    from prefpipe.data import identity
+
+    paired, unpaired = split_losses(cfg.losses)
+    paired_needs_ref = needs_reference(paired)
+    fingerprints = model_fingerprints(cfg.model)  # the weights are hashed once per process (see fingerprint.py)
+    wanted = ([("paired", cfg.data, False)] if paired_needs_ref else []) + \
+        ([("kto", cfg.kto_data or cfg.data, True)] if unpaired else []) + \
+        ([("eval", cfg.eval_data, False)] if cfg.eval_data else [])
+    # Every cache is checked before any is computed, so a refusal costs no compute.
+    planned = {role: plan_cache(cfg, runs_dir, role, data, kto=k, fingerprints=fingerprints)
+               for role, data, k in wanted}
+    if cfg.eval_cache and not cfg.eval_data:
+        planned["eval"] = given_eval_cache(cfg, fingerprints)
+        log(planned["eval"].line())
+    checks = {role: ensure_cache(cfg, planned[role], data, kto=k, log=log) for role, data, k in wanted}
+    if cfg.eval_cache and not cfg.eval_data:
+        checks["eval"] = planned["eval"]
+    if paired and not paired_needs_ref:
+        log(f"phase one skipped: {', '.join(paired)} need no reference log-probs; training reads {cfg.data}")
+        digest = identity.key(identity.reuse(expected_identity(cfg.model, cfg.data, cfg, kto=False,
+                                                               fingerprints=fingerprints)))
+        checks["data"] = CacheCheck(cfg.data, "reuse", "training reads the data", digest)
+    return checks
+
+
+def _train_runs(cfg: PipelineConfig, checks: dict[str, CacheCheck], log) -> list[dict]:
+    """Every run of the sweep: paired losses from the paired cache (or the data), then those on single examples
+    from the KTO cache."""
+    paired, unpaired = split_losses(cfg.losses)
+    results = []
+    if paired:
+        source = checks["paired"] if "paired" in checks else checks["data"]
+        tc = train_config(cfg, paired, cache=source.path if "paired" in checks else None,
+                          data=None if "paired" in checks else cfg.data)
+        results += train(tc, source, log)
+    if unpaired:
+        tc = train_config(cfg, unpaired, cache=checks["kto"].path, data=None, betas=tuple(cfg.kto_beta or cfg.betas),
+                          lr=cfg.kto_lr)
+        results += train(tc, checks["kto"], log)
+    return results
+
+
+def _evaluate(cfg: PipelineConfig, runs_dir: RunsDir, results: list[dict], eval_cache: CacheCheck | None,
+              log) -> dict:
+    """The SFT model's downstream accuracy (eval_gen), then each run's held-out reward accuracy (eval_data or
+    eval_cache) and downstream accuracy."""
+    from prefpipe.evaluation.evaluate import Run, eval_generation, eval_preference, resolve_run
+
+    evals = {}
+    if cfg.eval_gen and cfg.eval_baseline:
+        from prefpipe.model_paths import resolve_model_dir
+        ref = Run(runs_dir.reference.path, resolve_model_dir(cfg.model), "reference", None, None)
+        evals["reference"] = {"gen": eval_generation(ref, cfg.eval_gen, gen_settings(cfg))}
+        log(f"eval reference (the SFT model): downstream accuracy {evals['reference']['gen']['accuracy']:.3f}")
+    for r in results:
+        run = resolve_run(runs_dir.run(r["dir"]).path)
+        e = {}
+        if eval_cache is not None:
+            e["pref"] = eval_preference(run, eval_cache.path, batch_size=cfg.eval_batch_size, device=cfg.device,
+                                        dtype=cfg.dtype)
+            atomic_write_text(runs_dir.run(r["dir"]).eval_pref, json.dumps(e["pref"], indent=2))
+        if cfg.eval_gen:
+            e["gen"] = eval_generation(run, cfg.eval_gen, gen_settings(cfg))
+        evals[run.name] = e
+        shown = [f"held-out reward acc {e['pref']['acc']:.3f}"] if "pref" in e else []
+        shown += [f"downstream accuracy {e['gen']['accuracy']:.3f}"] if "gen" in e else []
+        if shown:
+            log(f"eval {run.name}: {', '.join(shown)}")
+    return evals
