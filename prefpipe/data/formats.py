@@ -75,7 +75,8 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from prefpipe.errors import UserError
 from prefpipe.options import opt

@@ -334,9 +334,9 @@ def beta_panels(runs: list[RunData], reference: dict | None, best: RunData | Non
         source, rec = _train_value(members)
         lt = members[0].loss_type
         accs.append(Panel(f"{', '.join(fam)}: {source}", ACC_KIND.get(lt, ("", "accuracy"))[1], "β",
-                          _beta_lines(members, lambda r: _num(rec(r).get("acc")), best), chance=True, xticks=betas))
+                          _beta_lines(members, lambda r, rec=rec: _num(rec(r).get("acc")), best), chance=True, xticks=betas))
         margins.append(Panel(f"{', '.join(fam)}: {source}", MARGIN_LABEL.get(lt, "margin / β"), "β",
-                             _beta_lines(members, lambda r: _margin(r, rec(r)), best), xticks=betas))
+                             _beta_lines(members, lambda r, rec=rec: _margin(r, rec(r)), best), xticks=betas))
     rows = [row for row in (top, accs, margins) if row]
     if not rows:
         return [[None]]  # only losses without β and no held-out evaluation: nothing to plot against β

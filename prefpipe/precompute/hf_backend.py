@@ -51,7 +51,7 @@ class HFBackend:
             why = prompt_once_supported(self.model, self.device)
             if why is not None:
                 import warnings
-                warnings.warn(f"--prompt_once: {why}; scoring each response in its own forward instead")
+                warnings.warn(f"--prompt_once: {why}; scoring each response in its own forward instead", stacklevel=2)
                 self.prompt_once = False
 
     def set_progress(self, callback):

@@ -7,7 +7,7 @@ bar has no total (it still counts rows and shows the rate).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from prefpipe.data.formats import Source
 
