@@ -121,33 +121,34 @@ def test_lint_runs_ruff_in_the_test_environment(machine):
     assert calls == ["-m pip install -q -e .[test]", "-m ruff check"]
 
 
-# A python3.10 on PATH that answers the version checks and makes a venv holding the stub python.
-PY310_STUB = """#!/bin/sh
-echo "python3.10 $*" >>"$STUB_LOG"
+# A python3.99 on PATH (a version no test runs under) that answers the version checks and makes a venv holding the
+# stub python.
+PY399_STUB = """#!/bin/sh
+echo "python3.99 $*" >>"$STUB_LOG"
 case "$1" in
-  -c) echo 3.10 ;;
+  -c) echo 3.99 ;;
   -m) mkdir -p "$3/bin" && cp "$STUB_VENV_PYTHON" "$3/bin/python" ;;
 esac
 """
 
 
-def _python310_on_path(tmp_path):
-    stub = tmp_path / "stubs" / "python3.10"
-    stub.write_text(PY310_STUB)
+def _python399_on_path(tmp_path):
+    stub = tmp_path / "stubs" / "python3.99"
+    stub.write_text(PY399_STUB)
     stub.chmod(0o755)
     return str(tmp_path / "venv" / "bin" / "python")
 
 
 def test_a_bare_python_version_makes_the_venv_with_that_interpreter(machine, tmp_path):
-    venv_python = _python310_on_path(tmp_path)
-    res, calls = machine("setup", PYTHON="3.10", VENV=str(tmp_path / "v310"), STUB_VENV_PYTHON=venv_python)
+    venv_python = _python399_on_path(tmp_path)
+    res, calls = machine("setup", PYTHON="3.99", VENV=str(tmp_path / "v399"), STUB_VENV_PYTHON=venv_python)
     assert res.returncode == 0, res.stderr
-    assert f"python3.10 -m venv {tmp_path / 'v310'}" in calls and "-m pip install -q -e .[test]" in calls
-    assert "dev: creating " + str(tmp_path / "v310") in res.stderr
+    assert f"python3.99 -m venv {tmp_path / 'v399'}" in calls and "-m pip install -q -e .[test]" in calls
+    assert "dev: creating " + str(tmp_path / "v399") in res.stderr
 
 
 def test_an_existing_venv_of_another_python_than_asked_for_is_refused(machine, tmp_path):
-    venv_python = _python310_on_path(tmp_path)  # the fixture's venv answers as this interpreter, 3.11+
-    res, calls = machine("setup", torch_installed=True, PYTHON="3.10", STUB_VENV_PYTHON=venv_python)
+    venv_python = _python399_on_path(tmp_path)  # the fixture's venv answers as the Python running the tests
+    res, calls = machine("setup", torch_installed=True, PYTHON="3.99", STUB_VENV_PYTHON=venv_python)
     assert res.returncode == 1 and not [c for c in calls if c.startswith("-m pip")]
-    assert "not the 3.10 of PYTHON=3.10" in res.stderr
+    assert "not the 3.99 of PYTHON=3.99" in res.stderr
