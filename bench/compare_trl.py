@@ -289,7 +289,8 @@ def table(results: list[dict]) -> list[str]:
         lines.append(f"| {side} (median of {len(runs)}) | " + " | ".join(
             f.format(med[side][k]) + " (" + ", ".join(f.format(r[k]) for r in runs) + ")" for k, _, f in COLUMNS)
             + " |")
-    ratio = lambda k: med["prefpipe"][k] / med["trl"][k] if "tokens" in k else med["trl"][k] / med["prefpipe"][k]
+    def ratio(k):
+        return med["prefpipe"][k] / med["trl"][k] if "tokens" in k else med["trl"][k] / med["prefpipe"][k]
     lines.append("| prefpipe advantage | " + " | ".join(f"{ratio(k):.2f}x" for k, _, _ in COLUMNS[:4]) + " | |")
     return lines
 

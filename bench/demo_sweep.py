@@ -22,7 +22,6 @@ from pathlib import Path
 
 def settings(args, seed, steps, lr=None, out="."):
     from prefpipe.demo.run import DemoSettings
-    from prefpipe.demo.sft import SFTSettings
 
     s = DemoSettings(out=out, seed=seed, device=args.device)
     s = replace(s, sft=replace(s.sft, steps=steps, seed=seed), pairs=replace(s.pairs, seed=seed))

@@ -92,7 +92,7 @@ def run_seed(seed: int, out: Path, losses: list[str], beta: float, threads: int 
     config = prepare(seed, out, threads)
     runs_dir = out / "zoo-runs"
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    for i, lt in enumerate(losses):
+    for lt in losses:
         dest = runs_dir / f"zoo-{lt}.json"
         if dest.exists():
             continue

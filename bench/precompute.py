@@ -230,7 +230,7 @@ def main():
               f"(runs: {runs})")
     print(f"  (ours = prompt once, old = each response in its own forward; MFU over a float32 matmul peak of "
           f"{peak / 1e9:.1f} GFLOP/s, best of before/after: {', '.join(f'{p / 1e9:.1f}' for p in peaks)})")
-    print(f"  checksums of 8 scores: " + ", ".join(f"{m} {cs[m]:.3f}" for m in methods))
+    print("  checksums of 8 scores: " + ", ".join(f"{m} {cs[m]:.3f}" for m in methods))
     print(f"  load average after: {os.getloadavg()}")
     if not mem:
         return

@@ -188,7 +188,7 @@ class OutputLock:
         self.shared = shared
         self._key = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         import fcntl
 
         from prefpipe.errors import UserError
@@ -227,7 +227,7 @@ class OutputLock:
             os.close(held[0])  # closing drops the flock
         self._key = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc):

@@ -14,7 +14,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import make_pairs, write_jsonl
 from test_train_fixtures import cache, one_thread, pairs_data  # noqa: F401
 
 from prefpipe.data.cache import read_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -57,8 +58,8 @@ def test_columns_in_input_order_and_scores_match_float64(paired_cache, tiny_mode
     P = [t["prompt_ids"][i] for i in rows]
     want = naive_float64(model64, P + P, [t["chosen_ids"][i] for i in rows] + [t["rejected_ids"][i] for i in rows])
     got = [t["ref_chosen"][i] for i in rows] + [t["ref_rejected"][i] for i in rows]
-    for got, want in zip(got, want):
-        assert abs(got - want) <= 1e-6 * abs(want) + 1e-5
+    for g, w in zip(got, want):
+        assert abs(g - w) <= 1e-6 * abs(w) + 1e-5
 
 
 def test_metadata_and_counts(paired_cache, tiny_model, tiny_tokenizer):

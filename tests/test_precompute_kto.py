@@ -41,7 +41,7 @@ def check_partners(t: dict, max_length: int, part_of: dict):
     """Every kl column against the partner row's own columns; returns the number of cut partner completions."""
     by_id = {rid: i for i, rid in enumerate(t["row_id"])}
     cut = 0
-    for j, rid in enumerate(t["row_id"]):
+    for j in range(len(t["row_id"])):
         k = by_id[t["kl_row_id"][j]]
         assert k != j
         assert t["prompt_ids"][k] != t["prompt_ids"][j]

@@ -52,9 +52,10 @@ def machine(tmp_path):
         log.write_text("")
         full = {k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "TORCH_INDEX")}
         full.update(PATH=f"{stubs}:{os.environ['PATH']}", VENV=str(venv), STUB_LOG=str(log), STUB_STATE=str(state),
-                    STUB_TORCH=str(fake_torch), STUB_REAL_PYTHON=sys.executable, **env)
+                    STUB_TORCH=str(fake_torch), STUB_REAL_PYTHON=sys.executable)
+        full.update(env)
         res = subprocess.run(["sh", str(DEV), *args], env=full, capture_output=True, text=True, timeout=60)
-        return res, [line for line in log.read_text().splitlines() if line.startswith(("-m pip", "-m pytest")) or
+        return res, [line for line in log.read_text().splitlines() if line.startswith(("-m pip", "-m pytest", "-m ruff", "python3.")) or
                      line.startswith("prefpipe")]
     return dev
 
@@ -112,3 +113,42 @@ def test_test_installs_the_test_extra_which_serves_the_demo_too(machine):
     assert calls == ["-m pip install -q -e .[test]", "-m pytest -q --collect-only -q"]
     res, calls = machine("demo", torch_installed=True)
     assert calls == ["prefpipe demo"]
+
+
+def test_lint_runs_ruff_in_the_test_environment(machine):
+    res, calls = machine("lint", torch_installed=True)
+    assert res.returncode == 0, res.stderr
+    assert calls == ["-m pip install -q -e .[test]", "-m ruff check"]
+
+
+# A python3.99 on PATH (a version no test runs under) that answers the version checks and makes a venv holding the
+# stub python.
+PY399_STUB = """#!/bin/sh
+echo "python3.99 $*" >>"$STUB_LOG"
+case "$1" in
+  -c) echo 3.99 ;;
+  -m) mkdir -p "$3/bin" && cp "$STUB_VENV_PYTHON" "$3/bin/python" ;;
+esac
+"""
+
+
+def _python399_on_path(tmp_path):
+    stub = tmp_path / "stubs" / "python3.99"
+    stub.write_text(PY399_STUB)
+    stub.chmod(0o755)
+    return str(tmp_path / "venv" / "bin" / "python")
+
+
+def test_a_bare_python_version_makes_the_venv_with_that_interpreter(machine, tmp_path):
+    venv_python = _python399_on_path(tmp_path)
+    res, calls = machine("setup", PYTHON="3.99", VENV=str(tmp_path / "v399"), STUB_VENV_PYTHON=venv_python)
+    assert res.returncode == 0, res.stderr
+    assert f"python3.99 -m venv {tmp_path / 'v399'}" in calls and "-m pip install -q -e .[test]" in calls
+    assert "dev: creating " + str(tmp_path / "v399") in res.stderr
+
+
+def test_an_existing_venv_of_another_python_than_asked_for_is_refused(machine, tmp_path):
+    venv_python = _python399_on_path(tmp_path)  # the fixture's venv answers as the Python running the tests
+    res, calls = machine("setup", torch_installed=True, PYTHON="3.99", STUB_VENV_PYTHON=venv_python)
+    assert res.returncode == 1 and not [c for c in calls if c.startswith("-m pip")]
+    assert "not the 3.99 of PYTHON=3.99" in res.stderr

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from test_train_fixtures import one_thread  # noqa: F401  (autouse)
-from test_train_fixtures import TIMING_KEYS, cache, metrics, pairs_data
+from test_train_fixtures import TIMING_KEYS, cache, pairs_data
 from prefpipe import rundir
 
 # 24 steps: after the kill condition (step 6 logged) the child still has 18 steps and 4 checkpoints to go, far

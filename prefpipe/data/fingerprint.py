@@ -49,7 +49,10 @@ def _hash_files(files: list[Path]) -> str:
     for f in files:
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
+            d = hashlib.sha256()  # hashlib.file_digest is 3.11+
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                d.update(chunk)
+            h.update(d.digest())
     return h.hexdigest()
 
 

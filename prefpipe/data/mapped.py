@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mmap
 import weakref
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa

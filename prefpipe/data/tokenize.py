@@ -54,7 +54,8 @@ import datetime
 import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from prefpipe.data.formats import Record
 from prefpipe.errors import UserError

@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any

@@ -7,7 +7,7 @@ Hugging Face datasets) has a total, and it is the reader's own count (blank line
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def rows_to_process(row_counts: Sequence[int], part_rows: int, owns: Callable[[int], bool]) -> int:

@@ -33,20 +33,20 @@ import os
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from prefpipe import __version__
 from prefpipe.data import identity
 from prefpipe.data.cache import (KINDS, MANIFEST, SCHEMA_VERSION, part_digest, part_name, read_manifest,
                                  read_part_metadata, write_manifest, write_part)
-from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns, Dataset
-from prefpipe.data.tokenize import SeenHashes, TokenizeSettings, TokenStats
+from prefpipe.data.formats import Dataset
+from prefpipe.data.tokenize import SeenHashes, TokenStats
 from prefpipe.dist import Procs, join
 from prefpipe.errors import UserError
 from prefpipe.fileio import LOCK_FILE, OutputLock, check_writable, is_lock_file
 from prefpipe.data import kto_pairs
-from prefpipe.precompute.backend import BackendOptions, make_backend
+from prefpipe.precompute.backend import make_backend
 from prefpipe.precompute.config import PrecomputeConfig  # noqa: F401 (callers import it from here)
 from prefpipe.wording import plural
 

@@ -182,7 +182,7 @@ class VLLMBackend:
 
     def score(self, prompts: list[list[int]], responses: list[list[int]], per_token: bool = False) -> tuple:
         seqs = [list(map(int, p)) + list(map(int, r)) for p, r in zip(prompts, responses)]
-        for i, (p, s) in enumerate(zip(prompts, seqs)):
+        for p, s in zip(prompts, seqs):
             if len(p) < 1:
                 raise ValueError("every row needs at least one prompt token")
             if len(s) > self.max_len:

@@ -215,7 +215,7 @@ class Batch:
         """The cached reference sums aligned with the rows of `ids`."""
         return torch.cat([self.ref[r.ref] for r in self.responses])
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         def move(x):
             return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
         fields = {f: move(getattr(self, f)) for f in self.__dataclass_fields__ if f != "ref"}

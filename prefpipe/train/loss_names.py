@@ -294,7 +294,7 @@ def run_label(loss_type: str) -> str:
     return loss_type.replace("*", "")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resolved_spec(text: str) -> LossSpec:
     name = resolve_loss_type(text)
     if name in LOSSES:
