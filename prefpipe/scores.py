@@ -19,7 +19,7 @@ class Scores(NamedTuple):
     tokens: list | None = None
     extras: dict | None = None
 
-    def part(self, start: int, stop: int) -> "Scores":
+    def part(self, start: int, stop: int) -> Scores:
         """The sequences `start:stop` (list-valued scores: a flattened batch split back per response)."""
         return Scores(self.sums[start:stop], self.counts[start:stop],
                       None if self.tokens is None else self.tokens[start:stop])

@@ -15,7 +15,7 @@ Decisions a user may want to know:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

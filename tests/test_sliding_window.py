@@ -134,10 +134,10 @@ def test_prefpipe_warnings_are_one_line_and_third_party_noise_is_quiet_in_the_cl
     assert "hf_backend.py:54" in warnings.formatwarning("m", UserWarning, "hf_backend.py", 54, "x")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        warnings.warn("deprecated", FutureWarning)  # a library user sees it
+        warnings.warn("deprecated", FutureWarning, stacklevel=1)  # a library user sees it
         assert len(seen) == 1
         quiet_third_party()  # what the CLI does at start
-        warnings.warn("deprecated", FutureWarning)
-        warnings.warn("Failed to initialize NumPy: _ARRAY_API not found", UserWarning)
+        warnings.warn("deprecated", FutureWarning, stacklevel=1)
+        warnings.warn("Failed to initialize NumPy: _ARRAY_API not found", UserWarning, stacklevel=1)
         warn("something to act on")
     assert [str(w.message) for w in seen] == ["deprecated", "something to act on"]

@@ -77,7 +77,8 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from prefpipe.errors import UserError
 from prefpipe.options import opt

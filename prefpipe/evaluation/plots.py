@@ -175,9 +175,9 @@ def beta_panels(runs: list[RunData], reference: dict | None, best: RunData | Non
         source, rec = _train_value(members)
         lt = members[0].loss_type
         accs.append(Panel(f"{', '.join(fam)}: {source}", meaning(lt).acc_label, "β",
-                          _beta_lines(members, lambda r: num(rec(r).get("acc")), best), chance=True, xticks=betas))
+                          _beta_lines(members, lambda r, rec=rec: num(rec(r).get("acc")), best), chance=True, xticks=betas))
         margins.append(Panel(f"{', '.join(fam)}: {source}", meaning(lt).margin_label, "β",
-                             _beta_lines(members, lambda r: _margin(r, rec(r)), best), xticks=betas))
+                             _beta_lines(members, lambda r, rec=rec: _margin(r, rec(r)), best), xticks=betas))
     rows = [[p for p in row if p.series] for row in (top, accs, margins)]
     return [row for row in rows if row]
 

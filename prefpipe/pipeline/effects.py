@@ -10,7 +10,7 @@ that phase's own settings (`LossConfig`: a loss knob another loss reads is ignor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from prefpipe.options import options
 from prefpipe.pipeline.sweep import needs_reference, split_losses
