@@ -234,3 +234,27 @@ def prompt_once_supported(model, device=None, longest: int | None = None) -> str
     if worst > (5e-2 if low else 1e-4):
         return f"probe scores differ from separate forwards by {worst:.2g} per token"
     return None
+
+
+# ---------------------------------------------------------------- the responses of cache rows
+
+def score_cache_rows(column: Callable[[str], list], kind: str, score: Callable, pairs: Callable | None = None
+                     ) -> dict[str, Scores]:
+    """Every response of some cache rows (chosen and rejected; a KTO completion and its partner) scored after its
+    row's prompt in one call, and the scores split back per response, by descriptor name (`data.cache.KINDS`).
+
+    `column(name)` gives a column of the rows as a list (a dict of columns, or a table's column); `score(prompts,
+    responses) -> Scores` scores flat lists; `pairs(prompts, firsts, seconds) -> Scores`, when given and the kind
+    has two responses, is used instead (a backend's `score_pairs`: the shared prompt can run once). Precompute,
+    the step-0 drift check, held-out evaluation and verify all score cache rows through here."""
+    from prefpipe.data.cache import KINDS
+
+    prompts = column("prompt_ids")
+    responses = {r.name: column(r.ids) for r in KINDS[kind].responses}
+    n = len(prompts)
+    if pairs is not None and len(responses) == 2:
+        out = pairs(prompts, *responses.values())
+    else:
+        out = score(prompts * len(responses), [x for ids in responses.values() for x in ids])
+    return {name: out.part(j * n, (j + 1) * n) for j, name in enumerate(responses)}
+

@@ -159,6 +159,11 @@ def run_probe(*args, cwd):
     (["train", "--model", "m", "--cache", "c", "--out", "o", "--max_steps", "-5"], "--max_steps must be >= 1"),
     (["train", "--model", "m", "--cache", "c", "--out", "o", "--lr", "nan"], "--lr must be a number (got nan)"),
     (["precompute", "--model", "m", "--data", "d", "--out", "o", "--part_rows", "0"], "--part_rows must be positive"),
+    # engine checks live in BackendOptions.__post_init__ now, not in the backend constructor after the model load
+    (["precompute", "--model", "m", "--data", "d", "--out", "o", "--batch_tokens", "0"],
+     "--batch_tokens must be positive"),
+    (["precompute", "--model", "m", "--data", "d", "--out", "o", "--backend", "vllm", "--load_in_4bit"],
+     "--load_in_4bit quantizes the transformers model of --backend hf"),
     (["eval", "--model", "m", "--cache", "c", "--beta", "inf"], "--beta must be finite (got inf)"),
     (["eval", "--model", "m"], "give --cache"),
     (["pipeline", "--model", "m", "--data", "d", "--warmup_ratio", "2"], "--warmup_ratio must be in [0, 1)"),

@@ -50,7 +50,7 @@ def model64(tiny_model):
 
 def test_sums_match_naive_float64(backend, model64, tiny_tokenizer):
     prompts, responses = tokenized_pairs(tiny_tokenizer)
-    sums, counts = backend.score(prompts, responses)
+    sums, counts = backend.score(prompts, responses)[:2]
     expected = naive_float64(model64, prompts, responses)
     assert counts == [len(r) for r in responses]
     for got, want in zip(sums, expected):
@@ -64,7 +64,7 @@ def test_chunked_lm_head_matches_naive(backend, model64, tiny_tokenizer):
     old = backend.chunk_tokens
     backend.chunk_tokens = 7  # many chunk boundaries inside and across rows
     try:
-        sums, _ = backend.score(prompts, responses)
+        sums = backend.score(prompts, responses).sums
     finally:
         backend.chunk_tokens = old
     for got, want in zip(sums, naive_float64(model64, prompts, responses)):
@@ -74,18 +74,18 @@ def test_chunked_lm_head_matches_naive(backend, model64, tiny_tokenizer):
 def test_scores_do_not_depend_on_batch_composition(backend, tiny_tokenizer):
     prompts, responses = tokenized_pairs(tiny_tokenizer)
     assert len({len(p) + len(r) for p, r in zip(prompts, responses)}) > 5  # mixed lengths, so real padding
-    mixed, _ = backend.score(prompts, responses)  # one padded batch
-    alone = [backend.score([p], [r])[0][0] for p, r in zip(prompts, responses)]  # unpadded
+    mixed = backend.score(prompts, responses).sums  # one padded batch
+    alone = [backend.score([p], [r]).sums[0] for p, r in zip(prompts, responses)]  # unpadded
     for a, b in zip(mixed, alone):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b) / 100), (a, b)  # ~1e-5 per 100 nats
 
 
 def test_results_come_back_in_input_order(backend, tiny_tokenizer):
     prompts, responses = tokenized_pairs(tiny_tokenizer, n=6)
-    sums, _ = backend.score(prompts, responses)
-    rev, _ = backend.score(prompts[::-1], responses[::-1])
+    sums = backend.score(prompts, responses).sums
+    rev = backend.score(prompts[::-1], responses[::-1]).sums
     assert rev[::-1] == pytest.approx(sums, rel=1e-6)
-    assert backend.score([], []) == ([], [])
+    assert backend.score([], []) == ([], [], None, None)
 
 
 def test_length_batches_respect_the_token_budget():
@@ -116,7 +116,7 @@ def test_150k_vocab_peak_memory_is_bounded(tmp_path):
         prompts = [torch.randint(0, 150_000, (12,), generator=g).tolist() for _ in range(4)]
         resp = [torch.randint(0, 150_000, (300,), generator=g).tolist() for _ in range(4)]
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        sums, counts = be.score(prompts, resp)
+        sums, counts = be.score(prompts, resp)[:2]
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({"delta_mb": (after - before) / 1024, "counts": counts, "mean": sum(sums) / 4 / 300}))
     """)
@@ -128,3 +128,42 @@ def test_150k_vocab_peak_memory_is_bounded(tmp_path):
     assert -13.5 < out["mean"] < -10.5
     print(out)
     assert out["delta_mb"] < 450, out
+
+
+
+
+def test_a_backend_that_implements_only_score_writes_the_cache_float64_agrees_with(tiny_model, tmp_path, run_cli,
+                                                                                  monkeypatch):
+    from conftest import write_jsonl
+    from prefpipe.data.cache import read_cache
+    from prefpipe.precompute import run as precompute_run
+    from prefpipe.precompute.backend import Backend
+    from prefpipe.scoring import score_sequences
+
+    calls = []
+
+    class Plain(Backend):
+        name = "plain"
+
+        def __init__(self, options):
+            super().__init__(options)
+            self.model = load_model(options.model).eval()
+
+        def provenance(self):
+            return {"name": self.name, "version": "0", "dtype": "float32"}
+
+        def score(self, prompts, responses, *, per_token=False, progress=None):
+            calls.append(len(prompts))
+            out = score_sequences(self.model, prompts, responses, batch_tokens=4096, progress=progress)
+            return out
+
+    monkeypatch.setattr(precompute_run, "make_backend", lambda name, options: Plain(options))
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(6, seed=4))
+    r = run_cli("precompute", "--model", tiny_model, "--data", data, "--out", tmp_path / "cache")
+    assert r.exit_code == 0, r.output
+    assert calls == [12]  # both responses of the 6 rows through `score` in one call (the base's score_pairs)
+    t = read_cache(tmp_path / "cache").table
+    model64 = load_model(str(tiny_model)).double().eval()
+    for col, ref in (("chosen_ids", "ref_chosen"), ("rejected_ids", "ref_rejected")):
+        want = naive_float64(model64, t.column("prompt_ids").to_pylist(), t.column(col).to_pylist())
+        assert t.column(ref).to_pylist() == pytest.approx(want, abs=2e-4)

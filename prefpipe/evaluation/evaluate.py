@@ -131,7 +131,7 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
     packed by length (`prefpipe.scoring`), so shorter pairs share a forward with more others."""
     from prefpipe.data.cache import read_cache
     from prefpipe.data.identity import tokenizer_mismatch
-    from prefpipe.scoring import rows_budget, score_sequences
+    from prefpipe.scoring import rows_budget, score_cache_rows, score_sequences
 
     beta = beta if beta is not None else run.beta
     if beta is None:
@@ -151,23 +151,22 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
                         f"{run.model_dir}", file=cache_dir)
     t = cache.table
     spec = cache.spec
-    prompts = t.column("prompt_ids").to_pylist()
-    n = len(prompts)
-    responses = [x for r in spec.responses for x in t.column(r.ids).to_pylist()]
-    lengths = [len(p) + len(r) for p, r in zip(prompts * len(spec.responses), responses)]
     start = time.perf_counter()
-    # `batch_size` pairs at the longest length bound each forward, as the fixed-size batches before did.
-    scores = score_sequences(model, prompts * len(spec.responses), responses,
-                             batch_tokens=rows_budget(batch_size, len(spec.responses), lengths),
-                             pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, device=dev)
+
+    def score(prompts, responses):
+        # `batch_size` pairs at the longest length bound each forward, as the fixed-size batches before did.
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        return score_sequences(model, prompts, responses, batch_tokens=rows_budget(batch_size, 2, lengths),
+                               pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, device=dev)
+    got = score_cache_rows(lambda c: t.column(c).to_pylist(), cache.kind, score)
     pol, ref = {}, {}
-    for j, r in enumerate(spec.responses):
-        pol[r.name] = torch.tensor(scores.sums[j * n:(j + 1) * n], dtype=torch.float64)
+    for r in spec.responses:
+        pol[r.name] = torch.tensor(got[r.name].sums, dtype=torch.float64)
         ref[r.name] = torch.tensor(t.column(r.ref).to_pylist(), dtype=torch.float64)
     pol_c, pol_r, ref_c, ref_r = pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"]
     delta = (pol_c - ref_c) - (pol_r - ref_r)
     return {"run": run.name, "model": str(run.model_dir), "cache": str(cache_dir), "beta": beta,
-            "rows": len(prompts), "wins": int((delta > TIE_NATS).sum()), "ties": int((delta.abs() <= TIE_NATS).sum()),
+            "rows": t.num_rows, "wins": int((delta > TIE_NATS).sum()), "ties": int((delta.abs() <= TIE_NATS).sum()),
             "acc": float((delta > TIE_NATS).double().mean()),
             "margin": float((beta * delta).mean()), "r_chosen": float((beta * (pol_c - ref_c)).mean()),
             "r_rejected": float((beta * (pol_r - ref_r)).mean()), "wall_s": round(time.perf_counter() - start, 2)}

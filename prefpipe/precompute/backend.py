@@ -1,17 +1,15 @@
-"""The scoring-backend contract of phase one.
+"""The scoring-backend contract of phase one: `Backend`, its options, and the registry of backends.
 
 A backend turns (prompt ids, response ids) pairs into summed response log-probs (and, for `--per_token`, the
-per-token values too). The precompute driver owns
-everything else (reading, tokenizing, KTO partners, parts, resume, sharding), so a backend is only an engine.
-Both backends score the exact ids they are given; neither may re-tokenize text.
+per-token values too). The precompute driver owns everything else (reading, tokenizing, KTO partners, parts,
+resume, sharding), so a backend is only an engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
-from prefpipe.options import DTYPES, opt
+from prefpipe.options import DTYPES, OptionError, opt
+from prefpipe.scores import Scores
 
 
 @dataclass(frozen=True)
@@ -32,25 +30,44 @@ class BackendOptions:
     gpu_memory_utilization: float = opt(0.85, help="vllm: fraction of GPU memory the engine may take.")
     max_model_len: int | None = opt(None, help="vllm: engine context length.", default_text="--max_length")
     chunk_rows: int = opt(256, help="vllm: requests per engine call (bounds prompt-logprob memory).")
+
+    def __post_init__(self):
+        for name in ("batch_tokens", "chunk_rows", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise OptionError(self, (name,), f"{{}} must be positive (got {getattr(self, name)})")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise OptionError(self, ("gpu_memory_utilization",),
+                              f"{{}} must be in (0, 1] (got {self.gpu_memory_utilization})")
     # Not an option: precompute's --max_length, the longest sequence a backend is given (hf: whether a sliding
     # window can bind, `prefpipe.attention.window_binds`); None when unknown.
     max_length: int | None = None
 
 
-class Backend(Protocol):
-    name: str
+class Backend:
+    """A scoring engine. A backend sets `name` and implements `provenance`, `score` and, if it holds anything,
+    `close`; `score_pairs` has a default (both responses through `score`) that a backend with a faster path for
+    a shared prompt overrides (hf: the prompt runs once). Both score the exact ids they are given; neither may
+    re-tokenize text. `progress`, when given, is called as `progress(sequences, tokens)` after each forward or
+    engine call (the driver turns it into tokens/s on its bar)."""
+    name = ""
+
+    def __init__(self, options: BackendOptions):
+        self.options = options
 
     def provenance(self) -> dict:
         """What goes into the cache metadata's `backend` entry: at least name, version, dtype."""
+        raise NotImplementedError
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]], per_token: bool = False) -> tuple:
-        """Summed log-probs of each `responses[i]` after `prompts[i]`, and the token counts, in input order:
-        `(sums, counts)`. With `per_token=True`, `(sums, counts, tokens)`: `tokens[i]` is the list of
-        `responses[i]`'s per-token log-probs (floats, in order), from the same forward as the sum."""
+    def score(self, prompts: list[list[int]], responses: list[list[int]], *, per_token: bool = False,
+              progress=None) -> Scores:
+        """`Scores` of each `responses[i]` after `prompts[i]`, in input order: float sums, int counts and, with
+        `per_token`, each response's per-token log-probs (a list of floats) from the same forward as its sum."""
+        raise NotImplementedError
 
-    # Optional: `score_pairs(prompts, firsts, seconds, per_token=False)` returns `(sums, counts, tokens)` (tokens
-    # None unless asked for) with what `score(prompts + prompts, firsts + seconds, per_token)` would give, running
-    # each prompt once; the driver uses it when a backend has it.
+    def score_pairs(self, prompts: list[list[int]], firsts: list[list[int]], seconds: list[list[int]], *,
+                    per_token: bool = False, progress=None) -> Scores:
+        """What `score(prompts + prompts, firsts + seconds)` returns."""
+        return self.score(list(prompts) * 2, list(firsts) + list(seconds), per_token=per_token, progress=progress)
 
     def close(self) -> None:
         """Release the engine."""

@@ -62,6 +62,10 @@ class PrecomputeConfig:
                               "leaves out")
         if self.verify < 0:
             raise OptionError(self, ("verify",), f"{{}} must be >= 0 (got {self.verify})")
+        if self.load_in_4bit and self.backend == "vllm":
+            raise OptionError(self, ("load_in_4bit", "backend"), "{} quantizes the transformers model of {} hf; "
+                              "vLLM has its own quantization settings, which prefpipe does not pass through")
+        self.backend_options()  # the engine's own checks, now rather than when the engine starts
 
     def settings(self) -> TokenizeSettings:
         return TokenizeSettings(self.max_length, self.max_prompt_length, self.chat_date)

@@ -26,21 +26,19 @@ import torch
 from prefpipe.attention import install as install_block_attention
 from prefpipe.modeling import load_model, resolve_device, resolve_dtype
 from prefpipe.tokenizer import quiet_transformers
-from prefpipe.precompute.backend import BackendOptions
+from prefpipe.precompute.backend import Backend, BackendOptions
+from prefpipe.scores import Scores
 from prefpipe.scoring import head_chunk_tokens, prompt_once_supported, score_pairs, score_sequences
 
 
-class HFBackend:
+class HFBackend(Backend):
     name = "hf"
 
     def __init__(self, options: BackendOptions, model=None):
+        super().__init__(options)
         quiet_transformers()
-        self.options = options
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
-        if options.batch_tokens < 1:
-            from prefpipe.errors import UserError
-            raise UserError(f"--batch_tokens must be positive (got {options.batch_tokens})")
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormal floats slow CPU matmuls several-fold (tiny models, 5-7x)
         self.model = model if model is not None else load_model(options.model, self.dtype, self.device,
@@ -48,7 +46,6 @@ class HFBackend:
         self.model.eval()
         install_block_attention(self.model)  # a model handed in directly; load_model has done it already
         self.chunk_tokens = head_chunk_tokens(self.model)
-        self.progress = None  # optional callable(sequences, tokens), called after each forward
         self.prompt_once = options.prompt_once
         if self.prompt_once:
             why = prompt_once_supported(self.model, self.device, options.max_length)
@@ -56,9 +53,6 @@ class HFBackend:
                 from prefpipe.warn import warn
                 warn(f"--prompt_once: {why}; scoring each response in its own forward instead")
                 self.prompt_once = False
-
-    def set_progress(self, callback):
-        self.progress = callback
 
     def provenance(self) -> dict:
         import transformers
@@ -68,27 +62,29 @@ class HFBackend:
                 "prompt_once": self.prompt_once,
                 **({"quantization": "nf4"} if self.options.load_in_4bit else {})}
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]], per_token: bool = False) -> tuple:
+    def score(self, prompts: list[list[int]], responses: list[list[int]], *, per_token: bool = False,
+              progress=None) -> Scores:
         scores = score_sequences(self.model, prompts, responses, batch_tokens=self.options.batch_tokens,
-                                 chunk_tokens=self.chunk_tokens, per_token=per_token, progress=self.progress,
+                                 chunk_tokens=self.chunk_tokens, per_token=per_token, progress=progress,
                                  device=self.device)
-        if per_token:
-            return scores.sums, scores.counts, [t.tolist() for t in scores.tokens]
-        return scores.sums, scores.counts
+        return _as_lists(scores)
 
-    def score_pairs(self, prompts: list[list[int]], firsts: list[list[int]], seconds: list[list[int]],
-                    per_token: bool = False) -> tuple:
-        """What `score(prompts + prompts, firsts + seconds, per_token)` returns (`(sums, counts, tokens)`, tokens
-        None unless asked for), running each prompt once when allowed."""
+    def score_pairs(self, prompts: list[list[int]], firsts: list[list[int]], seconds: list[list[int]], *,
+                    per_token: bool = False, progress=None) -> Scores:
+        """Each prompt runs once when the model allows it (module docstring)."""
         if not self.prompt_once:
-            out = self.score(prompts + prompts, list(firsts) + list(seconds), per_token=per_token)
-            return out if per_token else (*out, None)
+            return super().score_pairs(prompts, firsts, seconds, per_token=per_token, progress=progress)
         scores = score_pairs(self.model, prompts, firsts, seconds, batch_tokens=self.options.batch_tokens,
-                             chunk_tokens=self.chunk_tokens, per_token=per_token, progress=self.progress,
+                             chunk_tokens=self.chunk_tokens, per_token=per_token, progress=progress,
                              device=self.device)
-        return scores.sums, scores.counts, ([t.tolist() for t in scores.tokens] if per_token else None)
+        return _as_lists(scores)
 
     def close(self) -> None:
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _as_lists(scores: Scores) -> Scores:
+    """Per-token values as plain float lists, as every backend returns them."""
+    return scores if scores.tokens is None else scores._replace(tokens=[t.tolist() for t in scores.tokens])

@@ -192,10 +192,11 @@ def _check_scores(sums, counts, responses, row_ids, tokens=None, backend=None):
             raise UserError(f"the model gave a non-finite log-prob ({s}) for row {rid}{fix}")
 
 
-def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: bool = False):
+def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: bool = False, progress=None):
     """Add reference columns (or lengths only, with no backend) to `cols` in place; with `per_token` also each
     response's per-token reference log-probs (float32 lists)."""
     from prefpipe.data.cache import KINDS
+    from prefpipe.scoring import score_cache_rows
 
     spec = KINDS[kind]
     for r in spec.responses:
@@ -203,24 +204,20 @@ def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: boo
             cols[r.length] = [len(x) for x in cols[r.ids]]
     if backend is None:
         return
-    prompts = cols["prompt_ids"]
-    n, k = len(prompts), len(spec.responses)
-    # One call for every response of the block, responses in descriptor order: one length-sorted set of batches.
-    responses = [x for r in spec.responses for x in cols[r.ids]]
-    if k == 2 and hasattr(backend, "score_pairs"):  # both responses share the prompt: run it once
-        sums, got, tokens = backend.score_pairs(prompts, *(cols[r.ids] for r in spec.responses),
-                                                per_token=per_token)
-    elif per_token:
-        sums, got, tokens = backend.score(prompts * k, responses, per_token=True)
-    else:
-        (sums, got), tokens = backend.score(prompts * k, responses), None
-    _check_scores(sums, got, responses, cols["row_id"] * k, tokens, backend)
-    for j, r in enumerate(spec.responses):
-        cols[r.ref] = sums[j * n:(j + 1) * n]
-        if tokens is not None:
-            cols[r.tokens] = tokens[j * n:(j + 1) * n]
-    counts["tokens_scored"] += sum(len(p) for p in prompts) * k + sum(len(r) for r in responses)
-    counts["response_tokens"] += sum(got)
+    # One call for every response of the block: one length-sorted set of batches, or one prompt-once pass.
+    got = score_cache_rows(cols.__getitem__, kind,
+                           lambda p, r: backend.score(p, r, per_token=per_token, progress=progress),
+                           lambda p, a, b: backend.score_pairs(p, a, b, per_token=per_token, progress=progress))
+    for r in spec.responses:
+        s = got[r.name]
+        _check_scores(s.sums, s.counts, cols[r.ids], cols["row_id"], s.tokens, backend)
+        cols[r.ref] = s.sums
+        if per_token:
+            cols[r.tokens] = s.tokens
+    k = len(spec.responses)
+    counts["tokens_scored"] += sum(len(p) for p in cols["prompt_ids"]) * k + \
+        sum(len(x) for r in spec.responses for x in cols[r.ids])
+    counts["response_tokens"] += sum(sum(s.counts) for s in got.values())
 
 
 def _tokenize_block(pt, records, ds, kind, seen: SeenHashes | None) -> tuple[dict, TokenStats]:
@@ -231,7 +228,8 @@ def _tokenize_block(pt, records, ds, kind, seen: SeenHashes | None) -> tuple[dic
     return cols, stats
 
 
-def _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out: Path) -> dict:
+def _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out: Path,
+                   progress=None) -> dict:
     cols, stats = _tokenize_block(pt, records, ds, kind, seen)
     counts = Counter()
     if kind == "unpaired":
@@ -246,7 +244,7 @@ def _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, see
                             "usable example and no earlier example to borrow a mismatched partner from; raise "
                             "--part_rows", file=str(cfg.data))
         counts.update(kl)
-    _score_block(cols, kind, backend, counts, per_token=cfg.per_token)
+    _score_block(cols, kind, backend, counts, per_token=cfg.per_token, progress=progress)
     d = stats.to_dict()
     part = {"index": index, **{k: d[k] for k in ("rows_read", "rows_kept", "rows_skipped", "prompt_truncated",
                                                   "response_truncated", "duplicates")},
@@ -372,7 +370,7 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
     return summary
 
 
-def _progress(cfg: PrecomputeConfig, procs: Procs, ds, backend):
+def _progress(cfg: PrecomputeConfig, procs: Procs, ds):
     """The bar (rows, with a total) and the callback that shows tokens and tokens/s on it."""
     from prefpipe.precompute.progress import rows_to_process
     from prefpipe.progress_bar import progress_bar
@@ -385,15 +383,13 @@ def _progress(cfg: PrecomputeConfig, procs: Procs, ds, backend):
         tokens[0] += n_tokens
         rate = tokens[0] / max(time.perf_counter() - t_scoring, 1e-9)
         bar.set_postfix_str(f"{tokens[0]:,} tok, {rate:,.0f} tok/s", refresh=False)
-    if backend is not None and hasattr(backend, "set_progress"):
-        backend.set_progress(on_progress)
     return bar, on_progress
 
 
 def _score_parts(cfg, procs: Procs, ds, kind, pt, backend, meta, out: Path, done: dict) -> dict:
     """Every block this process owns and has not finished, scored and written as its part; then the totals over
     all processes (every process must call this: it ends in collectives)."""
-    bar, on_progress = _progress(cfg, procs, ds, backend)
+    bar, on_progress = _progress(cfg, procs, ds)
     seen = SeenHashes()  # 8 bytes a row: see its docstring
     prev_records = None
     n_parts, written, reused, tokens, failure = 0, {}, 0, 0, None
@@ -401,11 +397,10 @@ def _score_parts(cfg, procs: Procs, ds, kind, pt, backend, meta, out: Path, done
         for index, records in enumerate(ds.batches()):
             n_parts += 1
             if procs.owns(index) and index not in done:
-                part = _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out)
+                part = _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out,
+                                      on_progress)
                 written[index] = _part_counts(part)
                 tokens += part["tokens_scored"]
-                if not hasattr(backend, "set_progress"):
-                    on_progress(0, part["tokens_scored"])
             else:
                 seen.add([r.content_hash for r in records])
                 reused += procs.owns(index)

@@ -58,26 +58,24 @@ class VerifyFailed(UserError):
         super().__init__(message, file=file)
 
 
-def _sequences(table, kind: str, rows: list[int]) -> list[dict]:
+def _sequences(sub: dict, kind: str) -> list[dict]:
+    """Each response of the sampled rows (`sub`, their columns), response by response as `_rescore` scores them."""
     from prefpipe.data.cache import KINDS
 
-    sub = table.take(rows).to_pydict()
-    seqs = []
-    for i in range(len(rows)):
-        for r in KINDS[kind].responses:
-            seqs.append({"row_id": sub["row_id"][i], "response": r.name, "prompt": sub["prompt_ids"][i],
-                         "ids": sub[r.ids][i], "cached": sub[r.ref][i],
-                         "cached_len": sub[r.length][i] if r.length else None})
-    return seqs
+    return [{"row_id": sub["row_id"][i], "response": r.name, "ids": sub[r.ids][i], "cached": sub[r.ref][i],
+             "cached_len": sub[r.length][i] if r.length else None}
+            for r in KINDS[kind].responses for i in range(len(sub["row_id"]))]
 
 
-def _rescore(model, seqs: list[dict], device) -> list[tuple[float, int]]:
-    """Float64 sums (math.fsum) of float32 per-token log-probs, in `seqs` order."""
-    from prefpipe.scoring import score_sequences
+def _rescore(model, sub: dict, kind: str, device) -> list[tuple[float, int]]:
+    """Float64 sums (math.fsum) of float32 per-token log-probs, in `_sequences` order."""
+    from prefpipe.data.cache import KINDS
+    from prefpipe.scoring import score_cache_rows, score_sequences
 
-    scores = score_sequences(model, [s["prompt"] for s in seqs], [s["ids"] for s in seqs],
-                             batch_tokens=VERIFY_BATCH_TOKENS, per_token=True, device=device)
-    return [(math.fsum(t.double().tolist()), n) for t, n in zip(scores.tokens, scores.counts)]
+    got = score_cache_rows(sub.__getitem__, kind, lambda p, r: score_sequences(
+        model, p, r, batch_tokens=VERIFY_BATCH_TOKENS, per_token=True, device=device))
+    return [(math.fsum(t.double().tolist()), n) for r in KINDS[kind].responses
+            for t, n in zip(got[r.name].tokens, got[r.name].counts)]
 
 
 def _identity(cache_meta: dict, model: str) -> dict:
@@ -117,7 +115,8 @@ def verify_cache(cache_dir: str, model: str, k: int, *, seed: int = 0, device: s
     tol = TOLERANCES[dtype]
     n_rows = cache.table.num_rows
     rows = sorted(random.Random(seed).sample(range(n_rows), min(k, n_rows)))
-    seqs = _sequences(cache.table, cache.kind, rows)
+    sub = cache.table.take(rows).to_pydict()
+    seqs = _sequences(sub, cache.kind)
 
     identity = _identity(cache.metadata, model)
     dev = resolve_device(device)
@@ -125,7 +124,7 @@ def verify_cache(cache_dir: str, model: str, k: int, *, seed: int = 0, device: s
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # a TF32 reference would itself drift by about 1e-3
     try:
-        rescored = _rescore(lm, seqs, dev)
+        rescored = _rescore(lm, sub, cache.kind, dev)
     finally:
         torch.set_float32_matmul_precision(precision)
         del lm

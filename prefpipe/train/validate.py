@@ -75,28 +75,31 @@ def measure_drift(scorer, data, rows: list[int], batch_size: int, pad_id: int, d
     memory than one training micro-batch. Every process
     scores the same rows in the same batches (FSDP ranks must run forwards together), so no reduction is needed."""
     from prefpipe.data.cache import KINDS
-    from prefpipe.scoring import rows_budget, score_sequences
+    from prefpipe.data.mapped import take_rows
+    from prefpipe.scoring import rows_budget, score_cache_rows, score_sequences
 
     spec = KINDS[data.kind]
-    from prefpipe.data.mapped import take_rows
     t = take_rows(data.table, rows)  # Table.take would read the whole (mapped) cache for these few rows
-    prompts = t.column("prompt_ids").to_pylist() * len(spec.responses)
-    responses = [x for r in spec.responses for x in t.column(r.ids).to_pylist()]
-    refs = [x for r in spec.responses for x in t.column(r.ref).to_pylist()]
     per_token = all(r.tokens in t.column_names for r in spec.responses)
-    budget = rows_budget(batch_size, len(spec.responses), [len(p) + len(r) for p, r in zip(prompts, responses)])
+
+    def score(prompts, responses):
+        budget = rows_budget(batch_size, len(spec.responses), [len(p) + len(r) for p, r in zip(prompts, responses)])
+        return score_sequences(scorer, prompts, responses, batch_tokens=budget, pad_id=pad_id, device=device,
+                               per_token=per_token)
     with autocast:
-        scores = score_sequences(scorer, prompts, responses, batch_tokens=budget, pad_id=pad_id, device=device,
-                                 per_token=per_token)
-    diffs = [abs(s - ref) for s, ref in zip(scores.sums, refs)]
-    worst = max((d / max(c, 1) for d, c in zip(diffs, scores.counts)), default=0.0)
-    total_tokens = sum(scores.counts)
+        got = score_cache_rows(lambda c: t.column(c).to_pylist(), data.kind, score)
+    sums = [x for r in spec.responses for x in got[r.name].sums]
+    counts = [x for r in spec.responses for x in got[r.name].counts]
+    refs = [x for r in spec.responses for x in t.column(r.ref).to_pylist()]
+    diffs = [abs(s - ref) for s, ref in zip(sums, refs)]
+    worst = max((d / max(c, 1) for d, c in zip(diffs, counts)), default=0.0)
+    total_tokens = sum(counts)
     out = {"mean_abs_per_token": sum(diffs) / max(total_tokens, 1), "worst_row_per_token": worst,
            "rows": len(rows), "tokens": total_tokens}
     if per_token:
         cached = [x for r in spec.responses for x in t.column(r.tokens).to_pylist()]
         labels = [(rid, r.name) for r in spec.responses for rid in t.column("row_id").to_pylist()]
-        out["worst_token"] = _worst_token(scores.tokens, cached, labels)
+        out["worst_token"] = _worst_token([x for r in spec.responses for x in got[r.name].tokens], cached, labels)
     return out
 
 
