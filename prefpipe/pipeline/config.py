@@ -326,8 +326,9 @@ def _check(cfg: PipelineConfig) -> dict:
             raise UserError(f"every beta must be positive (got {b:g})", file=cfg.config_path)
     with _as_written(cfg):
         build(PipelineSettings, cfg.values), build(PipelineTrain, cfg.values)  # options.as_given: kto_lr = nan
-        pc = precompute_config(cfg, cfg.path_or("cache", "cache"), cfg.data, kto=False, overwrite=False)
+        # The train settings first: they check the loss names, which the precompute settings ask the registry about.
         train_config(cfg, cfg.losses, cache=cfg.path_or("cache", "cache"), data=None, all_knobs=True)
+        pc = precompute_config(cfg, cfg.path_or("cache", "cache"), cfg.data, kto=False, overwrite=False)
         _, unpaired = split_losses(cfg.losses)
         if unpaired:
             train_config(cfg, unpaired, cache=cfg.path_or("kto_cache", "cache-kto"), data=None,
