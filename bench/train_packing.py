@@ -122,7 +122,8 @@ def main():
     import torch
 
     from prefpipe.dist import Procs
-    from prefpipe.train.parallel import choose_packing, wrap_policy
+    from prefpipe.packing import choose_packing
+    from prefpipe.train.parallel import wrap_policy
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)

@@ -15,7 +15,7 @@ soft-capping or a position bias use the mask path instead, since their extras ar
 sliding window no shorter than the longest block, which changes nothing (`window_binds`); `blocks_only` keeps the
 mask (block-diagonal, from the position ids) for a window that does bind. A model
 whose decoder does not hand the keyword down would attend across sequences: both callers check each model on
-a probe before use (`prefpipe.train.parallel.packing_problem`, `prefpipe.scoring.prompt_once_supported`).
+a probe before use (`prefpipe.packing`).
 
 A block is `(start, end, prefix_start, prefix_end)` over the packed row: queries `start..end-1` attend causally
 to keys `start..end-1` and to every key of `prefix_start..prefix_end-1` (empty when equal). Blocks tile the row in

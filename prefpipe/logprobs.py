@@ -137,7 +137,7 @@ def packed_sequence_logprobs(model, input_ids: torch.Tensor, prompt_lens: torch.
     eager, flex); flash-attention runs varlen over the segment boundaries, and prefpipe's block attention
     (`prefpipe.attention`, what `load_model` gives sdpa models) runs one causal sdpa per sequence. Either way no
     token attends across sequences.
-    Whether a given model honours that is checked once per run (`parallel.packing_problem`), not here.
+    Whether a given model honours that is checked once per run (`prefpipe.packing`), not here.
 
     Returns the same `Scores` as the padded call on the same sequences.
     """

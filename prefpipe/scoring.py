@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from prefpipe.attention import BLOCKS_KWARG, prefix_blocks, uses_blocks, window_binds
+from prefpipe.attention import BLOCKS_KWARG, prefix_blocks
 from prefpipe.logprobs import pad_batch, row_logprobs, sequence_logprobs
 from prefpipe.scores import Scores
 
@@ -199,41 +199,6 @@ def score_pairs(model, prompts: list[list[int]], firsts: list[list[int]], second
             if progress is not None:
                 progress(2 * len(batch), sum(2 * len(prompts[i]) + len(firsts[i]) + len(seconds[i]) for i in batch))
     return Scores(sums, counts, tokens)
-
-
-def prompt_once_supported(model, device=None, longest: int | None = None) -> str | None:
-    """None when `score_pairs` gives this model the same scores as separate forwards; otherwise why not.
-
-    The model needs prefpipe's block attention (`prefpipe.attention.install`, which `load_model` applies to sdpa
-    models; eager, flash and flex attention score each response separately), no sliding window shorter than
-    `longest`, the longest sequence it will score (such layers keep transformers' own mask, which cannot express
-    a shared prompt; a longer window changes nothing: `prefpipe.attention.window_binds`), and a short probe's
-    per-token log-probs must agree with `score_sequences` (a model that ignores the blocks or the position ids
-    fails here)."""
-    cfg = model.config
-    if not uses_blocks(model):
-        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} is not prefpipe's block attention"
-    if window_binds(cfg, longest):
-        window = getattr(cfg, "sliding_window", None)
-        if not window:
-            return "sliding-window attention (window size not in the config)"
-        return f"sliding-window attention ({window}-token window" + (
-            f", shorter than --max_length {longest})" if longest else "; sequence length unknown)")
-    vocab = model.get_output_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    draw = lambda k: torch.randint(1, vocab, (k,), generator=g).tolist()  # noqa: E731
-    prompts, firsts, seconds = [draw(5), draw(3)], [draw(4), draw(7)], [draw(6), draw(2)]
-    try:
-        got = score_pairs(model, prompts, firsts, seconds, batch_tokens=64, per_token=True, device=device)
-    except Exception as e:  # noqa: BLE001 - any failure means: use the separate forwards
-        return f"{type(e).__name__}: {e}"
-    want = score_sequences(model, prompts + prompts, firsts + seconds, batch_tokens=64, per_token=True,
-                           device=device)
-    low = next(model.parameters()).dtype != torch.float32
-    worst = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got.tokens, want.tokens))
-    if worst > (5e-2 if low else 1e-4):
-        return f"probe scores differ from separate forwards by {worst:.2g} per token"
-    return None
 
 
 # ---------------------------------------------------------------- the responses of cache rows

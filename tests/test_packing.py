@@ -171,21 +171,22 @@ def test_model_that_cannot_pack_falls_back_with_a_note(tiny_model, monkeypatch):
 
     from prefpipe.dist import Procs
     from prefpipe.modeling import load_model
+    from prefpipe import packing
     from prefpipe.train import parallel
 
     lm = load_model(str(tiny_model))
     policy = parallel.wrap_policy(lm, Procs(), torch.device("cpu"), fsdp=False)
-    assert parallel.choose_packing(policy, True, "cpu", log=pytest.fail) is True and policy.packed
-    assert parallel.choose_packing(policy, False, "cpu", log=pytest.fail) is False and not policy.packed
+    assert packing.choose_packing(policy, True, "cpu", log=pytest.fail) is True and policy.packed
+    assert packing.choose_packing(policy, False, "cpu", log=pytest.fail) is False and not policy.packed
 
     # a custom attention gets no mask from transformers (sdpa then runs causal over the whole packed row)
     AttentionInterface.register("leaky_test", sdpa_attention_forward)
     lm.set_attn_implementation("leaky_test")
     notes = []
-    assert parallel.choose_packing(policy, True, "cpu", log=notes.append) is False and not policy.packed
+    assert packing.choose_packing(policy, True, "cpu", log=notes.append) is False and not policy.packed
     assert "padded" in notes[0] and "'leaky_test'" in notes[0]
-    monkeypatch.setattr(parallel, "PACKING_ATTENTION", parallel.PACKING_ATTENTION + ("leaky_test",))
-    problem = parallel.packing_problem(policy.scorer, lm, "cpu")
+    monkeypatch.setattr(packing, "PACKING_ATTENTION", packing.PACKING_ATTENTION + ("leaky_test",))
+    problem = packing.packing_problem(policy.scorer, lm, "cpu")
     assert problem is not None and "differ" in problem
 
 

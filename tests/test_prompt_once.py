@@ -13,7 +13,8 @@ import torch
 from conftest import make_pairs, make_unpaired, write_jsonl
 from prefpipe.data.cache import read_cache
 from prefpipe.modeling import load_model
-from prefpipe.scoring import _packed_row, prompt_once_supported, score_pairs, score_sequences
+from prefpipe.packing import prompt_once_supported
+from prefpipe.scoring import _packed_row, score_pairs, score_sequences
 
 
 @pytest.fixture(scope="module")

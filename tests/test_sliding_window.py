@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from prefpipe import attention
-from prefpipe.scoring import prompt_once_supported, score_pairs, score_sequences
+from prefpipe.packing import prompt_once_supported
+from prefpipe.scoring import score_pairs, score_sequences
 
 
 def mistral(out_dir, window: int):

@@ -28,7 +28,8 @@ from prefpipe.modeling import load_model, resolve_device, resolve_dtype
 from prefpipe.tokenizer import quiet_transformers
 from prefpipe.precompute.backend import Backend, BackendOptions
 from prefpipe.scores import Scores
-from prefpipe.scoring import head_chunk_tokens, prompt_once_supported, score_pairs, score_sequences
+from prefpipe.packing import prompt_once_supported
+from prefpipe.scoring import head_chunk_tokens, score_pairs, score_sequences
 
 
 class HFBackend(Backend):

@@ -65,7 +65,8 @@ from prefpipe.train.evaluate import evaluate
 from prefpipe.train.losses import LOSSES
 from prefpipe.train.metrics_log import MetricsLog
 from prefpipe.train.tracking import open_trackers
-from prefpipe.train.parallel import choose_packing, process_device, start, wrap_reference
+from prefpipe.packing import choose_packing
+from prefpipe.train.parallel import process_device, start, wrap_reference
 from prefpipe.train.setup import Context, Plan, Trainer, build_trainer, check_drift, find_start, plan_run
 from prefpipe.train.step import train_step
 from prefpipe.wording import plural

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prefpipe.attention import SEGMENTED
 from prefpipe.dist import Procs, join, under_torchrun
 from prefpipe.logprobs import sequence_logprobs
 
@@ -147,72 +146,3 @@ def load_optimizer_state(policy: Policy, optimizer, state: dict):
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(policy.scorer, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-# Attention implementations whose transformers mask builder turns restarting position ids (and no attention mask)
-# into a block-diagonal causal mask (sdpa, eager, flex) or into varlen flash-attention, and prefpipe's block
-# attention for sdpa models, which runs one causal sdpa per sequence.
-PACKING_ATTENTION = (SEGMENTED, "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
-                     "flash_attention_4")
-
-
-def packing_problem(scorer: nn.Module, lm: nn.Module, device) -> str | None:
-    """Why `lm` cannot score packed rows, or None when it can.
-
-    Static checks first: the attention implementation must be one whose mask builder understands packed position
-    ids (a custom or remote-code attention gets no mask at all, so sequences would see each other), and the model
-    must be causal. Then a probe, because what matters is what the model's code actually does: two short
-    sequences scored packed must match them scored padded, to 1e-3 nats per token (leaking attention or a
-    recurrent state carried across the boundary, as in Mamba-style hybrid layers, moves them by far more).
-    Every process runs the same probe (FSDP gathers parameters in lockstep), so all reach the same answer."""
-    config = getattr(lm, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if impl not in PACKING_ATTENTION:
-        return f"attention implementation {impl!r} has no packed-sequence mask in transformers"
-    if not getattr(config, "is_causal", True):
-        return "the model's attention is bidirectional"
-    lengths, plens = [7, 5], [3, 2]
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
-    if vocab < 8:
-        return "the model config has no vocab_size to draw a probe from"
-    g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(vocab // 4, vocab, (n,), generator=g).tolist() for n in lengths]
-    from prefpipe.logprobs import pad_batch
-    ids, mask = pad_batch(seqs, 0, device)
-    packed = torch.tensor([seqs[0] + seqs[1]], device=device)
-    pl = torch.tensor(plens, device=device)
-    try:
-        with torch.no_grad():
-            want = scorer(ids, mask, pl).sums
-            got = scorer(packed, None, pl, seq_lens=torch.tensor(lengths, device=device)).sums
-    except (TypeError, ValueError, RuntimeError) as e:  # e.g. a decoder that takes no position_ids
-        return f"a packed forward failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    worst = float(((got.double() - want.double()).abs() / torch.tensor([n - p for n, p in zip(lengths, plens)],
-                                                                        device=device)).max())
-    if not worst <= 1e-3:
-        return f"packed and padded scores differ by {worst:.3g} nats per token (attention crosses sequences)"
-    return None
-
-
-def choose_packing(policy: Policy, requested: bool, device, log=print) -> bool:
-    """Set and return `policy.packed`: `--padding_free` where the model can pack, else the padded layout with a
-    logged note saying why.
-
-    Packs: decoders built on transformers' masking utilities with sdpa, eager, flex or flash attention, sliding
-    windows and chunked attention included (their mask builders honour packed position ids). Falls back: custom
-    or remote-code attention kernels, bidirectional models, decoders that take no `position_ids`, and hybrids
-    whose recurrent layers (Mamba-style, linear attention) would carry state from one packed sequence into the
-    next (the probe catches those). Cost: models loaded by prefpipe with sdpa attention get block attention
-    (`prefpipe.attention`), and flash-attention runs varlen: both compute only each sequence's own causal block,
-    `sum of length^2`. Plain sdpa (a model handed in from outside), eager and flex compute the whole `[T, T]`
-    product of a packed row of T tokens, masked blocks included, so their attention grows with
-    `(sum of lengths)^2`. Linear layers and the LM head see only real tokens either way."""
-    policy.packed = False
-    if not requested:
-        return False
-    problem = packing_problem(policy.scorer, policy.lm, device)
-    if problem is not None:
-        log(f"note: training on padded batches: {type(policy.lm).__name__} cannot run packed rows ({problem})")
-        return False
-    policy.packed = True
-    return True
