@@ -38,13 +38,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from prefpipe.data.identity import SCHEMA_VERSION
 from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_bytes, atomic_write_with, guarded_write
 
 # What a failed cache write leaves (parts are whole or absent, and resume keeps every finished one).
 PARTS_KEPT = "the cache's finished parts are kept: free space, then rerun the same command to continue"
 
-SCHEMA_VERSION = 1
 META_KEY = b"prefpipe"
 MANIFEST = "manifest.json"
 IDS = pa.list_(pa.int32())

@@ -23,6 +23,8 @@ import hashlib
 import json
 
 # Compared to reuse a finished cache, in the order differences are reported.
+# The cache format's version: part of the resume identity, and a manifest of another version is refused on read.
+SCHEMA_VERSION = 1
 REUSE_KEYS = ("model", "tokenizer", "tokenization", "data", "columns", "turn_marker", "kind", "has_reference",
               "per_token")
 # Compared, on top of REUSE_KEYS, to resume an unfinished one.
@@ -87,7 +89,6 @@ def expected(*, model: str, tokenizer: str, tokenization: dict, data: str, colum
              per_token: bool = False) -> dict:
     """The identity a cache made by this run would carry (fingerprints computed by the caller, once)."""
     from prefpipe import __version__
-    from prefpipe.data.cache import SCHEMA_VERSION
     return {"model": model, "tokenizer": tokenizer, "tokenization": tokenization, "data": data, "columns": columns,
             "turn_marker": turn_marker, "kind": kind, "has_reference": has_reference,
             "per_token": bool(per_token and has_reference), "backend": backend if has_reference else "none", "dtype": dtype if has_reference else None,

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from prefpipe import __version__
 from prefpipe.data import identity
-from prefpipe.data.cache import (KINDS, MANIFEST, SCHEMA_VERSION, part_digest, part_name, read_manifest,
+from prefpipe.data.identity import SCHEMA_VERSION
+from prefpipe.data.cache import (KINDS, MANIFEST, part_digest, part_name, read_manifest,
                                  read_part_metadata, write_manifest, write_part)
 from prefpipe.data.formats import Dataset
 from prefpipe.data.tokenize import SeenHashes, TokenStats
