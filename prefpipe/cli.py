@@ -50,7 +50,8 @@ def _interrupted(group: click.Group, ctx: click.Context, args: list[str]):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": sys.maxsize})
 @click.version_option(__version__, prog_name="prefpipe")
 def cli():
-    """Preference optimisation (DPO, IPO, hinge, KTO, ORPO) with reference log-probs precomputed once.
+    """Preference optimisation (the DPO family, KTO, ORPO, SimPO, CPO and more: `train -h`, --loss_type) with
+    reference log-probs precomputed once.
 
     \b
     Phase one:  prefpipe precompute --model SFT --data DATA --out CACHE

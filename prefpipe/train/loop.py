@@ -9,7 +9,7 @@ Output files, all under `cfg.out` (RUNS_DIR):
     summary.json              {"caches": [every cache the runs below trained from], "runs": [RUN, ...]}
                               (merged across train calls: each RUN names its own sources)
     <loss>-beta<beta>/        one directory per run, `orpo/` and `sft/` for the losses without beta
-                              (layout in prefpipe/train/checkpoint.py)
+                              (its files: prefpipe/rundir.py, the one owner of the layout)
 
 RUN (also written alone to `<run>/result.json`):
 
