@@ -46,6 +46,14 @@ class PrecomputeConfig:
     chunk_rows: int = same_as(BackendOptions, "chunk_rows")
     shard: str | None = opt(None, metavar="I/N", help="Independent process I of N: score only parts with index "
                             "% N == I. The process that finds every part present writes the manifest.")
+    engine: str = opt("local", choices=("local", "ray"), help="local: score in this process (or its torchrun "
+                      "ranks / --shard); ray: on a pool of --ray_workers Ray actors, one model each (docs/ray.md).")
+    ray_workers: int = opt(1, metavar="N", help="ray: scoring actors (each loads the model once; GPUs per actor: "
+                           "1 for hf, --tensor_parallel_size for vllm, none with --device cpu or a GPU-less "
+                           "cluster).")
+    ray_address: str | None = opt(None, metavar="ADDRESS", help="ray: join this cluster (auto: the one this node "
+                                  "belongs to); --out must then be an absolute path every node sees.",
+                                  default_text="start a local Ray instance for this command")
     verify: int = opt(0, metavar="K",
                       help="After writing, rescore K random rows with a plain transformers forward and compare.")
     overwrite: bool = opt(False, help="Delete the cache parts and manifest already in --out first (needed when "
@@ -60,6 +68,8 @@ class PrecomputeConfig:
         if self.per_token and self.no_reference:
             raise OptionError(self, ("per_token", "no_reference"), "{} stores reference log-probs, which {} "
                               "leaves out")
+        if self.ray_workers < 1:
+            raise OptionError(self, ("ray_workers",), f"{{}} must be positive (got {self.ray_workers})")
         if self.verify < 0:
             raise OptionError(self, ("verify",), f"{{}} must be >= 0 (got {self.verify})")
         if self.load_in_4bit and self.backend == "vllm":

@@ -229,8 +229,9 @@ def _tokenize_block(pt, records, ds, kind, seen: SeenHashes | None) -> tuple[dic
     return cols, stats
 
 
-def _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out: Path,
-                   progress=None) -> dict:
+def _prepare_block(index, records, prev_records, cfg, ds, kind, pt, seen) -> tuple[dict, dict, Counter]:
+    """Block `index` tokenized (KTO: with pinned partners), ready to score: (columns, the part's row counts,
+    counts so far). Everything that depends on earlier blocks (duplicates, a borrowed KTO partner) happens here."""
     cols, stats = _tokenize_block(pt, records, ds, kind, seen)
     counts = Counter()
     if kind == "unpaired":
@@ -245,15 +246,46 @@ def _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, see
                             "usable example and no earlier example to borrow a mismatched partner from; raise "
                             "--part_rows", file=str(cfg.data))
         counts.update(kl)
-    _score_block(cols, kind, backend, counts, per_token=cfg.per_token, progress=progress)
     d = stats.to_dict()
-    part = {"index": index, **{k: d[k] for k in ("rows_read", "rows_kept", "rows_skipped", "prompt_truncated",
+    rows = {"index": index, **{k: d[k] for k in ("rows_read", "rows_kept", "rows_skipped", "prompt_truncated",
                                                   "response_truncated", "duplicates")},
-            "skipped": d["skipped"], "skip_records": stats.skip_records, "rows_written": len(cols["row_id"]),
+            "skipped": d["skipped"], "skip_records": stats.skip_records}
+    return cols, rows, counts
+
+
+def _write_block(cols: dict, rows: dict, counts: Counter, kind, backend, per_token: bool, with_reference: bool,
+                 meta: dict, out: Path, progress=None) -> dict:
+    """Score a prepared block and write it as its part; the part's metadata entry (what the manifest sums)."""
+    _score_block(cols, kind, backend, counts, per_token=per_token, progress=progress)
+    part = {**rows, "rows_written": len(cols["row_id"]),
             **{k: int(counts[k]) for k in ("tokens_scored", "response_tokens", "kl_truncated", "kl_borrowed")}}
-    write_part(out / part_name(index), cols, kind, {**meta, "created_at": _now(), "part": part},
-               with_reference=not cfg.no_reference, per_token=cfg.per_token)
+    write_part(out / part_name(rows["index"]), cols, kind, {**meta, "created_at": _now(), "part": part},
+               with_reference=with_reference, per_token=per_token)
     return part
+
+
+def _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out: Path,
+                   progress=None) -> dict:
+    cols, rows, counts = _prepare_block(index, records, prev_records, cfg, ds, kind, pt, seen)
+    return _write_block(cols, rows, counts, kind, backend, cfg.per_token, not cfg.no_reference, meta, out,
+                        progress)
+
+
+# ---------------------------------------------------------------- engines
+
+# `--engine NAME` -> "module:Class" of an engine that scores the parts in other processes (`local`, the default,
+# is this module's own loop). Named by string, like the backends, so that this module never imports Ray.
+ENGINES = {"ray": "prefpipe.precompute.ray_engine:RayEngine"}
+
+
+def _engine(cfg: PrecomputeConfig, procs: Procs):
+    """The engine for `--engine`, None for local; constructing it checks its options (Ray installed, --out)
+    before any model is loaded."""
+    if cfg.engine == "local":
+        return None
+    import importlib
+    module, cls = ENGINES[cfg.engine].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, procs)
 
 
 # ---------------------------------------------------------------- the run
@@ -293,6 +325,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
     if cfg.overwrite and cfg.shard:
         raise UserError("--overwrite cannot be combined with --shard: one shard would delete another's parts")
     procs = _procs(cfg.shard)
+    engine = _engine(cfg, procs)
     if cfg.verify and importlib.util.find_spec("prefpipe.precompute.verify") is None:
         raise UserError("--verify needs prefpipe.precompute.verify, which this install lacks")
     _check_out(Path(cfg.out))
@@ -304,7 +337,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
                                            name=f"{LOCK_FILE}.shard-{procs.rank}-of-{procs.world}"))
         elif procs.leader:
             locks.enter_context(OutputLock(cfg.out, what))
-        return _run(cfg, procs, t0)
+        return _run(cfg, procs, t0, engine)
 
 
 def _is_cache_file(name: str) -> bool:
@@ -324,7 +357,7 @@ def _check_out(out: Path):
                             "or empty directory, or an existing cache", file=str(out))
 
 
-def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
+def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
     from prefpipe.model_paths import resolve_model_dir
     from prefpipe.data.tokenize import PairTokenizer
     from prefpipe.tokenizer import load_tokenizer, quiet_transformers
@@ -341,7 +374,10 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError("--out exists and is not a directory", file=str(out))
-    backend = None if cfg.no_reference else make_backend(cfg.backend, cfg.backend_options(_device_for(cfg, procs)))
+    if engine is not None:
+        backend = engine.start()  # a stand-in with the actors' provenance; close() stops them
+    else:
+        backend = None if cfg.no_reference else make_backend(cfg.backend, cfg.backend_options(_device_for(cfg, procs)))
     try:
         meta = _run_metadata(cfg, ds, kind, pt.tok, backend)
         expected = identity.identity_of(meta)
@@ -352,7 +388,8 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
             elif cfg.overwrite:
                 _clean(out, parts=True)
         procs.gather(None)  # the leader has prepared --out
-        run = _score_parts(cfg, procs, ds, kind, pt, backend, meta, out, _scan_parts(out, expected))
+        score = _score_parts if engine is None else engine.score_parts
+        run = score(cfg, procs, ds, kind, pt, backend, meta, out, _scan_parts(out, expected))
     finally:
         if backend is not None:
             backend.close()
