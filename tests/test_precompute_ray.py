@@ -19,9 +19,7 @@ import pytest
 from conftest import make_pairs, one_line_error, write_jsonl
 from prefpipe.data.cache import MANIFEST, read_cache
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                                 reason="Ray is not installed (pip install 'prefpipe[ray]')")]
+pytestmark = pytest.mark.slow  # every test that starts Ray skips (in its fixture) without it
 PART_ROWS = 4
 
 
@@ -30,6 +28,8 @@ def ray_address():
     """One local instance for the module (starting one costs 20-30 s): 4 logical CPUs, so that two 1-CPU actors
     never wait for each other, and a small object store. Token authentication off, so that a CLI process can join
     it with --ray_address."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed (pip install 'prefpipe[ray]')")
     import ray
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -186,3 +186,11 @@ def test_actor_that_cannot_load_the_model_fails_in_one_line(ray_address, tiny_mo
 def test_joining_a_cluster_needs_an_absolute_out(tiny_model, data, run_cli):
     res = run_cli(*args(tiny_model, data, "relative/cache", "--engine", "ray", "--ray_address", "auto"))
     one_line_error(res, "--out must be an absolute path", "--ray_address")
+
+
+def test_without_ray_engine_ray_is_one_line_with_the_install_command(tiny_model, data, tmp_path, run_cli,
+                                                                     monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    res = run_cli(*args(tiny_model, data, tmp_path / "c", "--engine", "ray"))
+    one_line_error(res, "--engine ray needs Ray", "pip install 'prefpipe[ray]'")
+    assert not (tmp_path / "c").exists()
