@@ -17,7 +17,8 @@ def precompute(**kwargs):
     """Phase one: score every example with the frozen SFT model into a Parquet cache.
 
     Rerunning the same command after an interruption continues from the finished parts. Under
-    `torchrun --nproc_per_node=N` each rank scores its share of the parts and rank 0 writes the manifest.
+    `torchrun --nproc_per_node=N` each rank scores its share of the parts and rank 0 writes the manifest. With
+    `--engine ray` a pool of Ray actors, on any number of nodes, scores and writes them (docs/ray.md).
     """
     cfg = build(PrecomputeConfig, from_cli(OPTIONS, kwargs))  # a bad option stops here, before torch is imported
     from prefpipe.precompute.run import run_precompute

@@ -20,6 +20,8 @@ Decisions a user may want to know:
   manifest after every rank is done; with `--shard i/n` (independent processes, e.g. one per GPU) each process
   writes its parts, and whichever process finds all parts present writes the manifest. Every process reads the
   whole input (cheaply) so that all agree on the blocks; only the owner tokenizes and scores a block.
+- **Engines.** `--engine ray` (`prefpipe.precompute.ray_engine`) keeps all of this (planning, tokenizing, resume,
+  the manifest) in the driver and hands each prepared block to a Ray actor that scores it and writes its part.
 - **Counts.** Each part records its own counts and skipped rows in its metadata; the manifest sums them.
   `tokens_scored` counts every token forwarded (prompt + response, per scored sequence); `response_tokens` counts
   the scored positions. Duplicates are counted across the whole input (earlier blocks included) and kept.
