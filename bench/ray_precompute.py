@@ -38,11 +38,11 @@ def write_pairs(path: Path, n: int, seed: int, max_words: int):
             f.write(json.dumps(row) + "\n")
 
 
-def run(model: Path, data: Path, out: Path, part_rows: int, extra: list[str]) -> float:
+def run(model: Path, data: Path, out: Path, part_rows: int, extra: list[str], env: dict) -> float:
     """The command's own wall time (its summary line), which excludes only the interpreter start."""
     cmd = [sys.executable, "-m", "prefpipe", "precompute", "--model", str(model), "--data", str(data), "--out",
            str(out), "--part_rows", str(part_rows), "--no_progress", *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     if res.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
     return float(re.search(r"in ([\d.]+) s wall", res.stdout).group(1))
@@ -51,15 +51,19 @@ def run(model: Path, data: Path, out: Path, part_rows: int, extra: list[str]) ->
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part_rows", type=int, default=32)
-    ap.add_argument("--parts", type=int, nargs=2, default=[2, 16], help="the two input sizes, in parts")
+    ap.add_argument("--parts", type=int, nargs=2, default=[2, 10], help="the two input sizes, in parts")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--max_words", type=int, default=120)
     a = ap.parse_args()
 
     from prefpipe.tiny import build_tiny
-    configs = {"local": [], "ray x1": ["--engine", "ray", "--ray_workers", "1"],
-               "ray x2": ["--engine", "ray", "--ray_workers", "2"]}
+    # Ray gives each 1-CPU actor OMP_NUM_THREADS=1; "local 1t" is the single process under the same limit, so
+    # that ray x1 against it is the engine's own overhead, and "local" (torch's default threads) is what users run.
+    configs = {"local": ([], {}), "local 1t": ([], {"OMP_NUM_THREADS": "1"}),
+               "ray x1": (["--engine", "ray", "--ray_workers", "1"], {}),
+               "ray x2": (["--engine", "ray", "--ray_workers", "2"], {})}
+    os.environ.pop("OMP_NUM_THREADS", None)
     print(f"load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} "
           f"(1/5/15 min), {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,8 +76,8 @@ def main():
         walls = {c: {} for c in configs}
         t0 = time.time()
         for n in a.parts:  # sizes outside, configurations inside: drift in load hits every configuration
-            for c, extra in configs.items():
-                walls[c][n] = run(model, data[n], tmp / f"out-{c.replace(' ', '')}-{n}", a.part_rows, extra)
+            for c, (extra, env) in configs.items():
+                walls[c][n] = run(model, data[n], tmp / f"out-{c.replace(' ', '')}-{n}", a.part_rows, extra, env)
         total = time.time() - t0
     small, large = a.parts
     print(f"tiny Llama hidden {a.hidden}, {a.layers} layers; {a.part_rows} pairs a part; {small} and {large} parts")
@@ -84,9 +88,9 @@ def main():
         fixed = walls[c][small] - slope * small
         fit[c] = (fixed, slope)
         print(f"{c:8} {walls[c][small]:9.1f} {walls[c][large]:9.1f} {fixed:8.1f} {slope:7.3f}")
-    for c in ("ray x1", "ray x2"):
-        (f0, s0), (f1, s1) = fit["local"], fit[c]
-        over = f"{c}: +{f1 - f0:.1f} s fixed, {s1 - s0:+.3f} s a part against local; "
+    for c, base in (("ray x1", "local 1t"), ("ray x1", "local"), ("ray x2", "local")):
+        (f0, s0), (f1, s1) = fit[base], fit[c]
+        over = f"{c}: {f1 - f0:+.1f} s fixed, {s1 - s0:+.3f} s a part against {base}; "
         print(over + (f"pays off beyond {(f1 - f0) / (s0 - s1):.0f} parts" if s1 < s0 else "never pays off here"))
     print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
           f"{total:.0f} s in all")

@@ -122,6 +122,14 @@ def test_killed_actor_is_replaced_and_its_part_rescored(ray_address, reference, 
     assert_same_cache(out, reference["paired"])
 
 
+def test_a_part_that_keeps_failing_stops_the_run_in_one_line(ray_address, tiny_model, data, tmp_path, run_cli,
+                                                            monkeypatch):
+    monkeypatch.setenv("PREFPIPE_RAY_TEST_CRASH", "5:")  # the actor dies on part 5 every time: Ray gives up
+    res = run_cli(*args(tiny_model, data, tmp_path / "c", "--engine", "ray", "--ray_workers", 2, "--no_progress"))
+    one_line_error(res, "part 5 failed on actor", "pid")
+    assert not (tmp_path / "c" / MANIFEST).exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
 def test_interrupted_driver_resumes(ray_address, tiny_model, tmp_path, run_cli, sig):
     rows = make_pairs(120, seed=4)  # 60 parts of 2: enough that the run is still going when it is stopped

@@ -28,8 +28,8 @@ Decisions a user may want to know:
 - **Ray's own instance.** With no `--ray_address` the command starts a local instance (about 20-30 s) and stops
   it at the end; a process that has already called `ray.init` (a notebook, the tests) is used as it is.
 
-`PREFPIPE_RAY_TEST_CRASH=INDEX:MARKER` (a test seam): the actor that scores part INDEX exits hard, once, unless the
-file MARKER exists (it creates it first), as a process killed mid-part would.
+`PREFPIPE_RAY_TEST_CRASH=INDEX:MARKER` (a test seam): the actor that scores part INDEX exits hard, as a process
+killed mid-part would: once, unless the file MARKER exists (it creates it first); every time with no MARKER.
 """
 
 from __future__ import annotations
@@ -71,9 +71,13 @@ class Scorer:
     def score_part(self, cols: dict, rows: dict, counts: dict, kind: str, per_token: bool, meta: dict,
                    out: str) -> dict:
         from prefpipe.precompute.run import _write_block
-        if self.crash is not None and self.crash[0] == rows["index"] and not os.path.exists(self.crash[1]):
-            Path(self.crash[1]).touch()
-            os._exit(1)
+        if self.crash is not None and self.crash[0] == rows["index"]:
+            index, marker = self.crash
+            if not marker:
+                os._exit(1)
+            if not os.path.exists(marker):
+                Path(marker).touch()
+                os._exit(1)
         return _write_block(cols, rows, Counter(counts), kind, self.backend, per_token, True, meta, Path(out))
 
 
@@ -94,8 +98,9 @@ class RayEngine:
         self.ray = import_ray()
         self.cfg = cfg
         self.actors: list = []
-        self.where: list[str] = []
-        self.connected = False
+        self.where: list[str] = []  # each actor's host and pid, for error messages
+        self.provenance_: dict | None = None
+        self.connected = False  # this command called ray.init, so it also calls ray.shutdown
         self.crash = _crash_seam()
 
     # ------------------------------------------------------------ the actors
@@ -217,7 +222,8 @@ class _Pool:
             cause = getattr(e, "cause", None)
             if isinstance(cause, UserError):
                 raise UserError(f"part {index} (actor {i}): {cause.format()}")
-            raise UserError(f"part {index} failed on actor {i} ({self.where[i]}): {one_line(e)}")
+            retried = f", restarted {RESTARTS} times" if isinstance(e, self.ray.exceptions.ActorDiedError) else ""
+            raise UserError(f"part {index} failed on actor {i} ({self.where[i]}{retried}): {one_line(e)}")
 
 
 class _Bar:
