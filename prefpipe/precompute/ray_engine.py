@@ -105,7 +105,7 @@ class RayEngine:
 
     # ------------------------------------------------------------ the actors
 
-    def start(self) -> "RayEngine":
+    def start(self) -> RayEngine:
         ray, cfg = self.ray, self.cfg
         if not ray.is_initialized():
             _connect(ray, cfg)
