@@ -230,12 +230,11 @@ class _Bar:
     """The driver's one progress bar: input rows of the parts to score, with tokens/s over all actors."""
 
     def __init__(self, cfg, ds, done: dict):
-        from tqdm import tqdm
-
         from prefpipe.precompute.progress import rows_to_process
-        total = rows_to_process(ds.sources, cfg.part_rows, lambda i: i not in done) if cfg.progress else None
-        self.bar = tqdm(total=total, disable=not cfg.progress, unit="row", dynamic_ncols=True, mininterval=0.5,
-                        desc=f"precompute ({cfg.ray_workers} ray actor{'s' if cfg.ray_workers > 1 else ''})")
+        from prefpipe.progress_bar import progress_bar
+        total = rows_to_process(ds.row_counts, cfg.part_rows, lambda i: i not in done) if cfg.progress else None
+        actors = f"{cfg.ray_workers} ray actor{'s' if cfg.ray_workers > 1 else ''}"
+        self.bar = progress_bar(total, f"precompute ({actors})", "row", show=cfg.progress)
         self.t0, self.tokens, self.written = time.perf_counter(), 0, {}
 
     def done(self, part: dict, n_rows: int):
