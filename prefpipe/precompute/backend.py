@@ -8,13 +8,13 @@ resume, sharding), so a backend is only an engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from prefpipe.options import DTYPES, OptionError, opt
+from prefpipe.options import DTYPES, OptionError, check_choices, opt
 from prefpipe.scores import Scores
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """The engine's share of `prefpipe precompute`'s options."""
+    """The engine's share of `prefpipe precompute`'s options (a group of `PrecomputeConfig`)."""
     model: str = opt(help="Frozen SFT model directory (or hub id): the reference.", path=True)
     dtype: str = opt("auto", choices=DTYPES, help="auto: bf16 on GPUs that support it, float32 on CPU.")
     device: str = opt("auto", help="hf: auto, cpu, cuda or cuda:N.")
@@ -32,6 +32,7 @@ class BackendOptions:
     chunk_rows: int = opt(256, help="vllm: requests per engine call (bounds prompt-logprob memory).")
 
     def __post_init__(self):
+        check_choices(self)
         for name in ("batch_tokens", "chunk_rows", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise OptionError(self, (name,), f"{{}} must be positive (got {getattr(self, name)})")

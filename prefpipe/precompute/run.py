@@ -33,14 +33,13 @@ import os
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from prefpipe import __version__
 from prefpipe.data import identity
 from prefpipe.data.cache import (KINDS, MANIFEST, SCHEMA_VERSION, part_digest, part_name, read_manifest,
                                  read_part_metadata, write_manifest, write_part)
-from prefpipe.data.formats import Dataset
 from prefpipe.data.tokenize import SeenHashes, TokenStats
 from prefpipe.dist import Procs, join
 from prefpipe.errors import UserError
@@ -77,13 +76,14 @@ def _procs(shard: str | None) -> Procs:
 
 
 def _device_for(cfg: PrecomputeConfig, procs: Procs) -> str:
-    if not procs.joined or cfg.device not in ("auto", "cuda"):
-        return cfg.device
+    device = cfg.backend_options.device
+    if not procs.joined or device not in ("auto", "cuda"):
+        return device
     import torch
     if torch.cuda.is_available():
         torch.cuda.set_device(procs.local_rank)
         return f"cuda:{procs.local_rank}"
-    return cfg.device
+    return device
 
 
 # ---------------------------------------------------------------- metadata
@@ -98,9 +98,9 @@ def _run_metadata(cfg, ds, kind, tokenizer, backend) -> dict:
         "per_token": bool(cfg.per_token),
         "model": {"path": str(cfg.model), "fingerprint": model_fingerprint(cfg.model)},
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "tokenization": cfg.settings().metadata(),
+        "tokenization": cfg.input.tokenize_settings().metadata(),
         "data": {"path": str(cfg.data), "fingerprint": ds.fingerprint(), "format": ds.format,
-                 "columns": asdict(cfg.columns), "turn_marker": cfg.turn_marker},
+                 "columns": asdict(cfg.input.columns), "turn_marker": cfg.input.turn_marker},
         "backend": backend.provenance() if backend is not None else {"name": "none"},
         "layout": {"part_rows": cfg.part_rows},
     }
@@ -237,7 +237,7 @@ def _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, see
         if len(cols["row_id"]) == 1 and prev_records is not None:
             previous, _ = _tokenize_block(pt, prev_records, ds, kind, None)
         try:
-            cols, kl = kto_pairs.with_partners(cols, cfg.max_length, previous)
+            cols, kl = kto_pairs.with_partners(cols, cfg.input.max_length, previous)
         except ValueError:
             first = records[0]
             raise UserError(f"KTO: input block {index} (rows from {first.source} row {first.row}) has a single "
@@ -329,18 +329,17 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
     from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
     quiet_transformers()
-    ds = Dataset(cfg.data, cfg.columns, turn_marker=cfg.turn_marker, batch_rows=cfg.part_rows, split=cfg.data_split,
-                 config=cfg.data_config)
+    ds = cfg.input.dataset(cfg.data, batch_rows=cfg.part_rows)
     ds.validate()  # every row, before any model is loaded: a bad row deep in the file costs no scoring
     kind = "unpaired" if (cfg.kto or not ds.paired) else "paired"
     if cfg.no_reference and kind == "unpaired":
         raise UserError("--no_reference writes an ORPO cache of pairs; KTO (--kto or unpaired data) needs "
                         "reference log-probs", file=str(cfg.data))
-    pt = PairTokenizer(load_tokenizer(str(resolve_model_dir(cfg.model))), cfg.settings())
+    pt = PairTokenizer(load_tokenizer(str(resolve_model_dir(cfg.model))), cfg.input.tokenize_settings())
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError("--out exists and is not a directory", file=str(out))
-    backend = None if cfg.no_reference else make_backend(cfg.backend, cfg.backend_options(_device_for(cfg, procs)))
+    backend = None if cfg.no_reference else make_backend(cfg.backend, replace(cfg.backend_options, device=_device_for(cfg, procs)))
     try:
         meta = _run_metadata(cfg, ds, kind, pt.tok, backend)
         expected = identity.identity_of(meta)
@@ -366,7 +365,7 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float) -> dict:
                "skipped_files": list(ds.skipped_files)}
     if cfg.verify and finalised and procs.leader:
         from prefpipe.precompute.verify import verify_cache
-        summary["verify"] = verify_cache(str(out), cfg.model, cfg.verify, device=cfg.device)
+        summary["verify"] = verify_cache(str(out), cfg.model, cfg.verify, device=cfg.backend_options.device)
     return summary
 
 
