@@ -55,8 +55,16 @@ class Backend:
     def __init__(self, options: BackendOptions):
         self.options = options
 
+    @staticmethod
+    def numerics(options: BackendOptions) -> tuple[str, str | None]:
+        """(dtype, weight quantization or None) this backend will score in with `options`, decided without
+        loading the engine: the plan (prefpipe.precompute.plan) builds the cache identity from it, and
+        `provenance` must report the same."""
+        raise NotImplementedError
+
     def provenance(self) -> dict:
-        """What goes into the cache metadata's `backend` entry: at least name, version, dtype."""
+        """What goes into the cache metadata's `backend` entry: at least name, version, dtype (and quantization
+        when there is one), as `numerics` said."""
         raise NotImplementedError
 
     def score(self, prompts: list[list[int]], responses: list[list[int]], *, per_token: bool = False,
@@ -83,11 +91,15 @@ BACKENDS = {
 }
 
 
-def make_backend(name: str, options: BackendOptions) -> Backend:
+def backend_class(name: str) -> type[Backend]:
     import importlib
 
     if name not in BACKENDS:
         from prefpipe.errors import UserError
         raise UserError(f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(options)
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_backend(name: str, options: BackendOptions) -> Backend:
+    return backend_class(name)(options)

@@ -76,7 +76,6 @@ def load_train_data(src, tokenizer, kto: bool) -> TrainData:
 
 def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
     from prefpipe.data.cache import schema_for
-    from prefpipe.data.formats import Dataset
     from prefpipe.data.tokenize import PairTokenizer, TokenStats
     from prefpipe.data import kto_pairs
 
