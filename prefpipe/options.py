@@ -10,7 +10,8 @@ Rules the renderers follow, so that users see what they always saw:
 
 - The option's name is the field's name unless `opt(name=...)` says otherwise (`loss_types` is `--loss_type`,
   `Columns.prompt` is `--prompt_col`). A field holding another settings dataclass (`group(...)`) is flattened:
-  its options appear under their own names.
+  its options appear under their own names, after the options declared before it, unless the class lists its
+  options' order in `OPTION_ORDER` (a tuple of names; unlisted ones come last, in declaration order).
 - A tuple field is a repeatable option on the command line and a list (or a single value) in TOML.
 - A bool that defaults to false is a flag (`--fsdp`); one that defaults to true is its negation (`--no_progress`).
   The pipeline, where a flag must be able to override the file both ways, offers `--x/--no_x` for each.
@@ -148,6 +149,10 @@ def options(cls, skip=()) -> list[Option]:
         out.append(Option(name, kind, multiple, default, md["required"] or default is MISSING, md["help"],
                           md["choices"], md["path"], md["metavar"], md["default_text"], md["off_help"],
                           md.get("escapes", False)))
+    order = getattr(cls, "OPTION_ORDER", None)
+    if order:  # groups interleaved with the class's own options, as `-h` has always listed them
+        rank = {n: i for i, n in enumerate(order)}
+        out.sort(key=lambda o: rank.get(o.name, len(rank)))
     return out
 
 

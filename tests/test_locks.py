@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prefpipe.options import build
+
 import os
 import subprocess
 import sys
@@ -91,8 +93,8 @@ def test_precompute_into_a_locked_cache_is_refused(tmp_path, tiny_model, tmp_pat
     out = tmp_path / "cache"
 
     def cfg(**kw):
-        return PrecomputeConfig(model=str(tiny_model), data=str(data), out=str(out), dtype="float32",
-                                device="cpu", progress=False, **kw)
+        return build(PrecomputeConfig, dict(model=str(tiny_model), data=str(data), out=str(out), dtype="float32",
+                                device="cpu", progress=False, **kw))
     p = holder(out, (LOCK_FILE, False))
     try:
         for kw in ({}, {"shard": "1/2"}):

@@ -3,6 +3,8 @@ the manifest's identity fields must be those its parts were written with."""
 
 from __future__ import annotations
 
+from prefpipe.options import build
+
 import json
 import shutil
 
@@ -111,8 +113,8 @@ def test_rerunning_the_precompute_rewrites_an_edited_manifest_from_its_parts(cac
     dest, _ = edited(cache, tmp_path / "c", "tokenization.max_length", 128)
     with pytest.raises(UserError):
         read_cache(dest)
-    summary = run_precompute(PrecomputeConfig(model=str(tiny_model), data=str(data), out=str(dest), dtype="float32",
+    summary = run_precompute(build(PrecomputeConfig, dict(model=str(tiny_model), data=str(data), out=str(dest), dtype="float32",
                                               device="cpu", progress=False, max_length=96, max_prompt_length=32,
-                                              part_rows=5))
+                                              part_rows=5)))
     assert summary["parts_written"] == 0 and summary["parts_reused"] == summary["parts"]
     assert read_cache(dest).metadata["tokenization"]["max_length"] == 96

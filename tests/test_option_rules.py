@@ -129,13 +129,13 @@ def test_turn_marker_escapes_in_every_command_and_in_toml(tmp_path, typed, meant
     from prefpipe.data.settings import CheckSettings
     from prefpipe.options import build
 
-    assert build(CheckSettings, {"model": "m", "turn_marker": typed}).turn_marker == meant
-    assert build(PrecomputeConfig, {"model": "m", "data": "d", "out": "o", "turn_marker": typed}).turn_marker == meant
+    assert build(CheckSettings, {"model": "m", "turn_marker": typed}).input.turn_marker == meant
+    assert build(PrecomputeConfig, {"model": "m", "data": "d", "out": "o", "turn_marker": typed}).input.turn_marker == meant
     # A TOML literal string keeps the backslash, as a shell does.
     p = _toml(tmp_path, f"[precompute]\nturn_marker = '{typed}'\n[eval]\ngen = 'q.jsonl'\nprompt_template = '{typed}'\n")
     cfg = pconf.resolve(str(p), {})
-    assert pconf.train_config(cfg, ("dpo",), cache="c", data=None).source.turn_marker == meant
-    assert pconf.precompute_config(cfg, "c", "d", kto=False, overwrite=False).turn_marker == meant
+    assert pconf.train_config(cfg, ("dpo",), cache="c", data=None).source.input.turn_marker == meant
+    assert pconf.precompute_config(cfg, "c", "d", kto=False, overwrite=False).input.turn_marker == meant
     assert pconf.gen_settings(cfg).prompt_template == meant
 
 

@@ -184,8 +184,8 @@ chat = true
     assert (tc, pc, gs) == _built(from_flags)
     # ... and they are the values written, not defaults that happen to agree.
     assert tc.betas == (0.2, 0.4) and tc.device == "cpu" and tc.progress is False and pc.progress is False
-    assert pc.part_rows == 100 and pc.columns == Columns(prompt="question") and tc.source.columns.prompt == "question"
-    assert (pc.max_length, pc.max_prompt_length) == (256, 128) and tc.source.max_prompt_length == 128
+    assert pc.part_rows == 100 and pc.input.columns == Columns(prompt="question") and tc.source.input.columns.prompt == "question"
+    assert (pc.input.max_length, pc.input.max_prompt_length) == (256, 128) and tc.source.input.max_prompt_length == 128
     assert tc.optim.lr == 2e-6 and tc.optim.lr_scheduler == "cosine" and tc.loop.batch_size == 3
     assert tc.loop.gradient_checkpointing is True
     assert gs.max_new_tokens == 7 and gs.chat is True and gs.batch_size == 64 and gs.device == "cpu"
@@ -207,7 +207,7 @@ def test_pipeline_train_config_equals_prefpipe_train(run_cli, monkeypatch, tmp_p
                                "keep_checkpoints": 2, "label_smoothing": 0.1, "max_length": 300,
                                "loss_type": ["robust"], "beta": [0.3]})
     assert pconf.train_config(cfg, cfg.losses, cache="c", data=None) == seen["cfg"]
-    assert seen["cfg"].source.max_prompt_length == 150
+    assert seen["cfg"].source.input.max_prompt_length == 150
 
 
 # ---------------------------------------------------------------- errors
@@ -278,16 +278,16 @@ question_col = "q"
     assert tc.fsdp is True and tc.loop.gradient_checkpointing is True and tc.loop.keep_checkpoints == 3
     assert tc.source.reference == "live" and tc.source.allow_reference_mismatch is True
     pc = pconf.precompute_config(cfg, "c", "d", kto=True, overwrite=True)
-    assert (pc.backend, pc.gpu_memory_utilization, pc.tensor_parallel_size, pc.verify, pc.shard) == \
+    assert (pc.backend, pc.backend_options.gpu_memory_utilization, pc.backend_options.tensor_parallel_size,
+            pc.verify, pc.shard) == \
         ("vllm", 0.5, 2, 4, "0/2")
     assert pc.kto is True and pc.overwrite is True and pc.out == "c"
-    assert pc.backend_options().gpu_memory_utilization == 0.5
     assert pconf.gen_settings(cfg).question_col == "q"
     # Defaults stay today's when the file says nothing.
     plain = pconf.resolve(str(_write(tmp_path, "")), {})
     tc = pconf.train_config(plain, ("dpo",), cache="c", data=None)
     assert tc.fsdp is False and tc.source.reference == "cached" and tc.loop.keep_checkpoints == 0
-    assert pconf.precompute_config(plain, "c", "d", kto=False, overwrite=False).max_prompt_length == 512
+    assert pconf.precompute_config(plain, "c", "d", kto=False, overwrite=False).input.max_prompt_length == 512
 
 
 # ---------------------------------------------------------------- max_prompt_length follows max_length

@@ -118,12 +118,12 @@ def test_chat_date_is_one_top_level_key_for_every_phase(tmp_path):
     from prefpipe.pipeline.run import expected_identity
 
     cfg = resolve(str(write(tmp_path, BASE + 'chat_date = "2025-01-31"\n')), {})
-    assert precompute_config(cfg, "out", "d.jsonl", kto=False, overwrite=False).chat_date == "2025-01-31"
-    assert train_config(cfg, ("orpo",), cache=None, data="d.jsonl").source.chat_date == "2025-01-31"
+    assert precompute_config(cfg, "out", "d.jsonl", kto=False, overwrite=False).input.chat_date == "2025-01-31"
+    assert train_config(cfg, ("orpo",), cache=None, data="d.jsonl").source.input.chat_date == "2025-01-31"
     assert gen_settings(cfg).chat_date == "2025-01-31"
     (tmp_path / "d.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     ident = expected_identity("m", str(tmp_path / "d.jsonl"), cfg, kto=False,
-                              fingerprints={"model": "x", "tokenizer": "y"})
+                              fingerprints={"model": "x", "tokenizer": {"fingerprint": "y"}})
     assert ident["tokenization"]["chat_date"] == "2025-01-31"
     with pytest.raises(UserError, match="belongs in the top level"):
         resolve(str(write(tmp_path, BASE + '[precompute]\nchat_date = "2025-01-31"\n', "bad.toml")), {})

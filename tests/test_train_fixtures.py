@@ -6,6 +6,8 @@ Caches are built once per test session under the session's base temp dir with th
 
 from __future__ import annotations
 
+from prefpipe.options import build
+
 import json
 from pathlib import Path
 
@@ -48,8 +50,8 @@ def cache(tmp_path_factory, model: Path, data: Path, name: str, **kw) -> Path:
     from prefpipe.precompute.run import PrecomputeConfig, run_precompute
     out = shared_dir(tmp_path_factory, name)
     if not (out / "manifest.json").exists():
-        run_precompute(PrecomputeConfig(model=str(model), data=str(data), out=str(out), dtype="float32",
-                                        device="cpu", progress=False, **kw))
+        run_precompute(build(PrecomputeConfig, dict(model=str(model), data=str(data), out=str(out), dtype="float32",
+                                        device="cpu", progress=False, **kw)))
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prefpipe.options import build
+
 import shutil
 from pathlib import Path
 
@@ -27,8 +29,8 @@ def caches(tiny_model, tmp_path_factory):
     unpaired = write_jsonl(d / "unpaired.jsonl", make_unpaired(12, seed=5))
     out = {}
     for name, data, dtype in (("f32", pairs, "float32"), ("bf16", pairs, "bfloat16"), ("kto", unpaired, "float32")):
-        run_precompute(PrecomputeConfig(model=str(tiny_model), data=str(data), out=str(d / name), dtype=dtype,
-                                        **SETTINGS))
+        run_precompute(build(PrecomputeConfig, dict(model=str(tiny_model), data=str(data), out=str(d / name), dtype=dtype,
+                                        **SETTINGS)))
         out[name] = d / name
     out["pairs"] = pairs
     return out
@@ -154,8 +156,8 @@ def test_sampling_is_seeded_and_bounded(caches, tiny_model):
 
 def test_no_reference_cache_is_refused(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", make_pairs(4))
-    run_precompute(PrecomputeConfig(model=str(tiny_model), data=str(data), out=str(tmp_path / "orpo"),
-                                    no_reference=True, **SETTINGS))
+    run_precompute(build(PrecomputeConfig, dict(model=str(tiny_model), data=str(data), out=str(tmp_path / "orpo"),
+                                    no_reference=True, **SETTINGS)))
     with pytest.raises(UserError, match="no reference"):
         verify_cache(str(tmp_path / "orpo"), str(tiny_model), 2)
 

@@ -10,6 +10,8 @@ Every check compares against the hf backend run in-process and against an indepe
 
 from __future__ import annotations
 
+from prefpipe.options import build
+
 import importlib.util
 import json
 import os
@@ -61,8 +63,8 @@ def _cli(py: str, model, data, out, settings: dict, *extra) -> list[str]:
 
 def _hf_cache(model, data, out, settings: dict) -> Path:
     torch.set_flush_denormal(True)
-    run_precompute(PrecomputeConfig(model=str(model), data=str(data), out=str(out), dtype="float32", device="cpu",
-                                    progress=False, **settings))
+    run_precompute(build(PrecomputeConfig, dict(model=str(model), data=str(data), out=str(out), dtype="float32", device="cpu",
+                                    progress=False, **settings)))
     return Path(out)
 
 

@@ -373,3 +373,26 @@ def _check_token_lists(table: pa.Table, kind: str, path: Path):
             i = int(np.searchsorted(np.cumsum(lengths), np.flatnonzero(~np.isfinite(values))[0], side="right"))
             raise UserError("a per-token reference log-prob is NaN or inf; the cache is unusable, rerun "
                             "precompute", file=str(path), row=i + 1, column=r.tokens)
+
+
+def part_is_sound(path: str | Path, meta: dict) -> bool:
+    """Whether a part file (whose metadata is `meta`) passes the checks `read_cache` makes of its rows: its row
+    count, finite reference log-probs and per-token lists of the right lengths. A resume rescores a part that
+    does not."""
+    import pyarrow.parquet as pq
+
+    f = Path(path)
+    try:
+        present = set(pq.read_schema(f).names)
+        spec = KINDS[meta["kind"]]
+        wanted = spec.ref_columns + spec.token_columns + tuple(r.length for r in spec.responses if r.length)
+        if meta.get("per_token") and not set(spec.token_columns) <= present:
+            return False
+        table = pq.read_table(f, columns=[c for c in wanted if c in present])
+        if pq.read_metadata(f).num_rows != meta["part"].get("rows_written"):
+            return False
+        _check_finite(table, meta["kind"], f)
+        _check_token_lists(table, meta["kind"], f)
+    except (UserError, pa.ArrowInvalid, OSError, KeyError):
+        return False
+    return True

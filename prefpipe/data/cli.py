@@ -44,14 +44,13 @@ def check(ctx, data_path, **kwargs):
     s = build(CheckSettings, from_cli(OPTIONS, kwargs))
     if (ctx.obj or {}).get("own_process"):
         tokenizer_only_process()  # no model is loaded here: transformers need not import torch
-    from prefpipe.data.formats import Dataset
     from prefpipe.data.tokenize import SKIP_REASONS, PairTokenizer, TokenStats
     from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
-    settings = s.tokenize_settings()
+    settings = s.input.tokenize_settings()
     max_length, max_prompt_length = settings.max_length, settings.max_prompt_length
     quiet_transformers()
-    ds = Dataset(data_path, s.columns, turn_marker=s.turn_marker, split=s.data_split, config=s.data_config)
+    ds = s.input.dataset(data_path)
     ds.validate()  # every bad row at once, as precompute and train report them
     pt = PairTokenizer(load_tokenizer(s.model), settings)
     # Memory stays flat in the rows: lengths are histograms, labels counts, and skips only the first per reason.

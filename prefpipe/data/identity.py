@@ -13,7 +13,8 @@ dtype (with the weight quantization, `--load_in_4bit`), `part_rows` and the pref
 from one run (blocks are cut by `part_rows`, and one engine and dtype score them all). The pipeline names its own
 caches after their identity (`RUNS_DIR/cache-<12 hex>`), so a changed setting builds a new cache next to the old one.
 
-Every check goes through here: precompute's resume scan, the pipeline's reuse/resume decision, training's
+Every check goes through here: the plan of phase one (prefpipe.precompute.plan: the expected identity, from the
+run metadata it builds, and the reuse/resume decision precompute and the pipeline share), training's
 tokenizer and model checks, verify, and eval.
 """
 
@@ -82,17 +83,6 @@ def engine_dtype(dtype: str | None, quantization: str | None) -> str | None:
     reference scores differently from the same weights unquantized, so the parts of one cache must not mix
     them). Unquantized engines keep the plain dtype, as caches have always recorded it."""
     return f"{dtype}+{quantization}" if dtype and quantization else dtype
-
-
-def expected(*, model: str, tokenizer: str, tokenization: dict, data: str, columns: dict, turn_marker: str,
-             kind: str, has_reference: bool, backend: str | None, dtype: str | None, part_rows: int,
-             per_token: bool = False) -> dict:
-    """The identity a cache made by this run would carry (fingerprints computed by the caller, once)."""
-    from prefpipe import __version__
-    return {"model": model, "tokenizer": tokenizer, "tokenization": tokenization, "data": data, "columns": columns,
-            "turn_marker": turn_marker, "kind": kind, "has_reference": has_reference,
-            "per_token": bool(per_token and has_reference), "backend": backend if has_reference else "none", "dtype": dtype if has_reference else None,
-            "part_rows": part_rows, "prefpipe_version": __version__, "schema_version": SCHEMA_VERSION}
 
 
 def reuse(identity: dict) -> dict:

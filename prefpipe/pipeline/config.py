@@ -336,7 +336,7 @@ def _check(cfg: PipelineConfig) -> dict:
     with _as_written(cfg, "eval_"):
         gen_settings(cfg)
     _refuse_keys_without_effect(cfg)
-    return {**cfg.values, "max_prompt_length": pc.max_prompt_length}
+    return {**cfg.values, "max_prompt_length": pc.input.max_prompt_length}
 
 
 def _refuse_keys_without_effect(cfg: PipelineConfig):

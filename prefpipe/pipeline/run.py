@@ -35,14 +35,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefpipe.data.cache import MANIFEST, read_manifest, read_part_metadata
+from prefpipe.data.cache import MANIFEST, read_manifest
 from prefpipe.errors import UserError
-from prefpipe.fileio import OutputLock, atomic_write_text, check_writable, is_lock_file
-from prefpipe.pipeline.config import PipelineConfig, columns_of, gen_settings, precompute_config, train_config
+from prefpipe.fileio import OutputLock, atomic_write_text, check_writable
+from prefpipe.pipeline.config import PipelineConfig, gen_settings, precompute_config, train_config
 from prefpipe.pipeline.reruns import check_run, prepare, record
 from prefpipe.pipeline.sweep import needs_reference, split_losses
 from prefpipe.rundir import RunsDir
-from prefpipe.wording import plural
 
 
 @dataclass
@@ -59,82 +58,54 @@ class CacheCheck:
 
 
 def model_fingerprints(model: str) -> dict:
-    """The model's weights fingerprint and its tokenizer's, computed once per pipeline and handed to each check."""
-    from prefpipe.data.fingerprint import model_fingerprint, tokenizer_fingerprint
-    from prefpipe.model_paths import resolve_model_dir
-    from prefpipe.tokenizer import load_tokenizer
+    """The model's weights fingerprint and its tokenizer's, computed once per pipeline and handed to each plan."""
+    from prefpipe.precompute.plan import fingerprints
+    return fingerprints(model)
 
-    tok = load_tokenizer(str(resolve_model_dir(model)))
-    return {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tok)["fingerprint"]}
+
+def _plan(cfg: PipelineConfig, data: str, *, kto: bool, fingerprints: dict, out=None):
+    """Phase one's plan (`prefpipe.precompute.plan`) for a cache of `data` made by this run; `out`: None (only
+    the identity is wanted), or the cache directory as a function of the identity's key."""
+    from prefpipe.precompute import plan
+
+    pc = precompute_config(cfg, cfg.path_or("cache", "cache"), data, kto=kto, overwrite=False)
+    if out is None:
+        return plan.expected(pc, pc.input.dataset(data), fingerprints)[1]
+    return plan.plan(pc, pc.input.dataset(data), fingerprints, out=out)
 
 
 def expected_identity(model: str, data: str, cfg: PipelineConfig, *, kto: bool,
                       fingerprints: dict | None = None) -> dict:
     """The identity (`prefpipe.data.identity`) a cache of `data` made by this run would carry."""
-    from dataclasses import asdict
-
-    from prefpipe.data import identity
-    from prefpipe.data.formats import data_fingerprint
-    from prefpipe.data.tokenize import TokenizeSettings
-    from prefpipe.modeling import resolve_device, resolve_dtype
-
-    fp = fingerprints or model_fingerprints(model)
-    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
-    dtype = identity.engine_dtype(dtype, "nf4" if cfg.values.get("load_in_4bit") else None)
-    return identity.expected(model=fp["model"], tokenizer=fp["tokenizer"],
-                             tokenization=TokenizeSettings(cfg.max_length, cfg.max_prompt_length,
-                                                           cfg.chat_date).metadata(),
-                             data=data_fingerprint(data, columns_of(cfg), cfg.data_split, cfg.data_config),
-                             columns=asdict(columns_of(cfg)),
-                             turn_marker=cfg.turn_marker, kind="unpaired" if kto else "paired", has_reference=True,
-                             backend=cfg.backend, dtype=dtype, part_rows=cfg.part_rows,
-                             per_token=cfg.per_token)
+    return _plan(cfg, data, kto=kto, fingerprints=fingerprints or model_fingerprints(model))
 
 
 def check_cache(path: str, expected: dict, *, recompute: bool) -> CacheCheck:
-    """Decide whether the cache at `path` can serve this run, and say why. A finished cache is reused when its
-    identity matches; an unfinished one is resumed when every part matches the resume identity too."""
+    """Decide whether the cache at `path` can serve a run of identity `expected`, and say why (the plan's
+    decision, `prefpipe.precompute.plan.decide`)."""
     from prefpipe.data import identity
+    from prefpipe.precompute.plan import decide
 
-    d = Path(path)
     if recompute:
-        return CacheCheck(path, "recompute", "--recompute was given")
-    if not d.exists() or all(is_lock_file(f.name) for f in d.iterdir()):  # a lock file alone: nothing written
-        return CacheCheck(path, "compute", "no cache there yet")
-    if not (d / MANIFEST).exists():
-        parts = sorted(d.glob("part-*.parquet"))
-        metas = [m for m in (read_part_metadata(p) for p in parts) if m is not None]
-        diff = sorted({x for m in metas for x in identity.differences(expected, identity.identity_of(m),
-                                                                     resume=True)})
-        if metas and not diff:
-            return CacheCheck(path, "resume", f"an unfinished cache of this run: {plural(len(parts), 'part')} done")
-        return CacheCheck(path, "recompute", "an unfinished cache from a different run"
-                          + (f" ({'; '.join(diff)})" if diff else ""))
-    try:
-        meta = read_manifest(d)["metadata"]
-    except UserError as e:
-        return CacheCheck(path, "recompute", f"the old cache is unreadable: {e.message}")
-    diff = identity.differences(expected, identity.identity_of(meta))
-    if diff:
-        return CacheCheck(path, "recompute", "; ".join(diff))
-    return CacheCheck(path, "reuse", "model, tokenizer, tokenization and data fingerprints match")
+        return CacheCheck(path, "recompute", "--recompute was given", identity.key(identity.reuse(expected)))
+    action, reason, _ = decide(path, expected, overwrite=False)
+    return CacheCheck(path, action, reason, identity.key(identity.reuse(expected)))
 
 
 def plan_cache(cfg: PipelineConfig, runs_dir: RunsDir, role: str, data: str, *, kto: bool,
                fingerprints: dict) -> CacheCheck:
     """Where the `role` cache lives and what to do with it; raises before any compute when a cache the user named
     would have to be replaced without --recompute."""
-    from prefpipe.data import identity
-
     setting = {"paired": "cache", "kto": "kto_cache", "eval": "eval_cache"}[role]
-    expected = expected_identity(cfg.model, data, cfg, kto=kto, fingerprints=fingerprints)
     named = cfg.values[setting]
-    path = named if named is not None else str(runs_dir.cache(role, identity.key(identity.reuse(expected))))
-    check = check_cache(path, expected, recompute=cfg.recompute)
-    check.identity_key = identity.key(identity.reuse(expected))
+    p = _plan(cfg, data, kto=kto, fingerprints=fingerprints,
+              out=lambda key: named if named is not None else runs_dir.cache(role, key))
+    check = CacheCheck(p.out, "recompute", "--recompute was given", p.key) if cfg.recompute else \
+        CacheCheck(p.out, p.action, p.reason, p.key)
     if named is not None and check.action == "recompute" and not cfg.recompute:
         raise UserError(f"this cache does not match the run ({check.reason}) and is not replaced without "
-                        f"--recompute: pass --recompute to rebuild it, or set {setting} to another path", file=path)
+                        f"--recompute: pass --recompute to rebuild it, or set {setting} to another path",
+                        file=check.path)
     return check
 
 
@@ -164,7 +135,8 @@ def given_eval_cache(cfg: PipelineConfig, fingerprints: dict) -> CacheCheck:
         raise UserError("eval_cache without eval_data must be a finished cache (no manifest.json here); set "
                         "eval_data to build it", file=path)
     found = identity.identity_of(read_manifest(Path(path))["metadata"])
-    expected = {**found, "model": fingerprints["model"], "tokenizer": fingerprints["tokenizer"], "kind": "paired",
+    expected = {**found, "model": fingerprints["model"], "tokenizer": fingerprints["tokenizer"]["fingerprint"],
+                "kind": "paired",
                 "has_reference": True}
     diff = identity.differences(expected, found)
     if diff:
@@ -193,11 +165,9 @@ def train(tc, check: CacheCheck, log) -> list[dict]:
 def check_data_kinds(cfg: PipelineConfig, paired: tuple):
     """Stop before any compute when a data file has bad rows (every row is checked) or cannot serve what is asked
     of it."""
-    from prefpipe.data.formats import Dataset
-
     def is_paired(data: str) -> bool:
-        return Dataset(data, columns_of(cfg), turn_marker=cfg.turn_marker, split=cfg.data_split,
-                       config=cfg.data_config).validate().paired
+        return precompute_config(cfg, cfg.path_or("cache", "cache"), data, kto=False,
+                                 overwrite=False).input.dataset(data).validate().paired
     if paired and not is_paired(cfg.data):
         raise UserError(f"{', '.join(paired)} train{'s' if len(paired) == 1 else ''} on pairs (prompt, chosen, "
                         "rejected), but data holds unpaired examples (prompt, completion, label); use loss_type "

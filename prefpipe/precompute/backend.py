@@ -8,13 +8,13 @@ resume, sharding), so a backend is only an engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from prefpipe.options import DTYPES, OptionError, opt
+from prefpipe.options import DTYPES, OptionError, check_choices, opt
 from prefpipe.scores import Scores
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """The engine's share of `prefpipe precompute`'s options."""
+    """The engine's share of `prefpipe precompute`'s options (a group of `PrecomputeConfig`)."""
     model: str = opt(help="Frozen SFT model directory (or hub id): the reference.", path=True)
     dtype: str = opt("auto", choices=DTYPES, help="auto: bf16 on GPUs that support it, float32 on CPU.")
     device: str = opt("auto", help="hf: auto, cpu, cuda or cuda:N.")
@@ -32,6 +32,7 @@ class BackendOptions:
     chunk_rows: int = opt(256, help="vllm: requests per engine call (bounds prompt-logprob memory).")
 
     def __post_init__(self):
+        check_choices(self)
         for name in ("batch_tokens", "chunk_rows", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise OptionError(self, (name,), f"{{}} must be positive (got {getattr(self, name)})")
@@ -54,8 +55,16 @@ class Backend:
     def __init__(self, options: BackendOptions):
         self.options = options
 
+    @staticmethod
+    def numerics(options: BackendOptions) -> tuple[str, str | None]:
+        """(dtype, weight quantization or None) this backend will score in with `options`, decided without
+        loading the engine: the plan (prefpipe.precompute.plan) builds the cache identity from it, and
+        `provenance` must report the same."""
+        raise NotImplementedError
+
     def provenance(self) -> dict:
-        """What goes into the cache metadata's `backend` entry: at least name, version, dtype."""
+        """What goes into the cache metadata's `backend` entry: at least name, version, dtype (and quantization
+        when there is one), as `numerics` said."""
         raise NotImplementedError
 
     def score(self, prompts: list[list[int]], responses: list[list[int]], *, per_token: bool = False,
@@ -82,11 +91,15 @@ BACKENDS = {
 }
 
 
-def make_backend(name: str, options: BackendOptions) -> Backend:
+def backend_class(name: str) -> type[Backend]:
     import importlib
 
     if name not in BACKENDS:
         from prefpipe.errors import UserError
         raise UserError(f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(options)
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_backend(name: str, options: BackendOptions) -> Backend:
+    return backend_class(name)(options)

@@ -55,6 +55,11 @@ class HFBackend(Backend):
                 warn(f"--prompt_once: {why}; scoring each response in its own forward instead")
                 self.prompt_once = False
 
+    @staticmethod
+    def numerics(options: BackendOptions) -> tuple[str, str | None]:
+        dtype = resolve_dtype(options.dtype, resolve_device(options.device))
+        return str(dtype).removeprefix("torch."), "nf4" if options.load_in_4bit else None
+
     def provenance(self) -> dict:
         import transformers
         # The device type, not the index: ranks on cuda:0 and cuda:1 produce one cache.

@@ -114,10 +114,10 @@ class RayEngine:
             num_gpus = _gpus_per_actor(cfg, ray.cluster_resources(), cfg.ray_workers)
             remote = ray.remote(Scorer).options(num_cpus=1, num_gpus=num_gpus, max_restarts=RESTARTS,
                                                 max_task_retries=RESTARTS)
-            options = cfg.backend_options("cuda" if num_gpus else "cpu")
+            from dataclasses import replace
+            options = replace(cfg.backend_options, device="cuda" if num_gpus else "cpu")
             model = Path(cfg.model)
             if model.exists():  # a local directory: the actors (on other nodes too) need its absolute path
-                from dataclasses import replace
                 options = replace(options, model=str(model.resolve()))
             self.actors = [remote.remote(cfg.backend, options, self.crash) for _ in range(cfg.ray_workers)]
             self.provenance_ = self._loaded()
@@ -266,10 +266,11 @@ def _connect(ray, cfg):
 
 def _gpus_per_actor(cfg, cluster: dict, workers: int) -> float:
     have_gpus, have_cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
-    wants = cfg.device != "cpu" and (cfg.device != "auto" or have_gpus > 0)
-    per = (cfg.tensor_parallel_size if cfg.backend == "vllm" else 1) if wants else 0
+    device = cfg.backend_options.device
+    wants = device != "cpu" and (device != "auto" or have_gpus > 0)
+    per = (cfg.backend_options.tensor_parallel_size if cfg.backend == "vllm" else 1) if wants else 0
     if per * workers > have_gpus:
-        raise UserError(f"--engine ray: {workers} actor(s) x {per} GPU(s) (--device {cfg.device}) need "
+        raise UserError(f"--engine ray: {workers} actor(s) x {per} GPU(s) (--device {device}) need "
                         f"{per * workers} GPUs; the Ray cluster has {have_gpus:g}")
     if workers > have_cpus:
         raise UserError(f"--engine ray: --ray_workers {workers} needs a CPU per actor; the Ray cluster has "

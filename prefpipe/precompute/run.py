@@ -35,15 +35,11 @@ import os
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
-from prefpipe import __version__
 from prefpipe.data import identity
-from prefpipe.data.identity import SCHEMA_VERSION
-from prefpipe.data.cache import (KINDS, MANIFEST, part_digest, part_name, read_manifest,
-                                 read_part_metadata, write_manifest, write_part)
-from prefpipe.data.formats import Dataset
+from prefpipe.data.cache import MANIFEST, part_digest, part_name, read_manifest, read_part_metadata, write_manifest, write_part
 from prefpipe.data.tokenize import SeenHashes, TokenStats
 from prefpipe.dist import Procs, join
 from prefpipe.errors import UserError
@@ -51,6 +47,7 @@ from prefpipe.fileio import LOCK_FILE, OutputLock, check_writable, is_lock_file
 from prefpipe.data import kto_pairs
 from prefpipe.precompute.backend import make_backend
 from prefpipe.precompute.config import PrecomputeConfig  # noqa: F401 (callers import it from here)
+from prefpipe.precompute.plan import fingerprints, kind_of, plan, scan_parts
 from prefpipe.wording import plural
 
 COUNT_KEYS = ("rows_read", "rows_kept", "rows_written", "rows_skipped", "prompt_truncated", "response_truncated",
@@ -80,92 +77,34 @@ def _procs(shard: str | None) -> Procs:
 
 
 def _device_for(cfg: PrecomputeConfig, procs: Procs) -> str:
-    if not procs.joined or cfg.device not in ("auto", "cuda"):
-        return cfg.device
+    device = cfg.backend_options.device
+    if not procs.joined or device not in ("auto", "cuda"):
+        return device
     import torch
     if torch.cuda.is_available():
         torch.cuda.set_device(procs.local_rank)
         return f"cuda:{procs.local_rank}"
-    return cfg.device
+    return device
 
 
 # ---------------------------------------------------------------- metadata
-
-def _run_metadata(cfg, ds, kind, tokenizer, backend) -> dict:
-    from prefpipe.data.fingerprint import model_fingerprint, tokenizer_fingerprint
-    meta = {
-        "schema_version": SCHEMA_VERSION,
-        "prefpipe_version": __version__,
-        "kind": kind,
-        "has_reference": not cfg.no_reference,
-        "per_token": bool(cfg.per_token),
-        "model": {"path": str(cfg.model), "fingerprint": model_fingerprint(cfg.model)},
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "tokenization": cfg.settings().metadata(),
-        "data": {"path": str(cfg.data), "fingerprint": ds.fingerprint(), "format": ds.format,
-                 "columns": asdict(cfg.columns), "turn_marker": cfg.turn_marker},
-        "backend": backend.provenance() if backend is not None else {"name": "none"},
-        "layout": {"part_rows": cfg.part_rows},
-    }
-    if kind == "unpaired":
-        meta["kto"] = {"source": "paired" if ds.paired else "unpaired",
-                       "example_ids": "row_id:chosen / row_id:rejected" if ds.paired else "row_id",
-                       "partner_rule": kto_pairs.RULE,
-                       "kl_completion": "partner's completion cut from the right to max_length - len(prompt_ids)"}
-    return meta
-
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _scan_parts(out: Path, expected: dict) -> dict[int, dict]:
-    """Finished, sound parts of this run: {index: part metadata}. A part of another run is an error (what must
-    match is `identity.RESUME_KEYS`); a part that fails validation is left out, so its owner scores it again."""
-    found = {}
-    for f in sorted(out.glob("part-*.parquet")):
-        try:
-            index = int(f.stem.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        meta = read_part_metadata(f)
-        if meta is None or "part" not in meta:
-            continue  # unreadable: its owner rewrites it
-        diff = identity.differences(expected, identity.identity_of(meta), resume=True)
-        if diff:
-            raise UserError(f"--out already holds a cache part from a different run ({'; '.join(diff[:6])}); use "
-                            "another --out, or --overwrite to replace it", file=str(f))
-        if _part_is_sound(f, meta):
-            found[index] = _part_counts(meta["part"])
-    return found
+    """Finished, sound parts of this run: {index: part counts}; a part of another run is an error
+    (`prefpipe.precompute.plan.scan_parts`)."""
+    scan = scan_parts(out, expected)
+    scan.refuse()
+    return {i: _part_counts(p) for i, p in scan.done.items()}
 
 
 def _part_counts(part: dict) -> dict:
     """A part's metadata entry without its skip records: what the manifest sums. The records stay in the part's
     file (the summary reads its first skip per reason from there), so a run's memory does not grow with skips."""
     return {k: v for k, v in part.items() if k != "skip_records"}
-
-
-def _part_is_sound(f: Path, meta: dict) -> bool:
-    """The checks `read_cache` makes of a part's rows: its row count and finite reference log-probs."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from prefpipe.data.cache import _check_finite, _check_token_lists
-    try:
-        present = set(pq.read_schema(f).names)
-        spec = KINDS[meta["kind"]]
-        wanted = spec.ref_columns + spec.token_columns + tuple(r.length for r in spec.responses if r.length)
-        if meta.get("per_token") and not set(spec.token_columns) <= present:
-            return False
-        table = pq.read_table(f, columns=[c for c in wanted if c in present])
-        if pq.read_metadata(f).num_rows != meta["part"].get("rows_written"):
-            return False
-        _check_finite(table, meta["kind"], f)
-        _check_token_lists(table, meta["kind"], f)
-    except (UserError, pa.ArrowInvalid, OSError, KeyError):
-        return False
-    return True
 
 
 def _clean(out: Path, *, parts: bool):
@@ -241,7 +180,7 @@ def _prepare_block(index, records, prev_records, cfg, ds, kind, pt, seen) -> tup
         if len(cols["row_id"]) == 1 and prev_records is not None:
             previous, _ = _tokenize_block(pt, prev_records, ds, kind, None)
         try:
-            cols, kl = kto_pairs.with_partners(cols, cfg.max_length, previous)
+            cols, kl = kto_pairs.with_partners(cols, cfg.input.max_length, previous)
         except ValueError:
             first = records[0]
             raise UserError(f"KTO: input block {index} (rows from {first.source} row {first.row}) has a single "
@@ -365,24 +304,29 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
     from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
     quiet_transformers()
-    ds = Dataset(cfg.data, cfg.columns, turn_marker=cfg.turn_marker, batch_rows=cfg.part_rows, split=cfg.data_split,
-                 config=cfg.data_config)
+    ds = cfg.input.dataset(cfg.data, batch_rows=cfg.part_rows)
     ds.validate()  # every row, before any model is loaded: a bad row deep in the file costs no scoring
-    kind = "unpaired" if (cfg.kto or not ds.paired) else "paired"
+    kind = kind_of(cfg, ds)
     if cfg.no_reference and kind == "unpaired":
         raise UserError("--no_reference writes an ORPO cache of pairs; KTO (--kto or unpaired data) needs "
                         "reference log-probs", file=str(cfg.data))
-    pt = PairTokenizer(load_tokenizer(str(resolve_model_dir(cfg.model))), cfg.settings())
+    pt = PairTokenizer(load_tokenizer(str(resolve_model_dir(cfg.model))), cfg.input.tokenize_settings())
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError("--out exists and is not a directory", file=str(out))
+    options = replace(cfg.backend_options, device=_device_for(cfg, procs))
+    p = plan(cfg, ds, fingerprints(cfg.model, pt.tok), options)
+    p.parts().refuse()  # a part of another run stops the command before the engine loads
     if engine is not None:
         backend = engine.start()  # a stand-in with the actors' provenance; close() stops them
     else:
-        backend = None if cfg.no_reference else make_backend(cfg.backend, cfg.backend_options(_device_for(cfg, procs)))
+        backend = None if cfg.no_reference else make_backend(cfg.backend, options)
     try:
-        meta = _run_metadata(cfg, ds, kind, pt.tok, backend)
+        meta = p.metadata if backend is None else {**p.metadata, "backend": backend.provenance()}
         expected = identity.identity_of(meta)
+        if expected != p.expected:
+            raise RuntimeError(f"backend {cfg.backend} scores in {expected['dtype']}, not the {p.expected['dtype']} "
+                               "its numerics() promised")
         if procs.leader:
             out.mkdir(parents=True, exist_ok=True)
             if not procs.joined and not procs.sharded:
@@ -390,8 +334,9 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
             elif cfg.overwrite:
                 _clean(out, parts=True)
         procs.gather(None)  # the leader has prepared --out
+        done = {} if cfg.overwrite else {i: _part_counts(x) for i, x in p.parts().done.items()}
         score = _score_parts if engine is None else engine.score_parts
-        run = score(cfg, procs, ds, kind, pt, backend, meta, out, _scan_parts(out, expected))
+        run = score(cfg, procs, ds, kind, pt, backend, meta, out, done)
     finally:
         if backend is not None:
             backend.close()
@@ -406,7 +351,7 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
                "skipped_files": list(ds.skipped_files)}
     if cfg.verify and finalised and procs.leader:
         from prefpipe.precompute.verify import verify_cache
-        summary["verify"] = verify_cache(str(out), cfg.model, cfg.verify, device=cfg.device)
+        summary["verify"] = verify_cache(str(out), cfg.model, cfg.verify, device=cfg.backend_options.device)
     return summary
 
 

@@ -119,11 +119,9 @@ class VLLMBackend(Backend):
         import torch
 
         from prefpipe.model_paths import resolve_model_dir
-        from prefpipe.modeling import resolve_dtype
 
         self.on_gpu = torch.cuda.is_available()
-        self.dtype = str(resolve_dtype(options.dtype, torch.device("cuda" if self.on_gpu else "cpu")))
-        self.dtype = self.dtype.removeprefix("torch.")
+        self.dtype = self.numerics(options)[0]
         model_dir = str(resolve_model_dir(options.model))
         limit = _context_limit(model_dir)
         # Longer sequences than the model's positions are refused in score(), when (and only if) one occurs.
@@ -160,6 +158,15 @@ class VLLMBackend(Backend):
             # vLLM reports bad settings (context too long, not enough GPU memory, unknown architecture) this way.
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"vLLM could not start an engine for this model: {first}", file=model_dir)
+
+    @staticmethod
+    def numerics(options: BackendOptions) -> tuple[str, str | None]:
+        """The engine runs on the GPU whenever there is one (`--device` is the hf backend's); no quantization."""
+        import torch
+
+        from prefpipe.modeling import resolve_dtype
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return str(resolve_dtype(options.dtype, device)).removeprefix("torch."), None
 
     def provenance(self) -> dict:
         import torch

@@ -76,15 +76,14 @@ def load_train_data(src, tokenizer, kto: bool) -> TrainData:
 
 def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
     from prefpipe.data.cache import schema_for
-    from prefpipe.data.formats import Dataset
     from prefpipe.data.tokenize import PairTokenizer, TokenStats
     from prefpipe.data import kto_pairs
 
-    ds = Dataset(src.data, src.columns, turn_marker=src.turn_marker, split=src.data_split, config=src.data_config)
+    ds = src.input.dataset(src.data)
     ds.validate()  # every bad row at once, before the policy is loaded
     if not kto and not ds.paired:
         raise UserError("unpaired (prompt/completion/label) data trains only with --loss_type kto", file=src.data)
-    pt = PairTokenizer(tokenizer, src.tokenize_settings())
+    pt = PairTokenizer(tokenizer, src.input.tokenize_settings())
     stats = TokenStats()
     cols: dict[str, list] = {}
     for records in ds.batches():
@@ -98,7 +97,7 @@ def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
         cols = kto_pairs.examples_from(cols, ds.paired)
         if len(cols["row_id"]) < 2:
             raise UserError("KTO needs at least two examples (each borrows another's completion)", file=src.data)
-        cols, _ = kto_pairs.with_partners(cols, src.max_length, None)
+        cols, _ = kto_pairs.with_partners(cols, src.input.max_length, None)
     else:
         cols["chosen_len"] = [len(x) for x in cols["chosen_ids"]]
         cols["rejected_len"] = [len(x) for x in cols["rejected_ids"]]

@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, replace
 
-from prefpipe.data.formats import Columns
-from prefpipe.data.settings import CheckSettings
-from prefpipe.data.tokenize import TokenizeSettings
-from prefpipe.options import DTYPES, OptionError, check_choices, group, opt, same_as
+from prefpipe.data.settings import InputSettings
+from prefpipe.options import DTYPES, OptionError, check_choices, group, opt
 from prefpipe.train.loss_names import (KNOBS, LOSS_TYPES, LOSSES, PAIRS, Knob, LossSpec, entry_for, resolve_loss_type,
                                        run_label, unread_knobs)
 from prefpipe.train.schedule import SCHEDULERS
@@ -157,7 +155,7 @@ class SourceConfig:
 
     `cache` or `data` (one of them). `--reference cached` reads the reference from the cache; `live` scores each
     batch with a frozen copy of `--model` and reads only ids from the cache (or tokenizes `--data`).
-    `max_prompt_length` is resolved to an integer on construction (None: half of `max_length`).
+    `input`: how `data` is read and tokenized (and, for a cache, the settings it was made with).
     """
     model: str = opt("", required=True, path=True, help="The SFT model directory (or hub id): the policy starts "
                      "here.")
@@ -171,13 +169,7 @@ class SourceConfig:
     max_drift: float = opt(0.1, allow_inf=True, help="Stop when the step-0 policy differs from the cached "
                            "reference by more than this many nats per response token (mean absolute; inf: never).")
     drift_rows: int = opt(32, help="Rows scored for the step-0 drift check (0: skip it).")
-    data_split: str = same_as(CheckSettings, "data_split")
-    data_config: str | None = same_as(CheckSettings, "data_config")
-    columns: Columns = group(Columns)
-    turn_marker: str = same_as(CheckSettings, "turn_marker")
-    max_length: int = same_as(TokenizeSettings, "max_length")
-    max_prompt_length: int | None = same_as(TokenizeSettings, "max_prompt_length")
-    chat_date: str = same_as(TokenizeSettings, "chat_date")
+    input: InputSettings = group(InputSettings)
 
     def __post_init__(self):
         check_choices(self)
@@ -186,10 +178,6 @@ class SourceConfig:
                               "precompute) and {} (tokenized here: reference-free losses or --reference live)")
         if self.max_drift < 0 or self.drift_rows < 0:
             raise OptionError(self, ("max_drift", "drift_rows"), "{} and {} must be >= 0")
-        object.__setattr__(self, "max_prompt_length", self.tokenize_settings().max_prompt_length)
-
-    def tokenize_settings(self) -> TokenizeSettings:
-        return TokenizeSettings(self.max_length, self.max_prompt_length, self.chat_date)
 
 
 @dataclass(frozen=True)
@@ -287,5 +275,6 @@ class TrainConfig:
         """The JSON written next to each run and checkpoint."""
         d = asdict(self)
         d.pop("loss_types"), d.pop("betas"), d.pop("progress"), d.pop("report_to")
+        d["source"].update(d["source"].pop("input"))  # flat, as runs have always recorded it
         d["loss"] = asdict(loss)
         return d
