@@ -143,11 +143,15 @@ def test_a_backend_that_implements_only_score_writes_the_cache_float64_agrees_wi
     calls = []
 
     class Plain(Backend):
-        name = "plain"
+        name = "hf"  # it takes the registry entry `--backend hf` resolves to: the driver needs nothing else of it
 
         def __init__(self, options):
             super().__init__(options)
             self.model = load_model(options.model).eval()
+
+        @staticmethod
+        def numerics(options):
+            return "float32", None
 
         def provenance(self):
             return {"name": self.name, "version": "0", "dtype": "float32"}
@@ -157,7 +161,9 @@ def test_a_backend_that_implements_only_score_writes_the_cache_float64_agrees_wi
             out = score_sequences(self.model, prompts, responses, batch_tokens=4096, progress=progress)
             return out
 
+    from prefpipe.precompute import plan
     monkeypatch.setattr(precompute_run, "make_backend", lambda name, options: Plain(options))
+    monkeypatch.setattr(plan, "backend_class", lambda name: Plain)
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(6, seed=4))
     r = run_cli("precompute", "--model", tiny_model, "--data", data, "--out", tmp_path / "cache")
     assert r.exit_code == 0, r.output

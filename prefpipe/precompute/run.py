@@ -325,8 +325,9 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
         meta = p.metadata if backend is None else {**p.metadata, "backend": backend.provenance()}
         expected = identity.identity_of(meta)
         if expected != p.expected:
-            raise RuntimeError(f"backend {cfg.backend} scores in {expected['dtype']}, not the {p.expected['dtype']} "
-                               "its numerics() promised")
+            differ = {k: (p.expected.get(k), expected.get(k)) for k in expected if expected.get(k) != p.expected.get(k)}
+            raise RuntimeError(f"backend {cfg.backend}'s loaded engine does not match what its numerics() promised: "
+                               f"{differ}")
         if procs.leader:
             out.mkdir(parents=True, exist_ok=True)
             if not procs.joined and not procs.sharded:
