@@ -40,7 +40,7 @@ MPO = "0.8*sigmoid+0.2*bco_pair+1*sft"
 
 
 def all_losses() -> list[str]:
-    from prefpipe.train.loss_names import LOSS_TYPES
+    from prefpipe.train.registry import LOSS_TYPES
     return list(LOSS_TYPES) + [MPO]
 
 
@@ -70,7 +70,7 @@ def prepare(seed: int, out: Path, threads: int | None = None):
 def config_for(config: Path, lt: str) -> tuple[Path, list[str]]:
     """The demo's config for `lt` alone, and its beta options: less the keys `lt` does not read (the KTO-data keys
     for a paired loss, `beta` for a KTO-data one, both betas for a loss without beta), which the pipeline refuses."""
-    from prefpipe.train.loss_names import LOSSES
+    from prefpipe.train.registry import LOSSES
 
     spec = LOSSES[lt]
     drop = {"kto_data", "kto_beta", "kto_lr"} if spec.paired else {"beta"}

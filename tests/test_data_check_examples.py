@@ -50,7 +50,7 @@ def test_skipped_files_are_listed(run_cli, tiny_model, tmp_path):
 
 
 def test_precompute_summary_mentions_skipped_files():
-    from prefpipe.precompute.summary import format_summary
+    from prefpipe.precompute.report import format_summary
     s = {"finalised": True, "kind": "paired", "cache": "c", "parts": 1, "parts_written": 1, "parts_reused": 0,
          "counts": {"rows_read": 1, "rows_kept": 1, "rows_written": 1, "rows_skipped": 0, "skipped": {},
                     "prompt_truncated": 0, "response_truncated": 0, "duplicates": 0},

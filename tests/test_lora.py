@@ -145,7 +145,7 @@ def test_final_adapter_loads_with_peft_and_merges(tmp_path, tiny_model, pair_cac
 
 
 def test_every_paired_loss_and_a_sweep_train_an_adapter(tmp_path, tiny_model, pair_cache):
-    from prefpipe.train.loss_names import LOSSES, PAIRED_LOSSES
+    from prefpipe.train.registry import LOSSES, PAIRED_LOSSES
     summary = train(tmp_path, tiny_model, cache=pair_cache, loss_types=PAIRED_LOSSES, betas=(0.1, 0.3),
                     max_steps=2, lr=LR, lora=lora())
     names = [r["name"] for r in summary["runs"]]

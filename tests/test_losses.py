@@ -191,7 +191,7 @@ def test_every_registry_entry_matches_its_function_and_the_loss_config():
     import inspect
 
     from prefpipe.train.config import LossConfig
-    from prefpipe.train.loss_names import BATCH_SHAPES, EXAMPLES, PAIRS
+    from prefpipe.train.registry import BATCH_SHAPES, EXAMPLES, PAIRS
     from prefpipe.train.losses import LOSSES, get_loss
 
     fields = {f.name for f in dataclasses.fields(LossConfig)}
@@ -214,12 +214,12 @@ def test_every_registry_entry_matches_its_function_and_the_loss_config():
         assert out.losses.shape == (n,)
 
 
-def test_registry_flags_by_hand_and_loss_names_imports_no_torch():
+def test_registry_flags_by_hand_and_the_registry_imports_no_torch():
     import subprocess
     import sys
 
     from prefpipe.train import losses
-    from prefpipe.train.loss_names import CHOSEN, EXAMPLES, PAIRS, spec
+    from prefpipe.train.registry import CHOSEN, EXAMPLES, PAIRS, spec
     base = ("dpo", "ipo", "hinge", "kto", "orpo", "sft")
     family = ("robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
               "apo_down", "discopop", "sigmoid_norm", "dpop", "apo_zero_unpaired", "simpo", "cpo")
@@ -231,7 +231,7 @@ def test_registry_flags_by_hand_and_loss_names_imports_no_torch():
     assert [spec(n).batch for n in base] == [PAIRS, PAIRS, PAIRS, EXAMPLES, PAIRS, CHOSEN]
     assert [n for n in losses.LOSS_TYPES if spec(n).batch == EXAMPLES][-1] == "apo_zero_unpaired"
     assert [n for n in losses.LOSS_TYPES if spec(n).prestep] == ["kto"]
-    code = "import sys, prefpipe.train.loss_names; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, prefpipe.train.registry; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
@@ -499,7 +499,7 @@ def test_unread_knob_on_the_command_line_is_one_line_before_anything_loads(run_c
 def test_knob_ranges_come_from_the_registry():
     from prefpipe.errors import UserError
     from prefpipe.train.config import LossConfig
-    from prefpipe.train.loss_names import KNOBS
+    from prefpipe.train.registry import KNOBS
     for name, bad in (("label_smoothing", 0.5), ("discopop_tau", 0.0), ("dpop_lambda", -1.0), ("cpo_alpha", -1.0),
                       ("desirable_weight", 0.0), ("undesirable_weight", -2.0), ("orpo_lambda", -0.1),
                       ("ld_alpha", 1.5), ("simpo_gamma", float("nan"))):
@@ -510,7 +510,7 @@ def test_knob_ranges_come_from_the_registry():
 
 def test_every_entry_says_what_its_accuracy_and_margin_mean():
     """The report reads these from the entry; an entry that logs `acc` must name it, one that does not must not."""
-    from prefpipe.train.loss_names import LOSSES, VARIANTS
+    from prefpipe.train.registry import LOSSES, VARIANTS
     for spec in list(LOSSES.values()) + list(VARIANTS.values()):
         logs_acc = "acc" in spec.metrics
         assert bool(spec.acc_kind) == logs_acc and bool(spec.acc_label) == logs_acc, spec.name
@@ -570,7 +570,7 @@ def test_combination_is_the_weighted_sum_of_its_parts():
 def test_combination_names_specs_and_errors():
     from prefpipe.errors import UserError
     from prefpipe.train.config import LossConfig
-    from prefpipe.train.loss_names import CHOSEN, LOSSES, PAIRS
+    from prefpipe.train.registry import CHOSEN, LOSSES, PAIRS
     cfg = LossConfig(" 0.8*sigmoid + 0.2*bco_pair + 1.0*sft")
     assert cfg.loss_type == "0.8*dpo+0.2*bco_pair+1*sft"
     assert cfg.run_name == "0.8dpo+0.2bco_pair+1sft-beta0.1"

@@ -243,7 +243,7 @@ def test_plural():
 
 
 def test_precompute_summary_counts_in_words():
-    from prefpipe.precompute.summary import format_summary
+    from prefpipe.precompute.report import format_summary
 
     counts = {"rows_read": 1, "rows_kept": 1, "rows_written": 1, "rows_skipped": 0, "skipped": {},
               "prompt_truncated": 1, "response_truncated": 1, "duplicates": 0}

@@ -226,7 +226,7 @@ def test_wpo_multiplies_each_pair_loss_by_both_weights(tiny_lm):
     from prefpipe.data.cache import PAIRED
     from prefpipe.train.batches import collate_rows
     from prefpipe.train.config import LossConfig
-    from prefpipe.train.objective import batch_loss
+    from prefpipe.train.batch_loss import batch_loss
     from prefpipe.train.parallel import Scorer
 
     t = pa.table({"row_id": ["a", "b"], "prompt_ids": [[1, 2], [3, 4, 5]], "chosen_ids": [[6, 7, 8], [9]],
@@ -283,7 +283,7 @@ def test_ld_dpo_with_the_live_reference_starts_at_ln2(tiny_lm):
     ln 2 per pair, and alpha = 0 differs from alpha = 1 once the policy differs from the reference."""
     from prefpipe.train.batches import collate_rows
     from prefpipe.train.config import LossConfig
-    from prefpipe.train.objective import batch_loss
+    from prefpipe.train.batch_loss import batch_loss
     from prefpipe.train.parallel import Scorer
 
     t = pa.table({"row_id": ["a", "b"], "prompt_ids": [[1, 2], [3, 4, 5]], "chosen_ids": [[6, 7, 8], [9]],

@@ -182,7 +182,7 @@ def test_memory_mapped_cache_inspect_and_split_on_a_multi_part_cache(tmp_path, r
     import hashlib
     import statistics
 
-    from prefpipe.precompute.summary import inspect_lines
+    from prefpipe.precompute.report import inspect_lines
     from prefpipe.train.batches import Order, TrainData, split_eval
 
     data = write_jsonl(tmp_path / "p.jsonl", make_pairs(23, seed=7))

@@ -137,12 +137,15 @@ def test_readme_commands_parse_with_the_current_cli():
     for argv in argvs:
         group, args = _cli(), list(argv)
         cmd = group
+        # Under the group's own context, as the CLI runs them: click caches a command's help option from the first
+        # context it sees, and a parentless one would leave `-h` off it for every later test.
+        parent = click.Context(group, info_name="prefpipe", **group.context_settings)
         while isinstance(cmd, click.Group):
             name, args = args[0], args[1:]
             assert name in cmd.commands, f"no command {name!r}: prefpipe {' '.join(argv)}"
             cmd = cmd.commands[name]
         try:
-            cmd.make_context(cmd.name, args)
+            cmd.make_context(cmd.name, args, parent=parent)
         except click.UsageError as e:
             pytest.fail(f"prefpipe {' '.join(argv)}: {e.format_message()}")
 
@@ -164,7 +167,7 @@ def _all_commands(group: click.Group):
 
 
 def test_readme_losses_are_every_registered_loss():
-    from prefpipe.train.loss_names import LOSS_TYPES
+    from prefpipe.train.registry import LOSS_TYPES
     body = text(README)
     section = body[body.index("## Losses"):body.index("## What prefpipe guarantees")]
     listed = set(re.findall(r"`([a-z_]+)`", section)) - {"sigmoid"}

@@ -193,7 +193,7 @@ def test_every_registered_loss_trains_two_steps(tmp_path, tiny_model, small_cach
     on the cache kind its batch shape needs (all of one kind in one call, so the cache is read once), logs its
     declared metrics, and starts at its step-0 value where one is known. The reference-free ones also train
     from --data through `prefpipe train` (no cache, no reference)."""
-    from prefpipe.train.loss_names import LOSS_TYPES, LOSSES, REFERENCE_FREE, run_label
+    from prefpipe.train.registry import LOSS_TYPES, LOSSES, REFERENCE_FREE, run_label
     combo = "0.8*dpo+0.2*bco_pair+1*sft"
     step0 = {"dpo": LN2, "hinge": 1.0, "ipo": (1 / (2 * 0.1)) ** 2, "kto": 0.5, "robust": LN2,
              "exo_pair": -LN2 - 0.5 * (math.log(1e-3) + math.log(1 - 1e-3)), "nca_pair": 2 * LN2,

@@ -174,7 +174,7 @@ def test_loader_yields_the_documented_order_from_any_start(tmp_path, tiny_model,
     import pyarrow as pa
     from prefpipe.train.batches import (Order, RowsDataset, StepSampler, TrainData, make_batch, micro_batches,
                                         train_loader)
-    from prefpipe.train.loss_names import PAIRS
+    from prefpipe.train.registry import PAIRS
     rows = random_rows(30, seed=3)
     table = pa.table({"row_id": [str(i) for i in range(30)], "prompt_ids": [p for p, _, _ in rows],
                       "chosen_ids": [c for _, c, _ in rows], "rejected_ids": [r for _, _, r in rows],

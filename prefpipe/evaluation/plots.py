@@ -14,7 +14,7 @@ from pathlib import Path
 from prefpipe.evaluation.ranking import Ranking, headline, rank
 from prefpipe.fileio import atomic_write_with
 from prefpipe.evaluation.runs import DOWNSTREAM, HELD_OUT, RunData, meaning, num, run_order
-from prefpipe.train.loss_names import LOSS_TYPES
+from prefpipe.train.registry import LOSS_TYPES
 
 
 @dataclass

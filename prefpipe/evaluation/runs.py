@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefpipe.errors import UserError
 from prefpipe.rundir import RunsDir
-from prefpipe.train.loss_names import LOSS_TYPES, LOSSES
+from prefpipe.train.registry import LOSS_TYPES, LOSSES
 
 DOWNSTREAM, HELD_OUT = "downstream accuracy", "held-out reward accuracy"
 

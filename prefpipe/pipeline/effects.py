@@ -16,7 +16,7 @@ from prefpipe.options import options
 from prefpipe.pipeline.sweep import needs_reference, split_losses
 from prefpipe.precompute.config import PrecomputeConfig
 from prefpipe.train.config import TrainConfig
-from prefpipe.train.loss_names import LOSSES
+from prefpipe.train.registry import LOSSES
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefpipe.train.loss_names import LOSSES, resolve_loss_type
+from prefpipe.train.registry import LOSSES, resolve_loss_type
 
 
 def split_losses(losses) -> tuple[tuple, tuple]:

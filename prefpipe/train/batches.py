@@ -223,7 +223,7 @@ class Batch:
 
 def make_batch(data: TrainData, rows: list[int], shape: str, pad_id: int, device,
                use_cached_reference: bool, pack: bool = False) -> Batch:
-    """The micro-batch of table rows `rows` in `shape` (a `loss_names` batch shape, or a loss name); `pack`
+    """The micro-batch of table rows `rows` in `shape` (a `registry` batch shape); `pack`
     lays its sequences end to end in one row instead of padding them."""
     return collate_rows(take_rows(data.table, rows), shape, pad_id,
                         use_cached_reference, device, pack)
@@ -239,7 +239,7 @@ def pack_sequences(seqs: list[list[int]], device=None) -> tuple[torch.Tensor, to
 def collate_rows(t: pa.Table, shape: str, pad_id: int, use_cached_reference: bool, device=None,
                  pack: bool = False) -> Batch:
     from prefpipe.data.cache import PAIRED, UNPAIRED
-    from prefpipe.train.loss_names import CHOSEN, EXAMPLES
+    from prefpipe.train.registry import CHOSEN, EXAMPLES
     prompts = t.column("prompt_ids").to_pylist()
     n = len(prompts)
     tokens = [0]

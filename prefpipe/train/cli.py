@@ -25,7 +25,7 @@ def train(**kwargs):
 
     cfg = build(TrainConfig, from_cli(OPTIONS, kwargs))  # a bad option stops here, before torch is imported
     from prefpipe.train.loop import run_training
-    from prefpipe.train.summary import format_summary
+    from prefpipe.train.sweep_table import format_summary
 
     summary = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 from prefpipe.data.settings import InputSettings
 from prefpipe.options import DTYPES, OptionError, check_choices, group, opt
-from prefpipe.train.loss_names import (KNOBS, LOSS_TYPES, LOSSES, PAIRS, Knob, LossSpec, entry_for, resolve_loss_type,
+from prefpipe.train.registry import (KNOBS, LOSS_TYPES, LOSSES, PAIRS, Knob, LossSpec, entry_for, resolve_loss_type,
                                        run_label, unread_knobs)
 from prefpipe.train.schedule import SCHEDULERS
 from prefpipe.train.tracking import REPORT_TO_CHOICES
@@ -70,7 +70,7 @@ def _knob_field(k: Knob):
 
 
 # One run's objective: `--loss_type`, one `--beta`, every loss's knobs (declared with their losses in
-# `loss_names.KNOBS`; a knob none of the call's losses reads is refused by TrainConfig) and `--wpo`.
+# `registry.KNOBS`; a knob none of the call's losses reads is refused by TrainConfig) and `--wpo`.
 LossConfig = dataclasses.make_dataclass("LossConfig", [
     ("loss_type", str, opt("dpo", option=False)),  # set per run from TrainConfig.loss_types; canonical after init
     ("beta", float, opt(0.1, option=False)),  # set per run from TrainConfig.betas
@@ -86,7 +86,7 @@ _LOSS_HELP = ("One of " + ", ".join(LOSS_TYPES) + " (sigmoid: dpo), or a weighte
 
 
 def canonical_loss_type(owner, field_name: str, text: str) -> str:
-    """`text` resolved by `loss_names.resolve_loss_type`, or an OptionError naming the option."""
+    """`text` resolved by `registry.resolve_loss_type`, or an OptionError naming the option."""
     try:
         return resolve_loss_type(text)
     except ValueError as e:

@@ -2,7 +2,7 @@
 
 The pieces of a run: `setup.py` (the plan, where to start, the policy and optimizer, the drift check),
 `step.py` (`train_step`: one optimizer step, no I/O), `evaluate.py`, `checkpoint.py` (checkpoints and the final
-model), `metrics_log.py`; the loss comes from the registry in `loss_names.py` / `losses.py`.
+model), `metrics_log.py`; the loss comes from the registry in `registry.py` / `losses.py`.
 
 Output files, all under `cfg.out` (RUNS_DIR):
 
@@ -61,7 +61,7 @@ from prefpipe.rundir import RunsDir, merge_summary
 from prefpipe.train import checkpoint as ck
 from prefpipe.train.batches import RowsDataset, StepSampler, load_train_data, split_eval, train_loader
 from prefpipe.train.config import LossConfig, TrainConfig
-from prefpipe.train.evaluate import evaluate
+from prefpipe.train.eval_split import evaluate
 from prefpipe.train.losses import LOSSES
 from prefpipe.train.metrics_log import MetricsLog
 from prefpipe.train.tracking import open_trackers

@@ -10,11 +10,11 @@ for the paired losses that equals the mean of the per-pair margins.
 Notation: `pi_c, pi_r` policy log-probs of chosen and rejected, `ref_c, ref_r` the reference's, `c = pi_c - ref_c`,
 `r = pi_r - ref_r`, `delta = c - r`.
 
-Which losses exist, and what each is called with, is the registry in `prefpipe.train.loss_names` (torch-free, so
+Which losses exist, and what each is called with, is the registry in `prefpipe.train.registry` (torch-free, so
 `prefpipe --help` can list the choices); `get_loss(entry)` pairs an entry with its function here.
 
 Adding a loss: (1) write its pure function here, from per-example tensors to a `LossOutput`, with a docstring
-giving the shapes, the formula and the paper; (2) add one `LossSpec` to `SPECS` in `loss_names.py` naming the
+giving the shapes, the formula and the paper; (2) add one `LossSpec` to `SPECS` in `registry.py` naming the
 function, its tensor inputs, its parameters (`beta` and its knobs: a new knob is one `Knob` declared beside the
 entry and listed in `KNOBS`, which gives it its `LossConfig` field, flag, pipeline key and range check), the
 batch shape, its metric names, what its `acc` and margin mean, and, if it needs one, a pre-step; (3) add a test
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prefpipe.train.loss_names import (LOSS_TYPES, LOSSES, PAIRED_LOSSES, REFERENCE_FREE,  # noqa: F401
+from prefpipe.train.registry import (LOSS_TYPES, LOSSES, PAIRED_LOSSES, REFERENCE_FREE,  # noqa: F401
                                        WITHOUT_BETA, LossSpec)
 
 
@@ -124,7 +124,7 @@ def kto_reference_point(kl_sum: float, n: float) -> float:
     """KTO's z0: `max(0, mean(pi(y'|x) - ref(y'|x)))` over the mismatched pairs of a whole global batch, given
     the sum of `pi(y'|x) - ref(y'|x)` (summed log-probs of each prompt with its pinned mismatched completion y',
     without gradient) and the number of pairs. The training loop sums over every micro-batch on all processes
-    first (`objective.kto_z0`), so z0 does not depend on how the batch is split."""
+    first (`batch_loss.kto_z0`), so z0 does not depend on how the batch is split."""
     return max(0.0, kl_sum / n)
 
 
@@ -445,7 +445,7 @@ def cpo_loss(pi_c, pi_r, len_c, beta: float = 0.1, cpo_alpha: float = 1.0) -> Lo
 
 
 class Combination:
-    """A weighted combination (`0.8*dpo+0.2*bco_pair+1*sft`, see `loss_names`): per-example loss
+    """A weighted combination (`0.8*dpo+0.2*bco_pair+1*sft`, see `registry`): per-example loss
     `sum_k w_k loss_k`, so its mean is `sum_k w_k mean(loss_k)` as in TRL. Metrics: every term's, the first term
     that logs a name winning (so `0.8*dpo+1*ipo` logs dpo's summed rewards), plus `loss_<name>` per term, the
     term's unweighted loss."""

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 
 from prefpipe.train.losses import get_loss
-from prefpipe.train.objective import MetricSums, batch_loss, run_prestep
+from prefpipe.train.batch_loss import MetricSums, batch_loss, run_prestep
 
 
 def train_step(policy, optimizer, scheduler, batches: list, loss_cfg, procs, *, ref_scorer=None,

@@ -6,7 +6,7 @@ import torch
 
 from prefpipe.train.batches import eval_batches, make_batch
 from prefpipe.train.losses import get_loss
-from prefpipe.train.objective import MetricSums, batch_loss, run_prestep
+from prefpipe.train.batch_loss import MetricSums, batch_loss, run_prestep
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import torch
 
 from prefpipe.data.cache import UNPAIRED
 from prefpipe.train import losses as L
-from prefpipe.train.loss_names import EXAMPLES, PAIRS
+from prefpipe.train.registry import EXAMPLES, PAIRS
 
 
 @torch.no_grad()
@@ -58,7 +58,7 @@ def run_prestep(loss: L.Loss, parts, policy_scorer, ref_scorer, autocast, procs,
 
 
 def _inputs(shape: str, batch, sums, counts, ref) -> dict:
-    """The named per-example tensors a loss function can ask for (see loss_names)."""
+    """The named per-example tensors a loss function can ask for (see registry)."""
     if shape == EXAMPLES:
         return {"pi": sums, "len": counts, "ref": ref, "desirable": batch.label}
     n = batch.n

@@ -19,7 +19,7 @@ A spec names its pure function in `prefpipe.train.losses` and says what that fun
 - `batch`: which sequences the policy forwards (`PAIRS`, `CHOSEN`, `EXAMPLES`).
 - `metrics`: the per-example metric names its `LossOutput` carries (logged as their global means; `margin` is
   added whenever `r_chosen` is there).
-- `prestep`: the name of a pre-step in `prefpipe.train.objective.PRESTEPS`, run over the whole global batch on
+- `prestep`: the name of a pre-step in `prefpipe.train.batch_loss.PRESTEPS`, run over the whole global batch on
   every process before any gradient (KTO's reference point z0), or None.
 - `parts`: empty for a registered loss; for a weighted combination, its `(weight, name)` terms (see below).
 
