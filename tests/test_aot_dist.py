@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from conftest import random_text, write_jsonl
+from helpers import random_text, write_jsonl
 from test_train_fixtures import one_thread  # noqa: F401  (autouse)
 from test_train_fixtures import cache, metrics, shared_dir, train
 from test_train_dist import torchrun

@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from conftest import make_pairs, one_line_error, write_jsonl
+from helpers import make_pairs, one_line_error, write_jsonl
 
 from prefpipe.data.formats import MAX_BAD_ROWS, Dataset
 from prefpipe.errors import UserError

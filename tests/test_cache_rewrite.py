@@ -5,7 +5,7 @@ import shutil
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 
 from prefpipe.data.cache import read_cache, schema_for
 from prefpipe.errors import UserError

@@ -10,7 +10,7 @@ stretch of text between two special tokens, which is how the tokenizer splits th
 from __future__ import annotations
 
 import pytest
-from conftest import one_line_error, write_jsonl
+from helpers import one_line_error, write_jsonl
 
 from prefpipe.data.formats import Dataset
 from prefpipe.data.tokenize import PairTokenizer, TokenStats

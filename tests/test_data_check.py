@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 
 
 def check(run_cli, tiny_model, path, *extra):

@@ -3,7 +3,7 @@ choices on the CLI and in TOML."""
 
 from __future__ import annotations
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 
 def check(run_cli, tiny_model, path, *extra):

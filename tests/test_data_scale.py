@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 from prefpipe.data.cache import read_cache
 from prefpipe.data.cli import _quantiles

@@ -174,7 +174,7 @@ def test_pairs_take_the_most_frequent_answers():
 
 def test_generation_eval_writes_every_verdict(sft_model, tmp_path, run_cli):
     d, model, tok, train, held, *_ = sft_model
-    from conftest import write_jsonl
+    from helpers import write_jsonl
     gsm = write_jsonl(tmp_path / "heldout.jsonl", held)
     r = run_cli("eval", "--gen", gsm, "--model", d, "--prompt_template", PROMPT_TEMPLATE, "--max_new_tokens", "20",
                 "--device", "cpu", "--out", tmp_path / "ev")

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import make_pairs, one_line_error, write_jsonl
+from helpers import make_pairs, one_line_error, write_jsonl
 from prefpipe.data.cache import MANIFEST, read_cache
 from prefpipe.errors import UserError
 from prefpipe import fileio

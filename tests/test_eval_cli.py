@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 from test_train_fixtures import cache as precomputed
 from prefpipe import rundir
 

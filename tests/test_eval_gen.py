@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from prefpipe.errors import UserError
 from prefpipe.evaluation.evaluate import GenSettings, read_questions, render_prompts, score_generations
 from prefpipe.evaluation.generate import encode_prompts, hf_generate

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 from prefpipe.errors import UserError
 from prefpipe.evaluation.evaluate import eval_preference, resolve_run
 from test_train_fixtures import cache as precomputed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from prefpipe.evaluation.generate import encode_prompts, hf_generate
 from prefpipe import rundir
 

@@ -6,7 +6,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_pairs, make_unpaired, write_jsonl
+from helpers import make_pairs, make_unpaired, write_jsonl
 
 from prefpipe.data.formats import Columns, Dataset, split_implicit
 from prefpipe.errors import UserError

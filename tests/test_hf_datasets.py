@@ -12,7 +12,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 from prefpipe.data.formats import Columns, Dataset, data_fingerprint
 from prefpipe.errors import UserError

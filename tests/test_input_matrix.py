@@ -15,7 +15,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 
 pytest.importorskip("datasets")
 from test_hf_datasets import make_disk, make_hub, make_repo  # noqa: E402

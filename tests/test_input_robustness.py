@@ -8,7 +8,7 @@ import gzip
 import json
 
 import pytest
-from conftest import make_pairs, one_line_error, write_jsonl
+from helpers import make_pairs, one_line_error, write_jsonl
 
 from prefpipe.data.cache import read_cache
 from prefpipe.data.formats import Dataset

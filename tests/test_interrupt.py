@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 from test_train_fixtures import one_thread  # noqa: F401  (autouse)
 from test_train_fixtures import cache, pairs_data
 from test_train_resume import _wait_for

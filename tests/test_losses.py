@@ -490,7 +490,7 @@ def test_a_knob_that_no_loss_of_the_call_reads_is_refused():
 
 
 def test_unread_knob_on_the_command_line_is_one_line_before_anything_loads(run_cli, tmp_path):
-    from conftest import one_line_error
+    from helpers import one_line_error
     r = run_cli("train", "--model", tmp_path / "no-model", "--data", tmp_path / "no.jsonl", "--out", tmp_path / "o",
                 "--loss_type", "ipo", "--simpo_gamma", "2")
     one_line_error(r, "--simpo_gamma is read by no loss of this call (ipo)")

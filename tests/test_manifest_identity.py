@@ -11,7 +11,7 @@ import shutil
 import polars as pl
 import pytest
 
-from conftest import make_pairs, one_line_error, write_jsonl
+from helpers import make_pairs, one_line_error, write_jsonl
 from prefpipe.data.cache import MANIFEST, read_cache
 from prefpipe.errors import UserError
 from test_train_fixtures import cache as precomputed

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_pairs, one_line_error, write_jsonl
+from helpers import make_pairs, one_line_error, write_jsonl
 from prefpipe.evaluation.settings import EvalTargets
 from prefpipe.pipeline import config as pconf
 from prefpipe.precompute.config import PrecomputeConfig

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 from prefpipe.data.formats import Columns
 from prefpipe.data.settings import CheckSettings
 from prefpipe.data.tokenize import TokenizeSettings

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import make_pairs, make_unpaired, write_jsonl
+from helpers import make_pairs, make_unpaired, write_jsonl
 from prefpipe.pipeline.config import resolve
 from prefpipe.pipeline.run import check_cache, expected_identity
 from prefpipe.rundir import RunsDir

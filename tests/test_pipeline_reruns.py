@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_pairs, make_unpaired, write_jsonl
+from helpers import make_pairs, make_unpaired, write_jsonl
 from prefpipe import rundir
 from prefpipe.rundir import RunsDir
 from test_train_fixtures import TIMING_KEYS

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import make_pairs
+from helpers import make_pairs
 from prefpipe.data.formats import Record
 from prefpipe.data.tokenize import PairTokenizer, TokenizeSettings, TokenStats
 from prefpipe.modeling import load_model
@@ -134,7 +134,7 @@ def test_150k_vocab_peak_memory_is_bounded(tmp_path):
 
 def test_a_backend_that_implements_only_score_writes_the_cache_float64_agrees_with(tiny_model, tmp_path, run_cli,
                                                                                   monkeypatch):
-    from conftest import write_jsonl
+    from helpers import write_jsonl
     from prefpipe.data.cache import read_cache
     from prefpipe.precompute import run as precompute_run
     from prefpipe.precompute.backend import Backend

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 from prefpipe.data.cache import MANIFEST, read_cache, write_part
 from prefpipe.data.fingerprint import model_fingerprint, tokenizer_fingerprint
 from prefpipe.data.formats import Dataset

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import make_pairs, make_unpaired, write_jsonl
+from helpers import make_pairs, make_unpaired, write_jsonl
 from prefpipe.data.cache import read_cache
 from prefpipe.modeling import load_model
 from prefpipe.data.kto_pairs import assign_partners

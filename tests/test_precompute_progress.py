@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 from prefpipe.data.formats import Dataset
 from prefpipe.precompute.progress import rows_to_process
 

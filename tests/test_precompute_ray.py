@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_pairs, one_line_error, write_jsonl
+from helpers import make_pairs, one_line_error, write_jsonl
 from prefpipe.data.cache import MANIFEST, read_cache
 
 pytestmark = pytest.mark.slow  # every test that starts Ray skips (in its fixture) without it

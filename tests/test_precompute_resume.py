@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 from prefpipe.data.cache import MANIFEST, read_cache
 
 pytestmark = pytest.mark.slow

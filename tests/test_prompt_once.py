@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import make_pairs, make_unpaired, write_jsonl
+from helpers import make_pairs, make_unpaired, write_jsonl
 from prefpipe.data.cache import read_cache
 from prefpipe.modeling import load_model
 from prefpipe.packing import prompt_once_supported

@@ -106,7 +106,7 @@ def test_precompute_warns_in_one_line_only_when_the_window_binds(tmp_path, run_c
     import sys
     from pathlib import Path
 
-    from conftest import make_pairs, write_jsonl
+    from helpers import make_pairs, write_jsonl
     from prefpipe.data.cache import read_cache
     from prefpipe.warn import PrefpipeWarning
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(6, seed=1))

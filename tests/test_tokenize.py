@@ -1,7 +1,7 @@
 """Tokenization rules of REFERENCE section 2, checked against direct tokenizer calls."""
 
 import pytest
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 from prefpipe.data.formats import Dataset
 from prefpipe.data.tokenize import PairTokenizer, TokenizeSettings, TokenStats

@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import one_line_error
+from helpers import one_line_error
 
 
 def _corrupt(d, how: str):

@@ -269,7 +269,7 @@ def test_wandb_offline_runs_hold_config_and_history(tmp_path, wandb_offline):
 
 def test_train_report_to_tensorboard_mirrors_metrics_jsonl(tiny_model, tmp_path, run_cli):
     """Every numeric value metrics.jsonl holds reaches TensorBoard at its step, train and eval alike."""
-    from conftest import make_pairs, write_jsonl
+    from helpers import make_pairs, write_jsonl
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(12, seed=5, max_words=10))
     res = run_cli("train", "--model", tiny_model, "--data", data, "--loss_type", "orpo", "--out", tmp_path / "runs",
                   "--max_steps", "3", "--batch_size", "2", "--lr", "1e-3", "--eval_fraction", "0.25",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_pairs, make_unpaired, write_jsonl
+from helpers import make_pairs, make_unpaired, write_jsonl
 from prefpipe import rundir
 
 

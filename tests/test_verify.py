@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_pairs, make_unpaired, write_jsonl
+from helpers import make_pairs, make_unpaired, write_jsonl
 from prefpipe.data.cache import read_cache, read_part_metadata, write_part
 from prefpipe.errors import UserError
 from prefpipe.precompute.run import PrecomputeConfig, run_precompute

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_pairs, make_unpaired, write_jsonl
+from helpers import make_pairs, make_unpaired, write_jsonl
 from prefpipe.data.cache import MANIFEST, read_cache
 from prefpipe.errors import UserError
 from prefpipe.precompute.run import PrecomputeConfig, run_precompute
