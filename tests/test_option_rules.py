@@ -269,11 +269,11 @@ def test_non_finite_loss_in_a_float32_run_does_not_suggest_float32(run_cli, tiny
 @pytest.mark.parametrize("dtype, advice", [("float32", ""), ("bfloat16", "; try --dtype float32")])
 def test_precompute_non_finite_advice_fits_the_dtype(dtype, advice):
     from prefpipe.errors import UserError
-    from prefpipe.precompute.run import _check_scores
+    from prefpipe.precompute.blocks import check_scores
 
     class Backend:
         def provenance(self):
             return {"name": "hf", "dtype": dtype}
     with pytest.raises(UserError) as e:
-        _check_scores([float("nan")], [2], [[5, 6]], [7], backend=Backend())
+        check_scores([float("nan")], [2], [[5, 6]], [7], backend=Backend())
     assert str(e.value) == f"the model gave a non-finite log-prob (nan) for row 7{advice}"

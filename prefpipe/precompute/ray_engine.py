@@ -70,7 +70,7 @@ class Scorer:
 
     def score_part(self, cols: dict, rows: dict, counts: dict, kind: str, per_token: bool, meta: dict,
                    out: str) -> dict:
-        from prefpipe.precompute.run import _write_block
+        from prefpipe.precompute.blocks import write_block
         if self.crash is not None and self.crash[0] == rows["index"]:
             index, marker = self.crash
             if not marker:
@@ -78,7 +78,7 @@ class Scorer:
             if not os.path.exists(marker):
                 Path(marker).touch()
                 os._exit(1)
-        return _write_block(cols, rows, Counter(counts), kind, self.backend, per_token, True, meta, Path(out))
+        return write_block(cols, rows, Counter(counts), kind, self.backend, per_token, True, meta, Path(out))
 
 
 class RayEngine:
@@ -167,7 +167,7 @@ class RayEngine:
     def score_parts(self, cfg, procs, ds, kind, pt, backend, meta, out: Path, done: dict) -> dict:
         """What `run._score_parts` returns, for one process whose actors score every part not in `done`."""
         from prefpipe.data.tokenize import SeenHashes
-        from prefpipe.precompute.run import _prepare_block
+        from prefpipe.precompute.blocks import prepare_block
 
         pool = _Pool(self.ray, self.actors, self.where)
         bar = _Bar(cfg, ds, done)
@@ -181,7 +181,7 @@ class RayEngine:
                     seen.add([r.content_hash for r in records])
                     reused += 1
                 else:
-                    cols, rows, counts = _prepare_block(index, records, prev_records, cfg, ds, kind, pt, seen)
+                    cols, rows, counts = prepare_block(index, records, prev_records, cfg, ds, kind, pt, seen)
                     while pool.busy >= QUEUED * len(self.actors):
                         bar.done(*pool.next_done())
                     pool.submit(len(records), cols, rows, dict(counts), *args)
@@ -238,8 +238,8 @@ class _Bar:
         self.t0, self.tokens, self.written = time.perf_counter(), 0, {}
 
     def done(self, part: dict, n_rows: int):
-        from prefpipe.precompute.run import _part_counts
-        self.written[part["index"]] = _part_counts(part)
+        from prefpipe.precompute.blocks import part_counts
+        self.written[part["index"]] = part_counts(part)
         self.tokens += part["tokens_scored"]
         rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.set_postfix_str(f"{self.tokens:,} tok, {rate:,.0f} tok/s", refresh=False)

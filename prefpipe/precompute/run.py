@@ -39,13 +39,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from prefpipe.data import identity
-from prefpipe.data.cache import MANIFEST, part_digest, part_name, read_manifest, read_part_metadata, write_manifest, write_part
-from prefpipe.data.tokenize import SeenHashes, TokenStats
+from prefpipe.data.cache import MANIFEST, part_digest, part_name, read_manifest, read_part_metadata, write_manifest
+from prefpipe.data.tokenize import SeenHashes
 from prefpipe.dist import Procs, join
 from prefpipe.errors import UserError
 from prefpipe.fileio import LOCK_FILE, OutputLock, check_writable, is_lock_file
-from prefpipe.data import kto_pairs
 from prefpipe.precompute.backend import make_backend
+from prefpipe.precompute.blocks import now, part_counts, process_block
 from prefpipe.precompute.config import PrecomputeConfig  # noqa: F401 (callers import it from here)
 from prefpipe.precompute.plan import fingerprints, kind_of, plan, scan_parts
 from prefpipe.wording import plural
@@ -89,22 +89,12 @@ def _device_for(cfg: PrecomputeConfig, procs: Procs) -> str:
 
 # ---------------------------------------------------------------- metadata
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def _scan_parts(out: Path, expected: dict) -> dict[int, dict]:
     """Finished, sound parts of this run: {index: part counts}; a part of another run is an error
     (`prefpipe.precompute.plan.scan_parts`)."""
     scan = scan_parts(out, expected)
     scan.refuse()
-    return {i: _part_counts(p) for i, p in scan.done.items()}
-
-
-def _part_counts(part: dict) -> dict:
-    """A part's metadata entry without its skip records: what the manifest sums. The records stay in the part's
-    file (the summary reads its first skip per reason from there), so a run's memory does not grow with skips."""
-    return {k: v for k, v in part.items() if k != "skip_records"}
+    return {i: part_counts(p) for i, p in scan.done.items()}
 
 
 def _clean(out: Path, *, parts: bool):
@@ -119,97 +109,6 @@ def _clean(out: Path, *, parts: bool):
     if parts:
         for f in list(out.glob("part-*.parquet")) + [out / MANIFEST]:
             f.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------- one block
-
-def _check_scores(sums, counts, responses, row_ids, tokens=None, backend=None):
-    import math
-    for i, (s, c, r, rid) in enumerate(zip(sums, counts, responses, row_ids)):
-        if c != len(r) or (tokens is not None and len(tokens[i]) != c):
-            raise RuntimeError(f"backend scored {c} tokens of a {len(r)}-token response (row {rid})")
-        if not math.isfinite(s):
-            dtype = backend.provenance().get("dtype") if backend is not None else None
-            fix = "" if dtype == "float32" else "; try --dtype float32"  # advice a float32 run cannot take
-            raise UserError(f"the model gave a non-finite log-prob ({s}) for row {rid}{fix}")
-
-
-def _score_block(cols: dict, kind: str, backend, counts: Counter, per_token: bool = False, progress=None):
-    """Add reference columns (or lengths only, with no backend) to `cols` in place; with `per_token` also each
-    response's per-token reference log-probs (float32 lists)."""
-    from prefpipe.data.cache import KINDS
-    from prefpipe.scoring import score_cache_rows
-
-    spec = KINDS[kind]
-    for r in spec.responses:
-        if r.length:
-            cols[r.length] = [len(x) for x in cols[r.ids]]
-    if backend is None:
-        return
-    # One call for every response of the block: one length-sorted set of batches, or one prompt-once pass.
-    got = score_cache_rows(cols.__getitem__, kind,
-                           lambda p, r: backend.score(p, r, per_token=per_token, progress=progress),
-                           lambda p, a, b: backend.score_pairs(p, a, b, per_token=per_token, progress=progress))
-    for r in spec.responses:
-        s = got[r.name]
-        _check_scores(s.sums, s.counts, cols[r.ids], cols["row_id"], s.tokens, backend)
-        cols[r.ref] = s.sums
-        if per_token:
-            cols[r.tokens] = s.tokens
-    k = len(spec.responses)
-    counts["tokens_scored"] += sum(len(p) for p in cols["prompt_ids"]) * k + \
-        sum(len(x) for r in spec.responses for x in cols[r.ids])
-    counts["response_tokens"] += sum(sum(s.counts) for s in got.values())
-
-
-def _tokenize_block(pt, records, ds, kind, seen: SeenHashes | None) -> tuple[dict, TokenStats]:
-    stats = TokenStats(_seen=seen if seen is not None else SeenHashes())
-    cols = pt.tokenize(records, stats, ds.paired)
-    if kind == "unpaired":
-        cols = kto_pairs.examples_from(cols, ds.paired)
-    return cols, stats
-
-
-def _prepare_block(index, records, prev_records, cfg, ds, kind, pt, seen) -> tuple[dict, dict, Counter]:
-    """Block `index` tokenized (KTO: with pinned partners), ready to score: (columns, the part's row counts,
-    counts so far). Everything that depends on earlier blocks (duplicates, a borrowed KTO partner) happens here."""
-    cols, stats = _tokenize_block(pt, records, ds, kind, seen)
-    counts = Counter()
-    if kind == "unpaired":
-        previous = None
-        if len(cols["row_id"]) == 1 and prev_records is not None:
-            previous, _ = _tokenize_block(pt, prev_records, ds, kind, None)
-        try:
-            cols, kl = kto_pairs.with_partners(cols, cfg.input.max_length, previous)
-        except ValueError:
-            first = records[0]
-            raise UserError(f"KTO: input block {index} (rows from {first.source} row {first.row}) has a single "
-                            "usable example and no earlier example to borrow a mismatched partner from; raise "
-                            "--part_rows", file=str(cfg.data))
-        counts.update(kl)
-    d = stats.to_dict()
-    rows = {"index": index, **{k: d[k] for k in ("rows_read", "rows_kept", "rows_skipped", "prompt_truncated",
-                                                  "response_truncated", "duplicates")},
-            "skipped": d["skipped"], "skip_records": stats.skip_records}
-    return cols, rows, counts
-
-
-def _write_block(cols: dict, rows: dict, counts: Counter, kind, backend, per_token: bool, with_reference: bool,
-                 meta: dict, out: Path, progress=None) -> dict:
-    """Score a prepared block and write it as its part; the part's metadata entry (what the manifest sums)."""
-    _score_block(cols, kind, backend, counts, per_token=per_token, progress=progress)
-    part = {**rows, "rows_written": len(cols["row_id"]),
-            **{k: int(counts[k]) for k in ("tokens_scored", "response_tokens", "kl_truncated", "kl_borrowed")}}
-    write_part(out / part_name(rows["index"]), cols, kind, {**meta, "created_at": _now(), "part": part},
-               with_reference=with_reference, per_token=per_token)
-    return part
-
-
-def _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out: Path,
-                   progress=None) -> dict:
-    cols, rows, counts = _prepare_block(index, records, prev_records, cfg, ds, kind, pt, seen)
-    return _write_block(cols, rows, counts, kind, backend, cfg.per_token, not cfg.no_reference, meta, out,
-                        progress)
 
 
 # ---------------------------------------------------------------- engines
@@ -247,7 +146,7 @@ def _finalise(out: Path, meta: dict, n_parts: int, parts: dict[int, dict]) -> di
         raise UserError(f"no rows left to write: all {plural(counts['rows_read'], 'row')} were skipped "
                         f"({', '.join(f'{k}: {v}' for k, v in counts['skipped'].items())})", file=meta["data"]["path"])
     run = identity.key(identity.identity_of(meta))  # every part matched it in _scan_parts, or was written now
-    write_manifest(out, {**meta, "created_at": _now(), "counts": counts},
+    write_manifest(out, {**meta, "created_at": now(), "counts": counts},
                    [{"file": part_name(i), "rows": parts[i]["rows_written"],
                      "content_sha256": part_digest(out / part_name(i), meta["kind"]), "identity": run}
                     for i in range(n_parts)])
@@ -335,7 +234,7 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
             elif cfg.overwrite:
                 _clean(out, parts=True)
         procs.gather(None)  # the leader has prepared --out
-        done = {} if cfg.overwrite else {i: _part_counts(x) for i, x in p.parts().done.items()}
+        done = {} if cfg.overwrite else {i: part_counts(x) for i, x in p.parts().done.items()}
         score = _score_parts if engine is None else engine.score_parts
         run = score(cfg, procs, ds, kind, pt, backend, meta, out, done)
     finally:
@@ -383,9 +282,9 @@ def _score_parts(cfg, procs: Procs, ds, kind, pt, backend, meta, out: Path, done
         for index, records in enumerate(ds.batches()):
             n_parts += 1
             if procs.owns(index) and index not in done:
-                part = _process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out,
+                part = process_block(index, records, prev_records, cfg, ds, kind, pt, backend, seen, meta, out,
                                       on_progress)
-                written[index] = _part_counts(part)
+                written[index] = part_counts(part)
                 tokens += part["tokens_scored"]
             else:
                 seen.add([r.content_hash for r in records])
