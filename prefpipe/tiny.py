@@ -54,7 +54,6 @@ def build_model(out_dir: str | Path, tokenizer, *, hidden_size: int = 64, num_la
                 num_heads: int = 2, head_dim: int = 32, intermediate_size: int | None = None,
                 max_position_embeddings: int = 1024, seed: int = 0, tie_word_embeddings: bool = False):
     """Random-init `LlamaForCausalLM` sized for CPU tests; head_dim >= 32 so vLLM's CPU attention accepts it."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -72,8 +71,15 @@ def build_model(out_dir: str | Path, tokenizer, *, hidden_size: int = 64, num_la
         tie_word_embeddings=tie_word_embeddings,
         rms_norm_eps=1e-5,
     )
+    return save_random(LlamaForCausalLM, config, out_dir, tokenizer, seed)
+
+
+def save_random(model_class, config, out_dir: str | Path, tokenizer, seed: int = 0):
+    """`model_class(config)` with seeded random weights, saved with `tokenizer` to `out_dir`; the model."""
+    import torch
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     # A wider init than the default 0.02 makes the random model's log-probs far from uniform, so tests
     # that compare scores can tell rows and positions apart.
     with torch.no_grad():

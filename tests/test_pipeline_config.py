@@ -64,6 +64,11 @@ def test_relative_paths_follow_the_file(tmp_path):
     ('lr = \n', "not valid TOML"),
 ])
 def test_bad_files_name_the_file_and_key(tmp_path, text, message):
+    refused_naming_the_file(tmp_path, text, message)
+
+
+def refused_naming_the_file(tmp_path, text, message):
+    """`BASE + text` as a pipeline file is refused with `message`, and the error names the file."""
     p = write(tmp_path, BASE + text)
     with pytest.raises(UserError) as e:
         resolve(str(p), {})
@@ -158,11 +163,7 @@ def test_a_loss_knob_no_pipeline_loss_reads_is_refused_by_its_key(tmp_path):
      "(orpo, kto) reads it (kto runs take kto_beta)"),
 ])
 def test_a_key_without_effect_is_refused_naming_key_and_file(tmp_path, text, message):
-    p = write(tmp_path, BASE + text)
-    with pytest.raises(UserError) as e:
-        resolve(str(p), {})
-    assert message in str(e.value)
-    assert str(p) in str(e.value)
+    refused_naming_the_file(tmp_path, text, message)
 
 
 def test_keys_that_take_effect_pass_and_the_command_line_is_named_as_typed(tmp_path):

@@ -119,15 +119,20 @@ def test_an_interrupted_run_continues_from_its_checkpoint_to_the_uninterrupted_w
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a), (a, b)
 
 
-def test_eval_cache_alone_is_evaluated(tiny_model, tmp_path, run_cli):
-    """A held-out cache without eval_data gives held-out reward accuracy (it used to be ignored: `evals: {}`)."""
+def held_cache_and_dpo_pipeline(tmp_path, model, cache_model, run_cli):
+    """A held-out cache of 4 pairs made from `cache_model`, and a dpo-only pipeline of `model` (no kto run)."""
     held = write_jsonl(tmp_path / "held.jsonl", make_pairs(4, seed=9))
     cache = tmp_path / "held-cache"
-    r = run_cli("precompute", "--model", tiny_model, "--data", held, "--out", cache, "--max_length", "96",
+    r = run_cli("precompute", "--model", cache_model, "--data", held, "--out", cache, "--max_length", "96",
                 "--max_prompt_length", "48", "--dtype", "float32", "--device", "cpu", "--no_progress")
     assert r.exit_code == 0, r.output
-    toml, runs = setup(tmp_path, tiny_model, **{'"kto"]': ']', 'kto_data = "kto.jsonl"\n': '',
-                                                'kto_beta = [0.3]\n': ''})
+    toml, runs = setup(tmp_path, model, **{'"kto"]': ']', 'kto_data = "kto.jsonl"\n': '', 'kto_beta = [0.3]\n': ''})
+    return cache, toml, runs
+
+
+def test_eval_cache_alone_is_evaluated(tiny_model, tmp_path, run_cli):
+    """A held-out cache without eval_data gives held-out reward accuracy (it used to be ignored: `evals: {}`)."""
+    cache, toml, runs = held_cache_and_dpo_pipeline(tmp_path, tiny_model, tiny_model, run_cli)
     r = run_cli("pipeline", "--config", toml, "--eval_cache", cache)
     assert r.exit_code == 0, r.output
     summary = json.loads(RunsDir(runs).pipeline.read_text())
@@ -146,13 +151,7 @@ def test_eval_cache_alone_from_another_model_is_refused_before_training(tiny_mod
     name = sorted(w)[0]
     w[name] = w[name] + 1e-3
     save_file(w, other / "model.safetensors", metadata={"format": "pt"})
-    held = write_jsonl(tmp_path / "held.jsonl", make_pairs(4, seed=9))
-    cache = tmp_path / "held-cache"
-    r = run_cli("precompute", "--model", other, "--data", held, "--out", cache, "--max_length", "96",
-                "--max_prompt_length", "48", "--dtype", "float32", "--device", "cpu", "--no_progress")
-    assert r.exit_code == 0, r.output
-    toml, runs = setup(tmp_path, tiny_model, **{'"kto"]': ']', 'kto_data = "kto.jsonl"\n': '',
-                                                'kto_beta = [0.3]\n': ''})
+    cache, toml, runs = held_cache_and_dpo_pipeline(tmp_path, tiny_model, other, run_cli)
     r = run_cli("pipeline", "--config", toml, "--eval_cache", cache)
     assert r.exit_code == 2
     assert r.output.strip().startswith(f"prefpipe: error: file {cache}: eval_cache cannot measure this "

@@ -20,20 +20,13 @@ def mistral(out_dir, window: int):
     """A tiny random Mistral (sliding-window attention in every layer) with prefpipe's tiny tokenizer, saved."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from prefpipe.tiny import build_tokenizer
+    from prefpipe.tiny import build_tokenizer, save_random
     tok = build_tokenizer(out_dir)
     config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=2, head_dim=32, sliding_window=window,
                            max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = MistralForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    tok.save_pretrained(str(out_dir))
+    save_random(MistralForCausalLM, config, out_dir, tok, seed=0)
     return out_dir
 
 

@@ -156,7 +156,8 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
     def score(prompts, responses):
         # `batch_size` pairs at the longest length bound each forward, as the fixed-size batches before did.
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-        return score_sequences(model, prompts, responses, batch_tokens=rows_budget(batch_size, 2, lengths),
+        return score_sequences(model, prompts, responses,
+                               batch_tokens=rows_budget(batch_size, len(spec.responses), lengths),
                                pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, device=dev)
     got = score_cache_rows(lambda c: t.column(c).to_pylist(), cache.kind, score)
     pol, ref = {}, {}
