@@ -48,6 +48,7 @@ from prefpipe.pipeline.sweep import split_losses
 from prefpipe.precompute.config import PrecomputeConfig
 from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.train.config import TrainConfig
+from prefpipe.train.registry import KNOBS, entry_for, resolve_loss_type, unread_knobs
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,6 @@ class PipelineConfig:
     def losses(self) -> tuple:
         """The loss types by their canonical names (`DPO`, `sigmoid` -> `dpo`); a name no loss has stays as
         written, for the train settings to refuse with the key named."""
-        from prefpipe.train.registry import resolve_loss_type
 
         def canonical(text):
             try:
@@ -147,7 +147,6 @@ class PipelineConfig:
     def per_token(self) -> bool:
         """Caches keep per-token reference log-probs: asked for, or needed by a run's loss entry (LD-DPO: dpo
         with ld_alpha)."""
-        from prefpipe.train.registry import entry_for
         return bool(self.values["per_token"]) or any(entry_for(lt, self.values).needs_per_token_reference
                                                      for lt in self.losses)
 
@@ -173,7 +172,6 @@ def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data:
     """One `run_training` call's settings: the keys, with the losses, betas and source the pipeline chose. A
     pipeline's loss knobs are checked against all its losses (`all_knobs`, in `_check`); a call for some of them
     gets the others' knobs at their defaults."""
-    from prefpipe.train.registry import KNOBS, unread_knobs
     unread = {} if all_knobs else {k: KNOBS[k].default for k in unread_knobs(losses, cfg.values)}
     values = {**cfg.values, "cache": cache, "data": data, "out": cfg.runs_dir, "loss_type": list(losses),
               "beta": list(betas or cfg.betas), "resume": True, **unread}
