@@ -1,0 +1,1 @@
+"""`prefpipe generate`: on-policy samples, judged, turned into preference pairs (docs/generate.md)."""
