@@ -129,6 +129,10 @@ class Record:
     completion: Any = None
     label: bool | None = None
     content_hash: str = ""
+    # Token ids the row brings ({"prompt": [...], "chosen": [...], ...}): a generate output's sampled ids, used
+    # as they are instead of tokenizing the texts (prefpipe.data.generated).
+    ids: dict | None = None
+    extra: dict | None = None  # prompt-only rows: the row's other columns, for a judge
 
 
 @dataclass

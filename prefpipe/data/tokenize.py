@@ -321,16 +321,19 @@ class PairTokenizer:
             reason = None
             if any((r == "" or r == []) for r in responses):
                 reason = "empty_response"
-            elif paired and responses[0] == responses[1]:
+            elif paired and (responses[0] == responses[1] if rec.ids is None else
+                             rec.ids["chosen"] == rec.ids["rejected"]):
                 reason = "chosen_equals_rejected"
             if reason:
                 self._skip(stats, rec, reason)
                 continue
-            p, rs = self._render(rec.prompt, responses, rec, ["prompt", *resp_fields])
-            texts.append((rec, p, rs))
+            if rec.ids is None:
+                p, rs = self._render(rec.prompt, responses, rec, ["prompt", *resp_fields])
+                texts.append((rec, p, rs))
+            else:
+                texts.append((rec, None, None))
 
-        prompt_ids = self.encode_prompts([p for _, p, _ in texts])
-        resp_ids = [self._encode_responses([rs[k] for _, _, rs in texts]) for k in range(len(resp_fields))]
+        prompt_ids, resp_ids = self._ids(texts, resp_fields)
         L = self.settings.max_length
         for i, (rec, _, _) in enumerate(texts):
             pids = prompt_ids[i]
@@ -342,7 +345,8 @@ class PairTokenizer:
             rids, r_cut = [], False
             for k in range(len(resp_fields)):
                 ids = resp_ids[k][i]
-                if isinstance(getattr(rec, resp_fields[k]), str) and self.eos is not None and \
+                # Sampled ids are what the model produced: a completion cut by max_new_tokens gets no EOS.
+                if rec.ids is None and isinstance(getattr(rec, resp_fields[k]), str) and self.eos is not None and \
                         (not ids or ids[-1] != self.eos):
                     ids = ids + [self.eos]
                 if len(ids) > budget:
@@ -364,6 +368,26 @@ class PairTokenizer:
                 for name, n in (("prompt", len(pids)), *((f, len(r)) for f, r in zip(resp_fields, rids))):
                     stats.lengths.setdefault(name, Counter())[n] += 1
         return out
+
+    def _ids(self, texts: list, resp_fields: tuple) -> tuple[list, list]:
+        """Prompt ids and, per response field, response ids of `texts` ((record, prompt text, response texts));
+        a record that brings its ids (`Record.ids`) keeps them, the rest are encoded by the module's rules."""
+        todo = [i for i, (rec, _, _) in enumerate(texts) if rec.ids is None]
+        enc_p = self.encode_prompts([texts[i][1] for i in todo])
+        enc_r = [self._encode_responses([texts[i][2][k] for i in todo]) for k in range(len(resp_fields))]
+        prompt_ids = [list(rec.ids["prompt"]) if rec.ids is not None else None for rec, _, _ in texts]
+        resp_ids = [[list(rec.ids[f]) if rec.ids is not None else None for rec, _, _ in texts] for f in resp_fields]
+        for j, i in enumerate(todo):
+            prompt_ids[i] = enc_p[j]
+            for k in range(len(resp_fields)):
+                resp_ids[k][i] = enc_r[k][j]
+        return prompt_ids, resp_ids
+
+    def prompt_ids(self, records: list[Record]) -> list[list[int]]:
+        """The prompt ids a cache of these records would hold (rendered, BOS once, cut to `max_prompt_length`):
+        what generation samples from, so that a sample's prompt is the cached prompt."""
+        texts = [self._render(rec.prompt, [], rec, ["prompt"])[0] for rec in records]
+        return [self._truncate_prompt(ids)[0] for ids in self.encode_prompts(texts)]
 
     @staticmethod
     def _skip(stats: TokenStats, rec: Record, reason: str):

@@ -1,0 +1,58 @@
+"""The `hf` generator: transformers' `generate` (KV cache, so no step re-encodes the prefix) over batches of
+prompts of similar length, left-padded, `num_samples` sequences per prompt in one call."""
+
+from __future__ import annotations
+
+import torch
+
+from prefpipe.generation.sampler import Completion, Generator, cut_at_stop, stop_token_ids
+from prefpipe.logprobs import pad_batch
+from prefpipe.modeling import load_model, resolve_device, resolve_dtype
+
+
+class HfGenerator(Generator):
+    name = "hf"
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg.sampling)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.model = load_model(cfg.model, self.dtype, self.device)
+        self.model.eval()
+        self.batch_size = cfg.batch_size
+        self.stops = stop_token_ids(tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else min(self.stops) if self.stops else 0
+
+    def provenance(self) -> dict:
+        return {"name": self.name, "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,
+                "stop_ids": sorted(self.stops)}
+
+    def _kwargs(self) -> dict:
+        s = self.sampling
+        if s.temperature == 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k or None}
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[list[int]], seed: int, progress=None) -> list[list[Completion]]:
+        k, n_new = self.sampling.num_samples, self.sampling.max_new_tokens
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        out: list = [None] * len(prompt_ids)
+        torch.manual_seed(seed)  # one stream per call: a part is drawn the same whether or not it was resumed
+        per_batch = max(1, self.batch_size // k)
+        for start in range(0, len(order), per_batch):
+            idx = order[start:start + per_batch]
+            ids, mask = pad_batch([prompt_ids[i] for i in idx], self.pad, self.device, side="left")
+            gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
+                                      num_return_sequences=k, pad_token_id=self.pad,
+                                      eos_token_id=sorted(self.stops), **self._kwargs())
+            new = gen[:, ids.shape[1]:].tolist()
+            for j, i in enumerate(idx):
+                out[i] = [cut_at_stop(new[j * k + s], self.stops, n_new) for s in range(k)]
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+    def close(self):
+        del self.model
