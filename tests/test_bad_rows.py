@@ -12,7 +12,8 @@ import re
 import pytest
 from helpers import make_pairs, one_line_error, write_jsonl
 
-from prefpipe.data.formats import MAX_BAD_ROWS, Dataset
+from prefpipe.data.formats import Dataset
+from prefpipe.data.sources import MAX_BAD_ROWS
 from prefpipe.errors import UserError
 
 # The three bad rows of `bad_file`, as the error must name them (JSONL rows are line numbers).

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefpipe.data.formats import DEFAULT_SPLIT, DEFAULT_TURN_MARKER, Columns
+from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns
+from prefpipe.data.sources import DEFAULT_SPLIT
 from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.options import group, opt, same_as
 

@@ -39,7 +39,8 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefpipe.data.formats import Columns, is_hub_id
+from prefpipe.data.formats import Columns
+from prefpipe.data.sources import is_hub_id
 from prefpipe.errors import UserError
 from prefpipe.evaluation.settings import GenSettings
 from prefpipe.options import Option, OptionError, build, canonical_choice, cli_style, opt, options, same_as, toml_style
