@@ -68,6 +68,8 @@ def _register():
     cli.add_command(inspect_cmd)
     from prefpipe.train.cli import train
     cli.add_command(train)
+    from prefpipe.generation.cli import generate
+    cli.add_command(generate)
     from prefpipe.demo.cli import commands as demo_commands
     from prefpipe.evaluation.cli import commands as eval_commands
     from prefpipe.pipeline.cli import commands as pipeline_commands

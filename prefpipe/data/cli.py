@@ -53,6 +53,7 @@ def check(ctx, data_path, **kwargs):
     ds = s.input.dataset(data_path)
     ds.validate()  # every bad row at once, as precompute and train report them
     pt = PairTokenizer(load_tokenizer(s.model), settings)
+    ds.check_tokenizer(pt.tok)
     # Memory stays flat in the rows: lengths are histograms, labels counts, and skips only the first per reason.
     stats = TokenStats(keep_lengths=True)
     examples, labels = {}, Counter()

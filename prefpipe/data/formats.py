@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
+from prefpipe.data import generated
 from prefpipe.data.sources import (
     DEFAULT_SPLIT, MAX_BAD_ROWS, BadRows, Source, hash_sources, hf_kind, hf_source, iter_raw, scan_sources,
 )
@@ -88,9 +89,12 @@ def _columns_key(columns: Columns) -> dict:
 
 
 def data_fingerprint(data: str | Path, columns: Columns = Columns(), split: str = DEFAULT_SPLIT,
-                     config: str | None = None) -> str:
+                     config: str | None = None, kto_view: bool = False) -> str:
     """sha256 over the column mapping, then what identifies the rows (`prefpipe.data.sources.hash_sources`: for
-    files, every source's stable name and bytes; for a Hugging Face dataset, its stable key, config and split)."""
+    files, every source's stable name and bytes; for a Hugging Face dataset, its stable key, config and split).
+    A generate output's is its run key and the bytes of the view read (`prefpipe.data.generated.fingerprint`)."""
+    if generated.is_generate_output(data):
+        return generated.fingerprint(data, kto_view)
     h = hashlib.sha256()
     h.update(json.dumps(_columns_key(columns), sort_keys=True).encode())
     hash_sources(h, data, split, config)
@@ -216,6 +220,13 @@ def _with_system(fmt: str, raw: dict, prompt: Any, responses: list, file: str, r
 def _row_content(fmt: str, raw: dict, file: str, row: int, columns: Columns, turn_marker: str) -> dict:
     """One row checked against the shape `fmt` and normalised: what its record holds (and its hashes cover)."""
     c = columns
+    if fmt == "prompts":
+        prompt = raw.get(c.prompt)
+        prompt = _check_messages(prompt, file, row, c.prompt, responses=False) if isinstance(prompt, list) else \
+            _check_text(prompt, file, row, c.prompt)
+        if c.system and isinstance(prompt, str):
+            prompt, _ = _with_system("paired", raw, prompt, [], file, row, c.system)
+        return {"prompt": prompt}
     if fmt == "unpaired":
         prompt = raw.get(c.prompt)
         conv = isinstance(prompt, list)
@@ -255,6 +266,8 @@ def _make_record(fmt: str, raw: dict, source: Source, row: int, columns: Columns
     rec.content_hash = hashlib.sha256(blob.encode()).hexdigest()[:16]
     # Source name + row number + content: unique even for duplicate rows, and stable across runs and machines.
     rec.row_id = hashlib.sha256(f"{source.key}\x1f{row}\x1f{blob}".encode()).hexdigest()[:16]
+    if fmt == "prompts":
+        rec.extra = raw
     return rec
 
 
@@ -263,23 +276,38 @@ class Dataset:
     """A lazily read preference dataset. Iterate `batches()` to get validated `Record` lists; `validate()` first
     checks every row in one streaming pass and reports all bad rows at once.
 
-    `split` and `config` choose the part of a Hugging Face dataset (module docstring); files have neither."""
+    `split` and `config` choose the part of a Hugging Face dataset (module docstring); files have neither. A
+    `prefpipe generate` output reads as its pairs, or with `kto_view` as its KTO view (prefpipe.data.generated);
+    `prompts_only` reads rows that need only a prompt (generation's input), keeping their other columns."""
     data: str
     columns: Columns = field(default_factory=Columns)
     turn_marker: str = DEFAULT_TURN_MARKER
     batch_rows: int = 1024
     split: str = DEFAULT_SPLIT
     config: str | None = None
+    kto_view: bool = False
+    prompts_only: bool = False
 
     def __post_init__(self):
+        self.generated = generated.is_generate_output(self.data) and not self.prompts_only
+        self.row_counts: list[int] | None = None  # rows per source, once `validate()` has counted them
+        if self.generated:
+            generated.read_manifest(self.data)  # refuses an output being written or never finished
+            self.hf_kind, self.sources, self.skipped_files = None, [], []
+            self.format = "unpaired" if self.kto_view else "paired"
+            return
         self.hf_kind = hf_kind(self.data, self.split, self.config)
         if self.hf_kind:
             self.sources, self.skipped_files = [hf_source(str(self.data), self.hf_kind, self.split, self.config)], []
         else:
             self.sources, self.skipped_files = scan_sources(self.data)
-        self.row_counts: list[int] | None = None  # rows per source, once `validate()` has counted them
         row, first = self._first_row()
-        self.format = detect_format(first, self.columns, self.sources[0].where, row)
+        self.format = "prompts" if self.prompts_only else detect_format(first, self.columns, self.sources[0].where,
+                                                                        row)
+        if self.prompts_only and self.columns.prompt not in first:
+            raise UserError(f"no prompt column {self.columns.prompt!r} (found {', '.join(map(repr, first))}); "
+                            "use --prompt_col to name it", file=self.sources[0].where, row=row,
+                            column=self.columns.prompt)
         if self.columns.system and self.columns.system not in first:
             raise UserError(f"no system column {self.columns.system!r} (found {', '.join(map(repr, first))})",
                             file=self.sources[0].where, row=row, column=self.columns.system)
@@ -297,6 +325,10 @@ class Dataset:
         return self.format != "unpaired"
 
     def batches(self) -> Iterator[list[Record]]:
+        if self.generated:
+            for raw in generated.rows(self.data, self.kto_view, self.batch_rows):
+                yield [Record(source=str(generated.view_file(self.data, self.kto_view)), row=n, **r) for n, r in raw]
+            return
         for source in self.sources:
             for raw in iter_raw(source, self.batch_rows):
                 yield [_make_record(self.format, r, source, n, self.columns, self.turn_marker) for n, r in raw]
@@ -305,7 +337,11 @@ class Dataset:
         """Read every row once, streaming, and check it as `batches()` would (syntax, shape, types); raise one
         `UserError` listing the bad rows (the first `limit`, and how many more), or count the rows per source
         (`row_counts`, which the precompute progress bar totals) and return the dataset. A file that cannot be
-        read on is one entry, and the pass goes on with the next file."""
+        read on is one entry, and the pass goes on with the next file. A generate output was checked as it was
+        written: its rows are counted."""
+        if self.generated:
+            self.row_counts = [generated.row_count(self.data, self.kto_view)]
+            return self
         bad = BadRows(limit)
         counts = []
         for source in self.sources:
@@ -328,4 +364,9 @@ class Dataset:
         return self
 
     def fingerprint(self) -> str:
-        return data_fingerprint(self.data, self.columns, self.split, self.config)
+        return data_fingerprint(self.data, self.columns, self.split, self.config, self.kto_view)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """A generate output's ids are its generator's tokenizer's: any other tokenizer is refused."""
+        if self.generated:
+            generated.check_tokenizer(self.data, tokenizer)

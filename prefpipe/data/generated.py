@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prefpipe.data.fingerprint import tokenizer_diff, tokenizer_fingerprint
-from prefpipe.data.formats import Record
 from prefpipe.errors import UserError
 from prefpipe.fileio import LOCK_FILE
 
@@ -107,26 +106,23 @@ def check_tokenizer(data, tokenizer) -> None:
                         file=str(data))
 
 
-def records(data, kto_view: bool, batch_rows: int = 1024) -> Iterator[list[Record]]:
-    """The view's rows as records carrying their ids (`Record.ids`)."""
+def rows(data, kto_view: bool, batch_rows: int = 1024) -> Iterator[list[tuple[int, dict]]]:
+    """The view's rows, numbered from 1, with the prompt decoded and their ids under "ids" (Record's fields)."""
     import pyarrow.parquet as pq
 
-    path = view_file(data, kto_view)
-    name = str(path)
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+    fields = ("completion",) if kto_view else ("chosen", "rejected")
+    for batch in pq.ParquetFile(view_file(data, kto_view)).iter_batches(batch_size=batch_rows):
         out = []
         for r in batch.to_pylist():
             n += 1
-            prompt = json.loads(r["prompt"])
+            ids = {"prompt": r["prompt_ids"], **{f: r[f"{f}_ids"] for f in fields}}
+            row = {"row_id": r["row_id"], "prompt": json.loads(r["prompt"]), "ids": ids,
+                   "content_hash": hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()[:16],
+                   **{f: r[f] for f in fields}}
             if kto_view:
-                rec = Record(r["row_id"], name, n, prompt, completion=r["completion"], label=bool(r["label"]))
-                rec.ids = {"prompt": r["prompt_ids"], "completion": r["completion_ids"]}
-            else:
-                rec = Record(r["row_id"], name, n, prompt, chosen=r["chosen"], rejected=r["rejected"])
-                rec.ids = {"prompt": r["prompt_ids"], "chosen": r["chosen_ids"], "rejected": r["rejected_ids"]}
-            rec.content_hash = hashlib.sha256(json.dumps(rec.ids, sort_keys=True).encode()).hexdigest()[:16]
-            out.append(rec)
+                row["label"] = bool(r["label"])
+            out.append((n, row))
         yield out
 
 

@@ -40,10 +40,6 @@ class InputSettings:
         return Dataset(data, self.columns, turn_marker=self.turn_marker, split=self.data_split,
                        config=self.data_config, **kw)
 
-    def data_fingerprint(self, data) -> str:
-        """The fingerprint a cache of `data` read with these settings records (`Dataset.fingerprint`)."""
-        from prefpipe.data.formats import data_fingerprint
-        return data_fingerprint(data, self.columns, self.data_split, self.data_config)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,11 @@ def pipeline(ctx, config_path, **kwargs):
     from prefpipe.pipeline.run import run_pipeline
 
     summary = run_pipeline(cfg, log=_log)
+    if "rounds" in summary:
+        click.echo(json.dumps({"runs_dir": cfg.runs_dir, "initial": summary["initial"],
+                               "rounds": [r["eval"] for r in summary["rounds"]],
+                               "final_model": summary["final_model"]}))
+        return
     click.echo(json.dumps({"runs_dir": cfg.runs_dir, "best": summary["report"]["best"],
                            "timing_s": summary["timing_s"]}))
 

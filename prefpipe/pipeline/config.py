@@ -43,6 +43,7 @@ from prefpipe.data.formats import Columns
 from prefpipe.data.sources import is_hub_id
 from prefpipe.errors import UserError
 from prefpipe.evaluation.settings import GenSettings
+from prefpipe.generation.config import GenerateConfig
 from prefpipe.options import Option, OptionError, build, canonical_choice, cli_style, opt, options, same_as, toml_style
 from prefpipe.pipeline.effects import no_effect
 from prefpipe.pipeline.sweep import split_losses
@@ -71,6 +72,13 @@ class PipelineSettings:
     device: str = same_as(TrainConfig, "device")
     progress: bool = same_as(TrainConfig, "progress", help="Progress bars.")
     chat_date: str = same_as(TokenizeSettings, "chat_date")
+    rounds: int | None = opt(None, metavar="N", help="On-policy rounds: data holds prompts, and each round "
+                             "generates from the current policy ([generate] keys), judges, builds pairs, "
+                             "precomputes, trains and evaluates (RUNS_DIR/round-<r>/).",
+                             default_text="unset: data holds pairs, no generation")
+    reference_model: str = opt("initial", choices=("initial", "previous"), help="rounds: the reference of round r "
+                               "is the SFT model (initial, as RLHFlow does) or round r's starting policy "
+                               "(previous, as Iterative RPO does).")
 
 
 @dataclass(frozen=True)
@@ -108,12 +116,18 @@ _TOP = options(PipelineSettings)
 _PRECOMPUTE = options(PrecomputeConfig, skip={o.name for o in _TOP} | FIXED)
 _TRAIN = options(TrainConfig, skip={o.name for o in _TOP + _PRECOMPUTE} | FIXED) + options(PipelineTrain)
 GEN_OPTIONS = options(GenSettings, skip={"device", "dtype", "chat_date"})  # the top-level keys
+# `prefpipe generate`'s own, sampling and judge options; the input keys are [precompute]'s, the rest top-level.
+GENERATE_OPTIONS = options(GenerateConfig, skip={"model", "data", "out", "dtype", "device", "progress", "overwrite"}
+                           | {o.name for o in options(PrecomputeConfig)} - {"backend", "part_rows",
+                                                                          "gpu_memory_utilization"})
 KEYS: list[Key] = ([Key(o.name, "", o) for o in _TOP] + [Key(o.name, "precompute", o) for o in _PRECOMPUTE]
                    + [Key(o.name, "train", o) for o in _TRAIN]
-                   + [Key("eval_" + o.name, "eval", o) for o in options(PipelineEval) + GEN_OPTIONS])
+                   + [Key("eval_" + o.name, "eval", o) for o in options(PipelineEval) + GEN_OPTIONS]
+                   + [Key("generate_" + o.name, "generate", o) for o in GENERATE_OPTIONS])
 KEY_BY_NAME = {k.name: k for k in KEYS}
 PATH_KEYS = {k.name for k in KEYS if k.option.path}
-SECTIONS = ("precompute", "train", "eval")
+SECTIONS = ("precompute", "train", "eval", "generate")
+PREFIXED = {"eval": "eval_", "generate": "generate_"}  # tables whose keys drop this prefix
 assert len(KEY_BY_NAME) == len(KEYS), "two pipeline keys with one name"
 
 
@@ -125,6 +139,7 @@ class PipelineConfig:
     values: dict
     sources: dict = field(default_factory=dict)  # key -> "default" | "file" | "option"
     config_path: str | None = None
+    policy: str | None = None  # a round's starting policy, when it is not `model` (prefpipe.pipeline.rounds)
 
     def __getattr__(self, name):
         try:
@@ -174,11 +189,20 @@ def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data:
     pipeline's loss knobs are checked against all its losses (`all_knobs`, in `_check`); a call for some of them
     gets the others' knobs at their defaults."""
     unread = {} if all_knobs else {k: KNOBS[k].default for k in unread_knobs(losses, cfg.values)}
-    values = {**cfg.values, "cache": cache, "data": data, "out": cfg.runs_dir, "loss_type": list(losses),
+    values = {**cfg.values, "model": cfg.policy or cfg.model, "cache": cache, "data": data, "out": cfg.runs_dir,
+              "loss_type": list(losses),
               "beta": list(betas or cfg.betas), "resume": True, **unread}
     if lr:
         values["lr"] = lr
     return build(TrainConfig, values)
+
+
+def generate_config(cfg: PipelineConfig, model: str, data: str, out: str) -> GenerateConfig:
+    """One round's `prefpipe generate` settings: the [generate] keys, the input keys, the top-level ones."""
+    values = {o.name: cfg.values["generate_" + o.name] for o in GENERATE_OPTIONS}
+    shared = {o.name: cfg.values[o.name] for o in options(GenerateConfig)
+              if o.name not in values and o.name in cfg.values}
+    return build(GenerateConfig, {**shared, **values, "model": model, "data": data, "out": out, "overwrite": False})
 
 
 def gen_settings(cfg: PipelineConfig) -> GenSettings:
@@ -232,8 +256,8 @@ def coerce(key: Key, value, file: str | None = None):
 
 
 def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, list(KEY_BY_NAME) + [n[5:] for n in KEY_BY_NAME if n.startswith("eval_")],
-                                      n=1)
+    close = difflib.get_close_matches(name, list(KEY_BY_NAME) + [n[len(p):] for n in KEY_BY_NAME
+                                                                 for p in PREFIXED.values() if n.startswith(p)], n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 def read_toml(path: str | Path) -> dict:
     """Flatten a pipeline TOML file into {key: value}, checking names and types."""
@@ -265,7 +289,8 @@ def read_toml(path: str | Path) -> dict:
             for sub, v in value.items():
                 if isinstance(v, dict):
                     raise UserError(f"unexpected nested table [{name}.{sub}]", file=str(p))
-                key_name = f"eval_{sub}" if name == "eval" and not sub.startswith("eval_") else sub
+                prefix = PREFIXED.get(name, "")
+                key_name = sub if sub.startswith(prefix) else prefix + sub
                 key = KEY_BY_NAME.get(key_name)
                 if key is not None and key.section != name:
                     home = f"[{key.section}]" if key.section else "the top level"
@@ -334,8 +359,32 @@ def _check(cfg: PipelineConfig) -> dict:
                          betas=tuple(cfg.kto_beta or cfg.betas), lr=cfg.kto_lr).runs()
     with _as_written(cfg, "eval_"):
         gen_settings(cfg)
+    _check_rounds(cfg)
     _refuse_keys_without_effect(cfg)
     return {**cfg.values, "max_prompt_length": pc.input.max_prompt_length}
+
+
+def _check_rounds(cfg: PipelineConfig):
+    """Rounds: a positive count, valid [generate] keys, and one training run per round (its model starts the
+    next round, so a sweep would leave the next round's policy undecided)."""
+    rounds = cfg.values["rounds"]
+    if rounds is None:
+        return
+    if rounds < 1:
+        named = "key 'rounds'" if cfg.sources["rounds"] == "file" else "--rounds"
+        raise UserError(f"{named} must be at least 1 (got {rounds}); leave it out when data holds pairs",
+                        file=cfg.config_path if cfg.sources["rounds"] == "file" else None)
+    with _as_written(cfg, "generate_"):
+        generate_config(cfg, cfg.model, cfg.data, str(Path(cfg.runs_dir) / "round-1" / "samples"))
+    named = [k for k in ("cache", "kto_cache", "kto_data") if cfg.values[k] is not None]
+    if named:
+        raise UserError(f"rounds build their own data and caches in each round's directory; leave out "
+                        f"{', '.join(named)}", file=cfg.config_path)
+    n_runs = len(cfg.losses) * len(cfg.betas)
+    if n_runs != 1:
+        raise UserError(f"rounds train one run per round, whose model starts the next round; this pipeline has "
+                        f"{n_runs} (loss_type x beta); give one loss_type (a combination such as '1*dpo+1*sft' is "
+                        "one) and one beta", file=cfg.config_path)
 
 
 def _refuse_keys_without_effect(cfg: PipelineConfig):
@@ -346,5 +395,6 @@ def _refuse_keys_without_effect(cfg: PipelineConfig):
     if cfg.sources[name] == "option":
         raise UserError(f"{cli_style(name)} has no effect here: {why}; leave it out")
     key = KEY_BY_NAME[name]
-    written = f"{key.section}.{name[5:]}" if key.section == "eval" else name
+    prefix = PREFIXED.get(key.section)
+    written = f"{key.section}.{name[len(prefix):]}" if prefix else name
     raise UserError(f"key '{written}' has no effect here: {why}; remove it", file=cfg.config_path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from collections.abc import Callable
 
+from prefpipe.generation.config import GenerateConfig
 from prefpipe.options import options
 from prefpipe.pipeline.sweep import needs_reference, split_losses
 from prefpipe.precompute.config import PrecomputeConfig
@@ -84,6 +85,9 @@ EFFECTS = [
            lambda c: f"phase one (precompute) does not run: no loss here ({_losses(c)}) needs reference "
            "log-probs, none trains on single examples and eval_data is not set"),
     Effect(_GEN_ONLY, lambda c: bool(c.values["eval_gen"]), lambda c: "it applies to eval_gen, which is not set"),
+    Effect(("reference_model",) + tuple("generate_" + o.name for o in options(GenerateConfig)),
+           lambda c: c.values["rounds"] is not None,
+           lambda c: "it applies to on-policy rounds, and rounds is not set"),
     Effect(("eval_batch_size",), lambda c: bool(c.values["eval_gen"]) or c.eval_pref,
            lambda c: "no evaluation runs (eval_gen, eval_data and eval_cache are not set)"),
 ]

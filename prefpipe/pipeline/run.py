@@ -40,6 +40,7 @@ from prefpipe.errors import UserError
 from prefpipe.fileio import OutputLock, atomic_write_text, check_writable
 from prefpipe.pipeline.config import PipelineConfig, gen_settings, precompute_config, train_config
 from prefpipe.pipeline.reruns import check_run, prepare, record
+from prefpipe.pipeline.rounds import run_rounds
 from prefpipe.pipeline.sweep import needs_reference, split_losses
 from prefpipe.rundir import RunsDir
 
@@ -70,8 +71,8 @@ def _plan(cfg: PipelineConfig, data: str, *, kto: bool, fingerprints: dict, out=
 
     pc = precompute_config(cfg, cfg.path_or("cache", "cache"), data, kto=kto, overwrite=False)
     if out is None:
-        return plan.expected(pc, pc.input.dataset(data), fingerprints)[1]
-    return plan.plan(pc, pc.input.dataset(data), fingerprints, out=out)
+        return plan.expected(pc, pc.input.dataset(data, kto_view=pc.kto), fingerprints)[1]
+    return plan.plan(pc, pc.input.dataset(data, kto_view=pc.kto), fingerprints, out=out)
 
 
 def expected_identity(model: str, data: str, cfg: PipelineConfig, *, kto: bool,
@@ -183,6 +184,9 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     RUNS_DIR is checked (creatable, writable) before any model is loaded and locked for the whole pipeline, so a
     second pipeline or train into it is refused; the train calls made here take the same lock again (a no-op)."""
     check_writable(cfg.runs_dir, "runs_dir")
+    if cfg.rounds is not None:
+        with OutputLock(cfg.runs_dir, "runs_dir"):
+            return run_rounds(cfg, log, _run_pipeline)
     # Reads data and eval_data once, every row: a refusal comes before runs_dir holds anything.
     check_data_kinds(cfg, split_losses(cfg.losses)[0])
     with OutputLock(cfg.runs_dir, "runs_dir"):

@@ -203,13 +203,14 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
     from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
     quiet_transformers()
-    ds = cfg.input.dataset(cfg.data, batch_rows=cfg.part_rows)
+    ds = cfg.input.dataset(cfg.data, batch_rows=cfg.part_rows, kto_view=cfg.kto)
     ds.validate()  # every row, before any model is loaded: a bad row deep in the file costs no scoring
     kind = kind_of(cfg, ds)
     if cfg.no_reference and kind == "unpaired":
         raise UserError("--no_reference writes an ORPO cache of pairs; KTO (--kto or unpaired data) needs "
                         "reference log-probs", file=str(cfg.data))
     pt = PairTokenizer(load_tokenizer(str(resolve_model_dir(cfg.model))), cfg.input.tokenize_settings())
+    ds.check_tokenizer(pt.tok)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError("--out exists and is not a directory", file=str(out))

@@ -79,10 +79,11 @@ def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
     from prefpipe.data.tokenize import PairTokenizer, TokenStats
     from prefpipe.data import kto_pairs
 
-    ds = src.input.dataset(src.data)
+    ds = src.input.dataset(src.data, kto_view=kto)
     ds.validate()  # every bad row at once, before the policy is loaded
     if not kto and not ds.paired:
         raise UserError("unpaired (prompt/completion/label) data trains only with --loss_type kto", file=src.data)
+    ds.check_tokenizer(tokenizer)
     pt = PairTokenizer(tokenizer, src.input.tokenize_settings())
     stats = TokenStats()
     cols: dict[str, list] = {}

@@ -1,0 +1,157 @@
+"""`prefpipe generate`'s driver: read and check the prompts and the judge's columns before any model loads, then
+sample part by part (each part judged and written atomically, so a rerun resumes), then build the pairs and the
+KTO view from every part and write the manifest last."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from prefpipe.data.fingerprint import model_fingerprint, tokenizer_fingerprint
+from prefpipe.data.generated import KIND
+from prefpipe.data.tokenize import PairTokenizer
+from prefpipe.errors import UserError
+from prefpipe.fileio import OutputLock
+from prefpipe.generation import output
+from prefpipe.generation.config import GenerateConfig
+from prefpipe.generation.judges import make_judge
+from prefpipe.generation.pairs import PairCounts, build_pairs, default_rule, kto_rows
+from prefpipe.generation.samples import Sample
+from prefpipe.model_paths import resolve_model_dir
+from prefpipe.progress_bar import progress_bar
+
+FORMAT_VERSION = 1
+
+
+def _judge(cfg: GenerateConfig):
+    j = cfg.judge
+    return make_judge(j.reward, gold_col=j.gold_col, reward_model=j.reward_model, device=cfg.device,
+                      batch_size=j.reward_batch_size, chat_date=cfg.input.chat_date)
+
+
+def read_prompts(cfg: GenerateConfig, judge) -> list:
+    """Every prompt record, checked (shape, and what the judge reads) before a model is loaded."""
+    ds = cfg.input.dataset(cfg.data, prompts_only=True, batch_rows=cfg.part_rows).validate()
+    records = [rec for batch in ds.batches() for rec in batch]
+    if not records:
+        raise UserError("no prompts to sample from", file=str(cfg.data))
+    by_source: dict[str, list] = {}
+    for rec in records:
+        by_source.setdefault(rec.source, []).append(rec.extra)
+    for source, rows in by_source.items():
+        judge.check_rows(rows, source)
+    return records
+
+
+def run_key(cfg: GenerateConfig, fingerprints: dict, data_fp: str, judge_name: str) -> str:
+    """What a sample part depends on: a part written under another key belongs to another run."""
+    ident = {"version": FORMAT_VERSION, **fingerprints, "data": data_fp, "sampling": asdict(cfg.sampling),
+             "tokenize": cfg.input.tokenize_settings().metadata(), "columns": asdict(cfg.input.columns),
+             "backend": cfg.backend, "dtype": cfg.dtype, "judge": judge_name, "drop_truncated": cfg.drop_truncated,
+             "part_rows": cfg.part_rows}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def part_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:4], "little")
+
+
+def _samples_of(recs, pids, gens, counts: Counter, drop_truncated: bool, tok, first: int) -> list[Sample]:
+    out = []
+    for j, (rec, p_ids, completions) in enumerate(zip(recs, pids, gens)):
+        for k, (ids, finish) in enumerate(completions):
+            text = tok.decode(ids, skip_special_tokens=True)
+            if not text.strip() and finish == "stop":
+                counts["empty_completion"] += 1  # only a stop token: nothing to prefer or reject
+                continue
+            if finish == "length" and drop_truncated:
+                counts["truncated_dropped"] += 1
+                continue
+            counts["truncated_kept" if finish == "length" else "stopped"] += 1
+            out.append(Sample(first + j, rec.row_id, k, rec.prompt, list(p_ids), text, list(ids), finish,
+                              rec.extra or {}))
+    return out
+
+
+def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts) -> None:
+    from prefpipe.generation.sampler import make_generator
+
+    n = cfg.part_rows
+    generator, judge = make_generator(cfg.backend, cfg, tok), _judge(cfg)
+    total = sum(len(records[i * n:(i + 1) * n]) for i in todo)
+    try:
+        with progress_bar(total, f"generate: sampling x {cfg.sampling.num_samples}", "prompt",
+                          show=cfg.progress) as bar:
+            for i in todo:
+                recs, pids = records[i * n:(i + 1) * n], prompt_ids[i * n:(i + 1) * n]
+                gens = generator.generate(pids, part_seed(cfg.sampling.seed, i), progress=bar.update)
+                samples = _samples_of(recs, pids, gens, counts, cfg.drop_truncated, tok, i * n)
+                judge.score(samples)
+                output.write_part(out, i, samples, key)
+    finally:
+        generator.close()
+
+
+def _build_views(cfg: GenerateConfig, out: Path, n_parts: int, binary: bool):
+    rule = default_rule(binary) if cfg.judge.pairs == "auto" else cfg.judge.pairs
+    by_prompt: dict[int, list[Sample]] = {}
+    for i in range(n_parts):
+        for s in output.read_part(output.part_path(out, i)):
+            by_prompt.setdefault(s.prompt_index, []).append(s)
+    counts, pairs, kto = PairCounts(), [], []
+    for idx in sorted(by_prompt):
+        found, reason = build_pairs(by_prompt[idx], rule=rule, pairs_per_prompt=cfg.judge.pairs_per_prompt,
+                                    min_margin=cfg.judge.min_margin)
+        counts.add(len(found), reason)
+        pairs += found
+        kto += kto_rows(by_prompt[idx], binary=binary, threshold=cfg.judge.kto_threshold)
+    rewards = [s.reward for ss in by_prompt.values() for s in ss]
+    return rule, pairs, kto, counts, rewards
+
+
+def run_generate(cfg: GenerateConfig) -> dict:
+    from prefpipe.tokenizer import load_tokenizer, quiet_transformers
+
+    t0 = time.time()
+    quiet_transformers()
+    judge = _judge(cfg)
+    records = read_prompts(cfg, judge)
+    model_dir = str(resolve_model_dir(cfg.model))
+    tok = load_tokenizer(model_dir)
+    pt = PairTokenizer(tok, cfg.input.tokenize_settings())
+    prompt_ids = pt.prompt_ids(records)
+    empty = [r for r, ids in zip(records, prompt_ids) if not ids]
+    if empty:
+        raise UserError("this prompt has no tokens at all (an empty text and a tokenizer without BOS)",
+                        file=empty[0].source, row=empty[0].row, column=cfg.input.columns.prompt)
+    fps = {"model": model_fingerprint(cfg.model), "tokenizer": tokenizer_fingerprint(tok)}
+    data_fp = cfg.input.dataset(cfg.data, prompts_only=True).fingerprint()
+    key = run_key(cfg, fps, data_fp, judge.name)
+    out = Path(cfg.out)
+    n_parts = -(-len(records) // cfg.part_rows)
+    counts: Counter = Counter()
+    with OutputLock(out, "--out"):
+        done = output.finished_parts(out, key, n_parts, cfg.overwrite)
+        todo = [i for i in range(n_parts) if i not in done]
+        if todo:
+            _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts)
+        rule, pairs, kto, pair_counts, rewards = _build_views(cfg, out, n_parts, judge.binary)
+        output.write_views(out, pairs, kto, key)
+        summary = {"prompts": len(records), "parts": n_parts, "parts_reused": len(done),
+                   "samples": len(rewards), "sample_counts": dict(counts), "pair_rule": rule,
+                   "pairs": len(pairs), "kto_rows": len(kto), "prompt_outcomes": pair_counts.to_dict(),
+                   "mean_reward": sum(rewards) / len(rewards) if rewards else None,
+                   "seconds": round(time.time() - t0, 2)}
+        manifest = {"kind": KIND, "version": FORMAT_VERSION, "key": key, "created": time.time(),
+                    "generator": {"model": cfg.model, **fps, "backend": cfg.backend, "dtype": cfg.dtype},
+                    "sampling": asdict(cfg.sampling), "judge": {"name": judge.name, "binary": judge.binary,
+                                                                **asdict(cfg.judge)},
+                    "input": {"data": str(cfg.data), "fingerprint": data_fp,
+                              "tokenize": cfg.input.tokenize_settings().metadata()},
+                    "drop_truncated": cfg.drop_truncated, "summary": summary}
+        output.write_manifest(out, manifest)
+    return summary

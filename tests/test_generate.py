@@ -1,0 +1,160 @@
+"""`prefpipe generate` on the tiny model: sampled ids are what precompute scores, resume, determinism, the output
+read as data (pairs and KTO view), and the refusals that come before a model loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import one_line_error, write_jsonl
+
+JUDGE = '''
+def length(prompt, completion, row):
+    return float(len(completion))
+'''
+
+
+def _prompts(tmp_path, n=6):
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "answer": f"#### {2 * i}", "topic": "sums"}
+            for i in range(n)]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+@pytest.fixture
+def judged(tmp_path, monkeypatch):
+    (tmp_path / "judge_mod.py").write_text(JUDGE)
+    monkeypatch.chdir(tmp_path)
+    return "python:judge_mod:length"
+
+
+def _samples(out):
+    return sorted(pq.read_table(p).to_pylist() for p in sorted((out / "samples").glob("part-*.parquet")))
+
+
+def _rows(path):
+    return pq.read_table(path).to_pylist()
+
+
+def test_generate_defaults_then_precompute_scores_the_sampled_ids(run_cli, tiny_model, tiny_tokenizer, tmp_path,
+                                                                   judged):
+    data, out, cache = _prompts(tmp_path), tmp_path / "gen", tmp_path / "cache"
+    r = run_cli("generate", "--model", tiny_model, "--data", data, "--out", out, "--reward", judged,
+                "--max_new_tokens", "12")
+    assert r.exit_code == 0, r.output
+    samples = [s for part in _samples(out) for s in part]
+    assert len(samples) == 6 * 8  # default --num_samples 8, nothing dropped
+    eos = tiny_tokenizer.eos_token_id
+    for s in samples:
+        ids = s["completion_ids"]
+        # Cut just after the first stop token, or at max_new_tokens without one.
+        if s["finish_reason"] == "stop":
+            assert ids[-1] in (eos, tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        else:
+            assert len(ids) == 12 and eos not in ids
+        assert s["reward"] == float(len(s["completion"]))
+        assert json.loads(s["row"])["topic"] == "sums"  # other columns reach the judge
+        # The prompt ids sampled from are the cache's prompt ids: BOS once, then the text.
+        assert s["prompt_ids"] == [tiny_tokenizer.bos_token_id] + tiny_tokenizer(
+            json.loads(s["prompt"]), add_special_tokens=False)["input_ids"]
+    pairs = _rows(out / "pairs.parquet")
+    assert pairs and all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
+    # A random model's samples rarely tokenize back to themselves: the case the ids exist for.
+    changed = [s for s in samples if tiny_tokenizer(s["completion"], add_special_tokens=False)["input_ids"]
+               != [t for t in s["completion_ids"] if t != eos]]
+    assert changed, "no sample whose decode -> encode round trip differs; the test would prove nothing"
+
+    r = run_cli("precompute", "--model", tiny_model, "--data", out, "--out", cache)
+    assert r.exit_code == 0, r.output
+    cached = {row["row_id"]: row for f in sorted(cache.glob("part-*.parquet")) for row in _rows(f)}
+    assert len(cached) == len(pairs)
+    for p in pairs:
+        c = cached[p["row_id"]]
+        assert c["prompt_ids"] == p["prompt_ids"]
+        assert c["chosen_ids"] == p["chosen_ids"]  # no EOS added to a completion cut by max_new_tokens
+        assert c["rejected_ids"] == p["rejected_ids"]
+
+
+def test_kto_view_and_tokenizer_check(run_cli, tiny_model, tmp_path, judged):
+    from prefpipe.tiny import build_tiny
+
+    data, out = _prompts(tmp_path, 4), tmp_path / "gen"
+    assert run_cli("generate", "--model", tiny_model, "--data", data, "--out", out, "--reward", judged,
+                   "--max_new_tokens", "6", "--num_samples", "3", "--no_progress").exit_code == 0
+    kto = _rows(out / "kto.parquet")
+    r = run_cli("precompute", "--model", tiny_model, "--data", out, "--out", tmp_path / "kto-cache", "--kto")
+    assert r.exit_code == 0, r.output
+    cached = [row for f in sorted((tmp_path / "kto-cache").glob("part-*.parquet")) for row in _rows(f)]
+    assert sorted(map(tuple, (c["completion_ids"] for c in cached))) == \
+        sorted(map(tuple, (k["completion_ids"] for k in kto)))
+    other = build_tiny(tmp_path / "other", vocab_size=300)
+    r = run_cli("precompute", "--model", other, "--data", out, "--out", tmp_path / "c2")
+    one_line_error(r, "generator's tokenizer")
+
+
+def test_same_seed_same_samples_and_resume(run_cli, tiny_model, tmp_path, judged):
+    data = _prompts(tmp_path, 5)
+    args = ("--model", tiny_model, "--data", data, "--reward", judged, "--max_new_tokens", "8",
+            "--num_samples", "4", "--part_rows", "2", "--no_progress")
+    assert run_cli("generate", *args, "--out", tmp_path / "a").exit_code == 0
+    assert run_cli("generate", *args, "--out", tmp_path / "b").exit_code == 0
+    first = _samples(tmp_path / "a")
+    assert first == _samples(tmp_path / "b")
+    # Interrupted after part 0: the rerun samples parts 1 and 2 exactly as the whole run did.
+    (tmp_path / "a" / "samples" / "part-00002.parquet").unlink()
+    (tmp_path / "a" / "samples" / "part-00001.parquet").unlink()
+    (tmp_path / "a" / "manifest.json").unlink()
+    r = run_cli("generate", *args, "--out", tmp_path / "a")
+    assert r.exit_code == 0 and "1 reused" in r.output
+    assert _samples(tmp_path / "a") == first
+    r = run_cli("generate", *args[:-1], "--seed", "1", "--no_progress", "--out", tmp_path / "a")
+    one_line_error(r, "another generate run", "--overwrite")
+
+
+def test_drop_truncated_counts(run_cli, tiny_model, tmp_path, judged):
+    data, out = _prompts(tmp_path, 3), tmp_path / "gen"
+    r = run_cli("generate", "--model", tiny_model, "--data", data, "--out", out, "--reward", judged,
+                "--max_new_tokens", "2", "--num_samples", "4", "--drop_truncated", "--no_progress")
+    assert r.exit_code == 0, r.output
+    kept = [s for part in _samples(out) for s in part]
+    assert all(s["finish_reason"] == "stop" for s in kept)
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert summary["sample_counts"].get("truncated_dropped", 0) + len(kept) + \
+        summary["sample_counts"].get("empty_completion", 0) == 12
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("--num_samples", "1"), ("--num_samples", "at least 2")),
+    (("--max_new_tokens", "0"), ("--max_new_tokens",)),
+    (("--reward", "python:nosuchmodule:f"), ("nosuchmodule",)),
+    (("--reward", "model"), ("--reward_model",)),
+])
+def test_bad_options_one_line(run_cli, tiny_model, tmp_path, args, needles):
+    r = run_cli("generate", "--model", tiny_model, "--data", _prompts(tmp_path), "--out", tmp_path / "o", *args)
+    one_line_error(r, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_gold_column_before_model(run_cli, tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "answer": "#### 1"}, {"prompt": "yo"}])
+    # The model does not exist: the gold column is checked before anything is loaded.
+    r = run_cli("generate", "--model", tmp_path / "no-model", "--data", data, "--out", tmp_path / "o")
+    one_line_error(r, "answer")
+    assert "row 2" in r.output or ":2" in r.output
+
+
+def test_reading_an_output_being_written_or_unfinished(run_cli, tiny_model, tmp_path, judged):
+    from prefpipe.fileio import OutputLock
+
+    data, out = _prompts(tmp_path, 2), tmp_path / "gen"
+    assert run_cli("generate", "--model", tiny_model, "--data", data, "--out", out, "--reward", judged,
+                   "--max_new_tokens", "4", "--num_samples", "2", "--no_progress").exit_code == 0
+    with OutputLock(out, "--out"):  # as a generate command writing there holds it (flock: per open file)
+        r = run_cli("precompute", "--model", tiny_model, "--data", out, "--out", tmp_path / "c")
+        one_line_error(r, "being written")
+    (out / "manifest.json").unlink()
+    r = run_cli("precompute", "--model", tiny_model, "--data", out, "--out", tmp_path / "c")
+    one_line_error(r, "incomplete")
+    shutil.rmtree(out)
