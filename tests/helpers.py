@@ -50,3 +50,13 @@ def make_unpaired(n: int, seed: int = 0, max_words: int = 30) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt": f"Q{i}: " + random_text(rng, rng.randint(1, max_words // 2)),
              "completion": random_text(rng, rng.randint(1, max_words)), "label": i % 3 != 0} for i in range(n)]
+
+
+def make_sample(sample_index: int, completion_ids: list[int], reward: float | None = None, *, prompt_index: int = 0,
+                completion: str | None = None, prompt="Q", row: dict | None = None):
+    """A `prefpipe.generation.samples.Sample` of prompt `prompt_index` (row id `r<prompt_index>`); its completion
+    text defaults to its ids written out."""
+    from prefpipe.generation.samples import Sample
+    return Sample(prompt_index=prompt_index, row_id=f"r{prompt_index}", sample_index=sample_index, prompt=prompt,
+                  prompt_ids=[1], completion=" ".join(map(str, completion_ids)) if completion is None else completion,
+                  completion_ids=list(completion_ids), finish_reason="stop", row=dict(row or {}), reward=reward)

@@ -17,10 +17,11 @@ sees exactly the information DPO sees.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 from prefpipe.evaluation.answers import extract_answer, gold_answer
+from prefpipe.generation.pairs import build_pairs
+from prefpipe.generation.samples import Sample
 
 
 PAIR_RULE = "most frequent wrong vs most frequent right"  # part of the pairs' cache key
@@ -37,14 +38,15 @@ class PairSettings:
 
 
 def pairs_for_question(prompt: str, gold: str, samples: list[str], k: int) -> list[dict]:
-    """Up to k pairs: the most frequent wrong samples, each against the most frequent right ones in turn."""
-    right, wrong = [], []
-    for text, _ in Counter(samples).most_common():  # ties keep sampling order
-        (right if extract_answer(text)[0] == gold else wrong).append(text)
-    if not right:
-        return []
-    return [{"prompt": prompt, "chosen": right[i % len(right)], "rejected": wrong[i]}
-            for i in range(min(k, len(wrong)))]
+    """Up to k pairs: the most frequent wrong samples, each against the most frequent right ones in turn
+    (`prefpipe.generation.pairs`' correct_vs_incorrect rule)."""
+    ids: dict[str, int] = {}  # this sampler returns text only: one id per distinct text groups identical answers
+    judged = [Sample(prompt_index=0, row_id="", sample_index=i, prompt=prompt, prompt_ids=[], completion=text,
+                     completion_ids=[ids.setdefault(text, len(ids))], finish_reason="stop",
+                     reward=float(extract_answer(text)[0] == gold))
+              for i, text in enumerate(samples)]
+    pairs, _ = build_pairs(judged, rule="correct_vs_incorrect", pairs_per_prompt=k)
+    return [{"prompt": prompt, "chosen": c.completion, "rejected": r.completion} for c, r in pairs]
 
 
 def sample_pairs(model, tokenizer, prompts: list[str], answers: list[str],
