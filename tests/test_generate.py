@@ -31,7 +31,7 @@ def judged(tmp_path, monkeypatch):
 
 
 def _samples(out):
-    return sorted(pq.read_table(p).to_pylist() for p in sorted((out / "samples").glob("part-*.parquet")))
+    return [pq.read_table(p).to_pylist() for p in sorted((out / "samples").glob("part-*.parquet"))]
 
 
 def _rows(path):
@@ -78,7 +78,7 @@ def test_generate_defaults_then_precompute_scores_the_sampled_ids(run_cli, tiny_
 
 
 def test_kto_view_and_tokenizer_check(run_cli, tiny_model, tmp_path, judged):
-    from prefpipe.tiny import build_tiny
+    from prefpipe.tiny import build_model, build_tokenizer
 
     data, out = _prompts(tmp_path, 4), tmp_path / "gen"
     assert run_cli("generate", "--model", tiny_model, "--data", data, "--out", out, "--reward", judged,
@@ -89,7 +89,8 @@ def test_kto_view_and_tokenizer_check(run_cli, tiny_model, tmp_path, judged):
     cached = [row for f in sorted((tmp_path / "kto-cache").glob("part-*.parquet")) for row in _rows(f)]
     assert sorted(map(tuple, (c["completion_ids"] for c in cached))) == \
         sorted(map(tuple, (k["completion_ids"] for k in kto)))
-    other = build_tiny(tmp_path / "other", vocab_size=300)
+    other = tmp_path / "other"
+    build_model(other, build_tokenizer(other, vocab_size=300))
     r = run_cli("precompute", "--model", other, "--data", out, "--out", tmp_path / "c2")
     one_line_error(r, "generator's tokenizer")
 

@@ -13,6 +13,7 @@ from prefpipe.fileio import atomic_write_text, atomic_write_with, is_lock_file
 from prefpipe.generation.samples import SAMPLE_COLUMNS, Sample
 
 KEY_FIELD = b"prefpipe_generate_key"
+BINARY_FIELD = b"prefpipe_judge_binary"  # the judge's rewards were 0/1 (which picks the default pairing rule)
 
 
 def part_path(out: Path, index: int) -> Path:
@@ -28,31 +29,33 @@ def _schema():
                       ("row", pa.string())])
 
 
-def _write_table(path: Path, columns: dict, schema, key: str):
+def _write_table(path: Path, columns: dict, schema, key: str, extra: dict | None = None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table(columns, schema=schema.with_metadata({KEY_FIELD: key.encode()}))
+    table = pa.table(columns, schema=schema.with_metadata({KEY_FIELD: key.encode(), **(extra or {})}))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def write_part(out: Path, index: int, samples: list[Sample], key: str):
+def write_part(out: Path, index: int, samples: list[Sample], key: str, *, binary: bool):
     cols = {c: [] for c in SAMPLE_COLUMNS}
     for s in samples:
         for c in SAMPLE_COLUMNS:
             v = getattr(s, c)
             cols[c].append(json.dumps(v, ensure_ascii=False, default=str) if c in ("prompt", "row") else v)
-    _write_table(part_path(out, index), cols, _schema(), key)
+    _write_table(part_path(out, index), cols, _schema(), key, {BINARY_FIELD: b"1" if binary else b"0"})
 
 
-def read_part(path: Path) -> list[Sample]:
+def read_part(path: Path) -> tuple[list[Sample], bool]:
+    """A part's samples and whether its judge's rewards were 0/1."""
     import pyarrow.parquet as pq
+    table = pq.read_table(path)
     out = []
-    for r in pq.read_table(path).to_pylist():
+    for r in table.to_pylist():
         r["prompt"], r["row"] = json.loads(r["prompt"]), json.loads(r["row"])
         out.append(Sample(**r))
-    return out
+    return out, (table.schema.metadata or {}).get(BINARY_FIELD) == b"1"
 
 
 def part_key(path: Path) -> str | None:

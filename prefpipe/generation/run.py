@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 def _judge(cfg: GenerateConfig):
     j = cfg.judge
     return make_judge(j.reward, gold_col=j.gold_col, reward_model=j.reward_model, device=cfg.device,
-                      batch_size=j.reward_batch_size, chat_date=cfg.input.chat_date)
+                      batch_size=j.reward_batch_size, chat_date=cfg.input.chat_date, dtype=cfg.dtype)
 
 
 def read_prompts(cfg: GenerateConfig, judge) -> list:
@@ -77,11 +77,11 @@ def _samples_of(recs, pids, gens, counts: Counter, drop_truncated: bool, tok, fi
     return out
 
 
-def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts) -> None:
+def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) -> None:
     from prefpipe.generation.sampler import make_generator
 
     n = cfg.part_rows
-    generator, judge = make_generator(cfg.backend, cfg, tok), _judge(cfg)
+    generator = make_generator(cfg.backend, cfg, tok)
     total = sum(len(records[i * n:(i + 1) * n]) for i in todo)
     try:
         with progress_bar(total, f"generate: sampling x {cfg.sampling.num_samples}", "prompt",
@@ -91,26 +91,30 @@ def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts) -> None
                 gens = generator.generate(pids, part_seed(cfg.sampling.seed, i), progress=bar.update)
                 samples = _samples_of(recs, pids, gens, counts, cfg.drop_truncated, tok, i * n)
                 judge.score(samples)
-                output.write_part(out, i, samples, key)
+                output.write_part(out, i, samples, key, binary=judge.binary)
     finally:
         generator.close()
+        judge.close()
 
 
-def _build_views(cfg: GenerateConfig, out: Path, n_parts: int, binary: bool):
-    rule = default_rule(binary) if cfg.judge.pairs == "auto" else cfg.judge.pairs
+def _build_views(cfg: GenerateConfig, out: Path, n_parts: int):
     by_prompt: dict[int, list[Sample]] = {}
+    binary = True  # 0/1 rewards: every part's judge said so (a python judge knows once it has returned values)
     for i in range(n_parts):
-        for s in output.read_part(output.part_path(out, i)):
+        samples, part_binary = output.read_part(output.part_path(out, i))
+        binary &= part_binary
+        for s in samples:
             by_prompt.setdefault(s.prompt_index, []).append(s)
+    rule = default_rule(binary) if cfg.judge.pairs == "auto" else cfg.judge.pairs
     counts, pairs, kto = PairCounts(), [], []
     for idx in sorted(by_prompt):
         found, reason = build_pairs(by_prompt[idx], rule=rule, pairs_per_prompt=cfg.judge.pairs_per_prompt,
                                     min_margin=cfg.judge.min_margin)
-        counts.add(len(found), reason)
+        counts.add(found, reason)
         pairs += found
         kto += kto_rows(by_prompt[idx], binary=binary, threshold=cfg.judge.kto_threshold)
     rewards = [s.reward for ss in by_prompt.values() for s in ss]
-    return rule, pairs, kto, counts, rewards
+    return rule, pairs, kto, counts, rewards, binary
 
 
 def run_generate(cfg: GenerateConfig) -> dict:
@@ -138,8 +142,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
         done = output.finished_parts(out, key, n_parts, cfg.overwrite)
         todo = [i for i in range(n_parts) if i not in done]
         if todo:
-            _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts)
-        rule, pairs, kto, pair_counts, rewards = _build_views(cfg, out, n_parts, judge.binary)
+            _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge)
+        rule, pairs, kto, pair_counts, rewards, binary = _build_views(cfg, out, n_parts)
         output.write_views(out, pairs, kto, key)
         summary = {"prompts": len(records), "parts": n_parts, "parts_reused": len(done),
                    "samples": len(rewards), "sample_counts": dict(counts), "pair_rule": rule,
@@ -147,8 +151,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
                    "mean_reward": sum(rewards) / len(rewards) if rewards else None,
                    "seconds": round(time.time() - t0, 2)}
         manifest = {"kind": KIND, "version": FORMAT_VERSION, "key": key, "created": time.time(),
-                    "generator": {"model": cfg.model, **fps, "backend": cfg.backend, "dtype": cfg.dtype},
-                    "sampling": asdict(cfg.sampling), "judge": {"name": judge.name, "binary": judge.binary,
+                    "generator": {"path": cfg.model, "fingerprint": fps["model"], "tokenizer": fps["tokenizer"],
+                                  "backend": cfg.backend, "dtype": cfg.dtype},
+                    "sampling": asdict(cfg.sampling), "judge": {"name": judge.name, "binary": binary,
                                                                 **asdict(cfg.judge)},
                     "input": {"data": str(cfg.data), "fingerprint": data_fp,
                               "tokenize": cfg.input.tokenize_settings().metadata()},

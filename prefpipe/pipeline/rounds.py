@@ -125,11 +125,11 @@ def write_rounds_report(runs_dir: Path, summary: dict):
     rows = [("0 (SFT model)", summary["initial"], "", "")]
     rows += [(str(rec["round"]), rec["eval"], rec["generate"]["pairs"], f"{rec['generate']['mean_reward']:.3f}")
              for rec in summary["rounds"]]
-    head = "| round | " + " | ".join(metrics) + " | pairs | mean sample reward |"
-    lines = [head, "|" + "---|" * (len(metrics) + 3)]
+    lines = ["| " + " | ".join(["round", *metrics, "pairs", "mean sample reward"]) + " |",
+             "|" + "---|" * (len(metrics) + 3)]
     for name, m, pairs, reward in rows:
-        cells = [f"{m[k]:.3f}" if k in m else "" for k in metrics]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {pairs} | {reward} |")
+        cells = [name, *(f"{m[k]:.3f}" if k in m else "" for k in metrics), str(pairs), reward]
+        lines.append("| " + " | ".join(cells) + " |")
     atomic_write_text(runs_dir / "rounds.md", "\n".join(lines) + "\n")
     if not metrics:
         return
