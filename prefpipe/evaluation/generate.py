@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from prefpipe.errors import UserError
-from prefpipe.logprobs import pad_batch
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -23,36 +22,21 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return PairTokenizer(tokenizer).encode_prompts(prompts)
 
 
-@torch.inference_mode()
 def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, batch_size: int = 64,
                 num_samples: int = 1, temperature: float = 0.0, seed: int = 0, progress=None) -> list[list[str]]:
-    """Generations for each prompt: `num_samples` of them, greedy when `temperature` is 0.
+    """Generations for each prompt: `num_samples` of them, greedy when `temperature` is 0, each ending at the
+    tokenizer's EOS; `prefpipe generate`'s hf sampler (prefpipe.generation.hf_sampler) does the work.
 
     Returns one list of `num_samples` strings per prompt, special tokens removed, in input order.
     """
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    out: list[list[str] | None] = [None] * len(prompt_ids)
-    sampling = temperature > 0
-    if sampling:
-        torch.manual_seed(seed)
-    model.eval()
-    per_batch = max(1, batch_size // num_samples)
-    for start in range(0, len(order), per_batch):
-        idx = order[start:start + per_batch]
-        ids, mask = pad_batch([prompt_ids[i] for i in idx], pad, device, side="left")
-        kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sampling else \
-            dict(do_sample=False)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             num_return_sequences=num_samples, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id, **kwargs)
-        texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-        for k, i in enumerate(idx):
-            out[i] = texts[k * num_samples:(k + 1) * num_samples]
-        if progress is not None:
-            progress(len(idx))
-    return out  # type: ignore[return-value]
+    from prefpipe.generation.config import SamplingSettings
+    from prefpipe.generation.hf_sampler import HfGenerator
+
+    sampling = SamplingSettings(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                                seed=seed)
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gens = HfGenerator(model, tokenizer, sampling, batch_size, stops=stops).generate(prompt_ids, seed, progress)
+    return [[tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in comps] for comps in gens]
 
 
 def vllm_available() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from prefpipe.generation.config import SamplingSettings
 from prefpipe.generation.sampler import Completion, Generator, cut_at_stop, stop_token_ids
 from prefpipe.logprobs import pad_batch
 from prefpipe.modeling import load_model, resolve_device, resolve_dtype
@@ -13,16 +14,24 @@ from prefpipe.modeling import load_model, resolve_device, resolve_dtype
 class HfGenerator(Generator):
     name = "hf"
 
-    def __init__(self, cfg, tokenizer):
-        super().__init__(cfg.sampling)
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.model = load_model(cfg.model, self.dtype, self.device)
-        self.model.eval()
-        self.batch_size = cfg.batch_size
-        self.stops = stop_token_ids(tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
+    def __init__(self, model, tokenizer, sampling: SamplingSettings, batch_size: int, stops: set[int] | None = None):
+        """A loaded causal LM; `stops`: the ids that end a completion (default: `stop_token_ids`)."""
+        super().__init__(sampling)
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.batch_size = batch_size
+        self.stops = stops if stops is not None else \
+            stop_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else min(self.stops) if self.stops else 0
+
+    @classmethod
+    def load(cls, cfg, tokenizer) -> HfGenerator:
+        """The model of a `GenerateConfig`, loaded on its device and dtype."""
+        device = resolve_device(cfg.device)
+        return cls(load_model(cfg.model, resolve_dtype(cfg.dtype, device), device), tokenizer, cfg.sampling,
+                   cfg.batch_size)
 
     def provenance(self) -> dict:
         return {"name": self.name, "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,

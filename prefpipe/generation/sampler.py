@@ -68,4 +68,4 @@ def make_generator(backend: str, cfg, tokenizer) -> Generator:
         from prefpipe.generation.vllm_sampler import VllmGenerator
         return VllmGenerator(cfg, tokenizer)
     from prefpipe.generation.hf_sampler import HfGenerator
-    return HfGenerator(cfg, tokenizer)
+    return HfGenerator.load(cfg, tokenizer)
