@@ -11,7 +11,9 @@ Rules a user needs to know:
   ``dtype``, ``device`` and ``progress`` are top-level keys and apply to every phase; the tokenization and column
   keys (``max_length``, ``prompt_col``, ...) live in ``[precompute]`` and apply to training too. ``[eval]`` holds
   the options of ``prefpipe eval --gen`` plus ``data``, ``cache``, ``gen`` and ``baseline``.
-- Tables ``[precompute]``, ``[train]`` and ``[eval]`` only group keys for readability: ``[train] lr = 1e-6`` is the
+- ``rounds = N`` with a ``[generate]`` table (prefpipe generate's options; full names ``generate_<option>``) runs
+  on-policy rounds (prefpipe.pipeline.rounds); ``reference_model`` picks each round's reference.
+- Tables ``[precompute]``, ``[train]``, ``[eval]`` and ``[generate]`` only group keys for readability: ``[train] lr = 1e-6`` is the
   same as a top-level ``lr = 1e-6`` (a key under the wrong table is an error). In ``[eval]`` the keys drop their
   ``eval_`` prefix: ``[eval] gen = "test.jsonl"`` is ``--eval_gen test.jsonl``.
 - ``loss_type`` and ``beta`` take a list or a single value; on the command line, repeat the option.
