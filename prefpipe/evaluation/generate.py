@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from prefpipe.data.tokenize import PairTokenizer
 from prefpipe.errors import UserError
 from prefpipe.logprobs import pad_batch
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    from prefpipe.data.tokenize import PairTokenizer
     return PairTokenizer(tokenizer).encode_prompts(prompts)
 
 
