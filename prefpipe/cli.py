@@ -7,7 +7,15 @@ import sys
 import click
 
 from prefpipe import __version__
+from prefpipe.data.cli import data
+from prefpipe.demo.cli import commands as demo_commands
 from prefpipe.errors import UserError
+from prefpipe.evaluation.cli import commands as eval_commands
+from prefpipe.generation.cli import generate
+from prefpipe.interrupt import interrupted_message
+from prefpipe.pipeline.cli import commands as pipeline_commands
+from prefpipe.precompute.cli import inspect_cmd, precompute
+from prefpipe.train.cli import train
 from prefpipe.warn import quiet_third_party
 
 
@@ -32,8 +40,6 @@ class Group(click.Group):
 
 def _interrupted(group: click.Group, ctx: click.Context, args: list[str]):
     import os
-
-    from prefpipe.interrupt import interrupted_message
 
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun one rank reports, not all of them
@@ -61,18 +67,11 @@ def cli():
 
 
 def _register():
-    from prefpipe.data.cli import data
     cli.add_command(data)
-    from prefpipe.precompute.cli import inspect_cmd, precompute
     cli.add_command(precompute)
     cli.add_command(inspect_cmd)
-    from prefpipe.train.cli import train
     cli.add_command(train)
-    from prefpipe.generation.cli import generate
     cli.add_command(generate)
-    from prefpipe.demo.cli import commands as demo_commands
-    from prefpipe.evaluation.cli import commands as eval_commands
-    from prefpipe.pipeline.cli import commands as pipeline_commands
     for cmd in pipeline_commands + eval_commands + demo_commands:
         cli.add_command(cmd)
 

@@ -18,6 +18,8 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from prefpipe.errors import UserError
+
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
 
@@ -76,7 +78,6 @@ def guarded_write(path: str | Path, kept: str | None = None, *, tmp: Path | None
         code = disk_errno(e) if isinstance(e, Exception) else None
         if code is None:
             raise
-        from prefpipe.errors import UserError
         if kept is None:
             kept = "its previous version is unchanged" if had else "nothing was left there"
         raise UserError(f"could not be written ({os.strerror(code)}); {kept}", file=str(path)) from e
@@ -146,8 +147,6 @@ def check_writable(directory: str | Path, what: str):
 
     Leaves nothing behind: a probe file (or directory, where `directory` does not exist yet) is made in the
     directory or its nearest existing parent and removed again."""
-    from prefpipe.errors import UserError
-
     d = Path(directory).absolute()
     if d.exists() and not d.is_dir():
         raise UserError(f"{what} exists and is not a directory", file=str(directory))
@@ -190,8 +189,6 @@ class OutputLock:
 
     def acquire(self) -> OutputLock:
         import fcntl
-
-        from prefpipe.errors import UserError
 
         key = self.path.absolute()
         if key in _HELD:

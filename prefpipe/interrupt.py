@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from prefpipe.errors import UserError
+from prefpipe.pipeline.config import KEY_BY_NAME, read_toml
 from prefpipe.rundir import RunDir
 
 
@@ -33,8 +34,6 @@ def interrupted_message(command: str | None, params: dict) -> str:
 
 def _pipeline_runs_dir(params: dict) -> Path:
     """RUNS_DIR of the interrupted pipeline: the option, else the config file's key, else the default."""
-    from prefpipe.pipeline.config import KEY_BY_NAME, read_toml
-
     if params.get("runs_dir"):
         return Path(params["runs_dir"])
     given = read_toml(params["config_path"]).get("runs_dir") if params.get("config_path") else None

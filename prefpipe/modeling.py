@@ -18,6 +18,7 @@ import torch
 
 from prefpipe.attention import install as install_block_attention
 from prefpipe.errors import UserError
+from prefpipe.model_paths import adapter_base, is_adapter_dir, model_ref
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,7 +53,6 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.dev
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prefpipe.model_paths import is_adapter_dir, model_ref
     model = model_ref(str(model))
     quant = four_bit_config(device, compute_dtype or dtype) if load_in_4bit else None
     if is_adapter_dir(model):
@@ -80,7 +80,6 @@ def _load_merged_adapter(adapter_dir: str, dtype: torch.dtype, device):
     """Base + adapter, merged in float32 on `device`, then cast to `dtype`."""
     from peft import PeftModel
 
-    from prefpipe.model_paths import adapter_base
     base = load_model(adapter_base(adapter_dir), torch.float32, device)
     try:
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

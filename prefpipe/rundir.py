@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefpipe.fileio import OutputLock, atomic_write_text
+
 SUMMARY = "summary.json"
 PIPELINE = "pipeline.json"
 REFERENCE = "reference"
@@ -155,8 +157,6 @@ def merge_summary(runs_dir: RunsDir, summary: dict):
     The read and the write happen under RUNS_DIR's output lock (`prefpipe train` holds it for its whole call;
     taking it again in the same process is a no-op), so no other prefpipe command's runs are lost between them."""
     import json
-
-    from prefpipe.fileio import OutputLock, atomic_write_text
 
     with OutputLock(runs_dir.path, "RUNS_DIR"):
         kept = []

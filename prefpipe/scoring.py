@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from prefpipe.attention import BLOCKS_KWARG, prefix_blocks
+from prefpipe.data.cache import KINDS
 from prefpipe.logprobs import pad_batch, row_logprobs, sequence_logprobs
 from prefpipe.scores import Scores
 
@@ -212,8 +213,6 @@ def score_cache_rows(column: Callable[[str], list], kind: str, score: Callable, 
     responses) -> Scores` scores flat lists; `pairs(prompts, firsts, seconds) -> Scores`, when given and the kind
     has two responses, is used instead (a backend's `score_pairs`: the shared prompt can run once). Precompute,
     the step-0 drift check, held-out evaluation and verify all score cache rows through here."""
-    from prefpipe.data.cache import KINDS
-
     prompts = column("prompt_ids")
     responses = {r.name: column(r.ids) for r in KINDS[kind].responses}
     n = len(prompts)

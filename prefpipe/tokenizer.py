@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from prefpipe.errors import UserError
+from prefpipe.model_paths import adapter_base, is_adapter_dir, model_ref
 
 # The vocabulary files of the common tokenizers (tokenizer_config.json alone loads nothing), named when a directory
 # holds none of them; and the files that mark an adapter directory as carrying its own tokenizer.
@@ -40,7 +41,6 @@ def quiet_transformers():
 
 
 def load_tokenizer(model: str):
-    from prefpipe.model_paths import model_ref
     model = model_ref(str(model))  # a mistyped path fails here, not after the hub client's retries
     model = _tokenizer_dir(model)
     from transformers import AutoTokenizer
@@ -89,7 +89,6 @@ def _rejected_file(model: str) -> str:
 
 def _tokenizer_dir(model: str) -> str:
     """An adapter directory without tokenizer files uses its base's tokenizer."""
-    from prefpipe.model_paths import adapter_base, is_adapter_dir
     while is_adapter_dir(model) and not any((Path(model) / f).exists() for f in TOKENIZER_FILES):
         model = adapter_base(model)
     return model

@@ -87,7 +87,8 @@ def test_packed_gradients_equal_padded(tiny_model):
 def test_collate_packs_chosen_then_rejected_and_kto_partners(tiny_model, tmp_path_factory):
     """Packed micro-batches hold exactly the padded batch's real tokens, in its order, with per-sequence lengths."""
     from prefpipe.data.cache import read_cache
-    from prefpipe.train.batches import TrainData, collate_rows
+    from prefpipe.train.batches import collate_rows
+    from prefpipe.train.train_data import TrainData
     for name, kto, shape in (("pairs8", False, "pairs"), ("pairs8-kto", True, "examples")):
         c = read_cache(cache(tmp_path_factory, tiny_model, pairs_data(tmp_path_factory, 8), name, kto=kto))
         data = TrainData(c.kind, c.table, c.has_reference, "x")

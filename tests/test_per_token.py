@@ -126,7 +126,7 @@ def test_per_token_needs_reference(run_cli, tiny_model, data, tmp_path):
 # ---------------------------------------------------------------- drift
 
 def test_drift_names_the_worst_token(pt_cache, tiny_lm):
-    from prefpipe.train.batches import TrainData
+    from prefpipe.train.train_data import TrainData
     from prefpipe.train.parallel import Scorer
     from prefpipe.train.validate import measure_drift
 

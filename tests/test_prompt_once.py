@@ -183,7 +183,8 @@ def test_memory_mapped_cache_inspect_and_split_on_a_multi_part_cache(tmp_path, r
     import statistics
 
     from prefpipe.precompute.report import inspect_lines
-    from prefpipe.train.batches import Order, TrainData, split_eval
+    from prefpipe.train.order import Order
+    from prefpipe.train.train_data import TrainData, split_eval
 
     data = write_jsonl(tmp_path / "p.jsonl", make_pairs(23, seed=7))
     plain = precompute(run_cli, tiny_model, data, tmp_path / "c")  # 5 parts of 5, 5, 5, 5, 3 rows

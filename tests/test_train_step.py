@@ -172,8 +172,9 @@ def test_loader_yields_the_documented_order_from_any_start(tmp_path, tiny_model,
     """The DataLoader's micro-batches are exactly make_batch of `micro_batches(order.global_rows(step))`, for
     process 1 of 2, starting mid-run (as a resumed run does), with or without a worker process."""
     import pyarrow as pa
-    from prefpipe.train.batches import (Order, RowsDataset, StepSampler, TrainData, make_batch, micro_batches,
-                                        train_loader)
+    from prefpipe.train.batches import RowsDataset, make_batch, train_loader
+    from prefpipe.train.order import Order, StepSampler, micro_batches
+    from prefpipe.train.train_data import TrainData
     from prefpipe.train.registry import PAIRS
     rows = random_rows(30, seed=3)
     table = pa.table({"row_id": [str(i) for i in range(30)], "prompt_ids": [p for p, _, _ in rows],

@@ -38,7 +38,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from prefpipe.data import identity
 from prefpipe.data.identity import SCHEMA_VERSION
+from prefpipe.data.mapped import map_ipc_file
 from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_bytes, atomic_write_with, guarded_write
 
@@ -234,8 +236,6 @@ def _check_identity(manifest: dict, d: Path, mpath: Path):
     `read_manifest`), and the part values' digests do not cover it. Each part's manifest entry records the identity
     digest of the metadata the manifest was written from, so an unchanged manifest costs no file reads; on a
     mismatch the part's own metadata (its Parquet key-value metadata) names the edited field and its true value."""
-    from prefpipe.data import identity
-
     meta = manifest.get("metadata") or {}
     digest = identity.key(identity.identity_of(meta))
     for part in manifest.get("parts") or []:
@@ -301,8 +301,7 @@ def _mapped(table: pa.Table) -> pa.Table:
                                  "mapped from files there)"), os.fdopen(fd, "wb") as f, \
                 pa.ipc.new_file(f, table.schema) as w:
             w.write_table(table)
-        from prefpipe.data.mapped import map_ipc_file  # a mapping whose pages can be released (see there)
-        return map_ipc_file(name)
+        return map_ipc_file(name)  # a mapping whose pages can be released (see there)
     finally:
         Path(name).unlink(missing_ok=True)
 

@@ -6,9 +6,11 @@ from collections import Counter
 
 import click
 
+from prefpipe.data.kto_pairs import kto_balancing_weight
 from prefpipe.data.settings import CheckSettings
+from prefpipe.data.tokenize import SKIP_REASONS, PairTokenizer, TokenStats
 from prefpipe.options import build, cli_options, from_cli, options
-from prefpipe.tokenizer import tokenizer_only_process
+from prefpipe.tokenizer import load_tokenizer, quiet_transformers, tokenizer_only_process
 from prefpipe.wording import plural
 
 OPTIONS = options(CheckSettings)
@@ -44,9 +46,6 @@ def check(ctx, data_path, **kwargs):
     s = build(CheckSettings, from_cli(OPTIONS, kwargs))
     if (ctx.obj or {}).get("own_process"):
         tokenizer_only_process()  # no model is loaded here: transformers need not import torch
-    from prefpipe.data.tokenize import SKIP_REASONS, PairTokenizer, TokenStats
-    from prefpipe.tokenizer import load_tokenizer, quiet_transformers
-
     settings = s.input.tokenize_settings()
     max_length, max_prompt_length = settings.max_length, settings.max_prompt_length
     quiet_transformers()
@@ -99,8 +98,6 @@ def _visible(text: str) -> str:
 
 def _label_balance(n_d: int, n_u: int):
     """KTO's desirable/undesirable counts and the --desirable_weight that balances them."""
-    from prefpipe.data.kto_pairs import kto_balancing_weight
-
     line = f"labels:     {n_d} desirable, {n_u} undesirable"
     if n_d and n_u:
         line += (f" (ratio {n_d / n_u:.2f}); --desirable_weight {kto_balancing_weight(n_d, n_u)} balances them "
@@ -125,8 +122,6 @@ def _joined(tok, prompt_ids: list[int], response_ids: list[int]) -> str:
 def _show_example(pt, rec, shape: str, paired: bool):
     """One kept row of a shape as the model will see it: decoded ids (special tokens shown), ⟦prompt⟧ before the
     prompt and ⟦|⟧ where the response starts."""
-    from prefpipe.data.tokenize import TokenStats
-
     cols = pt.tokenize([rec], TokenStats(), paired)
     if not cols["row_id"]:
         return  # skipped: the skip report names it

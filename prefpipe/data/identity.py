@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from prefpipe.data.fingerprint import model_fingerprint, tokenizer_diff, tokenizer_fingerprint
+
 # Compared to reuse a finished cache, in the order differences are reported.
 # The cache format's version: part of the resume identity, and a manifest of another version is refused on read.
 SCHEMA_VERSION = 1
@@ -136,7 +138,6 @@ def _worded(k: str, a, b) -> str:
 def tokenizer_mismatch(meta: dict, tokenizer) -> list[str]:
     """Tokenizer components (vocab, special_tokens, chat_template, pipeline) that differ between the cache's
     recorded tokenizer and `tokenizer`; empty when they match."""
-    from prefpipe.data.fingerprint import tokenizer_diff, tokenizer_fingerprint
     recorded = meta.get("tokenizer") or {}
     actual = tokenizer_fingerprint(tokenizer)
     if recorded.get("fingerprint") == actual["fingerprint"]:
@@ -146,6 +147,5 @@ def tokenizer_mismatch(meta: dict, tokenizer) -> list[str]:
 
 def model_mismatch(meta: dict, model) -> str | None:
     """None when the cache's reference model is `model` (same weights fingerprint), else `model`'s fingerprint."""
-    from prefpipe.data.fingerprint import model_fingerprint
     actual = model_fingerprint(model)
     return None if (meta.get("model") or {}).get("fingerprint") == actual else actual

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns
+from prefpipe.data.formats import DEFAULT_TURN_MARKER, Columns, Dataset
 from prefpipe.data.sources import DEFAULT_SPLIT
 from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.options import group, opt, same_as
@@ -36,10 +36,8 @@ class InputSettings:
 
     def dataset(self, data, **kw):
         """`data` read with these settings (`kw`: Dataset's other arguments, such as `batch_rows`)."""
-        from prefpipe.data.formats import Dataset
         return Dataset(data, self.columns, turn_marker=self.turn_marker, split=self.data_split,
                        config=self.data_config, **kw)
-
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,11 @@ import json
 
 import click
 
+from prefpipe.errors import UserError
 from prefpipe.evaluation.settings import EvalTargets, GenSettings
+from prefpipe.fileio import atomic_write_text, check_writable
 from prefpipe.options import build, cli_options, from_cli, options
+from prefpipe.rundir import RunDir
 
 
 TARGETS = options(EvalTargets)
@@ -18,16 +21,11 @@ GEN = options(GenSettings)
 @cli_options(TARGETS + GEN)
 def eval_cmd(**kwargs):
     """Evaluate a trained policy: held-out implicit rewards (--cache) and/or downstream accuracy (--gen)."""
-    from prefpipe.errors import UserError
-
     t = build(EvalTargets, from_cli(TARGETS, kwargs))  # bad options stop here, before torch is imported
     s = build(GenSettings, from_cli(GEN, kwargs))
     if not t.cache and not t.gen:
         raise UserError("give --cache (held-out pairs) and/or --gen (GSM8K-style questions)")
     from prefpipe.evaluation.evaluate import eval_generation, eval_preference, pref_line, resolve_run
-    from prefpipe.fileio import atomic_write_text, check_writable
-    from prefpipe.rundir import RunDir
-
     r = resolve_run(t.model)
     out = t.out if t.out else r.path
     check_writable(out, "--out" if t.out else "the results directory")  # before any model is loaded
@@ -48,7 +46,7 @@ def eval_cmd(**kwargs):
 @click.argument("runs_dir")
 def report(runs_dir):
     """Write curves.png, beta.png and summary.md for every run in RUNS_DIR."""
-    from prefpipe.evaluation.report import write_report
+    from prefpipe.evaluation.report import write_report  # with its plots and ranking: not for every --help
 
     res = write_report(runs_dir)
     click.echo(res["markdown"])

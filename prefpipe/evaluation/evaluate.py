@@ -28,10 +28,15 @@ from pathlib import Path
 
 import torch
 
+from prefpipe.data.cache import read_cache
+from prefpipe.data.identity import tokenizer_mismatch
+from prefpipe.data.tokenize import chat_template_kwargs, check_template_date
 from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_text
+from prefpipe.progress_bar import progress_bar
 from prefpipe.rundir import CONFIG, FINAL, RunDir
 from prefpipe.evaluation.answers import extract_answer, gold_answer
+from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 from prefpipe.wording import plural
 
 @dataclass
@@ -94,7 +99,6 @@ def _trained_beta(model_dir: Path) -> tuple[float | None, str | None]:
 
 def _load(model_dir: Path, device: str, dtype: str):
     from prefpipe.modeling import load_model, resolve_device, resolve_dtype
-    from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     dev = resolve_device(device)
@@ -129,8 +133,6 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
 
     A forward holds at most the padded tokens of `batch_size` pairs at the cache's longest sequence; sequences are
     packed by length (`prefpipe.scoring`), so shorter pairs share a forward with more others."""
-    from prefpipe.data.cache import read_cache
-    from prefpipe.data.identity import tokenizer_mismatch
     from prefpipe.scoring import rows_budget, score_cache_rows, score_sequences
 
     beta = beta if beta is not None else run.beta
@@ -213,7 +215,6 @@ def render_prompts(tokenizer, questions: list[str], s: GenSettings) -> list[str]
     if s.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("--chat needs a tokenizer with a chat template; this one has none")
-        from prefpipe.data.tokenize import chat_template_kwargs, check_template_date
         check_template_date(tokenizer.chat_template)
         dated = chat_template_kwargs(s.chat_date)
         return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
@@ -241,12 +242,10 @@ def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path
                     log=None) -> dict:
     """Greedy exact-match accuracy of `run` on `gen_file`; writes eval_gen.json and eval_gen.jsonl."""
     from prefpipe.evaluation.generate import encode_prompts, hf_generate, pick_engine, vllm_generate
-    from prefpipe.progress_bar import progress_bar
 
     rows = read_questions(gen_file, s)
     engine = pick_engine(s.engine)
     start = time.perf_counter()
-    from prefpipe.tokenizer import load_tokenizer, quiet_transformers
     quiet_transformers()
     tok = load_tokenizer(str(run.model_dir))
     prompt_ids = encode_prompts(tok, render_prompts(tok, [r["question"] for r in rows], s))

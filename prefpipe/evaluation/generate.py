@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from prefpipe.data.tokenize import PairTokenizer
 from prefpipe.errors import UserError
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    from prefpipe.data.tokenize import PairTokenizer
     return PairTokenizer(tokenizer).encode_prompts(prompts)
 
 

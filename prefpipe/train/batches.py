@@ -1,24 +1,10 @@
-"""Training examples: where they come from, the eval split, the data order, and padded batches.
+"""Padded (or packed) batches of training rows, and the loader that builds them.
 
-Decisions a user may want to know:
-
-- **Ids come from the cache** when `--cache` is given, exactly the ids the reference scored. With `--data` the
-  rows are tokenized here with the policy's tokenizer and the same rules as precompute (`--max_length`,
-  `--max_prompt_length`); KTO examples and their pinned mismatched partners are then built with precompute's
-  rule over the whole dataset.
-- **Eval split** (`--eval_fraction F`): rows are ordered by a hash of their row id and the first `round(F * n)`
-  (at least one) are held out. The split does not depend on `--seed`, so every run of a sweep and every seed
-  evaluates on the same rows. The two KTO examples made from one pair (`<row_id>:chosen`, `<row_id>:rejected`)
-  always land on the same side.
-- **Order.** Each epoch is a fresh permutation drawn from `--seed` and the epoch number. A step takes the next
-  global batch of `batch_size x grad_accum x processes` rows; rows that do not fill a last global batch sit out
-  that epoch (the count is logged), and the next epoch's permutation includes them again. Within a global batch
-  micro-batch k of process r holds rows `[(k * processes + r) * batch_size, ... + batch_size)`, so the rows of a
-  step are the same whatever the number of processes.
-- **Loading.** Training micro-batches come from a `DataLoader` (`RowsDataset`, `StepSampler`) in exactly that
-  order. On GPU one worker process packs (or pads) the next micro-batches while the current step runs; on CPU they
-  are built on the main thread, since a worker would compete with the step for the same cores, and building one
-  (packed or padded) takes a few milliseconds against steps of seconds (bench/train_packing.py measures both).
+- **Loading.** Training micro-batches come from a `DataLoader` (`RowsDataset`, `prefpipe.train.order.StepSampler`)
+  in the order `prefpipe.train.order` documents. On GPU one worker process packs (or pads) the next micro-batches
+  while the current step runs; on CPU they are built on the main thread, since a worker would compete with the
+  step for the same cores, and building one (packed or padded) takes a few milliseconds against steps of seconds
+  (bench/train_packing.py measures both).
 - **Packing** (`--padding_free`, the default where the model allows it): every sequence a forward scores
   (chosen and rejected of every pair, or the KTO examples; the KTO partners in their own no-gradient forward)
   is laid end to end in ONE row of `sum(lengths)` tokens, with no padding; `seq_lens` gives each sequence's
@@ -28,158 +14,15 @@ Decisions a user may want to know:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
 
 import pyarrow as pa
 import torch
 
 from prefpipe.data.mapped import take_rows
-from prefpipe.errors import UserError
 from prefpipe.logprobs import pad_batch
-from prefpipe.wording import plural
-
-
-@dataclass
-class TrainData:
-    kind: str  # "paired" | "unpaired" (KTO examples)
-    table: pa.Table
-    has_reference: bool
-    origin: str  # the cache directory or data path, for messages
-    metadata: dict | None = None  # the cache's metadata; None for --data
-    notes: tuple = ()  # what loading did (counts, skips), printed once
-    has_per_token: bool = False  # per-token reference columns (a `--per_token` cache)
-
-    def __len__(self):
-        return self.table.num_rows
-
-
-def load_train_data(src, tokenizer, kto: bool) -> TrainData:
-    """Read `src.cache`, or tokenize `src.data`. `kto` asks for KTO examples (unpaired kind)."""
-    if src.cache:
-        from prefpipe.data.cache import read_cache
-        cache = read_cache(src.cache, memory_map=True)  # memory grows with the rows a step touches
-        if kto and cache.kind != "unpaired":
-            raise UserError("KTO trains on single examples with pinned mismatched partners, but this cache holds "
-                            "pairs; precompute it with --kto (or pass unpaired data)", file=src.cache)
-        if not kto and cache.kind != "paired":
-            raise UserError("this is a KTO cache of single examples; the paired losses need a paired cache",
-                            file=src.cache)
-        counts = cache.metadata.get("counts") or {}
-        notes = (f"cache: {cache.table.num_rows} {'examples' if kto else 'pairs'} from {src.cache}"
-                 + (f" ({counts.get('rows_skipped', 0)} input rows were skipped in precompute)" if counts else ""),)
-        return TrainData(cache.kind, cache.table, cache.has_reference, src.cache, cache.metadata, notes,
-                         cache.has_per_token)
-    return _tokenize_data(src, tokenizer, kto)
-
-
-def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
-    from prefpipe.data.cache import schema_for
-    from prefpipe.data.tokenize import PairTokenizer, TokenStats
-    from prefpipe.data import kto_pairs
-
-    ds = src.input.dataset(src.data, kto_view=kto)
-    ds.validate()  # every bad row at once, before the policy is loaded
-    if not kto and not ds.paired:
-        raise UserError("unpaired (prompt/completion/label) data trains only with --loss_type kto", file=src.data)
-    ds.check_tokenizer(tokenizer)
-    pt = PairTokenizer(tokenizer, src.input.tokenize_settings())
-    stats = TokenStats()
-    cols: dict[str, list] = {}
-    for records in ds.batches():
-        for k, v in pt.tokenize(records, stats, ds.paired).items():
-            cols.setdefault(k, []).extend(v)
-    if not cols.get("row_id"):
-        raise UserError(f"no usable rows: all {stats.rows_read} were skipped ({dict(stats.skipped)})", file=src.data)
-    kind = "paired"
-    if kto:
-        kind = "unpaired"
-        cols = kto_pairs.examples_from(cols, ds.paired)
-        if len(cols["row_id"]) < 2:
-            raise UserError("KTO needs at least two examples (each borrows another's completion)", file=src.data)
-        cols, _ = kto_pairs.with_partners(cols, src.input.max_length, None)
-    else:
-        cols["chosen_len"] = [len(x) for x in cols["chosen_ids"]]
-        cols["rejected_len"] = [len(x) for x in cols["rejected_ids"]]
-    if kind == "unpaired":
-        cols["completion_len"] = [len(x) for x in cols["completion_ids"]]
-    schema = schema_for(kind, with_reference=False)
-    table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
-    skipped = sum(stats.skipped.values())
-    note = (f"data: {plural(stats.rows_read, 'row')} read from {src.data}, {stats.rows_kept} kept, {skipped} skipped"
-            + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(stats.skipped.items()))})" if skipped else ""))
-    return TrainData(kind, table, False, src.data, None, (note,))
-
-
-def split_eval(data: TrainData, fraction: float):
-    """(train row indices, eval row indices), eval chosen by row-id hash (see the module docstring).
-
-    The train indices are a read-only int64 numpy array (a million rows cost 8 MB, not a Python list of ints);
-    the eval indices a list. Row ids are hashed one Arrow chunk at a time, never as one Python list."""
-    import numpy as np
-
-    n = len(data)
-    if fraction <= 0:
-        rows = np.arange(n, dtype=np.int64)
-        rows.flags.writeable = False
-        return rows, []
-    # The first 8 bytes of each group's sha256, big-endian: ordering by them is ordering by the hex digest (a tie
-    # between two different row ids has probability ~n^2 / 2^64).
-    keys = np.empty(n, dtype=np.uint64)
-    at = 0
-    for chunk in data.table.column("row_id").chunks:
-        vals = chunk.to_pylist()
-        keys[at:at + len(vals)] = [int.from_bytes(hashlib.sha256(f"eval\x1f{rid.split(':', 1)[0]}".encode())
-                                                  .digest()[:8], "big") for rid in vals]
-        at += len(vals)
-    groups = np.unique(keys)
-    n_eval = max(1, round(fraction * len(groups)))
-    held = keys <= groups[n_eval - 1]
-    train = np.flatnonzero(~held)
-    train.flags.writeable = False
-    return train, np.flatnonzero(held).tolist()
-
-
-@dataclass(frozen=True)
-class Order:
-    """The data order of a run: global batches drawn from per-epoch permutations of the training rows."""
-    rows: object  # training row indices into the table (a sequence: tuple or read-only numpy array)
-    global_batch: int
-    seed: int
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.rows) // self.global_batch
-
-    def global_rows(self, step: int) -> list[int]:
-        """Table row indices of 0-based optimizer step `step`."""
-        epoch, b = divmod(step, self.steps_per_epoch)
-        perm = _permutation(len(self.rows), self.seed * 1_000_003 + epoch)
-        return [int(self.rows[i]) for i in perm[b * self.global_batch:(b + 1) * self.global_batch].tolist()]
-
-
-@lru_cache(maxsize=2)
-def _permutation(n: int, seed: int) -> torch.Tensor:
-    # A tensor, not a list: a million-row epoch costs 8 MB rather than ~36 MB of Python ints.
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def micro_batches(rows: list[int], batch_size: int, grad_accum: int, world: int, rank: int) -> list[list[int]]:
-    """This process's micro-batches of one global batch."""
-    return [rows[(k * world + rank) * batch_size:(k * world + rank + 1) * batch_size] for k in range(grad_accum)]
-
-
-def eval_batches(rows: list[int], batch_size: int, world: int, rank: int) -> list[tuple[list[int], bool]]:
-    """This process's eval micro-batches as (rows, real). Every process gets the same number of batches (FSDP
-    ranks must run forwards in lockstep); a process with nothing left gets one row back with real=False, and its
-    results are discarded."""
-    out = []
-    span = batch_size * world
-    for start in range(0, len(rows), span):
-        chunk = rows[start:start + span][rank * batch_size:(rank + 1) * batch_size]
-        out.append((chunk, True) if chunk else ([rows[start]], False))
-    return out
+from prefpipe.train.order import StepSampler
+from prefpipe.train.train_data import TrainData
 
 
 @dataclass
@@ -307,23 +150,6 @@ class RowsDataset(torch.utils.data.Dataset):
 
     def collate(self, t: pa.Table) -> Batch:
         return collate_rows(t, self.shape, self.pad_id, self.cached, pack=self.pack)
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """This process's micro-batches (lists of row indices) for optimizer steps `start .. total - 1`, in the
-    order of `Order.global_rows` and `micro_batches`: `grad_accum` of them per step."""
-
-    def __init__(self, order: Order, start: int, total: int, batch_size: int, grad_accum: int, world: int,
-                 rank: int):
-        self.order, self.start, self.total = order, start, total
-        self.split = (batch_size, grad_accum, world, rank)
-
-    def __len__(self):
-        return (self.total - self.start) * self.split[1]
-
-    def __iter__(self):
-        for step in range(self.start, self.total):
-            yield from micro_batches(self.order.global_rows(step), *self.split)
 
 
 def train_loader(dataset: RowsDataset, sampler: StepSampler, workers: int) -> torch.utils.data.DataLoader:

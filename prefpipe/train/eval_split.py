@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from prefpipe.train.batches import eval_batches, make_batch
+from prefpipe.train.batches import make_batch
+from prefpipe.train.order import eval_batches
 from prefpipe.train.losses import get_loss
 from prefpipe.train.batch_loss import MetricSums, batch_loss, run_prestep
 

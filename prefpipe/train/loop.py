@@ -59,7 +59,9 @@ from prefpipe.errors import UserError
 from prefpipe.fileio import OutputLock, atomic_write_text
 from prefpipe.rundir import RunsDir, merge_summary
 from prefpipe.train import checkpoint as ck
-from prefpipe.train.batches import RowsDataset, StepSampler, load_train_data, split_eval, train_loader
+from prefpipe.train.batches import RowsDataset, train_loader
+from prefpipe.train.order import StepSampler
+from prefpipe.train.train_data import load_train_data, split_eval
 from prefpipe.train.config import LossConfig, TrainConfig
 from prefpipe.train.eval_split import evaluate
 from prefpipe.train.losses import LOSSES

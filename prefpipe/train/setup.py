@@ -14,7 +14,7 @@ from prefpipe.dist import Procs
 from prefpipe.errors import UserError
 from prefpipe.fileio import remove_tree
 from prefpipe.train import checkpoint as ck
-from prefpipe.train.batches import Order
+from prefpipe.train.order import Order
 from prefpipe.train.config import LossConfig, OptimConfig, TrainConfig
 from prefpipe.train.parallel import Policy, load_optimizer_state, wrap_policy
 from prefpipe.train.schedule import lr_factor
