@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from prefpipe.evaluation.answers import gold_answer
+from prefpipe.answers import gold_answer
 from prefpipe.demo.task import PROMPT_TEMPLATE, all_problems, corpus, make_splits
 from prefpipe import rundir
 

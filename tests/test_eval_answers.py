@@ -2,7 +2,7 @@
 
 import pytest
 
-from prefpipe.evaluation.answers import extract_answer, gold_answer, normalize_number
+from prefpipe.answers import extract_answer, gold_answer, normalize_number
 
 
 @pytest.mark.parametrize("text, value, rule", [

@@ -124,7 +124,7 @@ def test_pair_counts():
 
 def _old_demo_pairs(prompt, gold, samples, k):
     """The demo's pairing before it used prefpipe.generation.pairs (its code as it was), the reference."""
-    from prefpipe.evaluation.answers import extract_answer
+    from prefpipe.answers import extract_answer
     right, wrong = [], []
     for text, _ in Counter(samples).most_common():
         (right if extract_answer(text)[0] == gold else wrong).append(text)

@@ -1,7 +1,7 @@
 """On-policy preference pairs for the demo: sample the SFT model, judge each sample by its final number.
 
 For every training question the SFT model writes `samples` answers at temperature `temperature`. A sample whose
-final number (prefpipe.evaluation.answers) equals the gold one is right, any other sample is wrong (a missing number
+final number (prefpipe.answers) equals the gold one is right, any other sample is wrong (a missing number
 included). A question yields pairs only when it has both kinds; questions the model always gets right, or always
 wrong, carry no preference signal and give none.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefpipe.evaluation.answers import extract_answer, gold_answer
+from prefpipe.answers import extract_answer, gold_answer
 from prefpipe.generation.pairs import build_pairs
 from prefpipe.generation.samples import Sample
 

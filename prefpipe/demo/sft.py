@@ -87,7 +87,7 @@ def encode_examples(tokenizer, prompts: list[str], answers: list[str]) -> list[t
 
 def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str]) -> float:
     """Exact-match accuracy of greedy answers, judged by `prefpipe eval --gen`'s own scoring."""
-    from prefpipe.evaluation.answers import gold_answer
+    from prefpipe.answers import gold_answer
     from prefpipe.evaluation.evaluate import score_generations
     from prefpipe.evaluation.generate import encode_prompts, hf_generate
 

@@ -15,7 +15,7 @@ Decisions a user needs to know:
   mean of `βΔ`; `wins` and `ties` are counted too. The cache must come from the same tokenizer as the
   model, or the ids would mean other tokens; that is checked.
 - **Downstream accuracy.** Greedy decoding, `--max_new_tokens` per question, exact match of the final number
-  (prefpipe.evaluation.answers documents the extraction and its fallback). Every question, generation, extracted
+  (prefpipe.answers documents the extraction and its fallback). Every question, generation, extracted
   number and verdict is written, one JSON object per line.
 """
 
@@ -35,7 +35,7 @@ from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_text
 from prefpipe.progress_bar import progress_bar
 from prefpipe.rundir import CONFIG, FINAL, RunDir
-from prefpipe.evaluation.answers import extract_answer, gold_answer
+from prefpipe.answers import extract_answer, gold_answer
 from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 from prefpipe.wording import plural
 

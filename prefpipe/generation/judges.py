@@ -1,6 +1,6 @@
 """The judges of `prefpipe generate`: `--reward answer`, `model` or `python:MODULE:FUNCTION` (`make_judge`).
 
-- **answer**: 1.0 when the sample's final number (`prefpipe.evaluation.answers.extract_answer`) equals the row's
+- **answer**: 1.0 when the sample's final number (`prefpipe.answers.extract_answer`) equals the row's
   gold number, else 0.0. The gold column holds GSM8K's ``...#### 72`` (the number after the last ``####``) or a
   plain number (``72``, ``"1,234"``, ``12.5``); a gold value with no number is refused before sampling.
 - **model**: a sequence-classification reward model's score of prompt + completion (`reward_model.py`).
@@ -20,7 +20,7 @@ import sys
 
 from prefpipe.data.tokenize import DEFAULT_CHAT_DATE
 from prefpipe.errors import UserError
-from prefpipe.evaluation.answers import MARKER, extract_answer, gold_answer, normalize_number
+from prefpipe.answers import MARKER, extract_answer, gold_answer, normalize_number
 from prefpipe.generation.judge import Judge, sample_label, short_repr
 from prefpipe.generation.reward_model import RewardModelJudge
 from prefpipe.generation.samples import Sample

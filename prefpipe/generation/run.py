@@ -78,7 +78,7 @@ def _samples_of(recs, pids, gens, counts: Counter, drop_truncated: bool, tok, fi
 
 
 def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) -> None:
-    from prefpipe.generation.sampler import make_generator
+    from prefpipe.generation.generators import make_generator
 
     n = cfg.part_rows
     generator = make_generator(cfg.backend, cfg, tok)

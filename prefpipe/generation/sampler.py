@@ -60,12 +60,3 @@ class Generator:
 
     def close(self):
         pass
-
-
-def make_generator(backend: str, cfg, tokenizer) -> Generator:
-    """The backend `backend` for a `GenerateConfig`; engines are imported only here."""
-    if backend == "vllm":
-        from prefpipe.generation.vllm_sampler import VllmGenerator
-        return VllmGenerator(cfg, tokenizer)
-    from prefpipe.generation.hf_sampler import HfGenerator
-    return HfGenerator.load(cfg, tokenizer)
