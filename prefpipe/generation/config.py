@@ -93,6 +93,13 @@ class GenerateConfig:
     drop_truncated: bool = opt(False, help="Drop completions cut by --max_new_tokens (counted) instead of keeping "
                                "them marked 'length'.")
     part_rows: int = opt(256, help="Prompts per part (the unit of resume).")
+    engine: str = opt("local", choices=("local", "ray"), help="local: sample in this process; ray: on a pool of "
+                      "--ray_workers Ray actors, one model and judge each (docs/ray.md).")
+    ray_workers: int = opt(1, metavar="N", help="ray: sampling actors (GPUs per actor: 1, none with --device cpu "
+                           "or a GPU-less cluster).")
+    ray_address: str | None = opt(None, metavar="ADDRESS", help="ray: join this cluster (auto: the one this node "
+                                  "belongs to); --out must then be an absolute path every node sees.",
+                                  default_text="start a local Ray instance for this command")
     overwrite: bool = opt(False, help="Delete the parts already in --out first (needed when they come from a "
                           "different run).")
     progress: bool = opt(True, help="Progress bar.", off_help="No progress bar.")
@@ -102,11 +109,11 @@ class GenerateConfig:
         "reward", "gold_col", "reward_model", "pairs", "pairs_per_prompt", "min_margin", "kto_threshold",
         "drop_truncated", "backend", "dtype", "device", "batch_size", "gpu_memory_utilization", "reward_batch_size",
         "max_length", "max_prompt_length", "chat_date", "data_split", "data_config", "prompt_col", "system_col",
-        "part_rows", "overwrite", "progress")
+        "part_rows", "engine", "ray_workers", "ray_address", "overwrite", "progress")
 
     def __post_init__(self):
         check_choices(self)
-        for name in ("batch_size", "part_rows"):
+        for name in ("batch_size", "part_rows", "ray_workers"):
             if getattr(self, name) < 1:
                 raise OptionError(self, (name,), f"{{}} must be positive (got {getattr(self, name)})")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -27,7 +27,7 @@ from prefpipe.progress_bar import progress_bar
 FORMAT_VERSION = 1
 
 
-def _judge(cfg: GenerateConfig):
+def make_generate_judge(cfg: GenerateConfig):
     j = cfg.judge
     return make_judge(j.reward, gold_col=j.gold_col, reward_model=j.reward_model, device=cfg.device,
                       batch_size=j.reward_batch_size, chat_date=cfg.input.chat_date, dtype=cfg.dtype)
@@ -77,24 +77,35 @@ def _samples_of(recs, pids, gens, counts: Counter, drop_truncated: bool, tok, fi
     return out
 
 
+def sample_part(cfg, generator, judge, tok, index: int, recs, pids, key: str, out: Path, progress=None) -> Counter:
+    """Part `index` (prompt records `recs`, their ids `pids`): sampled, judged and written; its sample counts."""
+    counts: Counter = Counter()
+    gens = generator.generate(pids, part_seed(cfg.sampling.seed, index), progress=progress)
+    samples = _samples_of(recs, pids, gens, counts, cfg.drop_truncated, tok, index * cfg.part_rows)
+    judge.score(samples)
+    output.write_part(out, index, samples, key, binary=judge.binary)
+    return counts
+
+
 def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) -> None:
     from prefpipe.generation.generators import make_generator
 
     n = cfg.part_rows
-    generator = make_generator(cfg.backend, cfg, tok)
     total = sum(len(records[i * n:(i + 1) * n]) for i in todo)
-    try:
-        with progress_bar(total, f"generate: sampling x {cfg.sampling.num_samples}", "prompt",
-                          show=cfg.progress) as bar:
+    with progress_bar(total, f"generate: sampling x {cfg.sampling.num_samples}", "prompt",
+                      show=cfg.progress) as bar:
+        if cfg.engine == "ray":
+            from prefpipe.generation.ray_engine import sample_on_ray
+            counts.update(sample_on_ray(cfg, records, prompt_ids, todo, key, out, bar))
+            return
+        generator = make_generator(cfg.backend, cfg, tok)
+        try:
             for i in todo:
-                recs, pids = records[i * n:(i + 1) * n], prompt_ids[i * n:(i + 1) * n]
-                gens = generator.generate(pids, part_seed(cfg.sampling.seed, i), progress=bar.update)
-                samples = _samples_of(recs, pids, gens, counts, cfg.drop_truncated, tok, i * n)
-                judge.score(samples)
-                output.write_part(out, i, samples, key, binary=judge.binary)
-    finally:
-        generator.close()
-        judge.close()
+                counts.update(sample_part(cfg, generator, judge, tok, i, records[i * n:(i + 1) * n],
+                                          prompt_ids[i * n:(i + 1) * n], key, out, progress=bar.update))
+        finally:
+            generator.close()
+            judge.close()
 
 
 def _build_views(cfg: GenerateConfig, out: Path, n_parts: int):
@@ -122,7 +133,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
 
     t0 = time.time()
     quiet_transformers()
-    judge = _judge(cfg)
+    judge = make_generate_judge(cfg)
     records = read_prompts(cfg, judge)
     model_dir = str(resolve_model_dir(cfg.model))
     tok = load_tokenizer(model_dir)

@@ -120,7 +120,8 @@ _TRAIN = options(TrainConfig, skip={o.name for o in _TOP + _PRECOMPUTE} | FIXED)
 GEN_OPTIONS = options(GenSettings, skip={"device", "dtype", "chat_date"})  # the top-level keys
 # `prefpipe generate`'s own, sampling and judge options; the input keys are [precompute]'s, the rest top-level.
 GENERATE_OPTIONS = options(GenerateConfig, skip={"model", "data", "out", "dtype", "device", "progress", "overwrite"}
-                           | {o.name for o in options(PrecomputeConfig)} - {"backend", "part_rows",
+                           | {o.name for o in options(PrecomputeConfig)} - {"backend", "part_rows", "engine",
+                                                                          "ray_workers", "ray_address",
                                                                           "gpu_memory_utilization"})
 KEYS: list[Key] = ([Key(o.name, "", o) for o in _TOP] + [Key(o.name, "precompute", o) for o in _PRECOMPUTE]
                    + [Key(o.name, "train", o) for o in _TRAIN]
