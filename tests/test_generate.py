@@ -159,3 +159,33 @@ def test_reading_an_output_being_written_or_unfinished(run_cli, tiny_model, tmp_
     r = run_cli("precompute", "--model", tiny_model, "--data", out, "--out", tmp_path / "c")
     one_line_error(r, "incomplete")
     shutil.rmtree(out)
+
+
+def test_a_judge_that_raises_stops_in_one_line_and_leaves_no_finished_output(run_cli, tiny_model, tmp_path,
+                                                                             monkeypatch):
+    (tmp_path / "bad_judge.py").write_text("def judge(prompt, completion, row):\n    raise KeyError('tests')\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "gen"
+    r = run_cli("generate", "--model", tiny_model, "--data", _prompts(tmp_path, 2), "--out", out,
+                "--reward", "python:bad_judge:judge", "--max_new_tokens", "3", "--num_samples", "2", "--no_progress")
+    one_line_error(r, "KeyError", "sample")
+    assert not (out / "manifest.json").exists() and not list((out / "samples").glob("*.parquet"))
+
+
+def test_samples_of_counts_empty_and_truncated(tiny_tokenizer):
+    from collections import Counter
+
+    from prefpipe.data.formats import Record
+    from prefpipe.generation.run import _samples_of
+
+    eos = tiny_tokenizer.eos_token_id
+    word = tiny_tokenizer("hello", add_special_tokens=False)["input_ids"]
+    rec = Record("r0", "p.jsonl", 1, "Say hi", extra={"prompt": "Say hi"})
+    gens = [[([eos], "stop"), (word + [eos], "stop"), (word + word, "length")]]
+    for drop, kept in ((False, 2), (True, 1)):
+        counts = Counter()
+        got = _samples_of([rec], [[1, 2]], gens, counts, drop, tiny_tokenizer, first=4)
+        assert len(got) == kept and counts["empty_completion"] == 1
+        assert counts["truncated_dropped" if drop else "truncated_kept"] == 1 and counts["stopped"] == 1
+        assert [s.sample_index for s in got] == [1, 2][:kept] and got[0].prompt_index == 4
+        assert got[0].completion_ids == word + [eos] and got[0].completion == "hello"
