@@ -173,3 +173,24 @@ def test_files_are_named_per_entry_when_a_later_file_is_bad_beyond_the_list(tmp_
         Dataset(str(d)).validate()
     assert e.value.file == str(d) and e.value.message.endswith("; and 1 more")
     assert e.value.message.count(f"file {d / 'a.jsonl'}, row ") == MAX_BAD_ROWS
+
+
+def test_a_passed_validation_is_not_read_again_until_the_file_changes(tmp_path, monkeypatch):
+    """The pipeline checks every row up front and its precompute checks again: the second pass of unchanged files
+    reads nothing, and a changed file is read (and its new bad row found)."""
+    from prefpipe.data import formats
+
+    path = write_jsonl(tmp_path / "d.jsonl", make_pairs(5))
+    assert formats.Dataset(str(path)).validate().row_counts == [5]
+    real = formats.iter_raw
+
+    def no_reading(*a, **k):
+        raise AssertionError("read again")
+    ds = formats.Dataset(str(path))  # detecting the format reads the first row
+    monkeypatch.setattr(formats, "iter_raw", no_reading)
+    assert ds.validate().row_counts == [5]
+    monkeypatch.setattr(formats, "iter_raw", real)
+    with open(path, "a") as f:
+        f.write('{"prompt": "p", "chosen": 3, "rejected": "r"}\n')
+    with pytest.raises(UserError, match="row 6"):
+        formats.Dataset(str(path)).validate()

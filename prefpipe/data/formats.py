@@ -271,6 +271,10 @@ def _make_record(fmt: str, raw: dict, source: Source, row: int, columns: Columns
     return rec
 
 
+# Validations passed in this process: key (`Dataset._validation_key`) -> rows per source.
+_VALIDATED: dict[tuple, tuple] = {}
+
+
 @dataclass
 class Dataset:
     """A lazily read preference dataset. Iterate `batches()` to get validated `Record` lists; `validate()` first
@@ -342,6 +346,10 @@ class Dataset:
         if self.generated:
             self.row_counts = [generated.row_count(self.data, self.kto_view)]
             return self
+        memo = self._validation_key()
+        if memo is not None and memo in _VALIDATED:
+            self.row_counts = list(_VALIDATED[memo])
+            return self
         bad = BadRows(limit)
         counts = []
         for source in self.sources:
@@ -361,7 +369,22 @@ class Dataset:
         if error is not None:
             raise error
         self.row_counts = counts
+        if memo is not None:
+            _VALIDATED[memo] = tuple(counts)
         return self
+
+    def _validation_key(self):
+        """What a passed validation of these files depends on (each file's path, size and modification time, and
+        how rows are read), so that a pipeline's up-front check and its precompute read a file once; None for a
+        Hugging Face dataset, which is not memoised."""
+        if self.hf_kind:
+            return None
+        try:
+            stats = tuple((str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns)
+                          for s in self.sources)
+        except OSError:
+            return None
+        return stats, self.format, json.dumps(_columns_key(self.columns), sort_keys=True), self.turn_marker
 
     def fingerprint(self) -> str:
         return data_fingerprint(self.data, self.columns, self.split, self.config, self.kto_view)
