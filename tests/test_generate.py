@@ -189,3 +189,26 @@ def test_samples_of_counts_empty_and_truncated(tiny_tokenizer):
         assert counts["truncated_dropped" if drop else "truncated_kept"] == 1 and counts["stopped"] == 1
         assert [s.sample_index for s in got] == [1, 2][:kept] and got[0].prompt_index == 4
         assert got[0].completion_ids == word + [eos] and got[0].completion == "hello"
+
+
+def test_greedy_gives_every_sample_the_greedy_completion(tiny_model, tiny_lm, tiny_tokenizer):
+    import torch
+
+    from prefpipe.generation.config import SamplingSettings
+    from prefpipe.generation.hf_sampler import HfGenerator
+
+    prompts = [tiny_tokenizer("Hello there")["input_ids"], tiny_tokenizer("A much longer prompt, really")["input_ids"]]
+    gen = HfGenerator(tiny_lm, tiny_tokenizer, SamplingSettings(num_samples=3, temperature=0.0, max_new_tokens=5),
+                      batch_size=8)
+    got = gen.generate(prompts, seed=0)
+    for p, comps in zip(prompts, got):
+        ids = torch.tensor([p])
+        want = []
+        with torch.inference_mode():  # argmax step by step, the whole sequence each time: no cache, no padding
+            for _ in range(5):
+                nxt = int(tiny_lm(ids).logits[0, -1].argmax())
+                want.append(nxt)
+                if nxt in gen.stops:
+                    break
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        assert comps == [(want, "stop" if want[-1] in gen.stops else "length")] * 3

@@ -3,7 +3,7 @@
 The forms: JSON Lines, gzipped JSON Lines, a JSON array, Parquet, a directory, a glob, a `save_to_disk` directory,
 a dataset repository folder and a cached hub id (the last three built offline as tests/test_hf_datasets.py does).
 The commands: `data check`, `precompute` (and `eval` of the cache it writes: eval's preference form reads a cache),
-`train --data` and `pipeline`, each run in-process as a user runs it: no --no_progress, so the progress bars (tqdm,
+`train --data`, `pipeline` and `generate` (which reads the same rows as prompts), each run in-process as a user runs it: no --no_progress, so the progress bars (tqdm,
 written to stderr whether or not it is a terminal) and the row counting behind their totals run too. Each form
 holds the same 6 pairs; every command must see all 6.
 """
@@ -20,7 +20,9 @@ from helpers import make_pairs, write_jsonl
 pytest.importorskip("datasets")
 from test_hf_datasets import make_disk, make_hub, make_repo  # noqa: E402
 
-ROWS = make_pairs(6, seed=11, max_words=12)
+# Each row also carries a GSM8K-style gold answer, which `generate`'s default judge reads (the other commands
+# ignore columns they do not use).
+ROWS = [{**r, "answer": f"#### {i}"} for i, r in enumerate(make_pairs(6, seed=11, max_words=12))]
 HELD_OUT = make_pairs(2, seed=12, max_words=12)  # the other split of the HF forms: never read by default
 FORMS = ("jsonl", "jsonl.gz", "json", "parquet", "directory", "glob", "save_to_disk", "repo_folder", "hub_id")
 
@@ -101,3 +103,15 @@ def test_pipeline(forms, form, tiny_model, run_cli, tmp_path):
     summary = json.loads((tmp_path / "runs" / "pipeline.json").read_text())
     assert summary["caches"]["paired"]["action"] == "compute"
     assert [run["dir"] for run in summary["runs"]] == ["dpo-beta0.1"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_generate_reads_every_form_as_prompts(forms, form, tiny_model, run_cli, tmp_path):
+    # JSON Lines with every default (256 new tokens); the other forms differ only in how rows are read, so their
+    # completions are kept short to keep the module's time down.
+    short = () if form == "jsonl" else ("--max_new_tokens", "8")
+    r = _ok(run_cli("generate", "--model", tiny_model, "--data", forms[form], "--out", tmp_path / "gen", *short))
+    assert re.search(r"generate: sampling x 8: 100%.* 6/6 ", r.stderr), r.stderr
+    assert "generate: 6 prompts, 48 samples kept" in r.output
+    prompts = {json.loads(row["prompt"]) for row in pq.read_table(tmp_path / "gen" / "samples").to_pylist()}
+    assert prompts == {row["prompt"] for row in ROWS}

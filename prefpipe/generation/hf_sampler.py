@@ -45,7 +45,11 @@ class HfGenerator(Generator):
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], seed: int, progress=None) -> list[list[Completion]]:
-        k, n_new = self.sampling.num_samples, self.sampling.max_new_tokens
+        n_new = self.sampling.max_new_tokens
+        # Greedy decoding gives every sample of a prompt the same completion: decode once, copy (transformers
+        # refuses num_return_sequences > 1 without sampling).
+        k = self.sampling.num_samples if self.sampling.temperature > 0 else 1
+        copies = self.sampling.num_samples // k
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         out: list = [None] * len(prompt_ids)
         torch.manual_seed(seed)  # one stream per call: a part is drawn the same whether or not it was resumed
@@ -58,7 +62,7 @@ class HfGenerator(Generator):
                                       eos_token_id=sorted(self.stops), **self._kwargs())
             new = gen[:, ids.shape[1]:].tolist()
             for j, i in enumerate(idx):
-                out[i] = [cut_at_stop(new[j * k + s], self.stops, n_new) for s in range(k)]
+                out[i] = [cut_at_stop(new[j * k + s], self.stops, n_new) for s in range(k)] * copies
             if progress is not None:
                 progress(len(idx))
         return out
