@@ -177,7 +177,7 @@ def test_readme_losses_are_every_registered_loss():
 def test_quick_start_toml_loads_into_the_pipeline_config(tmp_path):
     from prefpipe.pipeline.config import resolve
     blocks = code_blocks(text(README), "toml")
-    assert len(blocks) == 1
+    assert len(blocks) == 2  # the sweep, then the rounds
     p = tmp_path / "run.toml"
     p.write_text(blocks[0])
     (tmp_path / "sft").mkdir()
@@ -187,6 +187,18 @@ def test_quick_start_toml_loads_into_the_pipeline_config(tmp_path):
     assert (cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.save_every, cfg.max_length) == (5e-7, 8, 4, 200, 1024)
     assert cfg.eval_data == str(tmp_path / "heldout.jsonl")
     assert all(cfg.sources[k] == "file" for k in ("model", "loss_type", "lr", "eval_data"))
+
+
+def test_rounds_toml_loads_into_the_pipeline_config(tmp_path):
+    from prefpipe.pipeline.config import generate_config, resolve
+    p = tmp_path / "run.toml"
+    p.write_text(code_blocks(text(README), "toml")[1])
+    (tmp_path / "sft").mkdir()
+    cfg = resolve(str(p), {})
+    assert (cfg.rounds, cfg.losses, cfg.betas, cfg.reference_model) == (3, ("1*dpo+1*sft",), (0.1,), "initial")
+    g = generate_config(cfg, cfg.model, cfg.data, str(tmp_path / "out"))
+    assert (g.sampling.num_samples, g.sampling.max_new_tokens, g.judge.reward) == (8, 256, "answer")
+    assert cfg.eval_gen == str(tmp_path / "heldout.jsonl")
 
 
 EXTENDING_REF = re.compile(r"`((?:prefpipe|tests|docs|bench|\.ci)/[\w/.\-]+?)(?::(\w+))?`")
