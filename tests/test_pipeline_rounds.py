@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import one_line_error, write_jsonl
@@ -61,6 +62,12 @@ def test_two_rounds_then_a_rerun_that_redoes_nothing(run_cli, tiny_model, tmp_pa
     assert r.exit_code == 0, r.output
     assert "round 1: reusing" in r.stderr and "round 2: reusing" in r.stderr
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing sampled, scored or trained again
+    # Another sampling seed: both rounds are redone (round 2's policy changes with round 1).
+    before = pq.read_table(runs / "round-1" / "samples" / "samples").to_pylist()
+    r = run_cli("pipeline", "--config", toml, "--generate_seed", "7")
+    assert r.exit_code == 0, r.output
+    assert "round 1: redoing" in r.stderr and "round 2: redoing" in r.stderr
+    assert pq.read_table(runs / "round-1" / "samples" / "samples").to_pylist() != before
 
 
 @pytest.mark.parametrize("extra, needles", [

@@ -85,8 +85,11 @@ def run_one_round(cfg: PipelineConfig, r: int, policy: str, log, run_pipeline_in
         return done
     t0 = time.perf_counter()
     rd.mkdir(parents=True, exist_ok=True)
-    log(f"round {r}: generating from {policy}")
-    gen = run_generate(generate_config(cfg, policy, cfg.data, str(rd / "samples")))
+    # A round finished under other settings (or from another policy) is redone from scratch; an unfinished one
+    # resumes from its sample parts.
+    redo = (rd / ROUND_RECORD).exists()
+    log(f"round {r}: {'redoing (its settings or policy changed), ' if redo else ''}generating from {policy}")
+    gen = run_generate(replace(generate_config(cfg, policy, cfg.data, str(rd / "samples")), overwrite=redo))
     log(f"round {r}: {gen['samples']} samples, mean reward {gen['mean_reward']:.3f}, {gen['pairs']} pairs "
         f"({', '.join(f'{k} {v}' for k, v in gen['prompt_outcomes'].items())})")
     if gen["pairs"] == 0:
