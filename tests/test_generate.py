@@ -176,7 +176,7 @@ def test_samples_of_counts_empty_and_truncated(tiny_tokenizer):
     from collections import Counter
 
     from prefpipe.data.formats import Record
-    from prefpipe.generation.run import _samples_of
+    from prefpipe.generation.parts import _samples_of
 
     eos = tiny_tokenizer.eos_token_id
     word = tiny_tokenizer("hello", add_special_tokens=False)["input_ids"]

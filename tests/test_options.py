@@ -197,8 +197,7 @@ def test_pipeline_train_config_equals_prefpipe_train(run_cli, monkeypatch, tmp_p
 
     seen = {}
     monkeypatch.setattr(loop, "run_training", lambda cfg: seen.setdefault("cfg", cfg) and {"runs": []})
-    import prefpipe.train.sweep_table as summary
-    monkeypatch.setattr(summary, "format_summary", lambda s: "")
+    monkeypatch.setattr("prefpipe.train.cli.format_summary", lambda s: "")
     args = ["--lr", "3e-6", "--reference", "live", "--keep_checkpoints", "2", "--label_smoothing", "0.1",
             "--max_length", "300", "--loss_type", "robust", "--beta", "0.3"]
     r = run_cli("train", "--model", "m", "--cache", "c", "--out", "runs", *args, "--resume")  # the pipeline resumes

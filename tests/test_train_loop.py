@@ -238,10 +238,10 @@ def _weights(d):
 
 
 def test_beta_sweep_writes_three_runs_from_one_cache_read(tmp_path, tiny_model, pair_cache, run_cli, monkeypatch):
-    import prefpipe.data.cache as cache_mod
+    import prefpipe.train.train_data as train_data
     calls = []
-    real = cache_mod.read_cache
-    monkeypatch.setattr(cache_mod, "read_cache", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = train_data.read_cache
+    monkeypatch.setattr(train_data, "read_cache", lambda *a, **k: calls.append(a) or real(*a, **k))
     res = run_cli("train", "--model", tiny_model, "--cache", pair_cache, "--out", tmp_path, "--beta", "0.1",
                   "--beta", "0.3", "--beta", "1", "--lr", "1e-3", "--batch_size", "4", "--max_steps", "3",
                   "--eval_fraction", "0.25", "--no_progress", "--device", "cpu")

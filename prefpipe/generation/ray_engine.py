@@ -30,7 +30,7 @@ class Sampler:
 
     def __init__(self, cfg, cwd: str):
         from prefpipe.generation.generators import make_generator
-        from prefpipe.generation.run import make_generate_judge
+        from prefpipe.generation.parts import make_generate_judge
         from prefpipe.model_paths import resolve_model_dir
         from prefpipe.tokenizer import load_tokenizer
 
@@ -46,7 +46,7 @@ class Sampler:
         return f"{socket.gethostname()} pid {os.getpid()}"
 
     def sample_part(self, index: int, recs: list, pids: list, key: str, out: str) -> dict:
-        from prefpipe.generation.run import sample_part
+        from prefpipe.generation.parts import sample_part
         return dict(sample_part(self.cfg, self.generator, self.judge, self.tok, index, recs, pids, key, Path(out)))
 
 

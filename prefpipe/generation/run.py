@@ -18,19 +18,14 @@ from prefpipe.errors import UserError
 from prefpipe.fileio import OutputLock
 from prefpipe.generation import output
 from prefpipe.generation.config import GenerateConfig
-from prefpipe.generation.judges import make_judge
+from prefpipe.generation.parts import make_generate_judge, sample_part
+from prefpipe.generation.ray_engine import sample_on_ray
 from prefpipe.generation.pairs import PairCounts, build_pairs, default_rule, kto_rows
 from prefpipe.generation.samples import Sample
 from prefpipe.model_paths import resolve_model_dir
 from prefpipe.progress_bar import progress_bar
 
 FORMAT_VERSION = 1
-
-
-def make_generate_judge(cfg: GenerateConfig):
-    j = cfg.judge
-    return make_judge(j.reward, gold_col=j.gold_col, reward_model=j.reward_model, device=cfg.device,
-                      batch_size=j.reward_batch_size, chat_date=cfg.input.chat_date, dtype=cfg.dtype)
 
 
 def read_prompts(cfg: GenerateConfig, judge) -> list:
@@ -56,37 +51,6 @@ def run_key(cfg: GenerateConfig, fingerprints: dict, data_fp: str, judge_name: s
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def part_seed(seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:4], "little")
-
-
-def _samples_of(recs, pids, gens, counts: Counter, drop_truncated: bool, tok, first: int) -> list[Sample]:
-    out = []
-    for j, (rec, p_ids, completions) in enumerate(zip(recs, pids, gens)):
-        for k, (ids, finish) in enumerate(completions):
-            text = tok.decode(ids, skip_special_tokens=True)
-            if not text.strip() and finish == "stop":
-                counts["empty_completion"] += 1  # only a stop token: nothing to prefer or reject
-                continue
-            if finish == "length" and drop_truncated:
-                counts["truncated_dropped"] += 1
-                continue
-            counts["truncated_kept" if finish == "length" else "stopped"] += 1
-            out.append(Sample(first + j, rec.row_id, k, rec.prompt, list(p_ids), text, list(ids), finish,
-                              rec.extra or {}))
-    return out
-
-
-def sample_part(cfg, generator, judge, tok, index: int, recs, pids, key: str, out: Path, progress=None) -> Counter:
-    """Part `index` (prompt records `recs`, their ids `pids`): sampled, judged and written; its sample counts."""
-    counts: Counter = Counter()
-    gens = generator.generate(pids, part_seed(cfg.sampling.seed, index), progress=progress)
-    samples = _samples_of(recs, pids, gens, counts, cfg.drop_truncated, tok, index * cfg.part_rows)
-    judge.score(samples)
-    output.write_part(out, index, samples, key, binary=judge.binary)
-    return counts
-
-
 def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) -> None:
     from prefpipe.generation.generators import make_generator
 
@@ -95,7 +59,6 @@ def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) 
     with progress_bar(total, f"generate: sampling x {cfg.sampling.num_samples}", "prompt",
                       show=cfg.progress) as bar:
         if cfg.engine == "ray":
-            from prefpipe.generation.ray_engine import sample_on_ray
             counts.update(sample_on_ray(cfg, records, prompt_ids, todo, key, out, bar))
             return
         generator = make_generator(cfg.backend, cfg, tok)

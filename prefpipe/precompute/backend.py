@@ -8,6 +8,7 @@ resume, sharding), so a backend is only an engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from prefpipe.errors import UserError
 from prefpipe.options import DTYPES, OptionError, check_choices, opt
 from prefpipe.scores import Scores
 
@@ -95,7 +96,6 @@ def backend_class(name: str) -> type[Backend]:
     import importlib
 
     if name not in BACKENDS:
-        from prefpipe.errors import UserError
         raise UserError(f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)

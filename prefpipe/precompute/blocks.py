@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from prefpipe.data import kto_pairs
-from prefpipe.data.cache import part_name, write_part
+from prefpipe.data.cache import KINDS, part_name, write_part
 from prefpipe.data.tokenize import SeenHashes, TokenStats
 from prefpipe.errors import UserError
 
@@ -38,7 +38,6 @@ def check_scores(sums, counts, responses, row_ids, tokens=None, backend=None):
 def score_block(cols: dict, kind: str, backend, counts: Counter, per_token: bool = False, progress=None):
     """Add reference columns (or lengths only, with no backend) to `cols` in place; with `per_token` also each
     response's per-token reference log-probs (float32 lists)."""
-    from prefpipe.data.cache import KINDS
     from prefpipe.scoring import score_cache_rows
 
     spec = KINDS[kind]

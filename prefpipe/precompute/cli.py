@@ -7,6 +7,7 @@ import click
 
 from prefpipe.options import build, cli_options, from_cli, options
 from prefpipe.precompute.config import PrecomputeConfig
+from prefpipe.precompute.report import format_summary, inspect_lines
 
 OPTIONS = options(PrecomputeConfig)
 
@@ -22,7 +23,6 @@ def precompute(**kwargs):
     """
     cfg = build(PrecomputeConfig, from_cli(OPTIONS, kwargs))  # a bad option stops here, before torch is imported
     from prefpipe.precompute.run import run_precompute
-    from prefpipe.precompute.report import format_summary
 
     summary = run_precompute(cfg)
     if summary.get("leader", True):
@@ -35,7 +35,6 @@ def precompute(**kwargs):
 def inspect_cmd(cache):
     """Print a cache's provenance and column statistics (validates every part on the way)."""
     from prefpipe.data.cache import read_cache
-    from prefpipe.precompute.report import inspect_lines
 
     for line in inspect_lines(read_cache(cache, memory_map=True)):
         click.echo(line)

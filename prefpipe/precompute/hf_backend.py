@@ -30,6 +30,7 @@ from prefpipe.precompute.backend import Backend, BackendOptions
 from prefpipe.scores import Scores
 from prefpipe.packing import prompt_once_supported
 from prefpipe.scoring import head_chunk_tokens, score_pairs, score_sequences
+from prefpipe.warn import warn
 
 
 class HFBackend(Backend):
@@ -51,7 +52,6 @@ class HFBackend(Backend):
         if self.prompt_once:
             why = prompt_once_supported(self.model, self.device, options.max_length)
             if why is not None:
-                from prefpipe.warn import warn
                 warn(f"--prompt_once: {why}; scoring each response in its own forward instead")
                 self.prompt_once = False
 

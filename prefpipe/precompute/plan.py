@@ -16,21 +16,21 @@ from pathlib import Path
 from prefpipe import __version__
 from prefpipe.data import identity, kto_pairs
 from prefpipe.data.cache import MANIFEST, part_is_sound, read_manifest, read_part_metadata
+from prefpipe.data.fingerprint import model_fingerprint, tokenizer_fingerprint
 from prefpipe.data.identity import SCHEMA_VERSION
 from prefpipe.errors import UserError
 from prefpipe.fileio import is_lock_file
+from prefpipe.model_paths import resolve_model_dir
 from prefpipe.precompute.backend import BackendOptions, backend_class
 from prefpipe.precompute.config import PrecomputeConfig
+from prefpipe.tokenizer import load_tokenizer
 from prefpipe.wording import plural
 
 
 def fingerprints(model: str, tokenizer=None) -> dict:
     """{"model": the weights fingerprint, "tokenizer": the tokenizer's fingerprint entry}; computed once per
     process and handed to every plan (the weights are hashed once, see prefpipe.data.fingerprint)."""
-    from prefpipe.data.fingerprint import model_fingerprint, tokenizer_fingerprint
     if tokenizer is None:
-        from prefpipe.model_paths import resolve_model_dir
-        from prefpipe.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(str(resolve_model_dir(model)))
     return {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer)}
 

@@ -40,7 +40,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from prefpipe.data.tokenize import SeenHashes
 from prefpipe.errors import UserError
+from prefpipe.precompute.backend import make_backend
+from prefpipe.precompute.blocks import part_counts, prepare_block, write_block
+from prefpipe.precompute.progress import rows_to_process
+from prefpipe.progress_bar import progress_bar
 
 INSTALL_HINT = "install it with `pip install 'prefpipe[ray]'`"
 RESTARTS = 3  # per actor: Ray restarts a dead actor and retries its part this many times
@@ -61,7 +66,6 @@ class Scorer:
     """One Ray actor: a backend loaded once, scoring and writing whole parts."""
 
     def __init__(self, backend: str, options, crash: tuple | None = None):
-        from prefpipe.precompute.backend import make_backend
         self.backend = make_backend(backend, options)
         self.crash = crash
 
@@ -70,7 +74,6 @@ class Scorer:
 
     def score_part(self, cols: dict, rows: dict, counts: dict, kind: str, per_token: bool, meta: dict,
                    out: str) -> dict:
-        from prefpipe.precompute.blocks import write_block
         if self.crash is not None and self.crash[0] == rows["index"]:
             index, marker = self.crash
             if not marker:
@@ -166,9 +169,6 @@ class RayEngine:
 
     def score_parts(self, cfg, procs, ds, kind, pt, backend, meta, out: Path, done: dict) -> dict:
         """What `run._score_parts` returns, for one process whose actors score every part not in `done`."""
-        from prefpipe.data.tokenize import SeenHashes
-        from prefpipe.precompute.blocks import prepare_block
-
         pool = _Pool(self.ray, self.actors, self.where)
         bar = _Bar(cfg, ds, done)
         seen = SeenHashes()
@@ -230,15 +230,12 @@ class _Bar:
     """The driver's one progress bar: input rows of the parts to score, with tokens/s over all actors."""
 
     def __init__(self, cfg, ds, done: dict):
-        from prefpipe.precompute.progress import rows_to_process
-        from prefpipe.progress_bar import progress_bar
         total = rows_to_process(ds.row_counts, cfg.part_rows, lambda i: i not in done) if cfg.progress else None
         actors = f"{cfg.ray_workers} ray actor{'s' if cfg.ray_workers > 1 else ''}"
         self.bar = progress_bar(total, f"precompute ({actors})", "row", show=cfg.progress)
         self.t0, self.tokens, self.written = time.perf_counter(), 0, {}
 
     def done(self, part: dict, n_rows: int):
-        from prefpipe.precompute.blocks import part_counts
         self.written[part["index"]] = part_counts(part)
         self.tokens += part["tokens_scored"]
         rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)

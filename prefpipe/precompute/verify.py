@@ -33,7 +33,11 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
+from prefpipe.data.cache import KINDS, read_cache
+from prefpipe.data.identity import model_mismatch, tokenizer_mismatch
 from prefpipe.errors import UserError
+from prefpipe.model_paths import resolve_model_dir
+from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
 VERIFY_BATCH_TOKENS = 8192
 
@@ -60,8 +64,6 @@ class VerifyFailed(UserError):
 
 def _sequences(sub: dict, kind: str) -> list[dict]:
     """Each response of the sampled rows (`sub`, their columns), response by response as `_rescore` scores them."""
-    from prefpipe.data.cache import KINDS
-
     return [{"row_id": sub["row_id"][i], "response": r.name, "ids": sub[r.ids][i], "cached": sub[r.ref][i],
              "cached_len": sub[r.length][i] if r.length else None}
             for r in KINDS[kind].responses for i in range(len(sub["row_id"]))]
@@ -69,7 +71,6 @@ def _sequences(sub: dict, kind: str) -> list[dict]:
 
 def _rescore(model, sub: dict, kind: str, device) -> list[tuple[float, int]]:
     """Float64 sums (math.fsum) of float32 per-token log-probs, in `_sequences` order."""
-    from prefpipe.data.cache import KINDS
     from prefpipe.scoring import score_cache_rows, score_sequences
 
     got = score_cache_rows(sub.__getitem__, kind, lambda p, r: score_sequences(
@@ -79,10 +80,6 @@ def _rescore(model, sub: dict, kind: str, device) -> list[tuple[float, int]]:
 
 
 def _identity(cache_meta: dict, model: str) -> dict:
-    from prefpipe.model_paths import resolve_model_dir
-    from prefpipe.data.identity import model_mismatch, tokenizer_mismatch
-    from prefpipe.tokenizer import load_tokenizer
-
     model_dir = str(resolve_model_dir(model))
     tok_diff = tokenizer_mismatch(cache_meta, load_tokenizer(model_dir))
     return {"model_matches": model_mismatch(cache_meta, model_dir) is None,
@@ -96,9 +93,7 @@ def verify_cache(cache_dir: str, model: str, k: int, *, seed: int = 0, device: s
 
     import transformers
 
-    from prefpipe.data.cache import read_cache
     from prefpipe.modeling import load_model, resolve_device
-    from prefpipe.tokenizer import quiet_transformers
 
     if k < 1:
         raise UserError(f"--verify needs a positive number of rows (got {k})")

@@ -33,6 +33,7 @@ import math
 import os
 
 from prefpipe.errors import UserError
+from prefpipe.model_paths import resolve_model_dir
 from prefpipe.precompute.backend import Backend, BackendOptions
 from prefpipe.scores import Scores
 
@@ -117,8 +118,6 @@ class VLLMBackend(Backend):
             raise UserError(f"--backend vllm needs vLLM, which is not installed here; {INSTALL_HINT}")
 
         import torch
-
-        from prefpipe.model_paths import resolve_model_dir
 
         self.on_gpu = torch.cuda.is_available()
         self.dtype = self.numerics(options)[0]

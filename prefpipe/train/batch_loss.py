@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prefpipe.data.cache import UNPAIRED
+from prefpipe.data.cache import PAIRED, UNPAIRED
 from prefpipe.train import losses as L
 from prefpipe.train.registry import EXAMPLES, PAIRS
 
@@ -83,7 +83,6 @@ def _policy_extras(loss: L.Loss, loss_cfg) -> tuple:
 def _token_inputs(batch, tokens: torch.Tensor, ref_tok: torch.Tensor | None) -> dict:
     """Per-token log-probs of a paired batch, `[n, T]` zero-padded: the policy's (`tokens`, with gradient) and the
     reference's, from the live reference's forward (`ref_tok`) or else the cache's per-token columns."""
-    from prefpipe.data.cache import PAIRED
     n = batch.n
     if ref_tok is None:
         ref_c, ref_r = (batch.ref[r.tokens] for r in PAIRED.responses)

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
+from prefpipe.data.cache import PAIRED, UNPAIRED
 from prefpipe.data.mapped import take_rows
 from prefpipe.logprobs import pad_batch
 from prefpipe.train.order import StepSampler
+from prefpipe.train.registry import CHOSEN, EXAMPLES
 from prefpipe.train.train_data import TrainData
 
 
@@ -82,8 +84,6 @@ def pack_sequences(seqs: list[list[int]], device=None) -> tuple[torch.Tensor, to
 
 def collate_rows(t: pa.Table, shape: str, pad_id: int, use_cached_reference: bool, device=None,
                  pack: bool = False) -> Batch:
-    from prefpipe.data.cache import PAIRED, UNPAIRED
-    from prefpipe.train.registry import CHOSEN, EXAMPLES
     prompts = t.column("prompt_ids").to_pylist()
     n = len(prompts)
     tokens = [0]

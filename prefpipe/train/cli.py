@@ -7,6 +7,7 @@ import click
 
 from prefpipe.options import build, cli_options, from_cli, options
 from prefpipe.train.config import TrainConfig
+from prefpipe.train.sweep_table import format_summary
 
 OPTIONS = options(TrainConfig)
 
@@ -25,7 +26,6 @@ def train(**kwargs):
 
     cfg = build(TrainConfig, from_cli(OPTIONS, kwargs))  # a bad option stops here, before torch is imported
     from prefpipe.train.loop import run_training
-    from prefpipe.train.sweep_table import format_summary
 
     summary = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

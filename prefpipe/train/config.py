@@ -10,7 +10,7 @@ from prefpipe.options import DTYPES, OptionError, check_choices, group, opt
 from prefpipe.train.registry import (KNOBS, LOSS_TYPES, LOSSES, PAIRS, Knob, LossSpec, entry_for, resolve_loss_type,
                                        run_label, unread_knobs)
 from prefpipe.train.schedule import SCHEDULERS
-from prefpipe.train.tracking import REPORT_TO_CHOICES
+from prefpipe.train.tracking import REPORT_TO_CHOICES, check_installed, parse_report_to
 
 REFERENCES = ("cached", "live")
 
@@ -243,8 +243,6 @@ class TrainConfig:
                                      "$WANDB_RUN_GROUP, WANDB_MODE=offline). Repeat for both.")
 
     def __post_init__(self):
-        from prefpipe.train.tracking import check_installed, parse_report_to
-
         check_choices(self)
         object.__setattr__(self, "loss_types", tuple(canonical_loss_type(self, "loss_types", lt)
                                                      for lt in self.loss_types))

@@ -54,10 +54,14 @@ from pathlib import Path
 import torch
 
 from prefpipe import rundir
+from prefpipe.data.kto_pairs import kto_balance_warning
 from prefpipe.dist import Procs
 from prefpipe.errors import UserError
 from prefpipe.fileio import OutputLock, atomic_write_text
+from prefpipe.model_paths import resolve_model_dir
+from prefpipe.progress_bar import progress_bar
 from prefpipe.rundir import RunsDir, merge_summary
+from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 from prefpipe.train import checkpoint as ck
 from prefpipe.train.batches import RowsDataset, train_loader
 from prefpipe.train.order import StepSampler
@@ -87,7 +91,6 @@ def _logger(procs: Procs):
 def run_training(cfg: TrainConfig) -> dict:
     """Run every (loss type, beta) of `cfg` in turn from one loaded cache; write and return the summary."""
     from prefpipe.modeling import resolve_device, resolve_dtype
-    from prefpipe.tokenizer import quiet_transformers
 
     quiet_transformers()
     device = process_device(resolve_device(cfg.device))
@@ -119,9 +122,7 @@ def run_training(cfg: TrainConfig) -> dict:
 
 def _prepare(cfg: TrainConfig, runs: list, procs, device, compute_dtype, log) -> Context:
     """Load the data once for the sweep and check it: kinds, reference columns, tokenizer and model."""
-    from prefpipe.model_paths import resolve_model_dir
     from prefpipe.modeling import load_model
-    from prefpipe.tokenizer import load_tokenizer
 
     paired = {LOSSES[r.loss_type].paired for r in runs}
     if len(paired) > 1:
@@ -133,7 +134,6 @@ def _prepare(cfg: TrainConfig, runs: list, procs, device, compute_dtype, log) ->
     for note in data.notes:
         log(note)
     if data.kind == "unpaired":
-        from prefpipe.data.kto_pairs import kto_balance_warning
         warning = kto_balance_warning(data.table.column("label").to_pylist(), cfg.loss.desirable_weight,
                                       cfg.loss.undesirable_weight)
         if warning:
@@ -210,7 +210,6 @@ def train_one(ctx: Context, loss: LossConfig) -> dict:
 def _run_steps(ctx: Context, loss: LossConfig, plan: Plan, tr: Trainer, rd, mlog: MetricsLog, ref_scorer,
                use_cached_ref: bool, resolved: dict) -> tuple[dict | None, dict | None]:
     """Steps `tr.step + 1 .. plan.total`, each logged, with evaluations and checkpoints on schedule."""
-    from prefpipe.progress_bar import progress_bar
     cfg, procs, loop = ctx.cfg, ctx.procs, ctx.cfg.loop
     dataset = RowsDataset(ctx.data, LOSSES[loss.loss_type].batch, ctx.tokenizer.pad_token_id, use_cached_ref,
                           pack=tr.policy.packed)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from prefpipe.errors import UserError
+
 
 def peft_config(cfg):
     """A `peft.LoraConfig` from prefpipe's `LoraConfig` group."""
@@ -33,7 +35,6 @@ def add_adapter(lm, cfg, model_dir: str, checkpoint: Path | None = None):
     """`lm` (the loaded SFT model) with a trainable adapter: a fresh one, or the one saved in `checkpoint`."""
     from peft import PeftModel, get_peft_model
 
-    from prefpipe.errors import UserError
     if getattr(lm, "is_loaded_in_4bit", False):
         from peft import prepare_model_for_kbit_training
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prefpipe.dist import Procs, join, under_torchrun
+from prefpipe.errors import UserError
 from prefpipe.logprobs import sequence_logprobs
 
 
@@ -25,7 +26,6 @@ def start(device: torch.device, fsdp: bool = False) -> Procs:
     process (its device mesh lives in it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if fsdp and not under_torchrun():
-        from prefpipe.errors import UserError
         raise UserError("--fsdp shards the model over torchrun's processes: launch with "
                         "`torchrun --nproc_per_node=N -m prefpipe train ... --fsdp`")
     if world <= 1 and not fsdp:
@@ -64,7 +64,6 @@ def _shard(scorer: Scorer):
     layer_names = set(getattr(scorer.lm, "_no_split_modules", None) or ())
     layers = [m for m in scorer.lm.modules() if type(m).__name__ in layer_names]
     if not layers:
-        from prefpipe.errors import UserError
         raise UserError(f"--fsdp: cannot find the decoder layers of {type(scorer.lm).__name__}")
     for layer in layers:
         fully_shard(layer)
@@ -98,7 +97,6 @@ def wrap_policy(lm: nn.Module, procs: Procs, device: torch.device, fsdp: bool) -
     """`lm` may be a PeftModel: the scorer then runs the transformers model inside it (adapter layers and all)."""
     from prefpipe.train.lora import transformers_model
     if fsdp and getattr(lm, "is_loaded_in_4bit", False):
-        from prefpipe.errors import UserError
         raise UserError("--fsdp with --load_in_4bit is not supported; use DDP (torchrun without --fsdp)")
     scorer = Scorer(transformers_model(lm))
     if fsdp:

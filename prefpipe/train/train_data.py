@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from prefpipe.data import kto_pairs
+from prefpipe.data.cache import read_cache, schema_for
+from prefpipe.data.tokenize import PairTokenizer, TokenStats
 from prefpipe.errors import UserError
 from prefpipe.wording import plural
 
@@ -38,7 +41,6 @@ class TrainData:
 def load_train_data(src, tokenizer, kto: bool) -> TrainData:
     """Read `src.cache`, or tokenize `src.data`. `kto` asks for KTO examples (unpaired kind)."""
     if src.cache:
-        from prefpipe.data.cache import read_cache
         cache = read_cache(src.cache, memory_map=True)  # memory grows with the rows a step touches
         if kto and cache.kind != "unpaired":
             raise UserError("KTO trains on single examples with pinned mismatched partners, but this cache holds "
@@ -55,10 +57,6 @@ def load_train_data(src, tokenizer, kto: bool) -> TrainData:
 
 
 def _tokenize_data(src, tokenizer, kto: bool) -> TrainData:
-    from prefpipe.data.cache import schema_for
-    from prefpipe.data.tokenize import PairTokenizer, TokenStats
-    from prefpipe.data import kto_pairs
-
     ds = src.input.dataset(src.data, kto_view=kto)
     ds.validate()  # every bad row at once, before the policy is loaded
     if not kto and not ds.paired:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import torch
 
+from prefpipe.data.cache import KINDS
+from prefpipe.data.identity import model_mismatch, tokenizer_mismatch
+from prefpipe.data.mapped import take_rows
 from prefpipe.errors import UserError
 from prefpipe.wording import plural
 
 
 def check_tokenizer(data, tokenizer) -> str:
-    from prefpipe.data.identity import tokenizer_mismatch
     if not (data.metadata or {}).get("tokenizer"):
         raise UserError("the cache records no tokenizer fingerprint; rerun precompute", file=data.origin)
     diff = tokenizer_mismatch(data.metadata, tokenizer)
@@ -38,7 +40,6 @@ def check_tokenizer(data, tokenizer) -> str:
 
 
 def check_model(data, model_dir, allow_mismatch: bool, log) -> str:
-    from prefpipe.data.identity import model_mismatch
     cached = (data.metadata or {}).get("model") or {}
     actual = model_mismatch(data.metadata or {}, model_dir)
     if actual is None:
@@ -74,8 +75,6 @@ def measure_drift(scorer, data, rows: list[int], batch_size: int, pad_id: int, d
     the padded tokens of `batch_size` rows, all their responses at the sample's longest, without gradients: less
     memory than one training micro-batch. Every process
     scores the same rows in the same batches (FSDP ranks must run forwards together), so no reduction is needed."""
-    from prefpipe.data.cache import KINDS
-    from prefpipe.data.mapped import take_rows
     from prefpipe.scoring import rows_budget, score_cache_rows, score_sequences
 
     spec = KINDS[data.kind]
