@@ -9,7 +9,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import one_line_error, write_jsonl
+from helpers import greedy_continuation, one_line_error, write_jsonl
 
 JUDGE = '''
 def length(prompt, completion, row):
@@ -159,3 +159,18 @@ def test_reading_an_output_being_written_or_unfinished(run_cli, tiny_model, tmp_
     r = run_cli("precompute", "--model", tiny_model, "--data", out, "--out", tmp_path / "c")
     one_line_error(r, "incomplete")
     shutil.rmtree(out)
+
+
+def test_greedy_samples_are_the_greedy_continuation(run_cli, tiny_model, tiny_lm, tiny_tokenizer, tmp_path, judged):
+    # transformers refuses num_return_sequences > 1 without sampling: greedy K samples are one decode, repeated.
+    data, out = _prompts(tmp_path, 4), tmp_path / "gen"
+    r = run_cli("generate", "--model", tiny_model, "--data", data, "--out", out, "--reward", judged,
+                "--temperature", "0", "--num_samples", "3", "--max_new_tokens", "10", "--no_progress")
+    assert r.exit_code == 0, r.output
+    samples = [s for part in _samples(out) for s in part]
+    assert sorted({s["prompt_index"] for s in samples}) == [0, 1, 2, 3]
+    stops = {tiny_tokenizer.eos_token_id, tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    for s in samples:
+        assert s["completion_ids"] == greedy_continuation(tiny_lm, s["prompt_ids"], 10, stops)
+    assert len(samples) == 12 - json.loads((out / "manifest.json").read_text())["summary"]["sample_counts"].get(
+        "empty_completion", 0)

@@ -46,19 +46,22 @@ class HfGenerator(Generator):
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], seed: int, progress=None) -> list[list[Completion]]:
         k, n_new = self.sampling.num_samples, self.sampling.max_new_tokens
+        # Greedy: the K samples are one completion (and transformers refuses num_return_sequences > 1 without
+        # sampling), so each prompt is decoded once and repeated.
+        k_run = 1 if self.sampling.temperature == 0 else k
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         out: list = [None] * len(prompt_ids)
         torch.manual_seed(seed)  # one stream per call: a part is drawn the same whether or not it was resumed
-        per_batch = max(1, self.batch_size // k)
+        per_batch = max(1, self.batch_size // k_run)
         for start in range(0, len(order), per_batch):
             idx = order[start:start + per_batch]
             ids, mask = pad_batch([prompt_ids[i] for i in idx], self.pad, self.device, side="left")
             gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
-                                      num_return_sequences=k, pad_token_id=self.pad,
+                                      num_return_sequences=k_run, pad_token_id=self.pad,
                                       eos_token_id=sorted(self.stops), **self._kwargs())
             new = gen[:, ids.shape[1]:].tolist()
             for j, i in enumerate(idx):
-                out[i] = [cut_at_stop(new[j * k + s], self.stops, n_new) for s in range(k)]
+                out[i] = [cut_at_stop(new[j * k_run + s % k_run], self.stops, n_new) for s in range(k)]
             if progress is not None:
                 progress(len(idx))
         return out
