@@ -77,11 +77,13 @@ def _samples_of(recs, pids, gens, counts: Counter, drop_truncated: bool, tok, fi
     return out
 
 
-def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) -> None:
+def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) -> dict:
+    """Sample, judge and write the parts `todo`; the generator's provenance (engine, version, resolved dtype)."""
     from prefpipe.generation.sampler import make_generator
 
     n = cfg.part_rows
     generator = make_generator(cfg.backend, cfg, tok)
+    engine = generator.provenance()
     total = sum(len(records[i * n:(i + 1) * n]) for i in todo)
     try:
         with progress_bar(total, f"generate: sampling x {cfg.sampling.num_samples}", "prompt",
@@ -95,6 +97,7 @@ def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) 
     finally:
         generator.close()
         judge.close()
+    return engine
 
 
 def _build_views(cfg: GenerateConfig, out: Path, n_parts: int):
@@ -141,8 +144,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     with OutputLock(out, "--out"):
         done = output.finished_parts(out, key, n_parts, cfg.overwrite)
         todo = [i for i in range(n_parts) if i not in done]
-        if todo:
-            _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge)
+        # What sampled the parts of this process (none when every part was reused)
+        engine = _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) if todo else None
         rule, pairs, kto, pair_counts, rewards, binary = _build_views(cfg, out, n_parts)
         output.write_views(out, pairs, kto, key)
         summary = {"prompts": len(records), "parts": n_parts, "parts_reused": len(done),
@@ -152,7 +155,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
                    "seconds": round(time.time() - t0, 2)}
         manifest = {"kind": KIND, "version": FORMAT_VERSION, "key": key, "created": time.time(),
                     "generator": {"path": cfg.model, "fingerprint": fps["model"], "tokenizer": fps["tokenizer"],
-                                  "backend": cfg.backend, "dtype": cfg.dtype},
+                                  "backend": cfg.backend, "dtype": cfg.dtype, "engine": engine},
                     "sampling": asdict(cfg.sampling), "judge": {"name": judge.name, "binary": binary,
                                                                 **asdict(cfg.judge)},
                     "input": {"data": str(cfg.data), "fingerprint": data_fp,
