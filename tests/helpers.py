@@ -60,3 +60,19 @@ def make_sample(sample_index: int, completion_ids: list[int], reward: float | No
     return Sample(prompt_index=prompt_index, row_id=f"r{prompt_index}", sample_index=sample_index, prompt=prompt,
                   prompt_ids=[1], completion=" ".join(map(str, completion_ids)) if completion is None else completion,
                   completion_ids=list(completion_ids), finish_reason="stop", row=dict(row or {}), reward=reward)
+
+
+def greedy_continuation(model, prompt_ids: list[int], max_new_tokens: int, stops: set[int]) -> list[int]:
+    """Greedy decoding the slow way: a full forward over the whole sequence at every step (no KV cache, no
+    batching, no padding), argmax of the last position, ending just after a stop id or at `max_new_tokens`."""
+    import torch
+    ids = list(prompt_ids)
+    out: list[int] = []
+    with torch.no_grad():
+        while len(out) < max_new_tokens:
+            t = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(t)
+            out.append(t)
+            if t in stops:
+                break
+    return out

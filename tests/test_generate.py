@@ -9,7 +9,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import one_line_error, write_jsonl
+from helpers import greedy_continuation, one_line_error, write_jsonl
 
 JUDGE = '''
 def length(prompt, completion, row):
@@ -192,8 +192,6 @@ def test_samples_of_counts_empty_and_truncated(tiny_tokenizer):
 
 
 def test_greedy_gives_every_sample_the_greedy_completion(tiny_model, tiny_lm, tiny_tokenizer):
-    import torch
-
     from prefpipe.generation.config import SamplingSettings
     from prefpipe.generation.hf_sampler import HfGenerator
 
@@ -201,14 +199,20 @@ def test_greedy_gives_every_sample_the_greedy_completion(tiny_model, tiny_lm, ti
     gen = HfGenerator(tiny_lm, tiny_tokenizer, SamplingSettings(num_samples=3, temperature=0.0, max_new_tokens=5),
                       batch_size=8)
     got = gen.generate(prompts, seed=0)
-    for p, comps in zip(prompts, got):
-        ids = torch.tensor([p])
-        want = []
-        with torch.inference_mode():  # argmax step by step, the whole sequence each time: no cache, no padding
-            for _ in range(5):
-                nxt = int(tiny_lm(ids).logits[0, -1].argmax())
-                want.append(nxt)
-                if nxt in gen.stops:
-                    break
-                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    for p, comps in zip(prompts, got):  # a batch with left padding, against one unpadded prompt at a time
+        want = greedy_continuation(tiny_lm, p, 5, gen.stops)
         assert comps == [(want, "stop" if want[-1] in gen.stops else "length")] * 3
+
+def test_greedy_samples_are_the_greedy_continuation(run_cli, tiny_model, tiny_lm, tiny_tokenizer, tmp_path, judged):
+    # transformers refuses num_return_sequences > 1 without sampling: greedy K samples are one decode, repeated.
+    data, out = _prompts(tmp_path, 4), tmp_path / "gen"
+    r = run_cli("generate", "--model", tiny_model, "--data", data, "--out", out, "--reward", judged,
+                "--temperature", "0", "--num_samples", "3", "--max_new_tokens", "10", "--no_progress")
+    assert r.exit_code == 0, r.output
+    samples = [s for part in _samples(out) for s in part]
+    assert sorted({s["prompt_index"] for s in samples}) == [0, 1, 2, 3]
+    stops = {tiny_tokenizer.eos_token_id, tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    for s in samples:
+        assert s["completion_ids"] == greedy_continuation(tiny_lm, s["prompt_ids"], 10, stops)
+    assert len(samples) == 12 - json.loads((out / "manifest.json").read_text())["summary"]["sample_counts"].get(
+        "empty_completion", 0)

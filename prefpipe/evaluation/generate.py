@@ -53,13 +53,17 @@ def vllm_generate(model_path: str, tokenizer, prompt_ids: list[list[int]], *, ma
     import json
     from pathlib import Path
 
+    from prefpipe.vllm_engine import engine_dtype, engine_settings
+
+    dtype, on_gpu = engine_dtype(dtype)  # auto: float32 on CPU, whatever the checkpoint's dtype
+    engine_args = engine_settings(on_gpu)  # before vLLM is imported: it reads the environment then
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     limit = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings", 4096)
     llm = LLM(model=model_path, skip_tokenizer_init=True, dtype=dtype, enable_prefix_caching=False, seed=0,
               gpu_memory_utilization=gpu_memory_utilization, disable_log_stats=True,
-              max_model_len=min(limit, max(len(p) for p in prompt_ids) + max_new_tokens))
+              max_model_len=min(limit, max(len(p) for p in prompt_ids) + max_new_tokens), **engine_args)
     # Without its tokenizer the engine does not know EOS: name it, as transformers' generate() is told it.
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False,
                             stop_token_ids=[tokenizer.eos_token_id])

