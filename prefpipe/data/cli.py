@@ -62,7 +62,9 @@ def check(ctx, data_path, **kwargs):
         stats.skip_records = list({r["reason"]: r for r in reversed(stats.skip_records)}.values())
         for rec in batch:
             examples.setdefault(_shape(rec), rec)
-    click.echo(f"data:       {data_path} ({plural(len(ds.sources), 'file')})")
+    what = f"a prefpipe generate output, its {'KTO view' if ds.kto_view else 'pairs'}" if ds.generated else \
+        plural(len(ds.sources), 'file')
+    click.echo(f"data:       {data_path} ({what})")
     for f in ds.skipped_files:
         click.echo(f"            skipped {f} (not a data file)")
     click.echo(f"format:     {ds.format}")
