@@ -84,6 +84,10 @@ def test_kto_view_and_tokenizer_check(run_cli, tiny_model, tmp_path, judged):
     assert run_cli("generate", "--model", tiny_model, "--data", data, "--out", out, "--reward", judged,
                    "--max_new_tokens", "6", "--num_samples", "3", "--no_progress").exit_code == 0
     kto = _rows(out / "kto.parquet")
+    r = run_cli("data", "check", out, "--model", tiny_model)
+    assert r.exit_code == 0 and "a prefpipe generate output, its pairs" in r.output, r.output
+    n_pairs = len(_rows(out / "pairs.parquet"))
+    assert f"rows:       {n_pairs} read, {n_pairs} kept" in r.output
     r = run_cli("precompute", "--model", tiny_model, "--data", out, "--out", tmp_path / "kto-cache", "--kto")
     assert r.exit_code == 0, r.output
     cached = [row for f in sorted((tmp_path / "kto-cache").glob("part-*.parquet")) for row in _rows(f)]
