@@ -14,7 +14,8 @@ export TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0} TORCH_INDEX=${TORCH_INDEX:-pypi}
 FAST_TESTS=(
   tests/test_pipeline_config.py tests/test_identity.py tests/test_options.py tests/test_formats.py
   tests/test_data_check.py tests/test_losses.py tests/test_input_robustness.py tests/test_tokenize.py
-  tests/test_foundation.py tests/test_data_mapped.py tests/test_setup_commands.py
+  tests/test_foundation.py tests/test_data_mapped.py tests/test_setup_commands.py tests/test_generation_pairs.py
+  tests/test_generation_judges.py
 )
 
 pipeline_smoke() {  # $1: the venv; the real CLI, defaults (progress bars on), three training steps
