@@ -76,3 +76,32 @@ def greedy_continuation(model, prompt_ids: list[int], max_new_tokens: int, stops
             if t in stops:
                 break
     return out
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def vllm_python() -> str:
+    """The vLLM environment's interpreter (PREFPIPE_VLLM_PYTHON, built by .ci/vllm-env.sh); the test skips without
+    it, or fails under PREFPIPE_REQUIRE_VLLM=1 (CI), where a missing environment must not pass as a skip."""
+    import os
+
+    import pytest
+    py = os.environ.get("PREFPIPE_VLLM_PYTHON")
+    problem = None
+    if not py:
+        problem = "PREFPIPE_VLLM_PYTHON is not set (build the environment with .ci/vllm-env.sh)"
+    elif not os.access(py, os.X_OK):
+        problem = f"PREFPIPE_VLLM_PYTHON={py} is not an executable"
+    if problem:
+        if os.environ.get("PREFPIPE_REQUIRE_VLLM") == "1":
+            pytest.fail(f"PREFPIPE_REQUIRE_VLLM=1 but {problem}")
+        pytest.skip(problem)
+    return py
+
+
+def vllm_env() -> dict:
+    """The environment a vLLM CLI subprocess runs in: this checkout first on the path, offline, a small CPU KV cache."""
+    import os
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import subprocess
 from pathlib import Path
@@ -35,7 +34,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import greedy_continuation, random_text, write_jsonl
+from helpers import greedy_continuation, random_text, vllm_env, vllm_python, write_jsonl
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parent.parent
@@ -44,25 +43,6 @@ K = 2
 N_PROMPTS = 12
 NEAR_TIE = 1e-3  # logits: three orders of magnitude above float32 engine differences
 JUDGE = "def good(prompt, completion, row):\n    return bool(row['good'])\n"
-
-
-def _engine_python() -> str:
-    py = os.environ.get("PREFPIPE_VLLM_PYTHON")
-    problem = None
-    if not py:
-        problem = "PREFPIPE_VLLM_PYTHON is not set (build the environment with .ci/vllm-env.sh)"
-    elif not os.access(py, os.X_OK):
-        problem = f"PREFPIPE_VLLM_PYTHON={py} is not an executable"
-    if problem:
-        if os.environ.get("PREFPIPE_REQUIRE_VLLM") == "1":
-            pytest.fail(f"PREFPIPE_REQUIRE_VLLM=1 but {problem}")
-        pytest.skip(problem)
-    return py
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def _greedy64(model64, prompt_ids: list[int], stops: set[int]) -> tuple[list[int], list[float]]:
@@ -101,7 +81,7 @@ def run(tiny_model, tiny_tokenizer, tmp_path_factory):
     from prefpipe.cli import cli
     from prefpipe.modeling import load_model
 
-    py = _engine_python()
+    py = vllm_python()
     d = tmp_path_factory.mktemp("vllm-generate")
     model = d / "model"
     # Saved in bf16, as checkpoints are: vLLM's own `auto` would then run bf16, prefpipe's is float32 on CPU.
@@ -133,7 +113,7 @@ def run(tiny_model, tiny_tokenizer, tmp_path_factory):
             "--temperature", "0", "--num_samples", str(K), "--max_new_tokens", str(MAX_NEW), "--dtype", "auto",
             "--no_progress"]
     proc = subprocess.run([py, "-m", "prefpipe", *args, "--backend", "vllm", "--out", str(d / "vllm")], cwd=d,
-                          env=_env(), capture_output=True, text=True, timeout=400)
+                          env=vllm_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     with contextlib.chdir(d):  # the python judge is imported from the working directory
         res = CliRunner().invoke(cli, [*args, "--backend", "hf", "--device", "cpu", "--out", str(d / "hf")],

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_pairs, make_unpaired, write_jsonl
+from helpers import make_pairs, make_unpaired, vllm_env, vllm_python, write_jsonl
 from prefpipe.data.cache import MANIFEST, read_cache
 from prefpipe.errors import UserError
 from prefpipe.precompute.run import PrecomputeConfig, run_precompute
@@ -32,25 +32,6 @@ from prefpipe.precompute.run import PrecomputeConfig, run_precompute
 REPO = Path(__file__).resolve().parent.parent
 PAIRED = dict(max_length=64, max_prompt_length=24, part_rows=8)  # truncation happens on these rows
 KTO = dict(part_rows=2)  # default lengths: the engine context is max_length + 1 = the model's 1024 + 1
-
-
-def _engine_python() -> str:
-    py = os.environ.get("PREFPIPE_VLLM_PYTHON")
-    problem = None
-    if not py:
-        problem = "PREFPIPE_VLLM_PYTHON is not set (build the environment with .ci/vllm-env.sh)"
-    elif not os.access(py, os.X_OK):
-        problem = f"PREFPIPE_VLLM_PYTHON={py} is not an executable"
-    if problem:
-        if os.environ.get("PREFPIPE_REQUIRE_VLLM") == "1":
-            pytest.fail(f"PREFPIPE_REQUIRE_VLLM=1 but {problem}")
-        pytest.skip(problem)
-    return py
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def _cli(py: str, model, data, out, settings: dict, *extra) -> list[str]:
@@ -99,7 +80,7 @@ def model64(tiny_model):
 @pytest.fixture(scope="module")
 def paired(tiny_model, tmp_path_factory):
     """Two concurrent `--shard i/2` vLLM processes (data parallel) and the in-process hf cache of the same data."""
-    py = _engine_python()
+    py = vllm_python()
     d = tmp_path_factory.mktemp("vllm-paired")
     rows = make_pairs(30, seed=11)
     rows[3]["prompt"] = "A prompt that ends in a space "  # the boundary rule must hold on both sides
@@ -107,7 +88,7 @@ def paired(tiny_model, tmp_path_factory):
     data = write_jsonl(d / "pairs.jsonl", rows)
     hf = _hf_cache(tiny_model, data, d / "hf", PAIRED)
     procs = [subprocess.Popen(_cli(py, tiny_model, data, d / "vllm", PAIRED, "--shard", f"{i}/2", "--verify", "4"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=vllm_env())
              for i in range(2)]
     outs = [p.communicate(timeout=400)[0] for p in procs]
     for p, o in zip(procs, outs):
@@ -118,13 +99,13 @@ def paired(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def kto(tiny_model, tmp_path_factory):
     """A KTO (unpaired) vLLM run killed after a few parts, then rerun to completion; and the hf cache."""
-    py = _engine_python()
+    py = vllm_python()
     d = tmp_path_factory.mktemp("vllm-kto")
     data = write_jsonl(d / "unpaired.jsonl", make_unpaired(60, seed=12))
     hf = _hf_cache(tiny_model, data, d / "hf", KTO)
     out = d / "vllm"
     cmd = _cli(py, tiny_model, data, out, KTO)
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=vllm_env(),
                              start_new_session=True)
     deadline = time.monotonic() + 300
     while len(list(out.glob("part-*.parquet"))) < 3:
@@ -138,7 +119,7 @@ def kto(tiny_model, tmp_path_factory):
     first.communicate()
     survivors = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert not (out / MANIFEST).exists(), "the kill came after the run had finished"
-    second = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    second = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=vllm_env(),
                             timeout=400)
     assert second.returncode == 0, _failed(second.stdout)
     return {"hf": hf, "vllm": out, "survivors": survivors, "output": second.stdout}

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from prefpipe.data.settings import InputSettings
-from prefpipe.options import DTYPES, OptionError, check_choices, group, opt
+from prefpipe.options import DTYPES, OptionError, check_choices, group, opt, same_as
+from prefpipe.precompute.config import PrecomputeConfig
 
 GENERATE_BACKENDS = ("hf", "vllm")
 PAIR_RULES = ("auto", "correct_vs_incorrect", "best_vs_worst")
@@ -97,12 +98,10 @@ class GenerateConfig:
                       "--ray_workers Ray actors, one model and judge each (docs/ray.md).")
     ray_workers: int = opt(1, metavar="N", help="ray: sampling actors (GPUs per actor: 1, none with --device cpu "
                            "or a GPU-less cluster).")
-    ray_address: str | None = opt(None, metavar="ADDRESS", help="ray: join this cluster (auto: the one this node "
-                                  "belongs to); --out must then be an absolute path every node sees.",
-                                  default_text="start a local Ray instance for this command")
+    ray_address: str | None = same_as(PrecomputeConfig, "ray_address")
     overwrite: bool = opt(False, help="Delete the parts already in --out first (needed when they come from a "
                           "different run).")
-    progress: bool = opt(True, help="Progress bar.", off_help="No progress bar.")
+    progress: bool = same_as(PrecomputeConfig, "progress")
 
     OPTION_ORDER: ClassVar[tuple] = (
         "model", "data", "out", "num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
