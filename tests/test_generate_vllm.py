@@ -1,24 +1,27 @@
 """`prefpipe generate --backend vllm` for real: the CPU build of vLLM in its own virtualenv (PREFPIPE_VLLM_PYTHON, as
-in test_vllm.py), driven through the CLI as a subprocess. Without that environment these tests skip, unless
+in test_vllm.py), driven through the CLI as subprocesses. Without that environment these tests skip, unless
 PREFPIPE_REQUIRE_VLLM=1 (CI), where its absence is a failure.
 
-One engine start for the module (about 25-35 s on two cores): a greedy run (`--temperature 0`, K=2, `--dtype auto`).
-The model is the tiny model saved in bf16 (as checkpoints are), with a second EOS id in its generation_config.json
-(as Llama 3 lists two): a random model greedily never emits EOS, so the second one is a token that the greedy
-continuations of some prompts contain and of others do not, and both finish reasons occur. What is checked, each against something computed apart from
-the vLLM path:
+Two commands, run at the same time to keep the engine starts (about 25-35 s each on two cores) from adding up: a
+greedy run (`--temperature 0`, K=2) and a sampled one (temperature 1, top-p 0.9, top-k 50, K=4, on enough prompt
+tokens that vLLM would split prefills, which on CPU broke seeded sampling), both `--dtype auto`. The model is the
+tiny model saved in bf16 (as checkpoints are), with a second EOS id in its generation_config.json (as Llama 3 lists
+two): a random model greedily never emits EOS, so the second one is a token that the greedy continuations of some
+prompts contain and of others do not, and both finish reasons occur. What is checked, each against something
+computed apart from the vLLM path:
 
 - every sample's prompt ids are the hf tokenizer's (BOS once, then the text);
 - finish reasons agree with the ids ("stop": the last id, and only it, is a stop id; "length": exactly
   `max_new_tokens` ids, none of them a stop id), and both occur;
-- the completions are the greedy continuations of a float64 copy of the model, decoded the slow way (a full forward
-  per step), and the hf backend's output (float32, in-process) sample for sample. Engines in float32 differ by
-  about 1e-6 in a logit, so an argmax can differ only where the two best logits are that close: each continuation
-  is compared up to its first step whose top-two gap is below `NEAR_TIE` (in practice: all of it; the test
-  demands that of most prompts, so a near tie cannot hide a real difference);
+- greedy: the completions are the greedy continuations of a float64 copy of the model, decoded the slow way (a
+  full forward per step), and the hf backend's output (float32, in-process) sample for sample. Engines in float32
+  differ by about 1e-6 in a logit, so an argmax can differ only where the two best logits are that close: each
+  continuation is compared up to its first step whose top-two gap is below `NEAR_TIE` (in practice: all of it; the
+  test demands that of most prompts, so a near tie cannot hide a real difference);
+- sampled: the K samples of a prompt differ, and so do those of two identical prompts (each request its own seeds);
 - `--dtype auto` started the engine in float32 on CPU (the manifest names what sampled);
-- the output precomputes in this environment (`--kto`: greedy samples of a prompt are one completion, so the
-  prompts give no pairs) and the cache holds exactly the sampled ids.
+- both outputs precompute in this environment (the greedy one with `--kto`: its K samples of a prompt are one
+  completion, so it has no pairs; the sampled one paired) and the caches hold exactly the sampled ids.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ from helpers import greedy_continuation, random_text, vllm_env, vllm_python, wri
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW = 24
-K = 2
-N_PROMPTS = 12
+K = 2  # greedy run
+K_SAMPLED = 4
+N_PROMPTS = 24  # prompt 1 repeats prompt 0
 NEAR_TIE = 1e-3  # logits: three orders of magnitude above float32 engine differences
-JUDGE = "def good(prompt, completion, row):\n    return bool(row['good'])\n"
+JUDGE = ("def good(prompt, completion, row):\n    return bool(row['good'])\n\n"
+         "def length(prompt, completion, row):\n    return float(len(completion))\n")
 
 
 def _greedy64(model64, prompt_ids: list[int], stops: set[int]) -> tuple[list[int], list[float]]:
@@ -75,29 +80,22 @@ def _second_eos(continuations: list[list[int]], special: set[int], tok) -> int:
     return best
 
 
-@pytest.fixture(scope="module")
-def run(tiny_model, tiny_tokenizer, tmp_path_factory):
-    """The tiny model with a second EOS, prompts, the vLLM output (subprocess) and the hf output (in-process)."""
-    from prefpipe.cli import cli
+def _model_with_second_eos(tiny_model, tok, d: Path, prompt_ids):
+    """The tiny model saved in bf16 with a second EOS id; the float64 greedy continuations and gaps under all the
+    stop ids, and those stop ids."""
     from prefpipe.modeling import load_model
 
-    py = vllm_python()
-    d = tmp_path_factory.mktemp("vllm-generate")
     model = d / "model"
     # Saved in bf16, as checkpoints are: vLLM's own `auto` would then run bf16, prefpipe's is float32 on CPU.
     load_model(str(tiny_model), dtype=torch.bfloat16).save_pretrained(str(model))
-    tiny_tokenizer.save_pretrained(str(model))
+    tok.save_pretrained(str(model))
     assert json.loads((model / "config.json").read_text())["dtype"] == "bfloat16"
-    rng = random.Random(21)
-    prompts = [f"Q{i}: " + random_text(rng, rng.randint(1, 40)) for i in range(N_PROMPTS)]
-    prompt_ids = [[tiny_tokenizer.bos_token_id] + tiny_tokenizer(p, add_special_tokens=False)["input_ids"]
-                  for p in prompts]
     model64 = load_model(str(model), dtype=torch.float64).eval()  # the bf16 weights, exactly
-    base_stops = {tiny_tokenizer.eos_token_id, tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    base_stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
     free = [_greedy64(model64, p, base_stops) for p in prompt_ids]
-    extra = _second_eos([ids for ids, _ in free], set(tiny_tokenizer.all_special_ids), tiny_tokenizer)
+    extra = _second_eos([ids for ids, _ in free], set(tok.all_special_ids), tok)
     gen_cfg = json.loads((model / "generation_config.json").read_text())
-    gen_cfg["eos_token_id"] = [tiny_tokenizer.eos_token_id, extra]
+    gen_cfg["eos_token_id"] = [tok.eos_token_id, extra]
     gen_cfg.pop("_from_model_config", None)  # a checkpoint's own generation config, as Llama 3 ships one
     (model / "generation_config.json").write_text(json.dumps(gen_cfg))
     stops = base_stops | {extra}
@@ -106,21 +104,43 @@ def run(tiny_model, tiny_tokenizer, tmp_path_factory):
     want = [(ids[:n], gaps[:n]) for (ids, gaps), n in zip(free, cut)]
     # And the slow loop of tests/helpers agrees with this one where it ends by itself.
     assert want[0][0] == greedy_continuation(model64, prompt_ids[0], MAX_NEW, stops)
+    return model, want, stops, extra
 
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tiny_tokenizer, tmp_path_factory):
+    """The model, prompts, the two vLLM outputs (subprocesses, at once) and the hf greedy output (in-process)."""
+    from prefpipe.cli import cli
+
+    py = vllm_python()
+    d = tmp_path_factory.mktemp("vllm-generate")
+    rng = random.Random(21)
+    prompts = [f"Q{i}: " + random_text(rng, rng.randint(1, 40)) for i in range(N_PROMPTS)]
+    prompts[1] = prompts[0]
+    prompt_ids = [[tiny_tokenizer.bos_token_id] + tiny_tokenizer(p, add_special_tokens=False)["input_ids"]
+                  for p in prompts]
+    # vLLM's CPU step budget is 4096 tokens: more than that at once is what made it split prefills.
+    assert K_SAMPLED * sum(map(len, prompt_ids)) > 4096
+    model, want, stops, extra = _model_with_second_eos(tiny_model, tiny_tokenizer, d, prompt_ids)
     data = write_jsonl(d / "prompts.jsonl", [{"prompt": p, "good": i % 2 == 0} for i, p in enumerate(prompts)])
     (d / "vllm_gen_judge.py").write_text(JUDGE)
-    args = ["generate", "--model", str(model), "--data", str(data), "--reward", "python:vllm_gen_judge:good",
-            "--temperature", "0", "--num_samples", str(K), "--max_new_tokens", str(MAX_NEW), "--dtype", "auto",
-            "--no_progress"]
-    proc = subprocess.run([py, "-m", "prefpipe", *args, "--backend", "vllm", "--out", str(d / "vllm")], cwd=d,
-                          env=vllm_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    common = ["generate", "--model", str(model), "--data", str(data), "--max_new_tokens", str(MAX_NEW), "--dtype",
+              "auto", "--no_progress"]
+    greedy = [*common, "--reward", "python:vllm_gen_judge:good", "--temperature", "0", "--num_samples", str(K)]
+    sampled = [*common, "--reward", "python:vllm_gen_judge:length", "--temperature", "1", "--top_p", "0.9",
+               "--top_k", "50", "--num_samples", str(K_SAMPLED), "--seed", "3"]
+    procs = [subprocess.Popen([py, "-m", "prefpipe", *args, "--backend", "vllm", "--out", str(d / name)], cwd=d,
+                              env=vllm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, args in (("vllm", greedy), ("vllm-sampled", sampled))]
     with contextlib.chdir(d):  # the python judge is imported from the working directory
-        res = CliRunner().invoke(cli, [*args, "--backend", "hf", "--device", "cpu", "--out", str(d / "hf")],
+        res = CliRunner().invoke(cli, [*greedy, "--backend", "hf", "--device", "cpu", "--out", str(d / "hf")],
                                  catch_exceptions=False)
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
     assert res.exit_code == 0, res.output
     return {"dir": d, "model": model, "prompt_ids": prompt_ids, "want": want, "stops": stops, "extra": extra,
-            "vllm": d / "vllm", "hf": d / "hf", "stdout": proc.stdout}
+            "vllm": d / "vllm", "sampled": d / "vllm-sampled", "hf": d / "hf"}
 
 
 def _samples(out: Path) -> list[dict]:
@@ -128,26 +148,46 @@ def _samples(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["prompt_index"], r["sample_index"]))
 
 
-def test_prompt_ids_are_the_hf_tokenizers(run):
-    samples = _samples(run["vllm"])
-    assert len(samples) == N_PROMPTS * K  # none empty, none dropped
+def _kept(out: Path, k: int) -> int:
+    """Samples an output should hold: K per prompt, less those that were only a stop id (dropped, counted)."""
+    counts = json.loads((out / "manifest.json").read_text())["summary"]["sample_counts"]
+    return N_PROMPTS * k - counts.get("empty_completion", 0)
+
+
+@pytest.mark.parametrize("name, k", [("vllm", K), ("sampled", K_SAMPLED)])
+def test_prompt_ids_are_the_hf_tokenizers(run, name, k):
+    samples = _samples(run[name])
+    assert len(samples) == _kept(run[name], k) >= N_PROMPTS * k - 2
+    assert {s["prompt_index"] for s in samples} == set(range(N_PROMPTS))
     for s in samples:
         assert s["prompt_ids"] == run["prompt_ids"][s["prompt_index"]]
 
 
-def test_finish_reasons_agree_with_ids(run):
+@pytest.mark.parametrize("name", ["vllm", "sampled"])
+def test_finish_reasons_agree_with_ids(run, name):
     stops = run["stops"]
-    reasons = set()
-    for s in _samples(run["vllm"]):
+    reasons = []
+    for s in _samples(run[name]):
         ids = s["completion_ids"]
-        reasons.add(s["finish_reason"])
+        reasons.append(s["finish_reason"])
         if s["finish_reason"] == "stop":
             assert ids[-1] in stops and not stops & set(ids[:-1]), ids
         else:
             assert s["finish_reason"] == "length" and len(ids) == MAX_NEW and not stops & set(ids), ids
-    assert reasons == {"stop", "length"}
+    assert set(reasons) == {"stop", "length"}, reasons
     # The second EOS is in generation_config.json only: read from there for the engine as for the hf backend.
-    assert any(s["completion_ids"][-1] == run["extra"] for s in _samples(run["vllm"]))
+    assert any(s["completion_ids"][-1] == run["extra"] for s in _samples(run[name]))
+
+
+def test_sampled_draws_differ_within_and_across_prompts(run):
+    by_prompt: dict[int, list] = {}
+    for s in _samples(run["sampled"]):
+        by_prompt.setdefault(s["prompt_index"], []).append(s["completion_ids"])
+    assert all(len({tuple(c) for c in cs}) >= 2 for cs in by_prompt.values())
+    # Prompts 0 and 1 are the same ids: one seed for every request would draw the same samples for both.
+    assert run["prompt_ids"][0] == run["prompt_ids"][1] and by_prompt[0] != by_prompt[1]
+    engine = json.loads((run["sampled"] / "manifest.json").read_text())["generator"]["engine"]
+    assert engine["dtype"] == "float32"
 
 
 def test_greedy_completions_match_float64_and_the_hf_backend(run):
@@ -180,7 +220,7 @@ def test_dtype_auto_is_float32_on_cpu(run):
     assert m["summary"]["pairs"] == 0 and outcomes["all_correct"] == outcomes["all_wrong"] == N_PROMPTS // 2
 
 
-def test_output_precomputes_with_the_sampled_ids(run, run_cli):
+def test_greedy_output_precomputes_with_the_sampled_ids(run, run_cli):
     cache = run["dir"] / "cache"
     r = run_cli("precompute", "--model", run["model"], "--data", run["vllm"], "--out", cache, "--kto",
                 "--no_progress")
@@ -188,7 +228,24 @@ def test_output_precomputes_with_the_sampled_ids(run, run_cli):
     cached = [row for f in sorted(cache.glob("part-*.parquet")) for row in pq.read_table(f).to_pylist()]
     kto = pq.read_table(run["vllm"] / "kto.parquet").to_pylist()
     assert len(kto) == N_PROMPTS  # one distinct completion per prompt
-    sampled = {(tuple(s["prompt_ids"]), tuple(s["completion_ids"])) for s in _samples(run["vllm"])}
-    assert sorted((tuple(c["prompt_ids"]), tuple(c["completion_ids"])) for c in cached) == sorted(sampled)
-    assert sorted(c["label"] for c in cached) == sorted(k["label"] for k in kto) and {c["label"] for c in cached} == \
-        {True, False}
+    first = [s for s in _samples(run["vllm"]) if s["sample_index"] == 0]  # greedy: sample 0 is every sample
+    assert sorted((tuple(c["prompt_ids"]), tuple(c["completion_ids"])) for c in cached) == \
+        sorted((tuple(s["prompt_ids"]), tuple(s["completion_ids"])) for s in first)
+    assert sorted(c["label"] for c in cached) == sorted(k["label"] for k in kto)
+    assert {c["label"] for c in cached} == {True, False}
+
+
+def test_sampled_output_precomputes_paired_with_the_sampled_ids(run, run_cli):
+    cache = run["dir"] / "cache-pairs"
+    r = run_cli("precompute", "--model", run["model"], "--data", run["sampled"], "--out", cache, "--no_progress")
+    assert r.exit_code == 0, r.output
+    pairs = pq.read_table(run["sampled"] / "pairs.parquet").to_pylist()
+    cached = {row["row_id"]: row for f in sorted(cache.glob("part-*.parquet")) for row in pq.read_table(f).to_pylist()}
+    assert len(pairs) >= N_PROMPTS and len(cached) == len(pairs)
+    samples = {(s["prompt_index"], tuple(s["completion_ids"])) for s in _samples(run["sampled"])}
+    for p in pairs:
+        c = cached[p["row_id"]]
+        assert c["prompt_ids"] == p["prompt_ids"] == run["prompt_ids"][p["prompt_index"]]
+        assert c["chosen_ids"] == p["chosen_ids"] and c["rejected_ids"] == p["rejected_ids"]
+        assert (p["prompt_index"], tuple(p["chosen_ids"])) in samples
+        assert (p["prompt_index"], tuple(p["rejected_ids"])) in samples

@@ -11,6 +11,8 @@ What holds for vLLM 0.32 (the CPU build, and the GPU releases of that line):
 - `top_k` 0 is off (it is passed only when set, which older releases' -1 also accept).
 - Seeds: request j of a call gets `seed + j * K`, and vLLM seeds its i-th child `+ i`, so every completion of a
   part has its own stream (the same seed for every prompt would draw the same random numbers for each).
+- On CPU, prompts are prefilled whole (no chunked prefill): with chunks, vLLM rewinds seeded generators, which
+  CPU generators cannot do, and sampling stops with "CPU Generator does not use offset".
 - The engine is started by prefpipe.vllm_engine's rules: `--dtype auto` is float32 on CPU and bf16 on GPUs that
   support it (never the checkpoint's dtype), CPU engines run eagerly and in-process.
 """
@@ -43,13 +45,19 @@ class VllmGenerator(Generator):
         self.dtype, self.on_gpu = engine_dtype(cfg.dtype)
         limit = context_limit(model_dir)
         want = cfg.input.max_prompt_length + cfg.sampling.max_new_tokens  # prompts are cut to max_prompt_length
+        max_model_len = min(limit, want) if limit else want
         engine_args = engine_settings(self.on_gpu)
+        if not self.on_gpu:
+            # vLLM rewinds a seeded request's generator when it throws away the token sampled after a partial
+            # (chunked) prefill, and a CPU torch.Generator cannot rewind ("CPU Generator does not use offset"):
+            # whole prefills only, in a step budget that holds the longest request.
+            engine_args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
         vllm = import_vllm(FLAG)  # after the environment defaults engine_settings set: vLLM reads them on import
         self.version, self.package = vllm.__version__, distribution()
         try:
             self.llm = vllm.LLM(model=model_dir, skip_tokenizer_init=True, dtype=self.dtype, seed=cfg.sampling.seed,
                                 gpu_memory_utilization=cfg.gpu_memory_utilization, disable_log_stats=True,
-                                max_model_len=min(limit, want) if limit else want, **engine_args)
+                                max_model_len=max_model_len, **engine_args)
         except (ValueError, TypeError) as e:
             # vLLM reports bad settings (context too long, not enough GPU memory, unknown architecture) this way.
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
