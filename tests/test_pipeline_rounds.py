@@ -62,6 +62,8 @@ def test_two_rounds_then_a_rerun_that_redoes_nothing(run_cli, tiny_model, tmp_pa
     assert r.exit_code == 0, r.output
     assert "round 1: reusing" in r.stderr and "round 2: reusing" in r.stderr
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing sampled, scored or trained again
+    if reference == "previous":
+        return
     # Another sampling seed: both rounds are redone (round 2's policy changes with round 1).
     before = pq.read_table(runs / "round-1" / "samples" / "samples").to_pylist()
     r = run_cli("pipeline", "--config", toml, "--generate_seed", "7")

@@ -1,6 +1,8 @@
 """`precompute --engine ray` on a local Ray instance (one per module) with 2 CPU actors: the cache equals the
 single-process one, resumes after Ctrl-C or a killed driver, survives a killed actor, refuses a foreign part, and
-fails in one line when an actor cannot load the model."""
+fails in one line when an actor cannot load the model. `generate --engine ray` on the same instance: its output
+equals the local engine's (same per-part seeds), a python judge is found from the driver's working directory, and a
+rerun resumes."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import make_pairs, one_line_error, write_jsonl
@@ -204,3 +207,27 @@ def test_without_ray_engine_ray_is_one_line_with_the_install_command(tiny_model,
     res = run_cli(*args(tiny_model, data, tmp_path / "c", "--engine", "ray"))
     one_line_error(res, "--engine ray needs Ray", "pip install 'prefpipe[ray]'")
     assert not (tmp_path / "c").exists()
+
+
+def _sample_parts(out):
+    return [pq.read_table(p).to_pylist() for p in sorted((out / "samples").glob("part-*.parquet"))]
+
+
+def test_generate_on_ray_equals_local_and_resumes(ray_address, run_cli, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "judge_mod.py").write_text("def length(prompt, completion, row):\n    return len(completion)\n")
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Count to {i}"} for i in range(7)])
+    common = ("--model", tiny_model, "--data", data, "--reward", "python:judge_mod:length", "--num_samples", "3",
+              "--max_new_tokens", "6", "--part_rows", "2")
+    r = run_cli("generate", *common, "--out", tmp_path / "local")
+    assert r.exit_code == 0, r.output
+    r = run_cli("generate", *common, "--out", tmp_path / "ray", "--engine", "ray", "--ray_workers", "2")
+    assert r.exit_code == 0, r.output
+    assert _sample_parts(tmp_path / "ray") == _sample_parts(tmp_path / "local")
+    assert pq.read_table(tmp_path / "ray" / "pairs.parquet").to_pylist() == \
+        pq.read_table(tmp_path / "local" / "pairs.parquet").to_pylist()
+    (tmp_path / "ray" / "samples" / "part-00003.parquet").unlink()
+    (tmp_path / "ray" / "manifest.json").unlink()
+    r = run_cli("generate", *common, "--out", tmp_path / "ray", "--engine", "ray", "--ray_workers", "2")
+    assert r.exit_code == 0 and "3 reused" in r.output
+    assert _sample_parts(tmp_path / "ray") == _sample_parts(tmp_path / "local")
