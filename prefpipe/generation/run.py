@@ -42,12 +42,26 @@ def read_prompts(cfg: GenerateConfig, judge) -> list:
     return records
 
 
+def sampling_dtype(cfg: GenerateConfig) -> str:
+    """The dtype the generator will sample in (`auto` resolved as the backend resolves it), known before loading."""
+    import torch
+
+    from prefpipe.modeling import resolve_device, resolve_dtype
+    if cfg.backend == "vllm":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = resolve_device("cuda" if cfg.engine == "ray" and cfg.device == "auto" and torch.cuda.is_available()
+                                else cfg.device)
+    return str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+
+
 def run_key(cfg: GenerateConfig, fingerprints: dict, data_fp: str, judge_name: str) -> str:
-    """What a sample part depends on: a part written under another key belongs to another run."""
+    """What a sample part depends on: a part written under another key belongs to another run (the dtype as
+    resolved: `auto` on a GPU and on a CPU sample differently)."""
     ident = {"version": FORMAT_VERSION, **fingerprints, "data": data_fp, "sampling": asdict(cfg.sampling),
              "tokenize": cfg.input.tokenize_settings().metadata(), "columns": asdict(cfg.input.columns),
-             "backend": cfg.backend, "dtype": cfg.dtype, "judge": judge_name, "drop_truncated": cfg.drop_truncated,
-             "part_rows": cfg.part_rows}
+             "backend": cfg.backend, "dtype": sampling_dtype(cfg), "judge": judge_name,
+             "drop_truncated": cfg.drop_truncated, "part_rows": cfg.part_rows}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
