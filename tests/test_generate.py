@@ -220,3 +220,26 @@ def test_greedy_samples_are_the_greedy_continuation(run_cli, tiny_model, tiny_lm
         assert s["completion_ids"] == greedy_continuation(tiny_lm, s["prompt_ids"], 10, stops)
     assert len(samples) == 12 - json.loads((out / "manifest.json").read_text())["summary"]["sample_counts"].get(
         "empty_completion", 0)
+
+
+def test_a_models_own_sampling_defaults_do_not_apply(tiny_model, tiny_tokenizer, tmp_path):
+    """A generation_config.json with top_k and a repetition penalty (as Qwen ships) leaves the samples unchanged:
+    only prefpipe's settings shape the distribution sampled."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from prefpipe.generation.config import SamplingSettings
+    from prefpipe.generation.hf_sampler import HfGenerator
+    from prefpipe.modeling import load_model
+
+    other = tmp_path / "with-defaults"
+    shutil.copytree(tiny_model, other)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, top_k=3, temperature=0.3,
+                     repetition_penalty=1.5).save_pretrained(other)
+    prompts = [tiny_tokenizer("Hello there")["input_ids"]]
+    s = SamplingSettings(num_samples=6, temperature=1.0, max_new_tokens=12)
+    plain = HfGenerator(load_model(str(tiny_model)), tiny_tokenizer, s, 8).generate(prompts, seed=5)
+    shipped = HfGenerator(load_model(str(other)), tiny_tokenizer, s, 8).generate(prompts, seed=5)
+    assert plain == shipped
+    assert len({tuple(ids) for ids, _ in plain[0]}) > 1  # sampled, not greedy

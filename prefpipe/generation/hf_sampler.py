@@ -37,11 +37,17 @@ class HfGenerator(Generator):
         return {"name": self.name, "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,
                 "stop_ids": sorted(self.stops)}
 
-    def _kwargs(self) -> dict:
+    def _config(self, k: int):
+        """A generation config of prefpipe's settings alone: a model's own generation_config.json (Qwen's
+        repetition_penalty, top_k and temperature, say) would otherwise change the distribution sampled, which then
+        is no longer the model's, and would differ from the vLLM backend, which applies only what it is given."""
+        from transformers import GenerationConfig
+
         s = self.sampling
-        if s.temperature == 0:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k or None}
+        sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k} \
+            if s.temperature > 0 else {"do_sample": False}
+        return GenerationConfig(max_new_tokens=s.max_new_tokens, num_return_sequences=k, pad_token_id=self.pad,
+                                eos_token_id=sorted(self.stops), **sampling)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], seed: int, progress=None) -> list[list[Completion]]:
@@ -57,9 +63,7 @@ class HfGenerator(Generator):
         for start in range(0, len(order), per_batch):
             idx = order[start:start + per_batch]
             ids, mask = pad_batch([prompt_ids[i] for i in idx], self.pad, self.device, side="left")
-            gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
-                                      num_return_sequences=k, pad_token_id=self.pad,
-                                      eos_token_id=sorted(self.stops), **self._kwargs())
+            gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self._config(k))
             new = gen[:, ids.shape[1]:].tolist()
             for j, i in enumerate(idx):
                 out[i] = [cut_at_stop(new[j * k + s], self.stops, n_new) for s in range(k)] * copies
