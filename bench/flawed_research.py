@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefpipe.demo.flawed_rounds import SampleSettings  # noqa: E402
-from prefpipe.demo.flawed_run import ARMS, FlawedSettings, evaluate, run_flawed  # noqa: E402
+from prefpipe.demo.flawed_run import ARMS, FlawedSettings, evaluate, run_flawed, sft_key  # noqa: E402
 
 
 def load() -> str:
@@ -54,13 +54,14 @@ def parse_sets(pairs: list[str]) -> dict:
     return top
 
 
-def reuse_sft(out: Path, seed: int, dest: Path):
-    """Copy a finished SFT model of this seed from another tag's directory (make_sft checks its key)."""
+def reuse_sft(out: Path, s: FlawedSettings, dest: Path):
+    """Copy a finished SFT model made with these settings from another tag's directory."""
     if (dest / "sft" / "sft_summary.json").exists():
         return
-    for d in sorted(out.glob(f"*/seed-{seed}/sft/sft_summary.json")):
-        shutil.copytree(d.parent, dest / "sft")
-        return
+    for d in sorted(out.glob(f"*/seed-{s.seed}/sft/sft_summary.json")):
+        if json.loads(d.read_text()).get("key") == sft_key(s):
+            shutil.copytree(d.parent, dest / "sft")
+            return
 
 
 def round_accuracies(s: FlawedSettings, run_out: Path) -> list[float]:
@@ -76,8 +77,8 @@ def round_accuracies(s: FlawedSettings, run_out: Path) -> list[float]:
 def run_one(out: Path, tag: str, seed: int, overrides: dict) -> dict:
     dest = out / tag / f"seed-{seed}"
     dest.mkdir(parents=True, exist_ok=True)
-    reuse_sft(out, seed, dest)
     s = FlawedSettings(out=str(dest), seed=seed, **overrides)
+    reuse_sft(out, s, dest)
     before, t0 = load(), time.perf_counter()
     results = run_flawed(s, log=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - t0
