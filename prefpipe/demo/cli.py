@@ -1,4 +1,4 @@
-"""CLI: `prefpipe demo`."""
+"""CLI: `prefpipe demo` (`--task addsub`, the default) and `prefpipe demo --task flawed`."""
 
 from __future__ import annotations
 
@@ -6,22 +6,41 @@ import sys
 
 import click
 
+TASKS = ("addsub", "flawed")
+DEFAULT_OUT = {"addsub": "prefpipe-demo", "flawed": "prefpipe-demo-flawed"}
+
 
 @click.command()
-@click.option("--out", default="prefpipe-demo", show_default=True, help="Everything the demo makes goes here.")
+@click.option("--task", type=click.Choice(TASKS), default="addsub", show_default=True,
+              help="addsub: the pipeline on on-policy pairs (docs/demo.md). flawed: demonstrations that drop the "
+                   "carry, an exact checker; more SFT vs RFT vs DPO vs DPO rounds (docs/demo.md#flawed).")
+@click.option("--out", default=None, help="Everything the demo makes goes here.",
+              show_default="prefpipe-demo (addsub), prefpipe-demo-flawed (flawed)")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the task split, the SFT model, the samples and training.")
-@click.option("--fresh", is_flag=True, help="Rebuild the SFT model and the pairs even when cached.")
-def demo(out, seed, fresh):
+@click.option("--fresh", is_flag=True, help="Rebuild the SFT model (and, for addsub, the pairs) even when cached.")
+@click.option("--smoke", is_flag=True, hidden=True,
+              help="flawed: tiny sizes (seconds) to check that every stage runs; the numbers mean nothing.")
+def demo(task, out, seed, fresh, smoke):
     """The whole job offline on CPU: task, SFT model, on-policy pairs, pipeline, evaluation, report.
 
     About 2 minutes on 2 CPU cores the first time; a rerun reuses the SFT model, the pairs and the cache and
-    takes about 1 minute (training and evaluation only).
+    takes about 1 minute (training and evaluation only). `--task flawed` (about 6 minutes) compares more SFT,
+    RFT, one DPO round and three DPO + NLL rounds when the demonstrations are wrong on carries.
     """
-    from prefpipe.demo.run import DemoSettings, run_demo
+    out = out or DEFAULT_OUT[task]
+    log = lambda m: click.echo(f"prefpipe demo: {m}", err=True)  # noqa: E731
+    if task == "flawed":
+        from prefpipe.demo.flawed_run import FlawedSettings, run_flawed, smoke_settings
 
-    run_demo(DemoSettings(out=out, seed=seed, fresh=fresh), log=lambda m: click.echo(f"prefpipe demo: {m}",
-                                                                                     err=True))
+        s = FlawedSettings(out=out, seed=seed, fresh=fresh)
+        run_flawed(smoke_settings(s) if smoke else s, log=log, show=click.echo)
+    else:
+        if smoke:
+            raise click.UsageError("--smoke is for --task flawed")
+        from prefpipe.demo.run import DemoSettings, run_demo
+
+        run_demo(DemoSettings(out=out, seed=seed, fresh=fresh), log=log)
     sys.stdout.flush()
 
 

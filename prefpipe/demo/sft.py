@@ -97,10 +97,12 @@ def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str]) ->
 
 
 def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings: SFTSettings,
-              log=print, check: tuple[list[str], list[str]] | None = None) -> dict:
+              log=print, check: tuple[list[str], list[str]] | None = None, stop=None) -> dict:
     """Train `model` in place on (prompt, answer) texts; returns a small summary.
 
-    `check` (prompts, answers) is what `settings.target_accuracy` is measured on.
+    `check` (prompts, answers) is what `settings.target_accuracy` is measured on. `stop(step)`, when given, is
+    called every `settings.check_every` steps (model in eval mode) and ends the run when it returns a reason
+    (logged); the flawed-demonstrations demo stops at a plateau of its validation loss this way.
     """
     from prefpipe.logprobs import pad_batch, sequence_logprobs
 
@@ -118,6 +120,7 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
     start = time.perf_counter()
     losses = []
     accuracy = None
+    stopped = False
     bar = progress_bar(settings.steps, "sft", "step")
     log = around_bars(log)
     for step in range(settings.steps):
@@ -148,8 +151,16 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
                 log(f"sft step {step + 1}: greedy accuracy {accuracy:.3f} on {len(check[0])} training questions "
                     f"reached the target {settings.target_accuracy}; stopping")
                 break
+        if stop is not None and (step + 1) % settings.check_every == 0:
+            model.eval()
+            reason = stop(step + 1)
+            model.train()
+            if reason:
+                log(f"sft step {step + 1}: {reason}; stopping")
+                stopped = True
+                break
     bar.close()
-    if accuracy is None or accuracy < (settings.target_accuracy or 0):  # a stop at the target said so already
+    if not stopped and (accuracy is None or accuracy < (settings.target_accuracy or 0)):  # a stop said so already
         recent = losses[-100:]
         log(f"sft step {step + 1}/{settings.steps} done  loss {sum(recent) / len(recent):.4f}  "
             f"{time.perf_counter() - start:.0f}s")
