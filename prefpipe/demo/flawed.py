@@ -9,7 +9,7 @@ demonstrations are imperfect but a checker is exact. Here:
   demonstration is right. The flawed rows are chosen by the seed, exactly ``round(flaw_rate * carries)`` of them,
   so the realised rate is the asked-for one up to rounding.
 - **The checker** knows the true answer (each row's ``true_answer``): a sample is right when its final number
-  (prefpipe.evaluation.answers) is the true sum.
+  (prefpipe.answers) is the true sum.
 - **Held-out** rows are judged against true answers: their ``answer`` *is* the true answer (no flaw there).
 
 With flaw_rate > 1/2 a model that imitates the demonstrations well answers carries wrongly when it decodes

@@ -6,7 +6,7 @@ judge and pair rule touches only this file and the calls to it in prefpipe/demo/
 
 - **Sampling**: `samples` answers per question at `temperature` (1: the policy's own distribution), by the same
   batched `hf_generate` the evaluation uses.
-- **Checking**: a sample is right when its final number (prefpipe.evaluation.answers) equals the question's
+- **Checking**: a sample is right when its final number (prefpipe.answers) equals the question's
   *true* answer, never the demonstration's: the checker is exact where the demonstrations are not.
 - **Pairs** (dpo, rounds): the default demo's rule (prefpipe.demo.pairs.pairs_for_question): the most frequent wrong
   samples, each against the most frequent right one. On a carry question the most frequent wrong sample is the
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from prefpipe.demo.flawed import prompt_of
 from prefpipe.demo.pairs import pairs_for_question
-from prefpipe.evaluation.answers import extract_answer, gold_answer
+from prefpipe.answers import extract_answer, gold_answer
 
 # `prefpipe train --loss_type sft` reads pairs and forwards only `chosen` (docs/losses.md); the rejected column of
 # an SFT row is never scored, but the row format needs one that differs from chosen.
