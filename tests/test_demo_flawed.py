@@ -160,3 +160,10 @@ def test_bayes_floor_by_hand(tmp_path):
              {"carry": False, "flawed": False, "answer": "#### 5"}]  # 4 tokens, all certain
     # -ln 0.6 on the flawed carry's first digit, -ln 0.4 on the right one's, over 4 + 5 + 4 = 13 answer tokens.
     assert bayes_floor(tok, valid, 0.6) == pytest.approx((0.5108256 + 0.9162907) / 13, rel=1e-6)
+
+
+def test_smoke_is_only_for_the_flawed_task(tmp_path, run_cli):
+    from helpers import one_line_error
+
+    one_line_error(run_cli("demo", "--smoke", "--out", tmp_path / "d"), "--smoke is for --task flawed")
+    assert not (tmp_path / "d").exists()
