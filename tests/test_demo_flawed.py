@@ -147,3 +147,23 @@ def test_demo_task_flawed_refuses_a_directory_it_did_not_make(tmp_path, run_cli)
     one_line_error(run_cli("demo", "--task", "flawed", "--smoke", "--out", tmp_path), str(tmp_path),
                    "did not write (notes.txt)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_bayes_floor_by_hand(tmp_path):
+    from prefpipe.demo.flawed_run import bayes_floor
+    from prefpipe.demo.sft import build_word_tokenizer
+    from prefpipe.demo.task import corpus
+
+    tok = build_word_tokenizer(tmp_path, corpus(demo_problems()))
+    valid = [{"carry": True, "flawed": True, "answer": "#### 2"},  # 7 + 5 with the carry dropped: ####, ' ', 2, EOS
+             {"carry": True, "flawed": False, "answer": "#### 12"},  # ####, ' ', 1, 2, EOS
+             {"carry": False, "flawed": False, "answer": "#### 5"}]  # 4 tokens, all certain
+    # -ln 0.6 on the flawed carry's first digit, -ln 0.4 on the right one's, over 4 + 5 + 4 = 13 answer tokens.
+    assert bayes_floor(tok, valid, 0.6) == pytest.approx((0.5108256 + 0.9162907) / 13, rel=1e-6)
+
+
+def test_smoke_is_only_for_the_flawed_task(tmp_path, run_cli):
+    from helpers import one_line_error
+
+    one_line_error(run_cli("demo", "--smoke", "--out", tmp_path / "d"), "--smoke is for --task flawed")
+    assert not (tmp_path / "d").exists()

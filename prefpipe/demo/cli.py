@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from prefpipe.errors import UserError
+
 TASKS = ("addsub", "flawed")
 DEFAULT_OUT = {"addsub": "prefpipe-demo", "flawed": "prefpipe-demo-flawed"}
 
@@ -13,9 +15,9 @@ DEFAULT_OUT = {"addsub": "prefpipe-demo", "flawed": "prefpipe-demo-flawed"}
 @click.command()
 @click.option("--task", type=click.Choice(TASKS), default="addsub", show_default=True,
               help="addsub: the pipeline on on-policy pairs (docs/demo.md). flawed: demonstrations that drop the "
-                   "carry, an exact checker; more SFT vs RFT vs DPO vs DPO rounds (docs/demo.md#flawed).")
-@click.option("--out", default=None, help="Everything the demo makes goes here.",
-              show_default="prefpipe-demo (addsub), prefpipe-demo-flawed (flawed)")
+                   "carry, an exact checker; more SFT vs RFT vs DPO vs DPO rounds (docs/demo.md, --task flawed).")
+@click.option("--out", default=None, help="Everything the demo makes goes here (default: prefpipe-demo; "
+              "prefpipe-demo-flawed with --task flawed).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the task split, the SFT model, the samples and training.")
 @click.option("--fresh", is_flag=True, help="Rebuild the SFT model (and, for addsub, the pairs) even when cached.")
@@ -25,7 +27,7 @@ def demo(task, out, seed, fresh, smoke):
     """The whole job offline on CPU: task, SFT model, on-policy pairs, pipeline, evaluation, report.
 
     About 2 minutes on 2 CPU cores the first time; a rerun reuses the SFT model, the pairs and the cache and
-    takes about 1 minute (training and evaluation only). `--task flawed` (about 6 minutes) compares more SFT,
+    takes about 1 minute (training and evaluation only). `--task flawed` (about 4 minutes) compares more SFT,
     RFT, one DPO round and three DPO + NLL rounds when the demonstrations are wrong on carries.
     """
     out = out or DEFAULT_OUT[task]
@@ -37,7 +39,7 @@ def demo(task, out, seed, fresh, smoke):
         run_flawed(smoke_settings(s) if smoke else s, log=log, show=click.echo)
     else:
         if smoke:
-            raise click.UsageError("--smoke is for --task flawed")
+            raise UserError("--smoke is for --task flawed")
         from prefpipe.demo.run import DemoSettings, run_demo
 
         run_demo(DemoSettings(out=out, seed=seed, fresh=fresh), log=log)
