@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from prefpipe.errors import UserError
-from prefpipe.precompute.ray_engine import RESTARTS, _connect, import_ray, one_line
+from prefpipe.precompute.ray_engine import RESTARTS, connect, import_ray, one_line
 
 QUEUED = 2  # parts sent to each actor ahead of time
 
@@ -84,7 +84,7 @@ def sample_on_ray(cfg, records, prompt_ids, todo, key: str, out: Path, bar) -> C
     ray = import_ray()
     connected = not ray.is_initialized()
     if connected:
-        _connect(ray, cfg)
+        connect(ray, cfg)
     actors, counts, n = [], Counter(), cfg.part_rows
     try:
         actors, where = _start(ray, cfg)

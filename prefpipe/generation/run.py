@@ -28,8 +28,9 @@ from prefpipe.progress_bar import progress_bar
 FORMAT_VERSION = 1
 
 
-def read_prompts(cfg: GenerateConfig, judge) -> list:
-    """Every prompt record, checked (shape, and what the judge reads) before a model is loaded."""
+def read_prompts(cfg: GenerateConfig, judge) -> tuple:
+    """The prompts' dataset and every prompt record, checked (shape, and what the judge reads) before a model is
+    loaded."""
     ds = cfg.input.dataset(cfg.data, prompts_only=True, batch_rows=cfg.part_rows).validate()
     records = [rec for batch in ds.batches() for rec in batch]
     if not records:
@@ -39,7 +40,7 @@ def read_prompts(cfg: GenerateConfig, judge) -> list:
         by_source.setdefault(rec.source, []).append(rec.extra)
     for source, rows in by_source.items():
         judge.check_rows(rows, source)
-    return records
+    return ds, records
 
 
 def sampling_dtype(cfg: GenerateConfig) -> str:
@@ -114,7 +115,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     t0 = time.time()
     quiet_transformers()
     judge = make_generate_judge(cfg)
-    records = read_prompts(cfg, judge)
+    ds, records = read_prompts(cfg, judge)
     model_dir = str(resolve_model_dir(cfg.model))
     tok = load_tokenizer(model_dir)
     pt = PairTokenizer(tok, cfg.input.tokenize_settings())
@@ -124,7 +125,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         raise UserError("this prompt has no tokens at all (an empty text and a tokenizer without BOS)",
                         file=empty[0].source, row=empty[0].row, column=cfg.input.columns.prompt)
     fps = {"model": model_fingerprint(cfg.model), "tokenizer": tokenizer_fingerprint(tok)}
-    data_fp = cfg.input.dataset(cfg.data, prompts_only=True).fingerprint()
+    data_fp = ds.fingerprint()
     key = run_key(cfg, fps, data_fp, judge.name)
     out = Path(cfg.out)
     n_parts = -(-len(records) // cfg.part_rows)

@@ -111,7 +111,7 @@ class RayEngine:
     def start(self) -> RayEngine:
         ray, cfg = self.ray, self.cfg
         if not ray.is_initialized():
-            _connect(ray, cfg)
+            connect(ray, cfg)
             self.connected = True
         try:
             num_gpus = _gpus_per_actor(cfg, ray.cluster_resources(), cfg.ray_workers)
@@ -248,7 +248,7 @@ class _Bar:
 
 # ---------------------------------------------------------------- helpers
 
-def _connect(ray, cfg):
+def connect(ray, cfg):
     import logging
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}  # not even the token-auth notice
     if cfg.ray_address:
