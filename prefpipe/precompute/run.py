@@ -222,7 +222,8 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
     else:
         backend = None if cfg.no_reference else make_backend(cfg.backend, options)
     try:
-        meta = p.metadata if backend is None else {**p.metadata, "backend": backend.provenance()}
+        loaded = None if backend is None else backend.provenance()  # None from an engine whose actors load it
+        meta = p.metadata if loaded is None else {**p.metadata, "backend": loaded}
         expected = identity.identity_of(meta)
         if expected != p.expected:
             differ = {k: (p.expected.get(k), expected.get(k)) for k in expected if expected.get(k) != p.expected.get(k)}
@@ -238,6 +239,8 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
         done = {} if cfg.overwrite else {i: part_counts(x) for i, x in p.parts().done.items()}
         score = _score_parts if engine is None else engine.score_parts
         run = score(cfg, procs, ds, kind, pt, backend, meta, out, done)
+        if "backend" in run:  # the engine's actors loaded the backend: its parts carry their provenance
+            meta = {**meta, "backend": run["backend"]}
     finally:
         if backend is not None:
             backend.close()
