@@ -146,10 +146,10 @@ def for_round(cfg: PipelineConfig, *, reference: str, policy: str, data: str, ru
     def trained(tc: TrainConfig | None) -> TrainConfig | None:
         if tc is None:
             return None
-        s = tc.source
+        s = tc.source  # rounds refuse `cache` and `kto_cache`: a cache here is RUNS_DIR/cache or cache-kto
         return replace(tc, out=runs_dir, source=replace(
-            s, model=policy, data=data if s.data else None,
-            allow_reference_mismatch=s.allow_reference_mismatch or mismatch))
+            s, model=policy, data=data if s.data else None, cache=str(Path(runs_dir) / Path(s.cache).name)
+            if s.cache else None, allow_reference_mismatch=s.allow_reference_mismatch or mismatch))
     pc = cfg.precompute
     recorded = {**cfg.recorded, "model": reference, "data": data, "runs_dir": runs_dir, "rounds": None,
                 "eval_baseline": baseline,
@@ -293,10 +293,10 @@ class _Given:
         try:
             yield
         except OptionError as e:
-            from_file = [n for n in e.names if self.sources.get(prefix + n) == "file"]
+            from_file = [prefix + n for n in e.names if self.sources.get(prefix + n) == "file"]
 
             def style(n):
-                return toml_style(prefix + n) if prefix + n in from_file else cli_style(prefix + n)
+                return toml_style(written(prefix + n)) if prefix + n in from_file else cli_style(prefix + n)
             raise UserError(e.render(style), file=self.path if from_file else None) from None
 
 
@@ -389,7 +389,11 @@ def _refuse_keys_without_effect(g: _Given, c: Combination):
     name, why = found
     if g.sources[name] == "option":
         raise UserError(f"{cli_style(name)} has no effect here: {why}; leave it out")
+    raise UserError(f"key '{written(name)}' has no effect here: {why}; remove it", file=g.path)
+
+
+def written(name: str) -> str:
+    """A key as a file spells it: `eval.gen` for `eval_gen` (its table drops the prefix), else its name."""
     key = KEY_BY_NAME[name]
     prefix = PREFIXED.get(key.section)
-    written = f"{key.section}.{name[len(prefix):]}" if prefix else name
-    raise UserError(f"key '{written}' has no effect here: {why}; remove it", file=g.path)
+    return f"{key.section}.{name[len(prefix):]}" if prefix else name
