@@ -26,7 +26,15 @@ Rules a user needs to know:
   `unread_knobs`). ``[eval] cache`` alone is evaluated as it is.
 - An unknown key, a key in two places, a key under the wrong table, or a value of the wrong type is an error naming
   the file and the key (with the closest known key as a suggestion). A value the settings reject (``lr = 0``) is an
-  error naming the key and the file, or the option when it was given on the command line.
+  error naming the key and the file (as the file spells it: ``key 'generate.temperature'``), or the option when it
+  was given on the command line.
+
+How the code holds them: `resolve` reads defaults, file and options once into a flat {key: value} and builds from
+it, at once, every phase's settings (`PipelineConfig`: the pipeline's own, prefpipe.pipeline.settings, and the
+PrecomputeConfig, TrainConfig, GenSettings and GenerateConfig the phases run with), which is where a bad value
+stops. The phases then only replace what the pipeline decides per cache, run or round (a cache's path and data,
+the cache a run trains from, a round's model and directory: `from_cache`, `for_round`); the flat values are kept
+as `recorded`, only for pipeline.json and a round's key.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from prefpipe.train.registry import KNOBS, entry_for, resolve_loss_type, unread_
 class Key:
     """One pipeline key: its full name (the CLI option; `[eval]` keys start with `eval_`), its table, its option."""
     name: str
-    section: str  # "" (top level), "precompute", "train", "eval"
+    section: str  # "" (top level), "precompute", "train", "eval", "generate"
     option: Option
 
     @property
