@@ -74,4 +74,4 @@ def test_loss_type_is_case_insensitive(tmp_path, run_cli):
     toml = tmp_path / "run.toml"
     toml.write_text('model = "m"\ndata = "d"\nloss_type = ["KTO", "dpo"]\n[train]\nlr_scheduler = "Cosine"\n')
     cfg = resolve(str(toml), {})
-    assert cfg.losses == ("kto", "dpo") and cfg.values["lr_scheduler"] == "cosine"
+    assert cfg.losses == ("kto", "dpo") and cfg.train.optim.lr_scheduler == "cosine"

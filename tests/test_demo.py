@@ -199,8 +199,9 @@ def test_demo_config_is_an_ordinary_pipeline_config(tmp_path):
     s = DemoSettings(out=str(tmp_path), seed=4)
     (tmp_path / "sft").mkdir()
     cfg = resolve(str(write_config(s, tmp_path)), {})
-    assert cfg.losses == s.loss_types and cfg.betas == s.betas and cfg.kto_beta == list(s.kto_betas)
-    assert (cfg.lr, cfg.kto_lr, cfg.seed, cfg.batch_size) == (s.lr, s.kto_lr, 4, s.batch_size)
-    assert cfg.model == str(tmp_path.resolve() / "sft")
-    assert cfg.eval_gen == str(tmp_path.resolve() / "task" / "heldout.jsonl")
-    assert cfg.eval_prompt_template == PROMPT_TEMPLATE
+    assert cfg.losses == s.loss_types and cfg.betas == s.betas and cfg.kto_train.betas == tuple(s.kto_betas)
+    assert (cfg.train.optim.lr, cfg.kto_train.optim.lr, cfg.train.loop.seed, cfg.train.loop.batch_size) == \
+        (s.lr, s.kto_lr, 4, s.batch_size)
+    assert cfg.settings.model == str(tmp_path.resolve() / "sft")
+    assert cfg.held_out.gen == str(tmp_path.resolve() / "task" / "heldout.jsonl")
+    assert cfg.eval.prompt_template == PROMPT_TEMPLATE

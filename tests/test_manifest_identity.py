@@ -79,7 +79,7 @@ def test_each_edited_identity_field_is_refused_by_every_reader(cache, tmp_path, 
     assert all(n in str(e.value) for n in want), str(e.value)
     cfg = resolve(None, {"model": str(tiny_model), "data": str(data), "max_length": 96, "max_prompt_length": 32,
                          "part_rows": 5, "dtype": "float32", "device": "cpu"})
-    check = check_cache(str(dest), expected_identity(cfg.model, str(data), cfg, kto=False), recompute=False)
+    check = check_cache(str(dest), expected_identity(cfg.settings.model, str(data), cfg, kto=False), recompute=False)
     assert check.action == "recompute" and all(n in check.reason for n in want[1:]), check.reason
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("final"))
 

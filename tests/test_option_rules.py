@@ -67,7 +67,7 @@ def test_infinity_is_refused_where_it_means_nothing(run_cli, cmd, name, value):
 
 def test_infinite_max_drift_is_accepted():
     cfg = pconf.resolve(None, {"model": "m", "data": "d", "max_drift": float("inf")})
-    assert pconf.train_config(cfg, ("dpo",), cache="c", data=None).source.max_drift == float("inf")
+    assert cfg.train.source.max_drift == float("inf")
 
 
 def _toml(tmp_path, text):
@@ -134,9 +134,9 @@ def test_turn_marker_escapes_in_every_command_and_in_toml(tmp_path, typed, meant
     # A TOML literal string keeps the backslash, as a shell does.
     p = _toml(tmp_path, f"[precompute]\nturn_marker = '{typed}'\n[eval]\ngen = 'q.jsonl'\nprompt_template = '{typed}'\n")
     cfg = pconf.resolve(str(p), {})
-    assert pconf.train_config(cfg, ("dpo",), cache="c", data=None).source.input.turn_marker == meant
-    assert pconf.precompute_config(cfg, "c", "d", kto=False, overwrite=False).input.turn_marker == meant
-    assert pconf.gen_settings(cfg).prompt_template == meant
+    assert cfg.train.source.input.turn_marker == meant
+    assert cfg.precompute.input.turn_marker == meant
+    assert cfg.eval.prompt_template == meant
 
 
 # ---------------------------------------------------------------- no torch for an option error, or for data check

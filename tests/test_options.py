@@ -148,9 +148,7 @@ def _captured_pipeline_cfg(run_cli, monkeypatch, *args):
 
 
 def _built(cfg):
-    return (pconf.train_config(cfg, cfg.losses, cache="c", data=None),
-            pconf.precompute_config(cfg, "c", cfg.data, kto=False, overwrite=False),
-            pconf.gen_settings(cfg))
+    return cfg.train, cfg.precompute, cfg.eval
 
 
 def test_toml_keys_and_flags_give_the_same_configs(run_cli, monkeypatch, tmp_path):
@@ -205,7 +203,7 @@ def test_pipeline_train_config_equals_prefpipe_train(run_cli, monkeypatch, tmp_p
     cfg = pconf.resolve(None, {"model": "m", "data": "d", "runs_dir": "runs", "lr": 3e-6, "reference": "live",
                                "keep_checkpoints": 2, "label_smoothing": 0.1, "max_length": 300,
                                "loss_type": ["robust"], "beta": [0.3]})
-    assert pconf.train_config(cfg, cfg.losses, cache="c", data=None) == seen["cfg"]
+    assert pconf.from_cache(cfg.train, "c") == seen["cfg"]
     assert seen["cfg"].source.input.max_prompt_length == 150
 
 
@@ -273,20 +271,20 @@ gen = "q.jsonl"
 question_col = "q"
 ''')
     cfg = pconf.resolve(str(p), {})
-    tc = pconf.train_config(cfg, ("dpo",), cache="c", data=None)
+    tc = cfg.train
     assert tc.fsdp is True and tc.loop.gradient_checkpointing is True and tc.loop.keep_checkpoints == 3
     assert tc.source.reference == "live" and tc.source.allow_reference_mismatch is True
-    pc = pconf.precompute_config(cfg, "c", "d", kto=True, overwrite=True)
+    pc = cfg.precompute
     assert (pc.backend, pc.backend_options.gpu_memory_utilization, pc.backend_options.tensor_parallel_size,
             pc.verify, pc.shard) == \
         ("vllm", 0.5, 2, 4, "0/2")
-    assert pc.kto is True and pc.overwrite is True and pc.out == "c"
-    assert pconf.gen_settings(cfg).question_col == "q"
+    assert pc.kto is False and pc.overwrite is False  # set per cache by the pipeline
+    assert cfg.eval.question_col == "q"
     # Defaults stay today's when the file says nothing.
     plain = pconf.resolve(str(_write(tmp_path, "")), {})
-    tc = pconf.train_config(plain, ("dpo",), cache="c", data=None)
+    tc = plain.train
     assert tc.fsdp is False and tc.source.reference == "cached" and tc.loop.keep_checkpoints == 0
-    assert pconf.precompute_config(plain, "c", "d", kto=False, overwrite=False).input.max_prompt_length == 512
+    assert plain.precompute.input.max_prompt_length == 512
 
 
 # ---------------------------------------------------------------- max_prompt_length follows max_length

@@ -28,7 +28,7 @@ def cached(tiny_model, tmp_path_factory):
 
 
 def check(cfg, out, *, kto=False, recompute=False):
-    return check_cache(str(out), expected_identity(cfg.model, cfg.data, cfg, kto=kto), recompute=recompute)
+    return check_cache(str(out), expected_identity(cfg.settings.model, cfg.settings.data, cfg, kto=kto), recompute=recompute)
 
 
 def test_unchanged_run_reuses(cached, tiny_model):

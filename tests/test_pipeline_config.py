@@ -20,19 +20,21 @@ def test_defaults_file_and_options_in_order(tmp_path):
     p = write(tmp_path, BASE + 'beta = [0.05, 0.2]\n[train]\nlr = 1e-5\nbatch_size = 4\n[eval]\ngen = "q.jsonl"\n'
                      'max_new_tokens = 9\n')
     cfg = resolve(str(p), {"lr": 3e-4, "loss_type": ["kto"]})
-    assert cfg.lr == 3e-4 and cfg.sources["lr"] == "option"  # option beats file
-    assert cfg.batch_size == 4 and cfg.sources["batch_size"] == "file"  # file beats default
-    assert cfg.betas == (0.05, 0.2)
-    assert cfg.losses == ("kto",)
-    assert cfg.eval_max_new_tokens == 9  # [eval] keys drop their eval_ prefix
-    assert cfg.epochs == 1 and cfg.sources["epochs"] == "default"
-    assert cfg.max_length == 1024 and cfg.max_prompt_length == 512
+    t = cfg.kto_train
+    assert cfg.train is None  # kto alone: no paired runs
+    assert t.optim.lr == 3e-4 and cfg.sources["lr"] == "option"  # option beats file
+    assert t.loop.batch_size == 4 and cfg.sources["batch_size"] == "file"  # file beats default
+    assert cfg.betas == (0.05, 0.2) and t.betas == (0.05, 0.2)
+    assert cfg.losses == ("kto",) and t.loss_types == ("kto",)
+    assert cfg.eval.max_new_tokens == 9  # [eval] keys drop their eval_ prefix
+    assert t.loop.epochs == 1 and cfg.sources["epochs"] == "default"
+    assert cfg.precompute.input.max_length == 1024 and cfg.precompute.input.max_prompt_length == 512
 
 
 def test_single_values_for_list_keys_and_ints_as_floats(tmp_path):
     p = write(tmp_path, BASE + 'loss_type = "ipo"\nbeta = 1\nlr = 1\n')
     cfg = resolve(str(p), {})
-    assert cfg.losses == ("ipo",) and cfg.betas == (1.0,) and cfg.lr == 1.0
+    assert cfg.losses == ("ipo",) and cfg.betas == (1.0,) and cfg.train.optim.lr == 1.0
 
 
 def test_relative_paths_follow_the_file(tmp_path):
@@ -41,13 +43,14 @@ def test_relative_paths_follow_the_file(tmp_path):
     (sub / "sft").mkdir()
     p = write(sub, 'model = "sft"\ndata = "pairs.jsonl"\nruns_dir = "out"\n')
     cfg = resolve(str(p), {"cache": "rel/cache"})
-    assert cfg.model == str(sub.resolve() / "sft")
-    assert cfg.data == str(sub.resolve() / "pairs.jsonl")
-    assert cfg.runs_dir == str(sub.resolve() / "out")
-    assert cfg.cache == "rel/cache"  # a CLI path stays relative to the working directory
+    s = cfg.settings
+    assert s.model == str(sub.resolve() / "sft") and cfg.precompute.model == s.model
+    assert s.data == str(sub.resolve() / "pairs.jsonl")
+    assert s.runs_dir == str(sub.resolve() / "out") and cfg.train.out == s.runs_dir
+    assert s.cache == "rel/cache"  # a CLI path stays relative to the working directory
     # A model that does not exist next to the file is left alone (a hub id).
     p2 = write(sub, 'model = "org/name"\ndata = "x"\n', "hub.toml")
-    assert resolve(str(p2), {}).model == "org/name"
+    assert resolve(str(p2), {}).settings.model == "org/name"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -104,11 +107,13 @@ def test_cli_options_override_the_file(tmp_path, run_cli, monkeypatch):
                 "--loss_type", "ipo")
     assert r.exit_code == 0, r.output
     cfg = seen["cfg"]
-    assert (cfg.lr, cfg.epochs, cfg.betas, cfg.recompute, cfg.losses) == (2e-4, 3, (0.5, 0.7), False, ("ipo",))
+    assert (cfg.train.optim.lr, cfg.train.loop.epochs, cfg.train.betas, cfg.settings.recompute, cfg.losses) == \
+        (2e-4, 3, (0.5, 0.7), False, ("ipo",))
 
     r = run_cli("pipeline", "--config", p)
     assert r.exit_code == 0
-    assert (seen["cfg"].lr, seen["cfg"].betas, seen["cfg"].recompute) == (1e-5, (0.1, 0.3), True)
+    cfg = seen["cfg"]
+    assert (cfg.train.optim.lr, cfg.train.betas, cfg.settings.recompute) == (1e-5, (0.1, 0.3), True)
 
     bad = write(tmp_path, BASE + "epochs = 'two'\n", "bad.toml")
     r = run_cli("pipeline", "--config", bad)
@@ -119,13 +124,12 @@ def test_cli_options_override_the_file(tmp_path, run_cli, monkeypatch):
 def test_chat_date_is_one_top_level_key_for_every_phase(tmp_path):
     """The date chat templates render must be the same when the pipeline precomputes, trains, evaluates and
     decides whether a cache is reusable, so it is one top-level key."""
-    from prefpipe.pipeline.config import gen_settings, precompute_config, train_config
     from prefpipe.pipeline.run import expected_identity
 
-    cfg = resolve(str(write(tmp_path, BASE + 'chat_date = "2025-01-31"\n')), {})
-    assert precompute_config(cfg, "out", "d.jsonl", kto=False, overwrite=False).input.chat_date == "2025-01-31"
-    assert train_config(cfg, ("orpo",), cache=None, data="d.jsonl").source.input.chat_date == "2025-01-31"
-    assert gen_settings(cfg).chat_date == "2025-01-31"
+    cfg = resolve(str(write(tmp_path, BASE + 'chat_date = "2025-01-31"\nloss_type = ["dpo", "kto"]\n')), {})
+    assert cfg.precompute.input.chat_date == "2025-01-31"
+    assert cfg.train.source.input.chat_date == "2025-01-31" and cfg.kto_train.source.input.chat_date == "2025-01-31"
+    assert cfg.eval.chat_date == "2025-01-31"
     (tmp_path / "d.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     ident = expected_identity("m", str(tmp_path / "d.jsonl"), cfg, kto=False,
                               fingerprints={"model": "x", "tokenizer": {"fingerprint": "y"}})
@@ -135,14 +139,13 @@ def test_chat_date_is_one_top_level_key_for_every_phase(tmp_path):
 
 
 def test_a_loss_knob_no_pipeline_loss_reads_is_refused_by_its_key(tmp_path):
-    from prefpipe.pipeline.config import train_config
     with pytest.raises(UserError, match="key 'simpo_gamma' is read by no loss of this call"):
         resolve(str(write(tmp_path, BASE + 'loss_type = ["dpo", "ipo"]\n[train]\nsimpo_gamma = 2.0\n')), {})
     # read by one of the pipeline's losses: accepted; the call that trains the others gets the default
     cfg = resolve(str(write(tmp_path, BASE + 'loss_type = ["dpo", "kto"]\n[train]\ndesirable_weight = 1.3\n',
                             "ok.toml")), {})
-    assert train_config(cfg, ("kto",), cache="c", data=None).loss.desirable_weight == 1.3
-    assert train_config(cfg, ("dpo",), cache="c", data=None).loss.desirable_weight == 1.0
+    assert cfg.kto_train.loss.desirable_weight == 1.3
+    assert cfg.train.loss.desirable_weight == 1.0
 
 
 @pytest.mark.parametrize("text, message", [
@@ -180,9 +183,54 @@ def test_keys_that_take_effect_pass_and_the_command_line_is_named_as_typed(tmp_p
 
 
 def test_ld_dpo_asks_phase_one_for_per_token_log_probs_without_editing_the_settings():
-    from prefpipe.pipeline.config import precompute_config
     cfg = resolve(None, {"model": "m", "data": "d", "ld_alpha": 0.5})
-    assert precompute_config(cfg, "c", "d", kto=False, overwrite=False).per_token is True
-    assert cfg.values["per_token"] is False  # what the user set (the default), as pipeline.json records it
+    assert cfg.precompute.per_token is True
+    assert cfg.recorded["per_token"] is False  # what the user set (the default), as pipeline.json records it
     plain = resolve(None, {"model": "m", "data": "d"})
-    assert precompute_config(plain, "c", "d", kto=False, overwrite=False).per_token is False
+    assert plain.precompute.per_token is False
+
+
+@pytest.mark.parametrize("text, message", [
+    ('rounds = 2\nloss_type = "dpo"\n[generate]\ntemperature = -1.0\n',
+     "key 'generate.temperature' must be >= 0 (got -1.0)"),
+    ('loss_type = ["dpo", "kto"]\n[train]\nwarmup_ratio = 1.5\n', "key 'warmup_ratio' must be in [0, 1) (got 1.5)"),
+])
+def test_a_bad_phase_value_stops_the_pipeline_before_any_phase(tmp_path, run_cli, monkeypatch, text, message):
+    """Every phase's settings are built when the pipeline loads: a value one of them refuses exits 2 naming the
+    key and the file, and nothing runs."""
+    import prefpipe.pipeline.run as run_mod
+
+    ran = []
+    monkeypatch.setattr(run_mod, "run_pipeline", lambda cfg, log: ran.append(cfg))
+    p = write(tmp_path, BASE + text)
+    r = run_cli("pipeline", "--config", p)
+    assert r.exit_code == 2 and message in r.output and str(p) in r.output, r.output
+    assert ran == []
+
+
+def test_a_round_changes_only_its_model_data_and_directory(tmp_path):
+    """A round's settings (for_round) are what resolving its model, data and directory afresh gives, except that
+    training starts from the round's policy."""
+    from dataclasses import replace
+
+    from prefpipe.pipeline.rounds import round_config
+
+    keys = {"model": "m", "data": "prompts.jsonl", "loss_type": ["dpo"], "eval_gen": "q.jsonl", "lr": 2e-6,
+            "max_length": 128, "runs_dir": str(tmp_path)}
+    top = resolve(None, {**keys, "rounds": 3, "generate_num_samples": 4})
+    sub = round_config(top, 2, "policy-2")
+    rd = str(tmp_path / "round-2")
+    fresh = resolve(None, {**keys, "data": str(Path(rd) / "samples"), "runs_dir": rd, "eval_baseline": False,
+                           "allow_reference_mismatch": True})  # the reference (m) is not the policy
+    assert sub.settings == fresh.settings and sub.held_out == fresh.held_out and sub.eval == fresh.eval
+    assert sub.precompute == fresh.precompute and sub.precompute.model == "m"
+    assert sub.train == replace(fresh.train, source=replace(fresh.train.source, model="policy-2"))
+    assert sub.kto_train is None and sub.generate is None
+    assert {k: v for k, v in sub.recorded.items() if not k.startswith("generate_")} == \
+        {k: v for k, v in fresh.recorded.items() if not k.startswith("generate_")}
+    # A round whose reference is its policy (reference_model = "previous") scores its caches with it.
+    prev = round_config(resolve(None, {**keys, "rounds": 3, "reference_model": "previous"}), 2, "policy-2")
+    assert prev.precompute.model == "policy-2" and prev.train.source.allow_reference_mismatch is False
+    kto = round_config(resolve(None, {**keys, "loss_type": ["kto"], "rounds": 3}), 2, "policy-2")
+    assert kto.train is None and kto.kto_train.source.model == "policy-2" and kto.kto_train.out == rd
+    assert kto.kto_train.source.cache == str(Path(rd) / "cache-kto")

@@ -182,23 +182,27 @@ def test_quick_start_toml_loads_into_the_pipeline_config(tmp_path):
     p.write_text(blocks[0])
     (tmp_path / "sft").mkdir()
     cfg = resolve(str(p), {})
-    assert cfg.model == str(tmp_path / "sft") and cfg.data == str(tmp_path / "prefs.jsonl")
+    assert cfg.settings.model == str(tmp_path / "sft") and cfg.settings.data == str(tmp_path / "prefs.jsonl")
     assert cfg.losses == ("dpo", "ipo") and cfg.betas == (0.05, 0.1, 0.3)
-    assert (cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.save_every, cfg.max_length) == (5e-7, 8, 4, 200, 1024)
-    assert cfg.eval_data == str(tmp_path / "heldout.jsonl")
+    t = cfg.train
+    assert (t.optim.lr, t.loop.batch_size, t.loop.grad_accum, t.loop.save_every, t.source.input.max_length) == \
+        (5e-7, 8, 4, 200, 1024)
+    assert cfg.held_out.data == str(tmp_path / "heldout.jsonl")
     assert all(cfg.sources[k] == "file" for k in ("model", "loss_type", "lr", "eval_data"))
 
 
 def test_rounds_toml_loads_into_the_pipeline_config(tmp_path):
-    from prefpipe.pipeline.config import generate_config, resolve
+    from prefpipe.pipeline.config import resolve
     p = tmp_path / "run.toml"
     p.write_text(code_blocks(text(README), "toml")[1])
     (tmp_path / "sft").mkdir()
     cfg = resolve(str(p), {})
-    assert (cfg.rounds, cfg.losses, cfg.betas, cfg.reference_model) == (3, ("1*dpo+1*sft",), (0.1,), "initial")
-    g = generate_config(cfg, cfg.model, cfg.data, str(tmp_path / "out"))
+    assert (cfg.settings.rounds, cfg.losses, cfg.betas, cfg.settings.reference_model) == \
+        (3, ("1*dpo+1*sft",), (0.1,), "initial")
+    g = cfg.generate
     assert (g.sampling.num_samples, g.sampling.max_new_tokens, g.judge.reward) == (8, 256, "answer")
-    assert cfg.eval_gen == str(tmp_path / "heldout.jsonl")
+    assert g.model == str(tmp_path / "sft") and g.data == cfg.settings.data
+    assert cfg.held_out.gen == str(tmp_path / "heldout.jsonl")
 
 
 EXTENDING_REF = re.compile(r"`((?:prefpipe|tests|docs|bench|\.ci)/[\w/.\-]+?)(?::(\w+))?`")

@@ -8,7 +8,7 @@ import click
 from click.core import ParameterSource
 
 from prefpipe.options import override_option
-from prefpipe.pipeline.config import KEYS
+from prefpipe.pipeline.config import KEYS, resolve
 
 
 def _log(msg: str):
@@ -46,18 +46,16 @@ def pipeline(ctx, config_path, **kwargs):
     prefpipe pipeline --config run.toml --beta 0.05 --beta 0.2 --recompute
     prefpipe demo                     (the embedded end-to-end demo)
     """
-    from prefpipe.pipeline.config import resolve
-
     cfg = resolve(config_path, given_options(ctx, kwargs))  # bad keys stop here, before torch is imported
-    from prefpipe.pipeline.run import run_pipeline
+    from prefpipe.pipeline.run import run_pipeline  # torch: not at `prefpipe --help` time
 
     summary = run_pipeline(cfg, log=_log)
     if "rounds" in summary:
-        click.echo(json.dumps({"runs_dir": cfg.runs_dir, "initial": summary["initial"],
+        click.echo(json.dumps({"runs_dir": cfg.settings.runs_dir, "initial": summary["initial"],
                                "rounds": [r["eval"] for r in summary["rounds"]],
                                "final_model": summary["final_model"]}))
         return
-    click.echo(json.dumps({"runs_dir": cfg.runs_dir, "best": summary["report"]["best"],
+    click.echo(json.dumps({"runs_dir": cfg.settings.runs_dir, "best": summary["report"]["best"],
                            "timing_s": summary["timing_s"]}))
 
 

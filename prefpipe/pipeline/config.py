@@ -26,7 +26,15 @@ Rules a user needs to know:
   `unread_knobs`). ``[eval] cache`` alone is evaluated as it is.
 - An unknown key, a key in two places, a key under the wrong table, or a value of the wrong type is an error naming
   the file and the key (with the closest known key as a suggestion). A value the settings reject (``lr = 0``) is an
-  error naming the key and the file, or the option when it was given on the command line.
+  error naming the key and the file (as the file spells it: ``key 'generate.temperature'``), or the option when it
+  was given on the command line.
+
+How the code holds them: `resolve` reads defaults, file and options once into a flat {key: value} and builds from
+it, at once, every phase's settings (`PipelineConfig`: the pipeline's own, prefpipe.pipeline.settings, and the
+PrecomputeConfig, TrainConfig, GenSettings and GenerateConfig the phases run with), which is where a bad value
+stops. The phases then only replace what the pipeline decides per cache, run or round (a cache's path and data,
+the cache a run trains from, a round's model and directory: `from_cache`, `for_round`); the flat values are kept
+as `recorded`, only for pipeline.json and a round's key.
 """
 
 from __future__ import annotations
@@ -37,72 +45,28 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from prefpipe.data.formats import Columns
 from prefpipe.data.sources import is_hub_id
 from prefpipe.errors import UserError
 from prefpipe.evaluation.settings import GenSettings
 from prefpipe.generation.config import GenerateConfig
-from prefpipe.options import Option, OptionError, build, canonical_choice, cli_style, opt, options, same_as, toml_style
-from prefpipe.pipeline.effects import no_effect
-from prefpipe.pipeline.sweep import split_losses
+from prefpipe.options import Option, OptionError, build, canonical_choice, cli_style, options, toml_style
+from prefpipe.pipeline.effects import Combination, no_effect
+from prefpipe.pipeline.settings import PipelineEval, PipelineSettings, PipelineTrain
+from prefpipe.pipeline.sweep import needs_reference, split_losses
 from prefpipe.precompute.config import PrecomputeConfig
-from prefpipe.data.tokenize import TokenizeSettings
 from prefpipe.train.config import TrainConfig
 from prefpipe.train.registry import KNOBS, entry_for, resolve_loss_type, unread_knobs
-
-
-@dataclass(frozen=True)
-class PipelineSettings:
-    """The top-level keys: what to run, where, and the settings every phase shares."""
-    model: str | None = opt(None, path=True, help="The SFT model directory (or hub id): reference and starting "
-                            "policy.")
-    data: str | None = opt(None, path=True, help="Preference data (a file, directory or glob).")
-    kto_data: str | None = opt(None, path=True, help="Data for kto runs [default: --data, two examples per pair].")
-    cache: str | None = opt(None, path=True, help="Paired cache directory [default: RUNS_DIR/cache-<identity>].")
-    kto_cache: str | None = opt(None, path=True, help="KTO cache directory [default: RUNS_DIR/cache-kto-<identity>].")
-    runs_dir: str = opt("runs", path=True, help="Where runs, evaluations, the summary and the plots go.")
-    loss_type: tuple[str, ...] = same_as(TrainConfig, "loss_types", help="Loss types to train (a list; repeat the "
-                                         "option).")
-    beta: tuple[float, ...] = same_as(TrainConfig, "betas", help="Betas to sweep (a list; repeat the option).")
-    kto_beta: tuple[float, ...] | None = opt(None, help="Betas for kto runs [default: --beta].")
-    recompute: bool = opt(False, help="Recompute the caches even when they are valid.")
-    dtype: str = same_as(TrainConfig, "dtype", help="Compute dtype for every phase.")
-    device: str = same_as(TrainConfig, "device")
-    progress: bool = same_as(TrainConfig, "progress", help="Progress bars.")
-    chat_date: str = same_as(TokenizeSettings, "chat_date")
-    rounds: int | None = opt(None, metavar="N", help="On-policy rounds: data holds prompts, and each round "
-                             "generates from the current policy ([generate] keys), judges, builds pairs, "
-                             "precomputes, trains and evaluates (RUNS_DIR/round-<r>/).",
-                             default_text="unset: data holds pairs, no generation")
-    reference_model: str = opt("initial", choices=("initial", "previous"), help="rounds: the reference of round r "
-                               "is the SFT model (initial, as RLHFlow does) or round r's starting policy "
-                               "(previous, as Iterative RPO does).")
-
-
-@dataclass(frozen=True)
-class PipelineTrain:
-    """`[train]` keys of the pipeline only."""
-    kto_lr: float | None = opt(None, help="Peak learning rate of kto runs [default: lr].")
-
-
-@dataclass(frozen=True)
-class PipelineEval:
-    """`[eval]` keys of the pipeline only (besides GenSettings'); their full names start with `eval_`."""
-    data: str | None = opt(None, path=True, help="Held-out preference pairs: implicit-reward accuracy and margin.")
-    cache: str | None = opt(None, path=True, help="Cache for eval_data [default: RUNS_DIR/cache-eval-<identity>].")
-    gen: str | None = opt(None, path=True, help="Held-out GSM8K-style questions: greedy exact-match accuracy.")
-    baseline: bool = opt(True, help="Also evaluate the SFT model itself (RUNS_DIR/reference).")
 
 
 @dataclass(frozen=True)
 class Key:
     """One pipeline key: its full name (the CLI option; `[eval]` keys start with `eval_`), its table, its option."""
     name: str
-    section: str  # "" (top level), "precompute", "train", "eval"
+    section: str  # "" (top level), "precompute", "train", "eval", "generate"
     option: Option
 
     @property
@@ -134,87 +98,75 @@ PREFIXED = {"eval": "eval_", "generate": "generate_"}  # tables whose keys drop 
 assert len(KEY_BY_NAME) == len(KEYS), "two pipeline keys with one name"
 
 
+Source = Literal["default", "file", "option"]  # where a key's value came from
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
-    """The resolved settings: `values` holds every key of `KEYS`; `sources` says where each came from. Nothing
-    edits them once `resolve` has made them: what a phase needs beyond them is derived (`per_token`) or passed
-    to the function that builds that phase's settings."""
-    values: dict
-    sources: dict = field(default_factory=dict)  # key -> "default" | "file" | "option"
+    """A resolved pipeline: its own settings and every phase's, typed, built and validated once by `resolve`. A
+    phase call changes only what the pipeline decides per cache, run or round (`dataclasses.replace` of a cache's
+    `out` and `data`, `overwrite`, the cache a run trains from, a round's model and directory: `for_round`)."""
+    settings: PipelineSettings  # the top-level keys
+    held_out: PipelineEval  # [eval] data, cache, gen, baseline
+    precompute: PrecomputeConfig  # for `data` into RUNS_DIR/cache; `per_token` also when a loss entry needs it
+    train: TrainConfig | None  # the paired losses' runs (None: there are none); from `data` when none needs a cache
+    kto_train: TrainConfig | None  # the runs on single examples (kto_beta, kto_lr), from the KTO cache
+    eval: GenSettings  # prefpipe eval --gen's settings for eval_gen
+    generate: GenerateConfig | None  # with rounds: round 1's prefpipe generate
+    sources: dict[str, Source]  # every key of `KEYS`
+    # Every key as resolved from defaults, file and options (max_prompt_length resolved), before a phase's own
+    # normalisation: what pipeline.json records and a round's key hashes, so it is only read whole.
+    recorded: dict[str, Any]
     config_path: str | None = None
-    policy: str | None = None  # a round's starting policy, when it is not `model` (prefpipe.pipeline.rounds)
-
-    def __getattr__(self, name):
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     @property
     def losses(self) -> tuple:
-        """The loss types by their canonical names (`DPO`, `sigmoid` -> `dpo`); a name no loss has stays as
-        written, for the train settings to refuse with the key named."""
-
-        def canonical(text):
-            try:
-                return resolve_loss_type(text)
-            except ValueError:
-                return text
-        return tuple(canonical(t) for t in self.values["loss_type"])
-
-    @property
-    def per_token(self) -> bool:
-        """Caches keep per-token reference log-probs: asked for, or needed by a run's loss entry (LD-DPO: dpo
-        with ld_alpha)."""
-        return bool(self.values["per_token"]) or any(entry_for(lt, self.values).needs_per_token_reference
-                                                     for lt in self.losses)
+        """The loss types by their canonical names (`DPO`, `sigmoid` -> `dpo`)."""
+        return _canonical(self.settings.loss_type)
 
     @property
     def betas(self) -> tuple:
-        return tuple(self.values["beta"])
-
-    def path_or(self, key: str, default_name: str) -> str:
-        v = self.values[key]
-        return v if v is not None else str(Path(self.values["runs_dir"]) / default_name)
+        return tuple(self.settings.beta)
 
 
-# ---------------------------------------------------------------- the phases' settings
-
-def precompute_config(cfg: PipelineConfig, out: str, data: str, *, kto: bool, overwrite: bool) -> PrecomputeConfig:
-    """Phase one's settings for one cache: the keys, plus what the pipeline decides per cache."""
-    return build(PrecomputeConfig, {**cfg.values, "out": out, "data": data, "kto": kto, "overwrite": overwrite,
-                                    "per_token": cfg.per_token})
-
-
-def train_config(cfg: PipelineConfig, losses: tuple, *, cache: str | None, data: str | None,
-                 betas: tuple | None = None, lr: float | None = None, all_knobs: bool = False) -> TrainConfig:
-    """One `run_training` call's settings: the keys, with the losses, betas and source the pipeline chose. A
-    pipeline's loss knobs are checked against all its losses (`all_knobs`, in `_check`); a call for some of them
-    gets the others' knobs at their defaults."""
-    unread = {} if all_knobs else {k: KNOBS[k].default for k in unread_knobs(losses, cfg.values)}
-    values = {**cfg.values, "model": cfg.policy or cfg.model, "cache": cache, "data": data, "out": cfg.runs_dir,
-              "loss_type": list(losses),
-              "beta": list(betas or cfg.betas), "resume": True, **unread}
-    if lr:
-        values["lr"] = lr
-    return build(TrainConfig, values)
+def _canonical(loss_types) -> tuple:
+    """Canonical loss names; a name no loss has stays as written, for the train settings to refuse with the key
+    named."""
+    def canonical(text):
+        try:
+            return resolve_loss_type(text)
+        except ValueError:
+            return text
+    return tuple(canonical(t) for t in loss_types)
 
 
-def generate_config(cfg: PipelineConfig, model: str, data: str, out: str) -> GenerateConfig:
-    """One round's `prefpipe generate` settings: the [generate] keys, the input keys, the top-level ones."""
-    values = {o.name: cfg.values["generate_" + o.name] for o in GENERATE_OPTIONS}
-    shared = {o.name: cfg.values[o.name] for o in options(GenerateConfig)
-              if o.name not in values and o.name in cfg.values}
-    return build(GenerateConfig, {**shared, **values, "model": model, "data": data, "out": out, "overwrite": False})
+def from_cache(tc: TrainConfig, cache: str) -> TrainConfig:
+    """`tc` training from `cache`, whose path the pipeline decides per run (content-addressed, see run.py)."""
+    return replace(tc, source=replace(tc.source, cache=cache, data=None))
 
 
-def gen_settings(cfg: PipelineConfig) -> GenSettings:
-    values = {o.name: cfg.values["eval_" + o.name] for o in GEN_OPTIONS}
-    return build(GenSettings, {**values, "device": cfg.device, "dtype": cfg.dtype, "chat_date": cfg.chat_date})
+def for_round(cfg: PipelineConfig, *, reference: str, policy: str, data: str, runs_dir: str,
+              baseline: bool) -> PipelineConfig:
+    """A round's ordinary pipeline (prefpipe.pipeline.rounds): caches scored by `reference`, runs starting from
+    `policy` (told that a different reference is meant), `data` (the round's pairs) and `runs_dir` its own."""
+    mismatch = policy != reference
 
-
-def columns_of(cfg: PipelineConfig) -> Columns:
-    return build(Columns, cfg.values)
+    def trained(tc: TrainConfig | None) -> TrainConfig | None:
+        if tc is None:
+            return None
+        s = tc.source  # rounds refuse `cache` and `kto_cache`: a cache here is RUNS_DIR/cache or cache-kto
+        return replace(tc, out=runs_dir, source=replace(
+            s, model=policy, data=data if s.data else None, cache=str(Path(runs_dir) / Path(s.cache).name)
+            if s.cache else None, allow_reference_mismatch=s.allow_reference_mismatch or mismatch))
+    pc = cfg.precompute
+    recorded = {**cfg.recorded, "model": reference, "data": data, "runs_dir": runs_dir, "rounds": None,
+                "eval_baseline": baseline,
+                "allow_reference_mismatch": cfg.recorded["allow_reference_mismatch"] or mismatch}
+    return replace(cfg, settings=replace(cfg.settings, model=reference, data=data, runs_dir=runs_dir, rounds=None),
+                   held_out=replace(cfg.held_out, baseline=baseline), train=trained(cfg.train),
+                   kto_train=trained(cfg.kto_train), generate=None, recorded=recorded,
+                   precompute=replace(pc, data=data, out=str(Path(runs_dir) / "cache"),
+                                      backend_options=replace(pc.backend_options, model=reference)))
 
 
 # ---------------------------------------------------------------- values
@@ -312,9 +264,10 @@ def read_toml(path: str | Path) -> dict:
 
 
 def resolve(config_path: str | None, options: dict) -> PipelineConfig:
-    """Defaults, then the file, then `options` (only the ones given on the command line)."""
+    """Defaults, then the file, then `options` (only the ones given on the command line), built into every
+    phase's settings now, so that a bad value stops the pipeline before any work."""
     values = {k.name: k.default for k in KEYS}
-    sources = {k.name: "default" for k in KEYS}
+    sources: dict[str, Source] = {k.name: "default" for k in KEYS}
     if config_path:
         for name, v in read_toml(config_path).items():
             values[name], sources[name] = v, "file"
@@ -322,82 +275,133 @@ def resolve(config_path: str | None, options: dict) -> PipelineConfig:
         if name not in KEY_BY_NAME:
             raise KeyError(name)
         values[name], sources[name] = coerce(KEY_BY_NAME[name], v), "option"
-    cfg = PipelineConfig(values, sources, config_path)
-    return PipelineConfig(_check(cfg), sources, config_path)
+    return _build(_Given(values, sources, config_path))
 
 
-@contextlib.contextmanager
-def _as_written(cfg: PipelineConfig, prefix: str = ""):
-    """Re-raise a settings dataclass's `OptionError` naming each key as the user gave it: `key 'lr'` and the file
-    for a value from the file, `--lr` for one from the command line or a default."""
-    try:
-        yield
-    except OptionError as e:
-        from_file = [n for n in e.names if cfg.sources.get(prefix + n) == "file"]
+@dataclass(frozen=True)
+class _Given:
+    """The keys as given (`values`, flat, every key of `KEYS`), while `resolve` builds the settings from them."""
+    values: dict[str, Any]
+    sources: dict[str, Source]
+    path: str | None
 
-        def style(n):
-            return toml_style(prefix + n) if prefix + n in from_file else cli_style(prefix + n)
-        raise UserError(e.render(style), file=cfg.config_path if from_file else None) from None
+    def path_or(self, key: str, default_name: str) -> str:
+        v = self.values[key]
+        return v if v is not None else str(Path(self.values["runs_dir"]) / default_name)
+
+    def table(self, section: str) -> dict:
+        """The keys of a prefixed table under their own names (`eval_gen` -> `gen`)."""
+        cut = len(PREFIXED[section])
+        return {k.name[cut:]: self.values[k.name] for k in KEYS if k.section == section}
+
+    @contextlib.contextmanager
+    def as_written(self, prefix: str = ""):
+        """Re-raise a settings dataclass's `OptionError` naming each key as the user gave it: `key 'lr'` and the
+        file for a value from the file, `--lr` for one from the command line or a default."""
+        try:
+            yield
+        except OptionError as e:
+            from_file = [prefix + n for n in e.names if self.sources.get(prefix + n) == "file"]
+
+            def style(n):
+                return toml_style(written(prefix + n)) if prefix + n in from_file else cli_style(prefix + n)
+            raise UserError(e.render(style), file=self.path if from_file else None) from None
 
 
-def _check(cfg: PipelineConfig) -> dict:
-    """Build every phase's settings once now, so that a bad value stops the pipeline before any work; the values
-    with the prompt budget resolved (None: max_length // 2), which the caches and pipeline.json record."""
-    where = f" (set it in {cfg.config_path} or with --%s)" if cfg.config_path else " (--%s)"
-    if not cfg.values["model"]:
+def _build(g: _Given) -> PipelineConfig:
+    """Every phase's settings, checked in the order the messages have always come in."""
+    v = g.values
+    where = f" (set it in {g.path} or with --%s)" if g.path else " (--%s)"
+    if not v["model"]:
         raise UserError("no model given" + where % "model")
-    if not cfg.values["data"]:
+    if not v["data"]:
         raise UserError("no data given" + where % "data")
-    for b in cfg.values["beta"] + (cfg.values["kto_beta"] or []):
+    for b in v["beta"] + (v["kto_beta"] or []):
         if b <= 0:
-            raise UserError(f"every beta must be positive (got {b:g})", file=cfg.config_path)
-    with _as_written(cfg):
-        build(PipelineSettings, cfg.values), build(PipelineTrain, cfg.values)  # options.as_given: kto_lr = nan
+            raise UserError(f"every beta must be positive (got {b:g})", file=g.path)
+    losses = _canonical(v["loss_type"])
+    with g.as_written():
+        settings, extra = build(PipelineSettings, v), build(PipelineTrain, v)  # options.as_given: kto_lr = nan
         # The train settings first: they check the loss names, which the precompute settings ask the registry about.
-        train_config(cfg, cfg.losses, cache=cfg.path_or("cache", "cache"), data=None, all_knobs=True)
-        pc = precompute_config(cfg, cfg.path_or("cache", "cache"), cfg.data, kto=False, overwrite=False)
-        _, unpaired = split_losses(cfg.losses)
-        if unpaired:
-            train_config(cfg, unpaired, cache=cfg.path_or("kto_cache", "cache-kto"), data=None,
-                         betas=tuple(cfg.kto_beta or cfg.betas), lr=cfg.kto_lr).runs()
-    with _as_written(cfg, "eval_"):
-        gen_settings(cfg)
-    _check_rounds(cfg)
-    _refuse_keys_without_effect(cfg)
-    return {**cfg.values, "max_prompt_length": pc.input.max_prompt_length}
+        every = _train_config(g, losses, cache=g.path_or("cache", "cache"), data=None, all_knobs=True)
+        knobs = every.loss.knobs()
+        per_token = bool(v["per_token"]) or any(entry_for(lt, knobs).needs_per_token_reference for lt in losses)
+        pc = build(PrecomputeConfig, {**v, "out": g.path_or("cache", "cache"), "kto": False, "overwrite": False,
+                                      "per_token": per_token})
+        paired, unpaired = split_losses(losses)
+        # Paired runs train from the paired cache when one of them reads reference log-probs, else from data.
+        train = _train_config(g, paired, cache=g.path_or("cache", "cache"), data=None) \
+            if needs_reference(paired) else _train_config(g, paired, cache=None, data=v["data"]) if paired else None
+        kto_train = _train_config(g, unpaired, cache=g.path_or("kto_cache", "cache-kto"), data=None,
+                                  betas=tuple(v["kto_beta"] or v["beta"]), lr=extra.kto_lr) if unpaired else None
+    with g.as_written("eval_"):
+        held_out = build(PipelineEval, g.table("eval"))
+        gen = build(GenSettings, {**g.table("eval"), "device": v["device"], "dtype": v["dtype"],
+                                  "chat_date": v["chat_date"]})
+    generate = _check_rounds(g, losses)
+    _refuse_keys_without_effect(g, Combination.of(settings, held_out, losses))
+    recorded = {**v, "max_prompt_length": pc.input.max_prompt_length}
+    return PipelineConfig(settings, held_out, pc, train, kto_train, gen, generate, g.sources, recorded, g.path)
 
 
-def _check_rounds(cfg: PipelineConfig):
+def _train_config(g: _Given, losses: tuple, *, cache: str | None, data: str | None, betas: tuple | None = None,
+                  lr: float | None = None, all_knobs: bool = False) -> TrainConfig:
+    """One `run_training` call's settings: the keys, with the losses, betas and source the pipeline chose. A
+    pipeline's loss knobs are checked against all its losses (`all_knobs`); a call for some of them gets the
+    others' knobs at their defaults."""
+    unread = {} if all_knobs else {k: KNOBS[k].default for k in unread_knobs(losses, g.values)}
+    values = {**g.values, "cache": cache, "data": data, "out": g.values["runs_dir"], "loss_type": list(losses),
+              "beta": list(betas or g.values["beta"]), "resume": True, **unread}
+    if lr:
+        values["lr"] = lr
+    return build(TrainConfig, values)
+
+
+def _generate_config(g: _Given) -> GenerateConfig:
+    """Round 1's `prefpipe generate` settings: the [generate] keys, the input keys, the top-level ones."""
+    own = {o.name: g.values["generate_" + o.name] for o in GENERATE_OPTIONS}
+    shared = {o.name: g.values[o.name] for o in options(GenerateConfig) if o.name not in own and o.name in g.values}
+    out = str(Path(g.values["runs_dir"]) / "round-1" / "samples")
+    return build(GenerateConfig, {**shared, **own, "out": out, "overwrite": False})
+
+
+def _check_rounds(g: _Given, losses: tuple) -> GenerateConfig | None:
     """Rounds: a positive count, valid [generate] keys, and one training run per round (its model starts the
-    next round, so a sweep would leave the next round's policy undecided)."""
-    rounds = cfg.values["rounds"]
+    next round, so a sweep would leave the next round's policy undecided). Round 1's generate settings, or None
+    without rounds."""
+    rounds = g.values["rounds"]
     if rounds is None:
-        return
+        return None
     if rounds < 1:
-        named = "key 'rounds'" if cfg.sources["rounds"] == "file" else "--rounds"
+        named = "key 'rounds'" if g.sources["rounds"] == "file" else "--rounds"
         raise UserError(f"{named} must be at least 1 (got {rounds}); leave it out when data holds pairs",
-                        file=cfg.config_path if cfg.sources["rounds"] == "file" else None)
-    with _as_written(cfg, "generate_"):
-        generate_config(cfg, cfg.model, cfg.data, str(Path(cfg.runs_dir) / "round-1" / "samples"))
-    named = [k for k in ("cache", "kto_cache", "kto_data") if cfg.values[k] is not None]
+                        file=g.path if g.sources["rounds"] == "file" else None)
+    with g.as_written("generate_"):
+        generate = _generate_config(g)
+    named = [k for k in ("cache", "kto_cache", "kto_data") if g.values[k] is not None]
     if named:
         raise UserError(f"rounds build their own data and caches in each round's directory; leave out "
-                        f"{', '.join(named)}", file=cfg.config_path)
-    n_runs = len(cfg.losses) * len(cfg.betas)
+                        f"{', '.join(named)}", file=g.path)
+    n_runs = len(losses) * len(g.values["beta"])
     if n_runs != 1:
         raise UserError(f"rounds train one run per round, whose model starts the next round; this pipeline has "
                         f"{n_runs} (loss_type x beta); give one loss_type (a combination such as '1*dpo+1*sft' is "
-                        "one) and one beta", file=cfg.config_path)
+                        "one) and one beta", file=g.path)
+    return generate
 
 
-def _refuse_keys_without_effect(cfg: PipelineConfig):
-    found = no_effect(cfg.values, cfg.sources, cfg.losses)
+def _refuse_keys_without_effect(g: _Given, c: Combination):
+    found = no_effect(c, g.sources)
     if found is None:
         return
     name, why = found
-    if cfg.sources[name] == "option":
+    if g.sources[name] == "option":
         raise UserError(f"{cli_style(name)} has no effect here: {why}; leave it out")
+    raise UserError(f"key '{written(name)}' has no effect here: {why}; remove it", file=g.path)
+
+
+def written(name: str) -> str:
+    """A key as a file spells it: `eval.gen` for `eval_gen` (its table drops the prefix), else its name."""
     key = KEY_BY_NAME[name]
     prefix = PREFIXED.get(key.section)
-    written = f"{key.section}.{name[len(prefix):]}" if prefix else name
-    raise UserError(f"key '{written}' has no effect here: {why}; remove it", file=cfg.config_path)
+    return f"{key.section}.{name[len(prefix):]}" if prefix else name

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from prefpipe.generation.config import GenerateConfig
 from prefpipe.options import options
+from prefpipe.pipeline.settings import PipelineEval, PipelineSettings
 from prefpipe.pipeline.sweep import needs_reference, split_losses
 from prefpipe.precompute.config import PrecomputeConfig
 from prefpipe.train.config import TrainConfig
@@ -22,15 +23,16 @@ from prefpipe.train.registry import LOSSES
 
 @dataclass(frozen=True)
 class Combination:
-    """What a resolved pipeline will do, derived once from its values (loss names already checked)."""
-    values: dict
+    """What a resolved pipeline will do, derived once from its settings (loss names already checked)."""
+    settings: PipelineSettings
+    held_out: PipelineEval
     paired: tuple
     unpaired: tuple
 
     @classmethod
-    def of(cls, values: dict, losses: tuple) -> Combination:
+    def of(cls, settings: PipelineSettings, held_out: PipelineEval, losses: tuple) -> Combination:
         paired, unpaired = split_losses(losses)
-        return cls(values, paired, unpaired)
+        return cls(settings, held_out, paired, unpaired)
 
     @property
     def losses(self) -> tuple:
@@ -42,11 +44,11 @@ class Combination:
 
     @property
     def phase_one(self) -> bool:
-        return self.paired_cache or bool(self.unpaired) or bool(self.values["eval_data"])
+        return self.paired_cache or bool(self.unpaired) or bool(self.held_out.data)
 
     @property
     def eval_pref(self) -> bool:
-        return bool(self.values["eval_data"] or self.values["eval_cache"])
+        return bool(self.held_out.data or self.held_out.cache)
 
     def reads(self, param: str, losses: tuple | None = None) -> bool:
         return any(param in LOSSES[lt].params for lt in (self.losses if losses is None else losses))
@@ -79,24 +81,24 @@ EFFECTS = [
     Effect(("kto_beta",), lambda c: c.reads("beta", c.unpaired),
            lambda c: "no loss on single examples here uses beta"),
     Effect(("beta",), lambda c: c.reads("beta", c.paired) or (c.reads("beta", c.unpaired)
-                                                              and c.values["kto_beta"] is None),
+                                                              and c.settings.kto_beta is None),
            lambda c: f"no loss here ({_losses(c)}) reads it" + (" (kto runs take kto_beta)" if c.unpaired else "")),
     Effect(PRECOMPUTE_ONLY + ("recompute",), lambda c: c.phase_one,
            lambda c: f"phase one (precompute) does not run: no loss here ({_losses(c)}) needs reference "
            "log-probs, none trains on single examples and eval_data is not set"),
-    Effect(_GEN_ONLY, lambda c: bool(c.values["eval_gen"]), lambda c: "it applies to eval_gen, which is not set"),
+    Effect(_GEN_ONLY, lambda c: bool(c.held_out.gen), lambda c: "it applies to eval_gen, which is not set"),
     Effect(("reference_model",) + tuple("generate_" + o.name for o in options(GenerateConfig)),
-           lambda c: c.values["rounds"] is not None,
+           lambda c: c.settings.rounds is not None,
            lambda c: "it applies to on-policy rounds, and rounds is not set"),
-    Effect(("eval_batch_size",), lambda c: bool(c.values["eval_gen"]) or c.eval_pref,
+    Effect(("eval_batch_size",), lambda c: bool(c.held_out.gen) or c.eval_pref,
            lambda c: "no evaluation runs (eval_gen, eval_data and eval_cache are not set)"),
 ]
 assert len({k for e in EFFECTS for k in e.keys}) == sum(len(e.keys) for e in EFFECTS), "a key in two effects"
 
 
-def no_effect(values: dict, sources: dict, losses: tuple) -> tuple[str, str] | None:
-    """(the first key the user set that has no effect here, why), or None."""
-    c = Combination.of(values, losses)
+def no_effect(c: Combination, sources: dict) -> tuple[str, str] | None:
+    """(the first key the user set that has no effect in `c`, why), or None; `sources`: where each key's value
+    came from (prefpipe.pipeline.config.Source)."""
     for e in EFFECTS:
         given = [k for k in e.keys if sources.get(k) in ("file", "option")]
         if given and not e.applies(c):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from prefpipe.fileio import atomic_write_text, remove_tree
 from prefpipe.rundir import RunDir
+from prefpipe.train.checkpoint import latest_checkpoint
 
 # Loop settings that change when checkpoints are written or whether a call may continue, not the trained model.
 NOT_OUTCOME = ("save_every", "keep_checkpoints", "resume", "overwrite")
@@ -66,8 +67,6 @@ def _read_record(rd: RunDir) -> dict | None:
 def check_run(rd: RunDir, rec: dict, *, rebuilt: bool) -> RunCheck:
     """What to do with the run directory `rd` for a run whose record is `rec`; `rebuilt`: its cache was
     (re)computed by this pipeline, so a run found there was trained on other bytes."""
-    from prefpipe.train.checkpoint import latest_checkpoint
-
     if not rd.path.exists():
         return RunCheck(rd, "train", "no run there yet")
     old = _read_record(rd)

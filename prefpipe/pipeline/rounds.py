@@ -29,7 +29,7 @@ from prefpipe.data.fingerprint import model_fingerprint
 from prefpipe.errors import UserError
 from prefpipe.fileio import atomic_write_text, atomic_write_with
 from prefpipe.generation.run import run_generate
-from prefpipe.pipeline.config import PipelineConfig, generate_config
+from prefpipe.pipeline.config import PipelineConfig, for_round
 from prefpipe.rundir import RunDir
 
 ROUND_RECORD = "round.json"
@@ -38,11 +38,11 @@ _NOT_IN_KEY = {"progress", "runs_dir", "recompute"}
 
 
 def round_dir(cfg: PipelineConfig, r: int) -> Path:
-    return Path(cfg.runs_dir) / f"round-{r}"
+    return Path(cfg.settings.runs_dir) / f"round-{r}"
 
 
 def _round_key(cfg: PipelineConfig, r: int, policy: str) -> str:
-    settings = {k: v for k, v in cfg.values.items() if k not in _NOT_IN_KEY}
+    settings = {k: v for k, v in cfg.recorded.items() if k not in _NOT_IN_KEY}
     blob = json.dumps({"round": r, "policy": model_fingerprint(policy), "settings": settings}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -51,11 +51,9 @@ def _round_key(cfg: PipelineConfig, r: int, policy: str) -> str:
 def round_config(cfg: PipelineConfig, r: int, policy: str) -> PipelineConfig:
     """The ordinary pipeline of round r: its generate output as data, its directory as runs_dir."""
     rd = round_dir(cfg, r)
-    reference = cfg.model if cfg.reference_model == "initial" else policy
-    values = {**cfg.values, "model": reference, "data": str(rd / "samples"), "runs_dir": str(rd), "rounds": None,
-              "eval_baseline": cfg.eval_baseline and r == 1,
-              "allow_reference_mismatch": cfg.values["allow_reference_mismatch"] or policy != reference}
-    return replace(cfg, values=values, policy=policy)
+    reference = cfg.settings.model if cfg.settings.reference_model == "initial" else policy
+    return for_round(cfg, reference=reference, policy=policy, data=str(rd / "samples"), runs_dir=str(rd),
+                     baseline=cfg.held_out.baseline and r == 1)
 
 
 def _finished(rd: Path, key: str) -> dict | None:
@@ -89,7 +87,7 @@ def run_one_round(cfg: PipelineConfig, r: int, policy: str, log, run_pipeline_in
     # resumes from its sample parts.
     redo = (rd / ROUND_RECORD).exists()
     log(f"round {r}: {'redoing (its settings or policy changed), ' if redo else ''}generating from {policy}")
-    gen = run_generate(replace(generate_config(cfg, policy, cfg.data, str(rd / "samples")), overwrite=redo))
+    gen = run_generate(replace(cfg.generate, model=policy, out=str(rd / "samples"), overwrite=redo))
     log(f"round {r}: {gen['samples']} samples, mean reward {gen['mean_reward']:.3f}, {gen['pairs']} pairs "
         f"({', '.join(f'{k} {v}' for k, v in gen['prompt_outcomes'].items())})")
     if gen["pairs"] == 0:
@@ -99,7 +97,7 @@ def run_one_round(cfg: PipelineConfig, r: int, policy: str, log, run_pipeline_in
     summary = run_pipeline_in(sub, log)
     run = summary["runs"][0]
     final = RunDir(rd / run["dir"]).final
-    rec = {"key": key, "round": r, "policy": policy, "reference": sub.model, "final_model": str(final),
+    rec = {"key": key, "round": r, "policy": policy, "reference": sub.settings.model, "final_model": str(final),
            "generate": gen, "run": run["dir"], "eval": _metric(summary["evals"], Path(run["dir"]).name),
            "reference_eval": _metric(summary["evals"], "reference"), "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(rd / ROUND_RECORD, json.dumps(rec, indent=2, default=str))
@@ -108,8 +106,8 @@ def run_one_round(cfg: PipelineConfig, r: int, policy: str, log, run_pipeline_in
 
 def run_rounds(cfg: PipelineConfig, log, run_pipeline_in) -> dict:
     """Every round in turn (module docstring); `run_pipeline_in(cfg, log)` runs one round's ordinary pipeline."""
-    policy, records = cfg.model, []
-    for r in range(1, cfg.rounds + 1):
+    policy, records = cfg.settings.model, []
+    for r in range(1, cfg.settings.rounds + 1):
         rec = run_one_round(cfg, r, policy, log, run_pipeline_in)
         records.append(rec)
         policy = rec["final_model"]
@@ -117,8 +115,8 @@ def run_rounds(cfg: PipelineConfig, log, run_pipeline_in) -> dict:
         log(f"round {r}: {shown}")
     summary = {"rounds": records, "initial": records[0].get("reference_eval", {}) if records else {},
                "final_model": policy}
-    atomic_write_text(Path(cfg.runs_dir) / "rounds.json", json.dumps(summary, indent=2, default=str))
-    write_rounds_report(Path(cfg.runs_dir), summary)
+    atomic_write_text(Path(cfg.settings.runs_dir) / "rounds.json", json.dumps(summary, indent=2, default=str))
+    write_rounds_report(Path(cfg.settings.runs_dir), summary)
     return summary
 
 
