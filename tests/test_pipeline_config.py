@@ -194,6 +194,9 @@ def test_ld_dpo_asks_phase_one_for_per_token_log_probs_without_editing_the_setti
     ('rounds = 2\nloss_type = "dpo"\n[generate]\ntemperature = -1.0\n',
      "key 'generate.temperature' must be >= 0 (got -1.0)"),
     ('loss_type = ["dpo", "kto"]\n[train]\nwarmup_ratio = 1.5\n', "key 'warmup_ratio' must be in [0, 1) (got 1.5)"),
+    # kto_lr = 0 once fell back to lr silently, and a negative one was refused as `--lr` without the file
+    ('loss_type = ["dpo", "kto"]\n[train]\nkto_lr = 0.0\n', "key 'kto_lr' must be positive (got 0)"),
+    ('loss_type = ["dpo", "kto"]\n[train]\nkto_lr = -1e-5\n', "key 'kto_lr' must be positive (got -1e-05)"),
 ])
 def test_a_bad_phase_value_stops_the_pipeline_before_any_phase(tmp_path, run_cli, monkeypatch, text, message):
     """Every phase's settings are built when the pipeline loads: a value one of them refuses exits 2 naming the

@@ -352,7 +352,7 @@ def _train_config(g: _Given, losses: tuple, *, cache: str | None, data: str | No
     unread = {} if all_knobs else {k: KNOBS[k].default for k in unread_knobs(losses, g.values)}
     values = {**g.values, "cache": cache, "data": data, "out": g.values["runs_dir"], "loss_type": list(losses),
               "beta": list(betas or g.values["beta"]), "resume": True, **unread}
-    if lr:
+    if lr is not None:
         values["lr"] = lr
     return build(TrainConfig, values)
 

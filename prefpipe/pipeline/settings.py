@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefpipe.data.tokenize import TokenizeSettings
-from prefpipe.options import opt, same_as
+from prefpipe.options import OptionError, opt, same_as
 from prefpipe.train.config import TrainConfig
 
 
@@ -43,6 +43,10 @@ class PipelineSettings:
 class PipelineTrain:
     """`[train]` keys of the pipeline only."""
     kto_lr: float | None = opt(None, help="Peak learning rate of kto runs [default: lr].")
+
+    def __post_init__(self):
+        if self.kto_lr is not None and not self.kto_lr > 0:  # 0 must not fall back to lr, nor nan pass
+            raise OptionError(self, ("kto_lr",), f"{{}} must be positive (got {self.kto_lr:g})")
 
 
 @dataclass(frozen=True)
