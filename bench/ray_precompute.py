@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--max_words", type=int, default=120)
+    ap.add_argument("--reps", type=int, default=3, help="runs of each configuration and size; the median is used")
     a = ap.parse_args()
 
     from prefpipe.tiny import build_tiny
@@ -73,21 +75,26 @@ def main():
         for n in a.parts:
             data[n] = tmp / f"pairs-{n}.jsonl"
             write_pairs(data[n], n * a.part_rows, seed=0, max_words=a.max_words)
-        walls = {c: {} for c in configs}
+        runs = {c: {n: [] for n in a.parts} for c in configs}
         t0 = time.time()
-        for n in a.parts:  # sizes outside, configurations inside: drift in load hits every configuration
-            for c, (extra, env) in configs.items():
-                walls[c][n] = run(model, data[n], tmp / f"out-{c.replace(' ', '')}-{n}", a.part_rows, extra, env)
+        for rep in range(a.reps):  # reps, then sizes, outside; configurations inside: drift hits every one
+            for n in a.parts:
+                for c, (extra, env) in configs.items():
+                    out = tmp / f"out-{c.replace(' ', '')}-{n}-{rep}"
+                    runs[c][n].append(run(model, data[n], out, a.part_rows, extra, env))
         total = time.time() - t0
+        walls = {c: {n: statistics.median(runs[c][n]) for n in a.parts} for c in configs}
     small, large = a.parts
-    print(f"tiny Llama hidden {a.hidden}, {a.layers} layers; {a.part_rows} pairs a part; {small} and {large} parts")
+    print(f"tiny Llama hidden {a.hidden}, {a.layers} layers; {a.part_rows} pairs a part; {small} and {large} parts; "
+          f"median of {a.reps}")
     print(f"{'config':8} {'wall ' + str(small):>9} {'wall ' + str(large):>9} {'fixed s':>8} {'s/part':>7}")
     fit = {}
     for c in configs:
         slope = (walls[c][large] - walls[c][small]) / (large - small)
         fixed = walls[c][small] - slope * small
         fit[c] = (fixed, slope)
-        print(f"{c:8} {walls[c][small]:9.1f} {walls[c][large]:9.1f} {fixed:8.1f} {slope:7.3f}")
+        print(f"{c:8} {walls[c][small]:9.1f} {walls[c][large]:9.1f} {fixed:8.1f} {slope:7.3f}   runs: "
+              + "; ".join(f"{n} parts " + ", ".join(f"{w:.1f}" for w in runs[c][n]) for n in a.parts))
     for c, base in (("ray x1", "local 1t"), ("ray x1", "local"), ("ray x2", "local")):
         (f0, s0), (f1, s1) = fit[base], fit[c]
         over = f"{c}: {f1 - f0:+.1f} s fixed, {s1 - s0:+.3f} s a part against {base}; "

@@ -115,6 +115,23 @@ def test_two_actors_write_the_single_process_cache(ray_address, reference, tiny_
     assert res.exit_code == 0, res.output
 
 
+def test_the_driver_neither_tokenizes_nor_scores(ray_address, reference, tiny_model, data, tmp_path, run_cli,
+                                                monkeypatch):
+    """Tokenizing and scoring run in the plan's actors (other processes): broken in the driver, the run still
+    writes the single-process cache."""
+    from prefpipe.data.tokenize import PairTokenizer
+    from prefpipe.precompute import run
+
+    def broken(*a, **k):
+        raise AssertionError("the driver tokenized or loaded a backend")
+    monkeypatch.setattr(PairTokenizer, "tokenize", broken)
+    monkeypatch.setattr(run, "make_backend", broken)
+    out = tmp_path / "c"
+    res = run_cli(*args(tiny_model, data, out, "--engine", "ray", "--ray_workers", 2, "--no_progress"))
+    assert res.exit_code == 0, res.output
+    assert_same_cache(out, reference["paired"])
+
+
 def test_killed_actor_is_replaced_and_its_part_rescored(ray_address, reference, tiny_model, data, tmp_path,
                                                         run_cli, monkeypatch):
     marker = tmp_path / "crashed"
