@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from prefpipe.demo.flawed import prompt_of
 from prefpipe.demo.pairs import pairs_for_question
 from prefpipe.answers import extract_answer, gold_answer
+from prefpipe.progress_bar import progress_bar
+from prefpipe.tokenizer import load_tokenizer
 
 # `prefpipe train --loss_type sft` reads pairs and forwards only `chosen` (docs/losses.md); the rejected column of
 # an SFT row is never scored, but the row format needs one that differs from chosen.
@@ -40,10 +42,9 @@ class SampleSettings:
 def sample_and_check(model_dir: str, rows: list[dict], s: SampleSettings, *, seed: int,
                      device: str = "cpu") -> list[dict]:
     """One record per row: {prompt, true, carry, samples (texts), right (bools)}."""
+    # torch (both): only when sampling
     from prefpipe.evaluation.generate import encode_prompts, hf_generate
     from prefpipe.modeling import load_model
-    from prefpipe.progress_bar import progress_bar
-    from prefpipe.tokenizer import load_tokenizer
 
     model = load_model(model_dir, device=device).eval()
     tok = load_tokenizer(model_dir)

@@ -35,13 +35,26 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from prefpipe.demo.flawed import make_flawed_splits, prompt_of
 from prefpipe.demo.flawed_rounds import (UNUSED_REJECTED, SampleSettings, correct_rows, pair_rows,
                                          sample_and_check, sample_stats)
-from prefpipe.demo.sft import SFTSettings
-from prefpipe.demo.task import PROMPT_TEMPLATE
+from prefpipe.demo.sft import (SFTSettings, build_demo_model, build_word_tokenizer, encode_examples, save_sft,
+                               train_sft)
+from prefpipe.demo.task import PROMPT_TEMPLATE, all_problems, corpus
 from prefpipe.errors import UserError
+from prefpipe.evaluation.evaluate import Run, eval_generation
+from prefpipe.evaluation.settings import GenSettings
 from prefpipe.fileio import atomic_write_text
+from prefpipe.logprobs import pad_batch, sequence_logprobs
+from prefpipe.modeling import load_model
+from prefpipe.options import build
+from prefpipe.precompute.config import PrecomputeConfig
+from prefpipe.precompute.run import run_precompute
+from prefpipe.tokenizer import load_tokenizer, quiet_transformers
+from prefpipe.train.config import TrainConfig
+from prefpipe.train.loop import run_training
 
 ARMS = ("sft_model", "more_sft", "rft", "dpo", "rounds")
 REFERENCES = ("start", "initial")
@@ -132,10 +145,6 @@ def plateau_stop(loss_at, checks: int, tol: float, after: int = 0):
 
 def demonstration_loss(model, tok, encoded: list[tuple[list[int], list[int]]]) -> float:
     """Mean NLL per answer token (EOS included) of (prompt ids, answer ids) rows: nats, the SFT loss's units."""
-    import torch
-
-    from prefpipe.logprobs import pad_batch, sequence_logprobs
-
     device = next(model.parameters()).device
     with torch.no_grad():
         ids, mask = pad_batch([p + a for p, a in encoded], tok.pad_token_id, device)
@@ -145,10 +154,6 @@ def demonstration_loss(model, tok, encoded: list[tuple[list[int], list[int]]]) -
 
 def valid_losses(model_dirs: dict[str, Path], valid: list[dict]) -> dict[str, float]:
     """Each model's demonstration_loss on the validation demonstrations: did training move it on them?"""
-    from prefpipe.demo.sft import encode_examples
-    from prefpipe.modeling import load_model
-    from prefpipe.tokenizer import load_tokenizer
-
     out = {}
     for name, d in model_dirs.items():
         tok = load_tokenizer(str(d))
@@ -176,9 +181,6 @@ def sft_key(s: FlawedSettings) -> dict:
 
 def make_sft(s: FlawedSettings, out: Path, train: list[dict], valid: list[dict], log) -> Path:
     """Train the SFT model on the demonstrations to a plateau of its loss on the validation demonstrations."""
-    from prefpipe.demo.sft import build_demo_model, build_word_tokenizer, encode_examples, save_sft, train_sft
-    from prefpipe.demo.task import all_problems, corpus
-
     dest = out / "sft"
     key = sft_key(s)
     try:
@@ -222,12 +224,6 @@ def train_arm(s: FlawedSettings, dest: Path, *, policy: Path, reference: Path | 
               loss_type: str, steps: int, batch_size: int, seed: int) -> Path:
     """Phase one (when `reference` is given) and two on `rows`; the run directory. A reference other than the
     policy is allowed (`rounds_reference = "initial"`): the step-0 drift is then expected, not a mistake."""
-    from prefpipe.options import build
-    from prefpipe.precompute.config import PrecomputeConfig
-    from prefpipe.precompute.run import run_precompute
-    from prefpipe.train.config import TrainConfig
-    from prefpipe.train.loop import run_training
-
     shutil.rmtree(dest, ignore_errors=True)
     data = dest / "data.jsonl"
     _write_jsonl(data, fill_batch(rows, batch_size))
@@ -255,10 +251,6 @@ def run_totals(run: Path) -> dict:
 
 def evaluate(s: FlawedSettings, model_dir: Path, heldout: Path, out_dir: Path, name: str) -> float:
     """Greedy accuracy on the held-out questions by `prefpipe eval --gen`'s rule; writes out_dir/eval_gen.jsonl."""
-    from prefpipe.evaluation.evaluate import Run, eval_generation
-    from prefpipe.evaluation.settings import GenSettings
-    from prefpipe.options import build
-
     gs = build(GenSettings, {"prompt_template": PROMPT_TEMPLATE, "max_new_tokens": s.sampling.max_new_tokens,
                              "batch_size": 512, "device": s.device, "dtype": "float32", "engine": "hf"})
     return eval_generation(Run(out_dir, model_dir, name, None, None), str(heldout), gs, out_dir=out_dir)["accuracy"]
@@ -350,10 +342,6 @@ def check_out(out: Path):
 def run_flawed(s: FlawedSettings, log=print, show=None) -> dict:
     """The whole comparison into `s.out`; returns results.json's contents. The table goes to `show` (`log` by
     default)."""
-    import torch
-
-    from prefpipe.tokenizer import quiet_transformers
-
     quiet_transformers()
     torch.set_flush_denormal(True)
     torch.set_num_threads(s.threads)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from prefpipe.answers import extract_answer, gold_answer
 from prefpipe.generation.pairs import build_pairs
 from prefpipe.generation.samples import Sample
+from prefpipe.progress_bar import progress_bar
 
 
 PAIR_RULE = "most frequent wrong vs most frequent right"  # part of the pairs' cache key
@@ -52,8 +53,7 @@ def pairs_for_question(prompt: str, gold: str, samples: list[str], k: int) -> li
 def sample_pairs(model, tokenizer, prompts: list[str], answers: list[str],
                  s: PairSettings) -> tuple[list[dict], dict]:
     """Paired rows {prompt, chosen, rejected} and counts of what the sampling found."""
-    from prefpipe.evaluation.generate import encode_prompts, hf_generate
-    from prefpipe.progress_bar import progress_bar
+    from prefpipe.evaluation.generate import encode_prompts, hf_generate  # torch
 
     ids = encode_prompts(tokenizer, prompts)
     with progress_bar(len(prompts), f"pairs: sampling x {s.samples}", "question") as bar:
