@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from prefpipe.demo.flawed import make_flawed_splits, prompt_of
-from prefpipe.demo.flawed_rounds import (UNUSED_REJECTED, SampleSettings, correct_rows, pair_rows,
-                                         sample_and_check, sample_stats)
+from prefpipe.demo.flawed_rounds import UNUSED_REJECTED, correct_rows, pair_rows, sample_and_check, sample_stats
+from prefpipe.demo.pairs import PairSettings
 from prefpipe.demo.sft import (SFTSettings, build_demo_model, build_word_tokenizer, encode_examples, save_sft,
                                train_sft)
 from prefpipe.demo.task import PROMPT_TEMPLATE, all_problems, corpus
@@ -80,7 +80,8 @@ class FlawedSettings:
     plateau_tol: float = 0.02
     plateau_after: int = 500
     n_sample_questions: int = 1000  # training questions sampled each round (the first ones)
-    sampling: SampleSettings = field(default_factory=SampleSettings)
+    # Both demos' sampling settings (prefpipe.demo.pairs); run_flawed sets their seed from `seed`.
+    sampling: PairSettings = field(default_factory=lambda: PairSettings(pairs_per_question=3))
     steps: int = 150  # optimizer steps of every arm; rounds split them
     batch_size: int = 32  # pairs per step; SFT arms take 2x rows
     # 1e-4: at 3e-4 one DPO round fixed every carry but pushed other answers off by one (seed 0 of a 1500-step SFT:
@@ -266,8 +267,8 @@ def run_rounds(s: FlawedSettings, out: Path, sft_dir: Path, questions: list[dict
     policy, info = sft_dir, []
     per_round = [s.steps // s.rounds + (i < s.steps % s.rounds) for i in range(s.rounds)]
     for i, steps in enumerate(per_round):
-        checked = first if i == 0 else sample_and_check(str(policy), questions, s.sampling, seed=s.seed + i,
-                                                        device=s.device)
+        checked = first if i == 0 else sample_and_check(str(policy), questions,
+                                                        replace(s.sampling, seed=s.seed + i), device=s.device)
         pairs = pair_rows(checked, s.sampling.pairs_per_question)
         stats = sample_stats(checked, s.sampling.pairs_per_question)
         if not pairs:  # every question all right (or all wrong): nothing to prefer, the policy stays
@@ -345,7 +346,7 @@ def run_flawed(s: FlawedSettings, log=print, show=None) -> dict:
     quiet_transformers()
     torch.set_flush_denormal(True)
     torch.set_num_threads(s.threads)
-    s = replace(s, sft=replace(s.sft, seed=s.seed))
+    s = replace(s, sft=replace(s.sft, seed=s.seed), sampling=replace(s.sampling, seed=s.seed))
     t0 = time.perf_counter()
     out = Path(s.out)
     check_out(out)
@@ -353,7 +354,7 @@ def run_flawed(s: FlawedSettings, log=print, show=None) -> dict:
     train, valid, heldout = make_task(s, out, log)
     sft_dir = make_sft(s, out, train, valid, log)
     t_sft = time.perf_counter() - t0
-    first = sample_and_check(str(sft_dir), train[:s.n_sample_questions], s.sampling, seed=s.seed, device=s.device)
+    first = sample_and_check(str(sft_dir), train[:s.n_sample_questions], s.sampling, device=s.device)
     arms = _train_arms(s, out, sft_dir, train, first, log)
     t_eval = time.perf_counter()
     results = {"sft_model": {"accuracy": evaluate(s, sft_dir, heldout, out / "arms" / "sft_model", "sft_model")}}

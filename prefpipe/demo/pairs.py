@@ -30,6 +30,8 @@ PAIR_RULE = "most frequent wrong vs most frequent right"  # part of the pairs' c
 
 @dataclass(frozen=True)
 class PairSettings:
+    """How the SFT model is sampled and its answers paired, in both demos (`prefpipe demo`, and `--task flawed`
+    through prefpipe.demo.flawed_rounds)."""
     samples: int = 8
     temperature: float = 1.0
     pairs_per_question: int = 2
