@@ -12,10 +12,10 @@ export TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0} TORCH_INDEX=${TORCH_INDEX:-pypi}
 # Torch-free and tiny-model tests, about a minute on 2 cores: the TOML reader (tomllib/tomli), the options and CLI,
 # the data readers and checks, hashing, the losses. The full suite runs on 3.11.
 FAST_TESTS=(
-  tests/test_pipeline_config.py tests/test_identity.py tests/test_options.py tests/test_formats.py
-  tests/test_data_check.py tests/test_losses.py tests/test_input_robustness.py tests/test_tokenize.py
-  tests/test_foundation.py tests/test_data_mapped.py tests/test_setup_commands.py tests/test_generation_pairs.py
-  tests/test_generation_judges.py
+  tests/test_options.py tests/test_foundation.py tests/test_setup_commands.py tests/pipeline/test_pipeline_config.py
+  tests/data/test_identity.py tests/data/test_formats.py tests/data/test_data_check.py tests/data/test_tokenize.py
+  tests/data/test_input_robustness.py tests/data/test_data_mapped.py tests/train/test_losses.py
+  tests/generation/test_generation_pairs.py tests/generation/test_generation_judges.py
 )
 
 pipeline_smoke() {  # $1: the venv; the real CLI, defaults (progress bars on), three training steps

@@ -25,7 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefpipe.demo.flawed_rounds import SampleSettings  # noqa: E402
 from prefpipe.demo.flawed_run import ARMS, FlawedSettings, evaluate, run_flawed, sft_key  # noqa: E402
 
 
@@ -48,7 +47,7 @@ def parse_sets(pairs: list[str]) -> dict:
         else:
             top[name] = v
     if nested["sampling"]:
-        top["sampling"] = dataclasses.replace(SampleSettings(), **nested["sampling"])
+        top["sampling"] = dataclasses.replace(FlawedSettings().sampling, **nested["sampling"])
     if nested["sft"]:
         top["sft"] = dataclasses.replace(FlawedSettings().sft, **nested["sft"])
     return top

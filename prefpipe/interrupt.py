@@ -43,7 +43,7 @@ def _pipeline_runs_dir(params: dict) -> Path:
 def _rerun_keeps(runs_dir: Path, before: str = "") -> str:
     """What a pipeline rerun keeps (see prefpipe.pipeline.reruns), from the runs the pipeline recorded there;
     `before`: what else the command reuses."""
-    from prefpipe.train.checkpoint import latest_checkpoint
+    from prefpipe.train.checkpoint import latest_checkpoint  # torch: this module is imported for every --help
 
     kept, continued, over = [], [], []
     for p in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
@@ -93,7 +93,7 @@ def _last_step(rd: RunDir) -> int | None:
 
 
 def _train_message(out: Path) -> str:
-    from prefpipe.train.checkpoint import latest_checkpoint
+    from prefpipe.train.checkpoint import latest_checkpoint  # torch: as above
 
     rd = _current_run(out)
     if rd is None:
@@ -108,7 +108,7 @@ def _train_message(out: Path) -> str:
 
 
 def _precompute_message(out: Path) -> str:
-    from prefpipe.data.cache import part_name
+    from prefpipe.data.cache import part_name  # pyarrow: as above
 
     pattern = part_name(0).replace("00000", "*")
     done = len(list(out.glob(pattern))) if out.is_dir() else 0

@@ -11,6 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+# The helper modules' asserts report the values they compare, as a test module's do.
+pytest.register_assert_rewrite("helpers", "train_fixtures")
+
 from helpers import make_pairs, write_jsonl  # noqa: E402 - the helpers the fixtures below use
 
 

@@ -78,9 +78,6 @@ def greedy_continuation(model, prompt_ids: list[int], max_new_tokens: int, stops
     return out
 
 
-REPO = Path(__file__).resolve().parent.parent
-
-
 def vllm_python() -> str:
     """The vLLM environment's interpreter (PREFPIPE_VLLM_PYTHON, built by .ci/vllm-env.sh); the test skips without
     it, or fails under PREFPIPE_REQUIRE_VLLM=1 (CI), where a missing environment must not pass as a skip."""
@@ -105,3 +102,57 @@ def vllm_env() -> dict:
     import os
     return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+# ---------------------------------------------------------------- Hugging Face datasets, built offline
+# The three forms --data takes besides files (tests/data/test_hf_datasets.py, tests/test_input_matrix.py).
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def make_disk(tmp_path, train, test):
+    """A `save_to_disk` directory with a train and a test split."""
+    import datasets
+
+    d = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
+                          "test": datasets.Dataset.from_list(test)}).save_to_disk(str(d))
+    return str(d)
+
+
+def make_repo(tmp_path, train, test):
+    """A repository folder without a card: the split is in the file names (data/train-..., data/test-...)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "repo"
+    (d / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(train), d / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(test), d / "data" / "test-00000-of-00001.parquet")
+    return str(d)
+
+
+CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: rows/first.jsonl
+  - split: test
+    path: rows/second.jsonl
+---
+# prefs
+"""
+
+
+def make_hub(tmp_path, train, test, repo_id="acme/prefs"):
+    """The hub cache as `hf download --repo-type dataset acme/prefs` leaves it, with JSON Lines and a card."""
+    org, name = repo_id.split("/")
+    root = tmp_path / "hf_home" / "hub" / f"datasets--{org}--{name}"
+    snap = root / "snapshots" / COMMIT
+    write_jsonl(snap / "rows" / "first.jsonl", train)
+    write_jsonl(snap / "rows" / "second.jsonl", test)
+    (snap / "README.md").write_text(CARD)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    return repo_id

@@ -1,7 +1,8 @@
 """Every input form through every command that reads data, each with its default options.
 
 The forms: JSON Lines, gzipped JSON Lines, a JSON array, Parquet, a directory, a glob, a `save_to_disk` directory,
-a dataset repository folder and a cached hub id (the last three built offline as tests/test_hf_datasets.py does).
+a dataset repository folder and a cached hub id (the last three built offline by helpers.py, as for
+tests/data/test_hf_datasets.py).
 The commands: `data check`, `precompute` (and `eval` of the cache it writes: eval's preference form reads a cache),
 `train --data`, `pipeline` and `generate` (which reads the same rows as prompts), each run in-process as a user runs it: no --no_progress, so the progress bars (tqdm,
 written to stderr whether or not it is a terminal) and the row counting behind their totals run too. Each form
@@ -15,10 +16,9 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import make_pairs, write_jsonl
+from helpers import make_disk, make_hub, make_pairs, make_repo, write_jsonl
 
 pytest.importorskip("datasets")
-from test_hf_datasets import make_disk, make_hub, make_repo  # noqa: E402
 
 # Each row also carries a GSM8K-style gold answer, which `generate`'s default judge reads (the other commands
 # ignore columns they do not use).

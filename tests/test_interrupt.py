@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from helpers import make_pairs, write_jsonl
-from test_train_fixtures import one_thread  # noqa: F401  (autouse)
-from test_train_fixtures import cache, pairs_data
-from test_train_resume import _wait_for
+from train_fixtures import one_thread  # noqa: F401  (autouse)
+from train_fixtures import cache, pairs_data, wait_for
 from prefpipe import rundir
 
 # Far more steps than can run before the interrupt lands, so the process is always mid-run when signalled.
@@ -57,7 +56,7 @@ def test_interrupted_train_names_the_last_checkpoint_and_resume(tmp_path, tiny_m
     run = out / "dpo-beta0.1"
     proc = _start("train", "--model", tiny_model, "--cache", pair_cache, *ARGS, "--save_every", "1",
                   "--keep_checkpoints", "0", "--out", out)
-    _wait_for(lambda: (run / rundir.CHECKPOINTS / "step-000002").exists(), proc)
+    wait_for(lambda: (run / rundir.CHECKPOINTS / "step-000002").exists(), proc)
     line = _interrupt(proc)
 
     m = re.fullmatch(r"prefpipe: interrupted at step (\d+) of dpo-beta0\.1; last checkpoint (\S+); rerun the same "
@@ -77,7 +76,7 @@ def test_interrupted_train_without_checkpoints_says_so(tmp_path, tiny_model, pai
     out = tmp_path / "runs"
     run = out / "dpo-beta0.1"
     proc = _start("train", "--model", tiny_model, "--cache", pair_cache, *ARGS, "--out", out)
-    _wait_for(lambda: (run / rundir.METRICS).exists() and len(_logged_steps(run)) >= 2, proc)
+    wait_for(lambda: (run / rundir.METRICS).exists() and len(_logged_steps(run)) >= 2, proc)
     line = _interrupt(proc)
     assert not (run / rundir.CHECKPOINTS).exists() or not any((run / rundir.CHECKPOINTS).iterdir())
     m = re.fullmatch(r"prefpipe: interrupted at step (\d+) of dpo-beta0\.1; no checkpoint was saved \(pass "
@@ -94,7 +93,7 @@ def test_interrupted_precompute_counts_the_kept_parts_and_a_rerun_finishes(tmp_p
     args = ["precompute", "--model", tiny_model, "--data", data, "--out", out, "--part_rows", "20", "--dtype",
             "float32", "--device", "cpu", "--no_progress"]
     proc = _start(*args)
-    _wait_for(lambda: (out / "part-00001.parquet").exists(), proc)
+    wait_for(lambda: (out / "part-00001.parquet").exists(), proc)
     line = _interrupt(proc)
 
     m = re.fullmatch(r"prefpipe: interrupted; (\d+) finished parts? kept in (\S+); rerun the same command to "
@@ -173,7 +172,7 @@ def test_sigint_to_a_pipeline_names_the_checkpoint_a_rerun_continues_from(tmp_pa
                     '[train]\nmax_steps = 5000\nsave_every = 1\nbatch_size = 4\nlr = 1e-3\n')
     run = tmp_path / "runs" / "dpo-beta0.1"
     proc = _start("pipeline", "--config", toml)
-    _wait_for(lambda: (run / rundir.CHECKPOINTS / "step-000002").exists(), proc)
+    wait_for(lambda: (run / rundir.CHECKPOINTS / "step-000002").exists(), proc)
     line = _interrupt(proc)
     m = re.fullmatch(r"prefpipe: interrupted; rerun the same command to continue: finished caches and cache parts "
                      r"are reused; dpo-beta0\.1 continues from its checkpoint (step-\d+); each only while its "

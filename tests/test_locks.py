@@ -15,7 +15,7 @@ import pytest
 
 from prefpipe.errors import UserError
 from prefpipe.fileio import LOCK_FILE, OutputLock
-from test_train_fixtures import one_thread, pairs_data  # noqa: F401 (one_thread: autouse fixture)
+from train_fixtures import one_thread, pairs_data  # noqa: F401 (one_thread: autouse fixture)
 from prefpipe import rundir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from prefpipe.errors import UserError
-from test_train_fixtures import one_thread, pairs_data  # noqa: F401 (one_thread: autouse fixture)
+from train_fixtures import one_thread, pairs_data  # noqa: F401 (one_thread: autouse fixture)
 from prefpipe import rundir
 
 MISSING_MODEL = "/nonexistent/model"  # loading it would fail: an --out error proves the check came first

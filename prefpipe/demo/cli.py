@@ -33,7 +33,7 @@ def demo(task, out, seed, fresh, smoke):
     out = out or DEFAULT_OUT[task]
     log = lambda m: click.echo(f"prefpipe demo: {m}", err=True)  # noqa: E731
     if task == "flawed":
-        from prefpipe.demo.flawed_run import FlawedSettings, run_flawed, smoke_settings
+        from prefpipe.demo.flawed_run import FlawedSettings, run_flawed, smoke_settings  # torch: keeps --help fast
 
         s = FlawedSettings(out=out, seed=seed, fresh=fresh)
         run_flawed(smoke_settings(s) if smoke else s, log=log, show=click.echo)

@@ -17,40 +17,29 @@ judge and pair rule touches only this file and the calls to it in prefpipe/demo/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from prefpipe.demo.flawed import prompt_of
-from prefpipe.demo.pairs import pairs_for_question
+from prefpipe.demo.pairs import PairSettings, pairs_for_question
 from prefpipe.answers import extract_answer, gold_answer
+from prefpipe.progress_bar import progress_bar
+from prefpipe.tokenizer import load_tokenizer
 
 # `prefpipe train --loss_type sft` reads pairs and forwards only `chosen` (docs/losses.md); the rejected column of
 # an SFT row is never scored, but the row format needs one that differs from chosen.
 UNUSED_REJECTED = "?"
 
 
-@dataclass(frozen=True)
-class SampleSettings:
-    samples: int = 8
-    temperature: float = 1.0
-    pairs_per_question: int = 3
-    max_new_tokens: int = 10
-    batch_size: int = 512
-
-
-def sample_and_check(model_dir: str, rows: list[dict], s: SampleSettings, *, seed: int,
-                     device: str = "cpu") -> list[dict]:
+def sample_and_check(model_dir: str, rows: list[dict], s: PairSettings, *, device: str = "cpu") -> list[dict]:
     """One record per row: {prompt, true, carry, samples (texts), right (bools)}."""
+    # torch (both): only when sampling
     from prefpipe.evaluation.generate import encode_prompts, hf_generate
     from prefpipe.modeling import load_model
-    from prefpipe.progress_bar import progress_bar
-    from prefpipe.tokenizer import load_tokenizer
 
     model = load_model(model_dir, device=device).eval()
     tok = load_tokenizer(model_dir)
     prompts = [prompt_of(r) for r in rows]
     with progress_bar(len(prompts), f"sampling x {s.samples}", "question") as bar:
         gens = hf_generate(model, tok, encode_prompts(tok, prompts), max_new_tokens=s.max_new_tokens,
-                           batch_size=s.batch_size, num_samples=s.samples, temperature=s.temperature, seed=seed,
+                           batch_size=s.batch_size, num_samples=s.samples, temperature=s.temperature, seed=s.seed,
                            progress=bar.update)
     out = []
     for prompt, r, samples in zip(prompts, rows, gens):

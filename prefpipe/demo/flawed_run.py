@@ -35,13 +35,26 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from prefpipe.demo.flawed import make_flawed_splits, prompt_of
-from prefpipe.demo.flawed_rounds import (UNUSED_REJECTED, SampleSettings, correct_rows, pair_rows,
-                                         sample_and_check, sample_stats)
-from prefpipe.demo.sft import SFTSettings
-from prefpipe.demo.task import PROMPT_TEMPLATE
+from prefpipe.demo.flawed_rounds import UNUSED_REJECTED, correct_rows, pair_rows, sample_and_check, sample_stats
+from prefpipe.demo.pairs import PairSettings
+from prefpipe.demo.sft import (SFTSettings, build_demo_model, build_word_tokenizer, encode_examples, save_sft,
+                               train_sft)
+from prefpipe.demo.task import PROMPT_TEMPLATE, all_problems, corpus
 from prefpipe.errors import UserError
+from prefpipe.evaluation.evaluate import Run, eval_generation
+from prefpipe.evaluation.settings import GenSettings
 from prefpipe.fileio import atomic_write_text
+from prefpipe.logprobs import pad_batch, sequence_logprobs
+from prefpipe.modeling import load_model
+from prefpipe.options import build
+from prefpipe.precompute.config import PrecomputeConfig
+from prefpipe.precompute.run import run_precompute
+from prefpipe.tokenizer import load_tokenizer, quiet_transformers
+from prefpipe.train.config import TrainConfig
+from prefpipe.train.loop import run_training
 
 ARMS = ("sft_model", "more_sft", "rft", "dpo", "rounds")
 REFERENCES = ("start", "initial")
@@ -67,7 +80,8 @@ class FlawedSettings:
     plateau_tol: float = 0.02
     plateau_after: int = 500
     n_sample_questions: int = 1000  # training questions sampled each round (the first ones)
-    sampling: SampleSettings = field(default_factory=SampleSettings)
+    # Both demos' sampling settings (prefpipe.demo.pairs); run_flawed sets their seed from `seed`.
+    sampling: PairSettings = field(default_factory=lambda: PairSettings(pairs_per_question=3))
     steps: int = 150  # optimizer steps of every arm; rounds split them
     batch_size: int = 32  # pairs per step; SFT arms take 2x rows
     # 1e-4: at 3e-4 one DPO round fixed every carry but pushed other answers off by one (seed 0 of a 1500-step SFT:
@@ -132,10 +146,6 @@ def plateau_stop(loss_at, checks: int, tol: float, after: int = 0):
 
 def demonstration_loss(model, tok, encoded: list[tuple[list[int], list[int]]]) -> float:
     """Mean NLL per answer token (EOS included) of (prompt ids, answer ids) rows: nats, the SFT loss's units."""
-    import torch
-
-    from prefpipe.logprobs import pad_batch, sequence_logprobs
-
     device = next(model.parameters()).device
     with torch.no_grad():
         ids, mask = pad_batch([p + a for p, a in encoded], tok.pad_token_id, device)
@@ -145,10 +155,6 @@ def demonstration_loss(model, tok, encoded: list[tuple[list[int], list[int]]]) -
 
 def valid_losses(model_dirs: dict[str, Path], valid: list[dict]) -> dict[str, float]:
     """Each model's demonstration_loss on the validation demonstrations: did training move it on them?"""
-    from prefpipe.demo.sft import encode_examples
-    from prefpipe.modeling import load_model
-    from prefpipe.tokenizer import load_tokenizer
-
     out = {}
     for name, d in model_dirs.items():
         tok = load_tokenizer(str(d))
@@ -176,9 +182,6 @@ def sft_key(s: FlawedSettings) -> dict:
 
 def make_sft(s: FlawedSettings, out: Path, train: list[dict], valid: list[dict], log) -> Path:
     """Train the SFT model on the demonstrations to a plateau of its loss on the validation demonstrations."""
-    from prefpipe.demo.sft import build_demo_model, build_word_tokenizer, encode_examples, save_sft, train_sft
-    from prefpipe.demo.task import all_problems, corpus
-
     dest = out / "sft"
     key = sft_key(s)
     try:
@@ -222,12 +225,6 @@ def train_arm(s: FlawedSettings, dest: Path, *, policy: Path, reference: Path | 
               loss_type: str, steps: int, batch_size: int, seed: int) -> Path:
     """Phase one (when `reference` is given) and two on `rows`; the run directory. A reference other than the
     policy is allowed (`rounds_reference = "initial"`): the step-0 drift is then expected, not a mistake."""
-    from prefpipe.options import build
-    from prefpipe.precompute.config import PrecomputeConfig
-    from prefpipe.precompute.run import run_precompute
-    from prefpipe.train.config import TrainConfig
-    from prefpipe.train.loop import run_training
-
     shutil.rmtree(dest, ignore_errors=True)
     data = dest / "data.jsonl"
     _write_jsonl(data, fill_batch(rows, batch_size))
@@ -255,10 +252,6 @@ def run_totals(run: Path) -> dict:
 
 def evaluate(s: FlawedSettings, model_dir: Path, heldout: Path, out_dir: Path, name: str) -> float:
     """Greedy accuracy on the held-out questions by `prefpipe eval --gen`'s rule; writes out_dir/eval_gen.jsonl."""
-    from prefpipe.evaluation.evaluate import Run, eval_generation
-    from prefpipe.evaluation.settings import GenSettings
-    from prefpipe.options import build
-
     gs = build(GenSettings, {"prompt_template": PROMPT_TEMPLATE, "max_new_tokens": s.sampling.max_new_tokens,
                              "batch_size": 512, "device": s.device, "dtype": "float32", "engine": "hf"})
     return eval_generation(Run(out_dir, model_dir, name, None, None), str(heldout), gs, out_dir=out_dir)["accuracy"]
@@ -274,8 +267,8 @@ def run_rounds(s: FlawedSettings, out: Path, sft_dir: Path, questions: list[dict
     policy, info = sft_dir, []
     per_round = [s.steps // s.rounds + (i < s.steps % s.rounds) for i in range(s.rounds)]
     for i, steps in enumerate(per_round):
-        checked = first if i == 0 else sample_and_check(str(policy), questions, s.sampling, seed=s.seed + i,
-                                                        device=s.device)
+        checked = first if i == 0 else sample_and_check(str(policy), questions,
+                                                        replace(s.sampling, seed=s.seed + i), device=s.device)
         pairs = pair_rows(checked, s.sampling.pairs_per_question)
         stats = sample_stats(checked, s.sampling.pairs_per_question)
         if not pairs:  # every question all right (or all wrong): nothing to prefer, the policy stays
@@ -350,14 +343,10 @@ def check_out(out: Path):
 def run_flawed(s: FlawedSettings, log=print, show=None) -> dict:
     """The whole comparison into `s.out`; returns results.json's contents. The table goes to `show` (`log` by
     default)."""
-    import torch
-
-    from prefpipe.tokenizer import quiet_transformers
-
     quiet_transformers()
     torch.set_flush_denormal(True)
     torch.set_num_threads(s.threads)
-    s = replace(s, sft=replace(s.sft, seed=s.seed))
+    s = replace(s, sft=replace(s.sft, seed=s.seed), sampling=replace(s.sampling, seed=s.seed))
     t0 = time.perf_counter()
     out = Path(s.out)
     check_out(out)
@@ -365,7 +354,7 @@ def run_flawed(s: FlawedSettings, log=print, show=None) -> dict:
     train, valid, heldout = make_task(s, out, log)
     sft_dir = make_sft(s, out, train, valid, log)
     t_sft = time.perf_counter() - t0
-    first = sample_and_check(str(sft_dir), train[:s.n_sample_questions], s.sampling, seed=s.seed, device=s.device)
+    first = sample_and_check(str(sft_dir), train[:s.n_sample_questions], s.sampling, device=s.device)
     arms = _train_arms(s, out, sft_dir, train, first, log)
     t_eval = time.perf_counter()
     results = {"sft_model": {"accuracy": evaluate(s, sft_dir, heldout, out / "arms" / "sft_model", "sft_model")}}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from prefpipe.answers import extract_answer, gold_answer
 from prefpipe.generation.pairs import build_pairs
 from prefpipe.generation.samples import Sample
+from prefpipe.progress_bar import progress_bar
 
 
 PAIR_RULE = "most frequent wrong vs most frequent right"  # part of the pairs' cache key
@@ -29,6 +30,8 @@ PAIR_RULE = "most frequent wrong vs most frequent right"  # part of the pairs' c
 
 @dataclass(frozen=True)
 class PairSettings:
+    """How the SFT model is sampled and its answers paired, in both demos (`prefpipe demo`, and `--task flawed`
+    through prefpipe.demo.flawed_rounds)."""
     samples: int = 8
     temperature: float = 1.0
     pairs_per_question: int = 2
@@ -52,8 +55,7 @@ def pairs_for_question(prompt: str, gold: str, samples: list[str], k: int) -> li
 def sample_pairs(model, tokenizer, prompts: list[str], answers: list[str],
                  s: PairSettings) -> tuple[list[dict], dict]:
     """Paired rows {prompt, chosen, rejected} and counts of what the sampling found."""
-    from prefpipe.evaluation.generate import encode_prompts, hf_generate
-    from prefpipe.progress_bar import progress_bar
+    from prefpipe.evaluation.generate import encode_prompts, hf_generate  # torch
 
     ids = encode_prompts(tokenizer, prompts)
     with progress_bar(len(prompts), f"pairs: sampling x {s.samples}", "question") as bar:

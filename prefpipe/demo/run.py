@@ -23,9 +23,18 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from prefpipe.demo.pairs import PAIR_RULE, PairSettings
-from prefpipe.demo.sft import SFTSettings
+import torch
+
+from prefpipe.data.fingerprint import model_fingerprint
+from prefpipe.data.kto_pairs import kto_balancing_weight
+from prefpipe.demo.pairs import PAIR_RULE, PairSettings, kto_view, sample_pairs
+from prefpipe.demo.sft import SFTSettings, build_demo_model, build_word_tokenizer, save_sft, train_sft
+from prefpipe.demo.task import PROMPT_TEMPLATE, all_problems, corpus, make_splits
 from prefpipe.fileio import atomic_write_text
+from prefpipe.modeling import load_model, resolve_device
+from prefpipe.pipeline.config import resolve
+from prefpipe.pipeline.run import run_pipeline
+from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,6 @@ def _read_json(path: Path) -> dict | None:
 
 
 def make_task(s: DemoSettings, out: Path, log) -> tuple[list[dict], list[dict]]:
-    from prefpipe.demo.task import make_splits
-
     train, heldout = make_splits(s.n_train, s.n_heldout, seed=s.seed)
     _write_jsonl(out / "task" / "train.jsonl", train)
     _write_jsonl(out / "task" / "heldout.jsonl", heldout)
@@ -80,10 +87,6 @@ def make_task(s: DemoSettings, out: Path, log) -> tuple[list[dict], list[dict]]:
 
 def make_sft(s: DemoSettings, out: Path, train: list[dict], log) -> Path:
     """Train the SFT model unless one made with the same settings is already there."""
-    from prefpipe.modeling import resolve_device
-    from prefpipe.demo.sft import build_word_tokenizer, build_demo_model, save_sft, train_sft
-    from prefpipe.demo.task import PROMPT_TEMPLATE, all_problems, corpus
-
     dest = out / "sft"
     key = {"seed": s.seed, "n_train": s.n_train, "n_check": s.n_check, "sft": asdict(s.sft)}
     done = _read_json(dest / "sft_summary.json")
@@ -110,12 +113,6 @@ def make_sft(s: DemoSettings, out: Path, train: list[dict], log) -> Path:
 
 def make_pairs(s: DemoSettings, out: Path, sft_dir: Path, train: list[dict], log) -> dict:
     """Sample on-policy pairs unless pairs from this very SFT model (by fingerprint) are already there."""
-    from prefpipe.data.fingerprint import model_fingerprint
-    from prefpipe.modeling import load_model, resolve_device
-    from prefpipe.tokenizer import load_tokenizer
-    from prefpipe.demo.pairs import kto_view, sample_pairs
-    from prefpipe.demo.task import PROMPT_TEMPLATE
-
     data = out / "data"
     key = {"model": model_fingerprint(str(sft_dir)), "n_pair_questions": s.n_pair_questions,
            "pairs": asdict(s.pairs), "rule": PAIR_RULE}
@@ -147,8 +144,6 @@ def kto_desirable_weight(kto_path: Path) -> float:
     up to `pairs_per_question` rejected answers per chosen one; unweighted, KTO lowered every completion's
     log-probability (the model ended up writing only '#') and held-out accuracy fell by 40-60 points.
     """
-    from prefpipe.data.kto_pairs import kto_balancing_weight
-
     labels = [json.loads(line)["label"] for line in kto_path.read_text().splitlines() if line.strip()]
     n_d = sum(labels)
     return kto_balancing_weight(n_d, len(labels) - n_d) if n_d else 1.0
@@ -156,8 +151,6 @@ def kto_desirable_weight(kto_path: Path) -> float:
 
 def write_config(s: DemoSettings, out: Path) -> Path:
     """The pipeline config the demo runs; paths are relative to it."""
-    from prefpipe.demo.task import PROMPT_TEMPLATE
-
     kto_path = out / "data" / "kto.jsonl"
     desirable_weight = kto_desirable_weight(kto_path) if kto_path.exists() else 1.0
 
@@ -200,12 +193,6 @@ batch_size = 512
 
 
 def run_demo(s: DemoSettings, log=print) -> dict:
-    import torch
-
-    from prefpipe.tokenizer import quiet_transformers
-    from prefpipe.pipeline.config import resolve
-    from prefpipe.pipeline.run import run_pipeline
-
     quiet_transformers()
     torch.set_flush_denormal(True)
     # One seed drives everything: the split, the model init, the SFT data order, the samples and training.

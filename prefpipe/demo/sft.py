@@ -16,6 +16,12 @@ from pathlib import Path
 
 import torch
 
+from prefpipe.answers import gold_answer
+from prefpipe.data.tokenize import PairTokenizer
+from prefpipe.evaluation.evaluate import score_generations
+from prefpipe.evaluation.generate import encode_prompts, hf_generate
+from prefpipe.logprobs import pad_batch, sequence_logprobs
+from prefpipe.progress_bar import around_bars, progress_bar
 from prefpipe.train.schedule import lr_factor
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -78,8 +84,6 @@ class SFTSettings:
 
 def encode_examples(tokenizer, prompts: list[str], answers: list[str]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) by the cache's rules: tokenized separately, BOS once on the prompt, EOS appended."""
-    from prefpipe.data.tokenize import PairTokenizer
-
     p_ids = PairTokenizer(tokenizer).encode_prompts(prompts)
     a_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
     return [(p, list(a) + [tokenizer.eos_token_id]) for p, a in zip(p_ids, a_ids)]
@@ -87,10 +91,6 @@ def encode_examples(tokenizer, prompts: list[str], answers: list[str]) -> list[t
 
 def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str]) -> float:
     """Exact-match accuracy of greedy answers, judged by `prefpipe eval --gen`'s own scoring."""
-    from prefpipe.answers import gold_answer
-    from prefpipe.evaluation.evaluate import score_generations
-    from prefpipe.evaluation.generate import encode_prompts, hf_generate
-
     gens = hf_generate(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens=10, batch_size=512)
     rows = [{"row": i, "question": p, "gold": gold_answer(a)} for i, (p, a) in enumerate(zip(prompts, answers))]
     return score_generations(rows, [g[0] for g in gens])[0]["accuracy"]
@@ -104,8 +104,6 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
     called every `settings.check_every` steps (model in eval mode) and ends the run when it returns a reason
     (logged); the flawed-demonstrations demo stops at a plateau of its validation loss this way.
     """
-    from prefpipe.logprobs import pad_batch, sequence_logprobs
-
     torch.set_flush_denormal(True)  # tiny models slowed 5-7x mid-run on CPU from denormal floats otherwise
     examples = encode_examples(tokenizer, prompts, answers)
     device = next(model.parameters()).device
@@ -113,8 +111,6 @@ def train_sft(model, tokenizer, prompts: list[str], answers: list[str], settings
     torch.manual_seed(settings.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
                             betas=(0.9, 0.98))
-    from prefpipe.progress_bar import around_bars, progress_bar
-
     model.train()
     order: list[int] = []
     start = time.perf_counter()

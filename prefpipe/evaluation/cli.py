@@ -25,7 +25,7 @@ def eval_cmd(**kwargs):
     s = build(GenSettings, from_cli(GEN, kwargs))
     if not t.cache and not t.gen:
         raise UserError("give --cache (held-out pairs) and/or --gen (GSM8K-style questions)")
-    from prefpipe.evaluation.evaluate import eval_generation, eval_preference, pref_line, resolve_run
+    from prefpipe.evaluation.evaluate import eval_generation, eval_preference, pref_line, resolve_run  # torch
     r = resolve_run(t.model)
     out = t.out if t.out else r.path
     check_writable(out, "--out" if t.out else "the results directory")  # before any model is loaded
@@ -46,7 +46,7 @@ def eval_cmd(**kwargs):
 @click.argument("runs_dir")
 def report(runs_dir):
     """Write curves.png, beta.png and summary.md for every run in RUNS_DIR."""
-    from prefpipe.evaluation.report import write_report  # with its plots and ranking: not for every --help
+    from prefpipe.evaluation.report import write_report  # with plots and ranking: 10 ms more on every --help
 
     res = write_report(runs_dir)
     click.echo(res["markdown"])

@@ -32,10 +32,14 @@ from prefpipe.data.cache import read_cache
 from prefpipe.data.identity import tokenizer_mismatch
 from prefpipe.data.tokenize import chat_template_kwargs, check_template_date
 from prefpipe.errors import UserError
+from prefpipe.evaluation.generate import encode_prompts, hf_generate, pick_engine, vllm_generate
+from prefpipe.evaluation.settings import GenSettings
 from prefpipe.fileio import atomic_write_text
+from prefpipe.modeling import load_model, resolve_device, resolve_dtype
 from prefpipe.progress_bar import progress_bar
 from prefpipe.rundir import CONFIG, FINAL, RunDir
 from prefpipe.answers import extract_answer, gold_answer
+from prefpipe.scoring import rows_budget, score_cache_rows, score_sequences
 from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 from prefpipe.wording import plural
 
@@ -98,8 +102,6 @@ def _trained_beta(model_dir: Path) -> tuple[float | None, str | None]:
 
 
 def _load(model_dir: Path, device: str, dtype: str):
-    from prefpipe.modeling import load_model, resolve_device, resolve_dtype
-
     quiet_transformers()
     dev = resolve_device(device)
     model = load_model(str(model_dir), resolve_dtype(dtype, dev), dev).eval()
@@ -133,8 +135,6 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
 
     A forward holds at most the padded tokens of `batch_size` pairs at the cache's longest sequence; sequences are
     packed by length (`prefpipe.scoring`), so shorter pairs share a forward with more others."""
-    from prefpipe.scoring import rows_budget, score_cache_rows, score_sequences
-
     beta = beta if beta is not None else run.beta
     if beta is None:
         raise UserError("no beta: this model was not trained by prefpipe (no result.json or train_config.json), "
@@ -176,9 +176,6 @@ def eval_preference(run: Run, cache_dir: str, *, beta: float | None = None, batc
 
 
 # ---------------------------------------------------------------- downstream generation
-
-from prefpipe.evaluation.settings import GenSettings  # noqa: E402 (declared torch-free for the CLI)
-
 
 def read_questions(path: str | Path, s: GenSettings) -> list[dict]:
     """GSM8K-style JSONL rows as {row, question, answer, gold}; a bad row is an error naming it."""
@@ -241,8 +238,6 @@ def score_generations(rows: list[dict], generations: list[str]) -> tuple[dict, l
 def eval_generation(run: Run, gen_file: str, s: GenSettings, out_dir: str | Path | None = None,
                     log=None) -> dict:
     """Greedy exact-match accuracy of `run` on `gen_file`; writes eval_gen.json and eval_gen.jsonl."""
-    from prefpipe.evaluation.generate import encode_prompts, hf_generate, pick_engine, vllm_generate
-
     rows = read_questions(gen_file, s)
     engine = pick_engine(s.engine)
     start = time.perf_counter()

@@ -16,6 +16,9 @@ import torch
 
 from prefpipe.data.tokenize import PairTokenizer
 from prefpipe.errors import UserError
+from prefpipe.generation.config import SamplingSettings
+from prefpipe.generation.hf_sampler import HfGenerator
+from prefpipe.vllm_engine import engine_dtype, engine_settings
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -29,9 +32,6 @@ def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens
 
     Returns one list of `num_samples` strings per prompt, special tokens removed, in input order.
     """
-    from prefpipe.generation.config import SamplingSettings
-    from prefpipe.generation.hf_sampler import HfGenerator
-
     sampling = SamplingSettings(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
                                 seed=seed)
     stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -52,8 +52,6 @@ def vllm_generate(model_path: str, tokenizer, prompt_ids: list[list[int]], *, ma
     """Greedy generation with vLLM from the exact prompt ids; decoded here with the same tokenizer as `hf`."""
     import json
     from pathlib import Path
-
-    from prefpipe.vllm_engine import engine_dtype, engine_settings
 
     dtype, on_gpu = engine_dtype(dtype)  # auto: float32 on CPU, whatever the checkpoint's dtype
     engine_args = engine_settings(on_gpu)  # before vLLM is imported: it reads the environment then

@@ -31,7 +31,7 @@ def generate(**kwargs):
     ids), `--kto` its KTO view. Rerunning the same command after an interruption continues from the finished parts.
     """
     cfg = build(GenerateConfig, from_cli(OPTIONS, kwargs))  # a bad option stops here, before torch is imported
-    from prefpipe.generation.run import run_generate
+    from prefpipe.generation.run import run_generate  # pyarrow and the engines: keeps --help fast
 
     for line in summary_lines(run_generate(cfg)):
         click.echo(line)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from prefpipe.generation.sampler import Generator
+from prefpipe.generation.vllm_sampler import VllmGenerator
 
 
 def make_generator(backend: str, cfg, tokenizer) -> Generator:
-    """The backend `backend` for a `GenerateConfig`; engines are imported only here."""
+    """The backend `backend` for a `GenerateConfig`; engines are imported only here (vLLM by VllmGenerator)."""
     if backend == "vllm":
-        from prefpipe.generation.vllm_sampler import VllmGenerator
         return VllmGenerator(cfg, tokenizer)
-    from prefpipe.generation.hf_sampler import HfGenerator
+    from prefpipe.generation.hf_sampler import HfGenerator  # torch: only when hf is chosen
     return HfGenerator.load(cfg, tokenizer)

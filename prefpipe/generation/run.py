@@ -18,12 +18,14 @@ from prefpipe.errors import UserError
 from prefpipe.fileio import OutputLock
 from prefpipe.generation import output
 from prefpipe.generation.config import GenerateConfig
+from prefpipe.generation.generators import make_generator
 from prefpipe.generation.parts import make_generate_judge, sample_part
 from prefpipe.generation.ray_engine import sample_on_ray
 from prefpipe.generation.pairs import PairCounts, build_pairs, default_rule, kto_rows
 from prefpipe.generation.samples import Sample
 from prefpipe.model_paths import resolve_model_dir
 from prefpipe.progress_bar import progress_bar
+from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 
 FORMAT_VERSION = 1
 
@@ -68,8 +70,6 @@ def run_key(cfg: GenerateConfig, fingerprints: dict, data_fp: str, judge_name: s
 
 def _sample_parts(cfg, records, prompt_ids, todo, key, out, tok, counts, judge) -> dict:
     """Sample, judge and write the parts `todo`; the generator's provenance (engine, version, resolved dtype)."""
-    from prefpipe.generation.generators import make_generator
-
     n = cfg.part_rows
     total = sum(len(records[i * n:(i + 1) * n]) for i in todo)
     with progress_bar(total, f"generate: sampling x {cfg.sampling.num_samples}", "prompt",
@@ -110,8 +110,6 @@ def _build_views(cfg: GenerateConfig, out: Path, n_parts: int):
 
 
 def run_generate(cfg: GenerateConfig) -> dict:
-    from prefpipe.tokenizer import load_tokenizer, quiet_transformers
-
     t0 = time.time()
     quiet_transformers()
     judge = make_generate_judge(cfg)

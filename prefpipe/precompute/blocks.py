@@ -38,7 +38,7 @@ def check_scores(sums, counts, responses, row_ids, tokens=None, backend=None):
 def score_block(cols: dict, kind: str, backend, counts: Counter, per_token: bool = False, progress=None):
     """Add reference columns (or lengths only, with no backend) to `cols` in place; with `per_token` also each
     response's per-token reference log-probs (float32 lists)."""
-    from prefpipe.scoring import score_cache_rows
+    from prefpipe.scoring import score_cache_rows  # torch
 
     spec = KINDS[kind]
     for r in spec.responses:

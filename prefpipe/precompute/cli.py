@@ -22,7 +22,7 @@ def precompute(**kwargs):
     `--engine ray` a pool of Ray actors, on any number of nodes, scores and writes them (docs/ray.md).
     """
     cfg = build(PrecomputeConfig, from_cli(OPTIONS, kwargs))  # a bad option stops here, before torch is imported
-    from prefpipe.precompute.run import run_precompute
+    from prefpipe.precompute.run import run_precompute  # pyarrow, torch once it runs: keeps --help fast
 
     summary = run_precompute(cfg)
     if summary.get("leader", True):
@@ -34,7 +34,7 @@ def precompute(**kwargs):
 @click.argument("cache")
 def inspect_cmd(cache):
     """Print a cache's provenance and column statistics (validates every part on the way)."""
-    from prefpipe.data.cache import read_cache
+    from prefpipe.data.cache import read_cache  # pyarrow: keeps --help fast
 
     for line in inspect_lines(read_cache(cache, memory_map=True)):
         click.echo(line)

@@ -40,14 +40,19 @@ from pathlib import Path
 
 from prefpipe.data import identity
 from prefpipe.data.cache import MANIFEST, part_digest, part_name, read_manifest, read_part_metadata, write_manifest
-from prefpipe.data.tokenize import SeenHashes
+from prefpipe.data.tokenize import PairTokenizer, SeenHashes
 from prefpipe.dist import Procs, join
 from prefpipe.errors import UserError
 from prefpipe.fileio import LOCK_FILE, OutputLock, check_writable, is_lock_file
+from prefpipe.model_paths import resolve_model_dir
 from prefpipe.precompute.backend import make_backend
 from prefpipe.precompute.blocks import now, part_counts, process_block
 from prefpipe.precompute.config import PrecomputeConfig  # noqa: F401 (callers import it from here)
 from prefpipe.precompute.plan import fingerprints, kind_of, plan, scan_parts
+from prefpipe.precompute.progress import rows_to_process
+from prefpipe.precompute.verify import verify_cache
+from prefpipe.progress_bar import progress_bar
+from prefpipe.tokenizer import load_tokenizer, quiet_transformers
 from prefpipe.wording import plural
 
 COUNT_KEYS = ("rows_read", "rows_kept", "rows_written", "rows_skipped", "prompt_truncated", "response_truncated",
@@ -198,10 +203,6 @@ def _check_out(out: Path):
 
 
 def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
-    from prefpipe.model_paths import resolve_model_dir
-    from prefpipe.data.tokenize import PairTokenizer
-    from prefpipe.tokenizer import load_tokenizer, quiet_transformers
-
     quiet_transformers()
     ds = cfg.input.dataset(cfg.data, batch_rows=cfg.part_rows, kto_view=cfg.kto)
     ds.validate()  # every row, before any model is loaded: a bad row deep in the file costs no scoring
@@ -254,15 +255,12 @@ def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
                "skip_examples": _first_skips(out, run["n_parts"]) if finalised else {},
                "skipped_files": list(ds.skipped_files)}
     if cfg.verify and finalised and procs.leader:
-        from prefpipe.precompute.verify import verify_cache
         summary["verify"] = verify_cache(str(out), cfg.model, cfg.verify, device=cfg.backend_options.device)
     return summary
 
 
 def _progress(cfg: PrecomputeConfig, procs: Procs, ds):
     """The bar (rows, with a total) and the callback that shows tokens and tokens/s on it."""
-    from prefpipe.precompute.progress import rows_to_process
-    from prefpipe.progress_bar import progress_bar
     show = cfg.progress and procs.leader
     bar = progress_bar(rows_to_process(ds.row_counts, cfg.part_rows, procs.owns) if show else None, "precompute",
                        "row", show=show)

@@ -71,7 +71,7 @@ def _sequences(sub: dict, kind: str) -> list[dict]:
 
 def _rescore(model, sub: dict, kind: str, device) -> list[tuple[float, int]]:
     """Float64 sums (math.fsum) of float32 per-token log-probs, in `_sequences` order."""
-    from prefpipe.scoring import score_cache_rows, score_sequences
+    from prefpipe.scoring import score_cache_rows, score_sequences  # torch, as verify_cache's imports
 
     got = score_cache_rows(sub.__getitem__, kind, lambda p, r: score_sequences(
         model, p, r, batch_tokens=VERIFY_BATCH_TOKENS, per_token=True, device=device))

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from prefpipe import modeling
 from prefpipe.fileio import guarded_write
 from prefpipe.rundir import CONFIG as CONFIG_FILE, TRAINER_STATE as STATE_FILE
+from prefpipe.train.parallel import full_state_dict, optimizer_state
 
 
 def remove_leftovers(parent: Path):
@@ -90,7 +92,6 @@ def load_trainer_state(ckpt: Path) -> dict:
 def save_checkpoint(rd, step: int, tr, plan, tokenizer, resolved: dict, procs, keep: int):
     """`<run>/checkpoints/step-NNNNNN`: the model and everything --resume needs to continue exactly after
     `step`. Every process must call this (FSDP gathers the shards); the leader writes."""
-    from prefpipe.train.parallel import full_state_dict, optimizer_state
     sd = full_state_dict(tr.policy)
     opt = optimizer_state(tr.policy, tr.optimizer)
     if procs.leader:
@@ -111,11 +112,10 @@ def save_final(rd, tr, tokenizer, resolved: dict, procs):
     float32 (base, any SFT adapter, then this adapter, merged; so it costs one float32 copy of the model in host
     memory) and saves it as a plain Hugging Face model. Loading what was just written also proves that `final/`
     stands on its own."""
-    from prefpipe.train.parallel import full_state_dict
     sd = full_state_dict(tr.policy)
     if procs.leader:
         save_model_dir(rd.final, tr.lm, tokenizer, resolved, sd)
         if resolved.get("lora", {}).get("merge"):
-            from prefpipe.modeling import load_model
-            save_model_dir(rd.final_merged, load_model(str(rd.final), torch.float32, "cpu"), tokenizer, resolved)
+            merged = modeling.load_model(str(rd.final), torch.float32, "cpu")
+            save_model_dir(rd.final_merged, merged, tokenizer, resolved)
     procs.barrier()

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from prefpipe import rundir
+from prefpipe import modeling, rundir
 from prefpipe.data.kto_pairs import kto_balance_warning
 from prefpipe.dist import Procs
 from prefpipe.errors import UserError
@@ -71,6 +71,7 @@ from prefpipe.train.eval_split import evaluate
 from prefpipe.train.losses import LOSSES
 from prefpipe.train.metrics_log import MetricsLog
 from prefpipe.train.tracking import open_trackers
+from prefpipe.train.validate import check_model, check_per_token, check_tokenizer
 from prefpipe.packing import choose_packing
 from prefpipe.train.parallel import process_device, start, wrap_reference
 from prefpipe.train.setup import Context, Plan, Trainer, build_trainer, check_drift, find_start, plan_run
@@ -90,11 +91,9 @@ def _logger(procs: Procs):
 
 def run_training(cfg: TrainConfig) -> dict:
     """Run every (loss type, beta) of `cfg` in turn from one loaded cache; write and return the summary."""
-    from prefpipe.modeling import resolve_device, resolve_dtype
-
     quiet_transformers()
-    device = process_device(resolve_device(cfg.device))
-    compute_dtype = resolve_dtype(cfg.dtype, device)
+    device = process_device(modeling.resolve_device(cfg.device))
+    compute_dtype = modeling.resolve_dtype(cfg.dtype, device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # tiny models slowed 5-7x from denormal floats otherwise
     procs = start(device, cfg.fsdp)
@@ -122,8 +121,6 @@ def run_training(cfg: TrainConfig) -> dict:
 
 def _prepare(cfg: TrainConfig, runs: list, procs, device, compute_dtype, log) -> Context:
     """Load the data once for the sweep and check it: kinds, reference columns, tokenizer and model."""
-    from prefpipe.modeling import load_model
-
     paired = {LOSSES[r.loss_type].paired for r in runs}
     if len(paired) > 1:
         raise UserError("kto trains on a KTO cache of single examples, the other losses on pairs: run kto in "
@@ -147,11 +144,9 @@ def _prepare(cfg: TrainConfig, runs: list, procs, device, compute_dtype, log) ->
     if cached_ref and not data.has_reference:
         raise UserError("this cache has no reference log-probs (precompute --no_reference); train a "
                         "reference-free loss (orpo, sft), or use --reference live", file=data.origin)
-    from prefpipe.train.validate import check_per_token
     check_per_token(data, runs, cfg.source.reference)
     validation = {"tokenizer": "not checked (--data)", "model": "not checked", "drift": None}
     if data.metadata is not None:
-        from prefpipe.train.validate import check_model, check_tokenizer
         validation["tokenizer"] = check_tokenizer(data, tokenizer)
         if cached_ref:
             validation["model"] = check_model(data, model_dir, cfg.source.allow_reference_mismatch, log)
@@ -159,7 +154,7 @@ def _prepare(cfg: TrainConfig, runs: list, procs, device, compute_dtype, log) ->
     ref_scorer = None
     if needs_ref and cfg.source.reference == "live" and not cfg.lora.enabled:  # LoRA: see build_trainer
         # in the compute dtype, as precompute would score it: a bf16 copy on GPU, float32 on CPU
-        ref_scorer = wrap_reference(load_model(model_dir, compute_dtype, device), cfg.fsdp)
+        ref_scorer = wrap_reference(modeling.load_model(model_dir, compute_dtype, device), cfg.fsdp)
     return Context(cfg, procs, device, compute_dtype, model_dir, tokenizer, data, train_rows, eval_rows,
                    ref_scorer, validation, log)
 

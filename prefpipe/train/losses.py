@@ -18,7 +18,7 @@ giving the shapes, the formula and the paper; (2) add one `LossSpec` to `SPECS` 
 function, its tensor inputs, its parameters (`beta` and its knobs: a new knob is one `Knob` declared beside the
 entry and listed in `KNOBS`, which gives it its `LossConfig` field, flag, pipeline key and range check), the
 batch shape, its metric names, what its `acc` and margin mean, and, if it needs one, a pre-step; (3) add a test
-in tests/test_losses.py against a hand-derived or float64 value. The CLI choice, the reference check, the run
+in tests/train/test_losses.py against a hand-derived or float64 value. The CLI choice, the reference check, the run
 name (with or without beta), batch building, the loop and the report all follow from the entry.
 """
 

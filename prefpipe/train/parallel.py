@@ -19,6 +19,7 @@ from torch import nn
 from prefpipe.dist import Procs, join, under_torchrun
 from prefpipe.errors import UserError
 from prefpipe.logprobs import sequence_logprobs
+from prefpipe.train.lora import is_peft, transformers_model
 
 
 def start(device: torch.device, fsdp: bool = False) -> Procs:
@@ -95,7 +96,6 @@ class Policy:
 
 def wrap_policy(lm: nn.Module, procs: Procs, device: torch.device, fsdp: bool) -> Policy:
     """`lm` may be a PeftModel: the scorer then runs the transformers model inside it (adapter layers and all)."""
-    from prefpipe.train.lora import transformers_model
     if fsdp and getattr(lm, "is_loaded_in_4bit", False):
         raise UserError("--fsdp with --load_in_4bit is not supported; use DDP (torchrun without --fsdp)")
     scorer = Scorer(transformers_model(lm))
@@ -123,7 +123,6 @@ def full_state_dict(policy: Policy) -> dict | None:
     if policy.mode != "fsdp":
         return None  # save_pretrained reads the unsharded model itself
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from prefpipe.train.lora import is_peft
     sd = get_model_state_dict(policy.scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     prefix = "base_model.model." if is_peft(policy.lm) else ""  # a PeftModel's own key names
     return {prefix + k.removeprefix("lm."): v for k, v in sd.items()}

@@ -10,14 +10,17 @@ from pathlib import Path
 
 import torch
 
+from prefpipe import modeling
 from prefpipe.dist import Procs
 from prefpipe.errors import UserError
 from prefpipe.fileio import remove_tree
 from prefpipe.train import checkpoint as ck
 from prefpipe.train.order import Order
 from prefpipe.train.config import LossConfig, OptimConfig, TrainConfig
+from prefpipe.train.lora import AdapterOffReference, add_adapter
 from prefpipe.train.parallel import Policy, load_optimizer_state, wrap_policy
 from prefpipe.train.schedule import lr_factor
+from prefpipe.train.validate import judge_drift, measure_drift, sample_rows
 from prefpipe.wording import plural
 
 
@@ -150,7 +153,6 @@ def build_trainer(ctx: Context, plan: Plan, start: Start) -> Trainer:
     lm = _load_policy(ctx, start.checkpoint)
     policy = wrap_policy(lm, ctx.procs, ctx.device, cfg.fsdp)
     if cfg.lora.enabled and cfg.source.reference == "live":
-        from prefpipe.train.lora import AdapterOffReference
         ctx.ref_scorer = AdapterOffReference(lm, policy.scorer)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -168,21 +170,19 @@ def build_trainer(ctx: Context, plan: Plan, start: Start) -> Trainer:
 def _load_policy(ctx: Context, checkpoint: Path | None):
     """The transformers model to train (in train mode, gradient checkpointing on if asked), or with LoRA the
     PeftModel around the SFT model."""
-    from prefpipe.modeling import load_model
     cfg, loop = ctx.cfg, ctx.cfg.loop
     if cfg.lora.enabled:
         ctx.ref_scorer = None  # the previous run's model, if any: let it go before loading this one
-        lm = load_model(ctx.model_dir, torch.float32, ctx.device, load_in_4bit=cfg.lora.load_in_4bit,
+        lm = modeling.load_model(ctx.model_dir, torch.float32, ctx.device, load_in_4bit=cfg.lora.load_in_4bit,
                         compute_dtype=ctx.compute_dtype)
     else:
-        lm = load_model(str(checkpoint) if checkpoint else ctx.model_dir, torch.float32, ctx.device)
+        lm = modeling.load_model(str(checkpoint) if checkpoint else ctx.model_dir, torch.float32, ctx.device)
     if loop.gradient_checkpointing:
         if hasattr(lm, "activation_checkpointing_enable"):  # the name from transformers 5.x on
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
-        from prefpipe.train.lora import add_adapter
         lm = add_adapter(lm, cfg.lora, ctx.model_dir, checkpoint)
     lm.train()  # dropout is 0 already (LoRA's by default); train mode keeps gradient checkpointing active
     return lm
@@ -194,7 +194,6 @@ def check_drift(ctx: Context, policy: Policy):
     src = ctx.cfg.source
     if ctx.validation.get("drift") is not None or src.drift_rows <= 0:
         return
-    from prefpipe.train.validate import judge_drift, measure_drift, sample_rows
     rows = sample_rows(len(ctx.data), src.drift_rows)
     drift = measure_drift(policy.scorer, ctx.data, rows, ctx.cfg.loop.batch_size, ctx.tokenizer.pad_token_id,
                           ctx.device, ctx.autocast())

@@ -25,6 +25,7 @@ from prefpipe.data.cache import KINDS
 from prefpipe.data.identity import model_mismatch, tokenizer_mismatch
 from prefpipe.data.mapped import take_rows
 from prefpipe.errors import UserError
+from prefpipe.scoring import rows_budget, score_cache_rows, score_sequences
 from prefpipe.wording import plural
 
 
@@ -75,8 +76,6 @@ def measure_drift(scorer, data, rows: list[int], batch_size: int, pad_id: int, d
     the padded tokens of `batch_size` rows, all their responses at the sample's longest, without gradients: less
     memory than one training micro-batch. Every process
     scores the same rows in the same batches (FSDP ranks must run forwards together), so no reduction is needed."""
-    from prefpipe.scoring import rows_budget, score_cache_rows, score_sequences
-
     spec = KINDS[data.kind]
     t = take_rows(data.table, rows)  # Table.take would read the whole (mapped) cache for these few rows
     per_token = all(r.tokens in t.column_names for r in spec.responses)

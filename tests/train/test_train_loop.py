@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from test_train_fixtures import one_thread  # noqa: F401  (autouse)
-from test_train_fixtures import cache, metrics, pairs_data, train
+from train_fixtures import one_thread  # noqa: F401  (autouse)
+from train_fixtures import cache, metrics, pairs_data, train
 from prefpipe import rundir
 
 LN2 = math.log(2.0)
@@ -284,7 +284,7 @@ def test_summary_json_names_every_cache_its_runs_trained_from(tmp_path, tmp_path
 
 def test_accumulation_and_checkpointing_leave_the_trajectory_unchanged(tmp_path, tiny_model, pair_cache):
     """4 micro-batches of 1 with accumulation, and activation checkpointing, against one batch of 4."""
-    from test_train_fixtures import assert_trajectories_close, trajectory
+    from train_fixtures import assert_trajectories_close, trajectory
     train(tmp_path / "a", tiny_model, cache=pair_cache, batch_size=4, grad_accum=1, max_steps=4)
     train(tmp_path / "b", tiny_model, cache=pair_cache, batch_size=1, grad_accum=4, max_steps=4)
     train(tmp_path / "c", tiny_model, cache=pair_cache, batch_size=4, max_steps=4, gradient_checkpointing=True)
@@ -320,7 +320,7 @@ def test_kto_cli_warns_about_imbalanced_weights(tmp_path, tiny_model, small_cach
 
 
 def test_kto_on_a_cache_of_unpaired_data(tmp_path, tmp_path_factory, tiny_model):
-    from test_train_fixtures import unpaired_data
+    from train_fixtures import unpaired_data
     kcache = cache(tmp_path_factory, tiny_model, unpaired_data(tmp_path_factory, 12), "unpaired12")
     train(tmp_path, tiny_model, cache=kcache, loss_types=("kto",), batch_size=4, max_steps=3)
     log = metrics(tmp_path / "kto-beta0.1")

@@ -4,16 +4,14 @@ as in test_vllm.py), driven through the CLI, must produce the same greedy genera
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from helpers import write_jsonl
+from helpers import REPO, write_jsonl
 from prefpipe.evaluation.generate import encode_prompts, hf_generate
 from prefpipe import rundir
 
 pytestmark = pytest.mark.vllm
-REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = ["what is 3 plus 4?", "The quick brown fox", "how are you?", "0 1 2 3 4 5", "Preference"]
 
 

@@ -3,8 +3,8 @@ the two give the same loss and metric trajectories."""
 
 import pytest
 
-from test_train_fixtures import one_thread  # noqa: F401  (autouse)
-from test_train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, train, trajectory
+from train_fixtures import one_thread  # noqa: F401  (autouse)
+from train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, train, trajectory
 
 # Both paths score the same ids with the same sequence_logprobs; only the batch padding differs (precompute packs
 # by length). Float32 sums of ~50 nats then agree to ~1e-5, which moves a beta = 0.1 loss by ~1e-6.

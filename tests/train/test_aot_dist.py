@@ -18,8 +18,8 @@ import random
 import pytest
 
 from helpers import random_text, write_jsonl
-from test_train_fixtures import one_thread  # noqa: F401  (autouse)
-from test_train_fixtures import cache, metrics, shared_dir, train
+from train_fixtures import one_thread  # noqa: F401  (autouse)
+from train_fixtures import cache, metrics, shared_dir, train
 from test_train_dist import torchrun
 
 ATOL = 1e-5

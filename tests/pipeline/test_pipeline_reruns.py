@@ -11,7 +11,7 @@ import torch
 from helpers import make_pairs, make_unpaired, write_jsonl
 from prefpipe import rundir
 from prefpipe.rundir import RunsDir
-from test_train_fixtures import TIMING_KEYS
+from train_fixtures import TIMING_KEYS
 
 TOML = ('model = "{model}"\ndata = "pairs.jsonl"\nkto_data = "kto.jsonl"\nruns_dir = "runs"\n'
         'loss_type = ["dpo", "kto"]\nbeta = [0.1]\nkto_beta = [0.3]\ndevice = "cpu"\ndtype = "float32"\n'

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests/test_train_*.py files (no tests here).
+"""Fixtures and helpers of the training tests (tests/train/), shared with the other tests that need a cache or a
+training run; imported as a module like helpers.py.
 
 Caches are built once per test session under the session's base temp dir with the real `run_precompute`
 (float32, CPU), and reused by name across test modules.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from prefpipe.options import build
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,16 @@ def assert_trajectories_close(a, b, atol):
                 assert x is None and y is None, f"step {step}: {ra} vs {rb}"
             else:
                 assert abs(x - y) <= atol * max(1.0, abs(x)), f"step {step}: {ra} vs {rb}"
+
+
+def wait_for(predicate, proc, timeout=240):
+    """Poll `predicate` while the subprocess `proc` runs; fail when it ends first or after `timeout` seconds."""
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"the training process ended (rc {proc.returncode}) before it could be killed:\n"
+                        + proc.stderr.read().decode()[-3000:])
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail("timed out waiting for the first checkpoint")
+        time.sleep(0.005)

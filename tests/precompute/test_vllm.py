@@ -29,7 +29,6 @@ from prefpipe.data.cache import MANIFEST, read_cache
 from prefpipe.errors import UserError
 from prefpipe.precompute.run import PrecomputeConfig, run_precompute
 
-REPO = Path(__file__).resolve().parent.parent
 PAIRED = dict(max_length=64, max_prompt_length=24, part_rows=8)  # truncation happens on these rows
 KTO = dict(part_rows=2)  # default lengths: the engine context is max_length + 1 = the model's 1024 + 1
 

@@ -12,14 +12,12 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_jsonl
+from helpers import make_disk, make_hub, make_repo, write_jsonl
 
 from prefpipe.data.formats import Columns, Dataset, data_fingerprint
 from prefpipe.errors import UserError
 
-datasets = pytest.importorskip("datasets")
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+pytest.importorskip("datasets")
 
 
 def u(text):
@@ -89,48 +87,6 @@ def hf_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     return tmp_path / "hf_home"
-
-
-def make_disk(tmp_path, train, test):
-    d = tmp_path / "saved"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
-                          "test": datasets.Dataset.from_list(test)}).save_to_disk(str(d))
-    return str(d)
-
-
-def make_repo(tmp_path, train, test):
-    """A repository folder without a card: the split is in the file names (data/train-..., data/test-...)."""
-    d = tmp_path / "repo"
-    (d / "data").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(train), d / "data" / "train-00000-of-00001.parquet")
-    pq.write_table(pa.Table.from_pylist(test), d / "data" / "test-00000-of-00001.parquet")
-    return str(d)
-
-
-CARD = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: rows/first.jsonl
-  - split: test
-    path: rows/second.jsonl
----
-# prefs
-"""
-
-
-def make_hub(tmp_path, train, test, repo_id="acme/prefs"):
-    """The hub cache as `hf download --repo-type dataset acme/prefs` leaves it, with JSON Lines and a card."""
-    org, name = repo_id.split("/")
-    root = tmp_path / "hf_home" / "hub" / f"datasets--{org}--{name}"
-    snap = root / "snapshots" / COMMIT
-    write_jsonl(snap / "rows" / "first.jsonl", train)
-    write_jsonl(snap / "rows" / "second.jsonl", test)
-    (snap / "README.md").write_text(CARD)
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(COMMIT)
-    return repo_id
 
 
 FORMS = {"disk": make_disk, "repo": make_repo, "hub": make_hub}

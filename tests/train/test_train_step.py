@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from test_train_fixtures import one_thread  # noqa: F401  (autouse)
+from train_fixtures import one_thread  # noqa: F401  (autouse)
 
 LR, LR_FACTOR = 1e-2, 0.5
 

@@ -11,7 +11,7 @@ from helpers import make_pairs, make_unpaired, write_jsonl
 from prefpipe.pipeline.config import resolve
 from prefpipe.pipeline.run import check_cache, expected_identity
 from prefpipe.rundir import RunsDir
-from test_train_fixtures import cache as precomputed
+from train_fixtures import cache as precomputed
 from prefpipe import rundir
 
 

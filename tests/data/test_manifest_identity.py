@@ -14,7 +14,7 @@ import pytest
 from helpers import make_pairs, one_line_error, write_jsonl
 from prefpipe.data.cache import MANIFEST, read_cache
 from prefpipe.errors import UserError
-from test_train_fixtures import cache as precomputed
+from train_fixtures import cache as precomputed
 
 # (dotted field, the value written into the manifest, the value the parts were written with)
 EDITS = [

@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from test_train_fixtures import one_thread  # noqa: F401  (autouse)
-from test_train_fixtures import TIMING_KEYS, cache, pairs_data
+from train_fixtures import one_thread  # noqa: F401  (autouse)
+from train_fixtures import TIMING_KEYS, cache, pairs_data, wait_for
 from prefpipe import rundir
 
 # 24 steps: after the kill condition (step 6 logged) the child still has 18 steps and 4 checkpoints to go, far
@@ -32,18 +31,6 @@ def _lines(run_dir):
             for line in (run_dir / rundir.METRICS).read_text().splitlines()]
 
 
-def _wait_for(predicate, proc, timeout=240):
-    t0 = time.time()
-    while not predicate():
-        if proc.poll() is not None:
-            pytest.fail(f"the training process ended (rc {proc.returncode}) before it could be killed:\n"
-                        + proc.stderr.read().decode()[-3000:])
-        if time.time() - t0 > timeout:
-            proc.kill()
-            pytest.fail("timed out waiting for the first checkpoint")
-        time.sleep(0.005)
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_trajectory_and_weights(tmp_path, tiny_model, pair_cache, run_cli):
     from safetensors.torch import load_file
@@ -58,7 +45,7 @@ def test_killed_run_resumes_to_the_same_trajectory_and_weights(tmp_path, tiny_mo
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     # Kill once the step-4 checkpoint is complete (it appears by rename) and the run has logged steps past it,
     # so the resumed run must also drop those lines.
-    _wait_for(lambda: (run / rundir.CHECKPOINTS / "step-000004").exists() and (run / rundir.METRICS).exists()
+    wait_for(lambda: (run / rundir.CHECKPOINTS / "step-000004").exists() and (run / rundir.METRICS).exists()
               and any(r["step"] >= 6 for r in _lines(run)), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

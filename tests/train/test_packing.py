@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from test_train_fixtures import one_thread  # noqa: F401  (autouse)
-from test_train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, trajectory
+from train_fixtures import one_thread  # noqa: F401  (autouse)
+from train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, trajectory
 
 ATOL = 1e-5
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from test_train_fixtures import cache, one_thread, pairs_data  # noqa: F401
+from train_fixtures import cache, one_thread, pairs_data  # noqa: F401
 
 from prefpipe.data.cache import read_cache
 from prefpipe import rundir

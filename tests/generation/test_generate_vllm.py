@@ -40,7 +40,6 @@ from click.testing import CliRunner
 from helpers import greedy_continuation, random_text, vllm_env, vllm_python, write_jsonl
 
 pytestmark = pytest.mark.vllm
-REPO = Path(__file__).resolve().parent.parent
 MAX_NEW = 24
 K = 2  # greedy run
 K_SAMPLED = 4

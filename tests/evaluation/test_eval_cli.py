@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from helpers import make_pairs, write_jsonl
-from test_train_fixtures import cache as precomputed
+from train_fixtures import cache as precomputed
 from prefpipe import rundir
 
 

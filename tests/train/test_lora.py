@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from test_train_fixtures import one_thread  # noqa: F401  (autouse)
-from test_train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, train, trajectory
+from train_fixtures import one_thread  # noqa: F401  (autouse)
+from train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, train, trajectory
 from prefpipe import rundir
 
 ATOL = 1e-5  # as in test_train_live: float32 sums of ~50 nats scored in differently padded batches
@@ -281,7 +281,7 @@ def test_bad_lora_options(tmp_path, tiny_model, pair_cache, run_cli):
 def test_distributed_lora_matches_one_process(tmp_path, tiny_model, pair_cache, mode):
     """2 CPU processes (gloo), live reference with the adapter off, a checkpoint: the same trajectory and adapter
     as one process with the same global batch (tolerance as in test_train_dist). Both sides pad: a packed row per
-    process is not the same matmul as one packed row for both processes' pairs (tests/test_packing.py checks
+    process is not the same matmul as one packed row for both processes' pairs (tests/train/test_packing.py checks
     packed DDP on its own)."""
     from test_train_dist import COMMON, torchrun
     train(tmp_path / "one", tiny_model, cache=pair_cache, reference="live", batch_size=4, max_steps=8,

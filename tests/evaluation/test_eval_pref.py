@@ -8,7 +8,7 @@ import torch
 from helpers import make_pairs, write_jsonl
 from prefpipe.errors import UserError
 from prefpipe.evaluation.evaluate import eval_preference, resolve_run
-from test_train_fixtures import cache as precomputed
+from train_fixtures import cache as precomputed
 from prefpipe import rundir
 
 BETA = 0.2

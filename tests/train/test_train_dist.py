@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from test_train_fixtures import one_thread  # noqa: F401  (autouse)
-from test_train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, train, trajectory
+from train_fixtures import one_thread  # noqa: F401  (autouse)
+from train_fixtures import assert_trajectories_close, cache, metrics, pairs_data, train, trajectory
 
 ATOL = 1e-5
 COMMON = ["--lr", "1e-3", "--max_steps", "8", "--warmup_ratio", "0.25", "--dtype", "float32", "--device", "cpu",
