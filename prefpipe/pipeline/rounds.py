@@ -33,6 +33,7 @@ from prefpipe.pipeline.config import PipelineConfig, for_round
 from prefpipe.rundir import RunDir
 
 ROUND_RECORD = "round.json"
+ROUND_STARTED = "round.started"  # the key of the settings the round's samples were begun with
 # Keys that change neither what a round samples nor what it trains.
 _NOT_IN_KEY = {"progress", "runs_dir", "recompute"}
 
@@ -83,9 +84,11 @@ def run_one_round(cfg: PipelineConfig, r: int, policy: str, log, run_pipeline_in
         return done
     t0 = time.perf_counter()
     rd.mkdir(parents=True, exist_ok=True)
-    # A round finished under other settings (or from another policy) is redone from scratch; an unfinished one
-    # resumes from its sample parts.
-    redo = (rd / ROUND_RECORD).exists()
+    # A round finished, or begun, under other settings (or from another policy) is redone from scratch: its samples
+    # are the pipeline's own, and stale. An unfinished one under these settings resumes from its sample parts.
+    started = rd / ROUND_STARTED
+    redo = (rd / ROUND_RECORD).exists() or (started.exists() and started.read_text().strip() != key)
+    atomic_write_text(started, key + "\n")
     log(f"round {r}: {'redoing (its settings or policy changed), ' if redo else ''}generating from {policy}")
     gen = run_generate(replace(cfg.generate, model=policy, out=str(rd / "samples"), overwrite=redo))
     log(f"round {r}: {gen['samples']} samples, mean reward {gen['mean_reward']:.3f}, {gen['pairs']} pairs "

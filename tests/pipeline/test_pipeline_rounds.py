@@ -72,6 +72,29 @@ def test_two_rounds_then_a_rerun_that_redoes_nothing(run_cli, tiny_model, tmp_pa
     assert pq.read_table(runs / "round-1" / "samples" / "samples").to_pylist() != before
 
 
+def test_an_unfinished_round_resumes_or_is_redone_when_its_settings_changed(run_cli, tiny_model, tmp_path,
+                                                                           monkeypatch):
+    """An unfinished round (here: its round.json gone) resumes from its samples under the same settings; under
+    other settings it is redone, where generate alone would refuse another run's parts and ask for --overwrite,
+    a flag the pipeline does not have."""
+    monkeypatch.chdir(tmp_path)
+    toml = setup(tmp_path, tiny_model)
+    toml.write_text(toml.read_text().replace("rounds = 2\n", "rounds = 1\n"))
+    assert run_cli("pipeline", "--config", toml).exit_code == 0
+    rd = tmp_path / "runs" / "round-1"
+    first = pq.read_table(rd / "samples" / "samples").to_pylist()
+    (rd / "round.json").unlink()
+    r = run_cli("pipeline", "--config", toml)
+    assert r.exit_code == 0, r.output
+    assert "round 1: generating" in r.stderr and "redoing" not in r.stderr
+    assert pq.read_table(rd / "samples" / "samples").to_pylist() == first
+    (rd / "round.json").unlink()
+    r = run_cli("pipeline", "--config", toml, "--generate_seed", "7")
+    assert r.exit_code == 0, r.output
+    assert "round 1: redoing" in r.stderr
+    assert pq.read_table(rd / "samples" / "samples").to_pylist() != first
+
+
 @pytest.mark.parametrize("extra, needles", [
     ("rounds = 0\n", ("rounds", "at least 1")),
 ])
