@@ -248,3 +248,34 @@ def test_generate_on_ray_equals_local_and_resumes(ray_address, run_cli, tiny_mod
     r = run_cli("generate", *common, "--out", tmp_path / "ray", "--engine", "ray", "--ray_workers", "2")
     assert r.exit_code == 0 and "3 reused" in r.output
     assert _sample_parts(tmp_path / "ray") == _sample_parts(tmp_path / "local")
+
+
+def test_the_reader_serves_parts_in_any_order_with_the_in_order_counts(data):
+    """Ray Data may ask the reader for parts out of order: each part still gets its own records, the part before
+    it (a KTO partner's source) and its duplicates counted against every earlier row; a finished part is read
+    past, not served. No Ray needed: the stage is a plain class."""
+    import pickle
+
+    import numpy as np
+
+    from prefpipe.data.settings import InputSettings
+    from prefpipe.precompute.ray_engine import Reader
+
+    ds = InputSettings().dataset(data, batch_rows=PART_ROWS)
+    ds.validate()
+    parts = [[r.row for r in records] for records in ds.batches()]
+    assert len(parts) == 8
+    reader = Reader(ds, done={1}, kto=True)
+
+    def ask(i):
+        ok, value = pickle.loads(reader({"index": np.array([i])})["blob"][0])
+        return ok, value
+
+    ok, (records, prev, duplicates) = ask(7)  # the fixture's last row repeats part 0's first
+    assert ok and [r.row for r in records] == parts[7] and [r.row for r in prev] == parts[6] and duplicates == 1
+    ok, (records, prev, duplicates) = ask(0)
+    assert ok and [r.row for r in records] == parts[0] and prev is None and duplicates == 0
+    ok, (records, prev, duplicates) = ask(2)  # the part before it (1) is finished, yet still its partner source
+    assert ok and [r.row for r in records] == parts[2] and [r.row for r in prev] == parts[1] and duplicates == 0
+    ok, message = ask(8)
+    assert not ok and "ended before part 8" in message
