@@ -30,3 +30,15 @@ def test_console_script_help_lists_subcommands():
         assert f"  {sub} " in out
     mod = subprocess.run([sys.executable, "-m", "prefpipe", "data", "--help"], capture_output=True, text=True)
     assert mod.returncode == 0 and "check" in mod.stdout
+
+
+def test_a_missing_data_file_is_reported_before_transformers_is_imported(tmp_path):
+    """`precompute` with a data path that does not exist fails on the data check, before it pays the second or so
+    that importing transformers (and, through it, torch) costs."""
+    code = ("import runpy, sys\n"
+            "sys.argv = ['prefpipe', 'precompute', '--model', 'm', '--data', 'missing.jsonl', '--out', 'o']\n"
+            "try:\n    runpy.run_module('prefpipe', run_name='__main__')\n"
+            "except SystemExit as e:\n    print(e.code, 'transformers' in sys.modules, 'torch' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert "missing.jsonl" in res.stderr and "no such file" in res.stderr, res.stderr
+    assert res.stdout.split() == ["2", "False", "False"], res.stdout

@@ -203,9 +203,9 @@ def _check_out(out: Path):
 
 
 def _run(cfg: PrecomputeConfig, procs: Procs, t0: float, engine=None) -> dict:
-    quiet_transformers()
     ds = cfg.input.dataset(cfg.data, batch_rows=cfg.part_rows, kto_view=cfg.kto)
     ds.validate()  # every row, before any model is loaded: a bad row deep in the file costs no scoring
+    quiet_transformers()  # after the data's checks: importing transformers costs a second a bad input need not wait
     kind = kind_of(cfg, ds)
     if cfg.no_reference and kind == "unpaired":
         raise UserError("--no_reference writes an ORPO cache of pairs; KTO (--kto or unpaired data) needs "
