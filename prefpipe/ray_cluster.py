@@ -118,6 +118,16 @@ def answer(batch: dict, blobs: list) -> dict:
     return {"index": batch["index"], "blob": out}
 
 
+def then(batch: dict, work, ledger=None) -> dict:
+    """A later stage's output batch: `work(index, value)` on each part the stage before answered well; a part that
+    failed there passes on as it is, so the driver sees where it failed."""
+    out = []
+    for index, blob in zip(batch["index"], batch["blob"]):
+        ok, value = pickle.loads(blob)
+        out.append(guarded(lambda i=int(index), v=value: work(i, v), int(index), ledger) if ok else blob)
+    return answer(batch, out)
+
+
 def run_parts(ray, dataset, ledger, on_done):
     """Iterate a plan's rows: `on_done(index, value)` for each finished part; the first failure stops the run."""
     try:

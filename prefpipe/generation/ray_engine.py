@@ -24,8 +24,8 @@ from pathlib import Path
 from prefpipe.generation.generators import make_generator
 from prefpipe.generation.parts import make_generate_judge, sample_part
 from prefpipe.model_paths import resolve_model_dir
-from prefpipe.ray_cluster import (RESTARTS, Ledger, answer, check_out, connect, gpus_per_actor, guarded, import_ray,
-                                  quiet_data, run_parts)
+from prefpipe.ray_cluster import (RESTARTS, Ledger, check_out, connect, gpus_per_actor, import_ray, quiet_data,
+                                  run_parts, then)
 from prefpipe.tokenizer import load_tokenizer
 
 
@@ -42,12 +42,12 @@ class Sampler:
         self.generator = make_generator(cfg.backend, cfg, self.tok)
 
     def __call__(self, batch: dict) -> dict:
-        return answer(batch, [self._one(int(i), b) for i, b in zip(batch["index"], batch["blob"])])
+        return then(batch, self._sample, self.ledger)
 
-    def _one(self, index: int, blob: bytes) -> bytes:
-        recs, pids = pickle.loads(blob)
-        return guarded(lambda: (dict(sample_part(self.cfg, self.generator, self.judge, self.tok, index, recs, pids,
-                                                 self.key, self.out)), len(recs)), index, self.ledger)
+    def _sample(self, index: int, value: tuple) -> tuple:
+        recs, pids = value
+        counts = sample_part(self.cfg, self.generator, self.judge, self.tok, index, recs, pids, self.key, self.out)
+        return dict(counts), len(recs)
 
 
 def sample_on_ray(cfg, records, prompt_ids, todo, key: str, out: Path, bar) -> Counter:
@@ -63,8 +63,9 @@ def sample_on_ray(cfg, records, prompt_ids, todo, key: str, out: Path, bar) -> C
                             model=str(model.resolve()) if model.exists() else cfg.model)
         quiet_data(ray)
         ledger = ray.remote(Ledger).options(num_cpus=0).remote()
-        items = [{"index": i, "blob": pickle.dumps((records[i * n:(i + 1) * n], prompt_ids[i * n:(i + 1) * n]))}
-                 for i in todo]
+        # Each row as a stage's answer (ok, value), so the sampling stage reads it as it reads any stage's.
+        items = [{"index": i, "blob": pickle.dumps((True, (records[i * n:(i + 1) * n],
+                                                          prompt_ids[i * n:(i + 1) * n])))} for i in todo]
         plan = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             Sampler, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.ray_workers, len(items))), num_cpus=1,
             num_gpus=gpus, max_restarts=RESTARTS, max_task_retries=RESTARTS,

@@ -31,7 +31,6 @@ killed mid-part would: once, unless the file MARKER exists (it creates it first)
 from __future__ import annotations
 
 import os
-import pickle
 import time
 from collections import Counter
 from dataclasses import replace
@@ -47,7 +46,7 @@ from prefpipe.precompute.blocks import part_counts, prepare_block, write_block
 from prefpipe.precompute.progress import rows_to_process
 from prefpipe.progress_bar import progress_bar
 from prefpipe.ray_cluster import (RESTARTS, Ledger, answer, check_out, connect, gpus_per_actor, guarded, here,
-                                  import_ray, quiet_data, run_parts)
+                                  import_ray, quiet_data, run_parts, then)
 from prefpipe.tokenizer import load_tokenizer
 
 
@@ -83,19 +82,12 @@ class Tokenizer:
         self.pt = PairTokenizer(load_tokenizer(str(resolve_model_dir(cfg.model))), cfg.input.tokenize_settings())
 
     def __call__(self, batch: dict) -> dict:
-        return answer(batch, [self._one(int(i), b) for i, b in zip(batch["index"], batch["blob"])])
+        return then(batch, self._prepare)
 
-    def _one(self, index: int, blob: bytes) -> bytes:
-        ok, value = pickle.loads(blob)
-        if not ok:
-            return blob
-
-        def prepare():
-            records, prev, duplicates = value
-            cols, rows, counts = prepare_block(index, records, prev, self.cfg, self.ds, self.kind, self.pt,
-                                               SeenHashes())
-            return cols, {**rows, "duplicates": duplicates}, dict(counts)  # counted by the reader, over all rows
-        return guarded(prepare, index)
+    def _prepare(self, index: int, value: tuple) -> tuple:
+        records, prev, duplicates = value
+        cols, rows, counts = prepare_block(index, records, prev, self.cfg, self.ds, self.kind, self.pt, SeenHashes())
+        return cols, {**rows, "duplicates": duplicates}, dict(counts)  # counted by the reader, over all rows
 
 
 class Scorer:
@@ -110,20 +102,14 @@ class Scorer:
         self.per_token, self.out, self.kind, self.ledger, self.crash = cfg.per_token, Path(out), kind, ledger, crash
 
     def __call__(self, batch: dict) -> dict:
-        return answer(batch, [self._one(int(i), b) for i, b in zip(batch["index"], batch["blob"])])
+        return then(batch, self._score, self.ledger)
 
-    def _one(self, index: int, blob: bytes) -> bytes:
-        ok, value = pickle.loads(blob)
-        if not ok:
-            return blob
-
-        def score():
-            self._crash_seam(index)
-            cols, rows, counts = value
-            part = write_block(cols, rows, Counter(counts), self.kind, self.backend, self.per_token, True,
-                               self.meta, self.out)
-            return part, rows["rows_read"], self.meta["backend"]
-        return guarded(score, index, self.ledger)
+    def _score(self, index: int, value: tuple) -> tuple:
+        self._crash_seam(index)
+        cols, rows, counts = value
+        part = write_block(cols, rows, Counter(counts), self.kind, self.backend, self.per_token, True, self.meta,
+                           self.out)
+        return part, rows["rows_read"], self.meta["backend"]
 
     def _crash_seam(self, index: int):
         if self.crash is not None and self.crash[0] == index:
@@ -191,13 +177,13 @@ class RayEngine:
             options = replace(options, model=str(model.resolve()))
         on_driver = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)
-        pool = ray.data.ActorPoolStrategy
+        pool, workers = ray.data.ActorPoolStrategy, min(cfg.ray_workers, len(todo))
         plan = (ray.data.from_items([{"index": i} for i in todo], override_num_blocks=len(todo))
                 .map_batches(Reader, batch_size=1, compute=pool(size=1), num_cpus=0.5, max_restarts=0,
                              fn_constructor_args=(ds, done, kind == "unpaired"), scheduling_strategy=on_driver)
-                .map_batches(Tokenizer, batch_size=1, compute=pool(min_size=1, max_size=min(cfg.ray_workers, len(todo))),
+                .map_batches(Tokenizer, batch_size=1, compute=pool(min_size=1, max_size=workers),
                              num_cpus=0.5, fn_constructor_args=(cfg, ds, kind))
-                .map_batches(Scorer, batch_size=1, compute=pool(size=min(cfg.ray_workers, len(todo))), num_cpus=1,
+                .map_batches(Scorer, batch_size=1, compute=pool(size=workers), num_cpus=1,
                              num_gpus=self.gpus, max_restarts=RESTARTS, max_task_retries=RESTARTS,
                              fn_constructor_args=(cfg, options, meta, str(out.resolve()), kind, ledger,
                                                   _crash_seam())))
