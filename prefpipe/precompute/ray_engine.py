@@ -43,7 +43,7 @@ from prefpipe.errors import UserError
 from prefpipe.model_paths import resolve_model_dir
 from prefpipe.precompute.backend import make_backend
 from prefpipe.precompute.blocks import part_counts, prepare_block, write_block
-from prefpipe.precompute.progress import rows_to_process
+from prefpipe.precompute.progress import part_sizes, rows_to_process
 from prefpipe.progress_bar import progress_bar
 from prefpipe.ray_cluster import (RESTARTS, Ledger, answer, check_out, connect, gpus_per_actor, guarded, here,
                                   import_ray, quiet_data, run_parts, then)
@@ -155,7 +155,7 @@ class RayEngine:
 
     def score_parts(self, cfg, procs, ds, kind, pt, backend, meta, out: Path, done: dict) -> dict:
         """What `run._score_parts` returns, plus `backend`: the provenance the scoring actors loaded."""
-        n_parts = sum(-(-n // cfg.part_rows) for n in ds.row_counts)
+        n_parts = len(part_sizes(ds.row_counts, cfg.part_rows))
         todo = [i for i in range(n_parts) if i not in done]
         bar = _Bar(cfg, ds, done)
         try:
