@@ -118,7 +118,7 @@ def test_two_actors_write_the_single_process_cache(ray_address, reference, tiny_
 def test_the_driver_neither_tokenizes_nor_scores(ray_address, reference, tiny_model, data, tmp_path, run_cli,
                                                 monkeypatch):
     """Tokenizing and scoring run in the plan's actors (other processes): broken in the driver, the run still
-    writes the single-process cache."""
+    writes the single-process cache. With the default options (the progress bar on), as a user runs it."""
     from prefpipe.data.tokenize import PairTokenizer
     from prefpipe.precompute import run
 
@@ -127,7 +127,7 @@ def test_the_driver_neither_tokenizes_nor_scores(ray_address, reference, tiny_mo
     monkeypatch.setattr(PairTokenizer, "tokenize", broken)
     monkeypatch.setattr(run, "make_backend", broken)
     out = tmp_path / "c"
-    res = run_cli(*args(tiny_model, data, out, "--engine", "ray", "--ray_workers", 2, "--no_progress"))
+    res = run_cli(*args(tiny_model, data, out, "--engine", "ray", "--ray_workers", 2))  # defaults: the bar on
     assert res.exit_code == 0, res.output
     assert_same_cache(out, reference["paired"])
 
